@@ -1,0 +1,192 @@
+"""DDPM and LatentDiffusion (Ho et al. 2020; Rombach et al. 2022) as Stable Diffusion v1 and DreamBooth need them."""
+import logging
+from contextlib import contextmanager
+from typing import Any, Iterator, Mapping
+
+import pytorch_lightning as pl
+import torch
+from einops import rearrange
+from torch import nn
+
+from ldm.modules.diffusionmodules.schedule import extract_into_tensor, make_beta_schedule, schedule_buffers
+from ldm.modules.ema import LitEma
+from ldm.modules.losses import PriorPreservationLoss, eps_mse_per_sample
+from ldm.util import instantiate_from_config
+
+logger = logging.getLogger(__name__)
+
+
+class DiffusionWrapper(nn.Module):
+    """Holds the UNet as `diffusion_model` so that checkpoint keys read `model.diffusion_model.*`."""
+
+    def __init__(self, unet_config: Mapping, conditioning_key: str = "crossattn"):
+        super().__init__()
+        if conditioning_key != "crossattn":
+            raise ValueError(f"conditioning_key {conditioning_key!r} is not supported; SD v1 uses 'crossattn'")
+        self.diffusion_model = instantiate_from_config(unet_config)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        return self.diffusion_model(x, t, context=context)
+
+
+class DDPM(pl.LightningModule):
+    """The noise schedule, the denoiser, the forward process q(x_t | x_0) and the eps-prediction loss."""
+
+    def __init__(self, unet_config: Mapping, timesteps: int = 1000, beta_schedule: str = "linear",
+                 linear_start: float = 1e-4, linear_end: float = 2e-2, image_size: int = 64, channels: int = 4,
+                 first_stage_key: str = "image", conditioning_key: str = "crossattn", parameterization: str = "eps",
+                 use_ema: bool = False, reg_weight: float = 1.0, log_every_t: int = 100,
+                 monitor: str | None = None, num_timesteps_cond: int = 1):
+        super().__init__()
+        if parameterization != "eps":
+            raise ValueError(f"parameterization {parameterization!r} is not supported; SD v1 predicts 'eps'")
+        if num_timesteps_cond != 1:  # kept for CompVis configs, which always set 1
+            raise ValueError("num_timesteps_cond must be 1 (timestep-dependent conditioning is not part of SD v1)")
+        self.parameterization = parameterization
+        self.image_size = image_size
+        self.channels = channels
+        self.first_stage_key = first_stage_key
+        self.log_every_t = log_every_t
+        self.monitor = monitor
+        self.learning_rate: float | None = None  # set by main.py from base_learning_rate
+        self.model = DiffusionWrapper(unet_config, conditioning_key)
+        self.use_ema = use_ema
+        if use_ema:
+            self.model_ema = LitEma(self.model)
+        self.loss_fn = PriorPreservationLoss(reg_weight)
+        self.num_timesteps = int(timesteps)
+        betas = make_beta_schedule(beta_schedule, self.num_timesteps, linear_start, linear_end)
+        for name, value in schedule_buffers(betas).items():
+            self.register_buffer(name, value)
+
+    @property
+    def reg_weight(self) -> float:
+        return self.loss_fn.reg_weight
+
+    @contextmanager
+    def ema_scope(self, context: str | None = None) -> Iterator[None]:
+        """Run the block with the EMA weights swapped in (a no-op without EMA)."""
+        if not self.use_ema:
+            yield
+            return
+        self.model_ema.store(self.model.parameters())
+        self.model_ema.copy_to(self.model)
+        if context:
+            logger.info("%s: switched to EMA weights", context)
+        try:
+            yield
+        finally:
+            self.model_ema.restore(self.model.parameters())
+
+    def q_sample(self, x_start: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """Sample x_t ~ q(x_t | x_0) = N(sqrt(a_t) x_0, (1 - a_t) I) (Ho et al. 2020, eq. 4)."""
+        return (extract_into_tensor(self.sqrt_alphas_cumprod, t, x_start.shape) * x_start
+                + extract_into_tensor(self.sqrt_one_minus_alphas_cumprod, t, x_start.shape) * noise)
+
+    def predict_start_from_noise(self, x_t: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """x_0 = (x_t - sqrt(1 - a_t) eps) / sqrt(a_t), written with the stored reciprocal buffers."""
+        return (extract_into_tensor(self.sqrt_recip_alphas_cumprod, t, x_t.shape) * x_t
+                - extract_into_tensor(self.sqrt_recipm1_alphas_cumprod, t, x_t.shape) * noise)
+
+    def apply_model(self, x_noisy: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        """The denoiser's eps prediction for x_t at timesteps t under text conditioning `cond`."""
+        return self.model(x_noisy, t, context=cond)
+
+    def p_losses(self, x_start: torch.Tensor, cond: torch.Tensor, t: torch.Tensor,
+                 noise: torch.Tensor | None = None) -> torch.Tensor:
+        """Per-sample simple loss ||eps - eps_theta(x_t, t, c)||^2 (Ho et al. 2020, eq. 14)."""
+        noise = torch.randn_like(x_start) if noise is None else noise
+        x_noisy = self.q_sample(x_start, t, noise)
+        return eps_mse_per_sample(self.apply_model(x_noisy, t, cond), noise)
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if self.use_ema:
+            self.model_ema(self.model)
+
+
+class LatentDiffusion(DDPM):
+    """Diffusion in the VAE's latent space, conditioned on CLIP text embeddings through cross-attention."""
+
+    def __init__(self, first_stage_config: Mapping, cond_stage_config: Mapping, cond_stage_key: str = "caption",
+                 cond_stage_trainable: bool = False, scale_factor: float = 1.0, **kwargs: Any):
+        super().__init__(**kwargs)
+        self.cond_stage_key = cond_stage_key
+        self.cond_stage_trainable = cond_stage_trainable
+        self.scale_factor = scale_factor
+        self.first_stage_model = instantiate_from_config(first_stage_config)
+        self.first_stage_model.requires_grad_(False)
+        self.cond_stage_model = instantiate_from_config(cond_stage_config)
+        self.cond_stage_model.requires_grad_(cond_stage_trainable)
+        self.train(False)
+
+    def train(self, mode: bool = True) -> "LatentDiffusion":
+        """Switch modes, keeping the frozen VAE (and a frozen text encoder) in eval mode."""
+        super().train(mode)
+        self.first_stage_model.train(False)
+        if not self.cond_stage_trainable:
+            self.cond_stage_model.train(False)
+        return self
+
+    def get_learned_conditioning(self, captions: list[str]) -> torch.Tensor:
+        """CLIP text embeddings [B, 77, context_dim] for a list of prompts."""
+        return self.cond_stage_model.encode(list(captions))
+
+    def encode_first_stage(self, x: torch.Tensor):
+        """VAE posterior of images in [-1, 1], shape [B, 3, H, W]."""
+        return self.first_stage_model.encode(x)
+
+    def get_first_stage_encoding(self, posterior) -> torch.Tensor:
+        """A latent sample of the posterior, scaled to unit variance by `scale_factor`."""
+        return self.scale_factor * posterior.sample()
+
+    def decode_first_stage(self, z: torch.Tensor) -> torch.Tensor:
+        """Images in about [-1, 1] from scaled latents."""
+        return self.first_stage_model.decode(z / self.scale_factor)
+
+    def get_input(self, batch: Mapping[str, Any]) -> tuple[torch.Tensor, list[str], int]:
+        """Latents and captions of the instance examples, followed by the class examples when the batch has them.
+
+        Images come as [B, H, W, C] in [-1, 1] (the CompVis layout); class examples under `class_<key>`.
+        """
+        images = [batch[self.first_stage_key]]
+        captions = list(batch[self.cond_stage_key])
+        n_instance = images[0].shape[0]
+        class_key = f"class_{self.first_stage_key}"
+        if class_key in batch:
+            images.append(batch[class_key])
+            captions += list(batch[f"class_{self.cond_stage_key}"])
+        x = rearrange(torch.cat(images), "b h w c -> b c h w").to(memory_format=torch.contiguous_format).float()
+        with torch.no_grad():
+            z = self.get_first_stage_encoding(self.encode_first_stage(x))
+        return z, captions, n_instance
+
+    def shared_step(self, batch: Mapping[str, Any], t: torch.Tensor | None = None,
+                    noise: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """Instance and class examples in one batched forward, each with its own noise and timestep."""
+        z, captions, n_instance = self.get_input(batch)
+        cond = self.get_learned_conditioning(captions)
+        if t is None:
+            t = torch.randint(0, self.num_timesteps, (z.shape[0],), device=z.device)
+        return self.loss_fn(self.p_losses(z, cond, t, noise), n_instance)
+
+    def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> torch.Tensor:
+        losses = self.shared_step(batch)
+        if not torch.isfinite(losses["loss"]):
+            raise FloatingPointError(
+                f"loss is {losses['loss'].item()} at step {self.global_step}; stopping. The last good checkpoint "
+                "is kept; try a lower learning rate or full precision.")
+        self.log_dict({f"train/{k}": v for k, v in losses.items()}, prog_bar=True, on_step=True, on_epoch=False)
+        self.log("train/lr", self.optimizers().param_groups[0]["lr"], on_step=True, on_epoch=False)
+        return losses["loss"]
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """The UNet's parameters, plus the text encoder's when `cond_stage_trainable`."""
+        params = list(self.model.parameters())
+        if self.cond_stage_trainable:
+            params += list(self.cond_stage_model.parameters())
+        return params
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        if self.learning_rate is None:
+            raise ValueError("learning_rate is not set; main.py sets it from model.base_learning_rate")
+        return torch.optim.AdamW(self.trainable_parameters(), lr=self.learning_rate)

@@ -1,0 +1,50 @@
+"""Shared fixtures: the tiny config, a seeded tiny model, and a tiny SD v1 checkpoint written by the tests."""
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from ldm.checkpoint import save_weights
+from ldm.util import instantiate_from_config
+
+REPO = Path(__file__).resolve().parent.parent
+TINY_CONFIG = REPO / "configs" / "tiny" / "v1-inference.yaml"
+FULL_CONFIG = REPO / "configs" / "stable-diffusion" / "v1-inference.yaml"
+SPEC = REPO.parent / "shared" / "specs" / "sd-v1-state-dict.tsv"
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def build_tiny_model(seed: int = 0, **overrides):
+    """LatentDiffusion from the tiny config with seeded random weights; `overrides` replace model params."""
+    config = OmegaConf.load(TINY_CONFIG)
+    for key, value in overrides.items():
+        config.model.params[key] = value
+    torch.manual_seed(seed)
+    return instantiate_from_config(config.model)
+
+
+def read_spec() -> dict[str, tuple[int, ...]]:
+    """Key -> shape of a Stable Diffusion v1 checkpoint, from the shared spec."""
+    if not SPEC.is_file():
+        pytest.fail(f"the shared spec is missing: {SPEC}")
+    spec = {}
+    for line in SPEC.read_text().splitlines():
+        key, shape = line.split("\t")
+        spec[key] = tuple(int(n) for n in shape.split("x"))
+    return spec
+
+
+@pytest.fixture(scope="session")
+def tiny_model():
+    return build_tiny_model()
+
+
+@pytest.fixture(scope="session")
+def tiny_ckpt(tmp_path_factory, tiny_model) -> Path:
+    """A tiny SD v1-layout .ckpt (weights only) with the same weights as `tiny_model`."""
+    path = tmp_path_factory.mktemp("ckpt") / "tiny-sd-v1.ckpt"
+    save_weights(tiny_model.state_dict(), path)
+    return path
