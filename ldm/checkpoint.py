@@ -51,7 +51,11 @@ def _read_pickle(path: Path) -> Any:
         with torch.serialization.safe_globals(_SAFE_GLOBALS):
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        reason = str(err).splitlines()[0]
+        lines = [line.strip() for line in str(err).splitlines()]
+        reason = next((line for line in lines if "GLOBAL" in line or line.startswith("Unsupported global")), None)
+        if reason is None:
+            raise CheckpointError(f"{path}: not a checkpoint that can be read safely (not PyTorch's format, or damaged); "
+                                  "is the download complete? If you trust the file, convert it to .safetensors") from None
         raise CheckpointError(
             f"{path}: refused to load, the file holds more than plain tensors ({reason}). Loading it would run "
             "code from the file. If you trust it, convert it once to .safetensors and use that file.") from None

@@ -67,16 +67,23 @@ class RunsCode:
         return os.system, (f"touch {self.marker}",)
 
 
-def test_pickle_that_runs_code_is_refused(tmp_path):
+@pytest.mark.parametrize("writer", ["torch.save", "pickle.dump"])
+def test_pickle_that_runs_code_is_refused(tmp_path, writer):
     marker = tmp_path / "pwned"
     payload = RunsCode()
     payload.marker = marker
     path = tmp_path / "evil.ckpt"
-    with open(path, "wb") as handle:
-        pickle.dump({"state_dict": {}, "x": payload}, handle)
-    with pytest.raises(CheckpointError, match="evil.ckpt.*safetensors"):
+    content = {"state_dict": {}, "x": payload}
+    if writer == "torch.save":
+        torch.save(content, path)
+    else:
+        with open(path, "wb") as handle:
+            pickle.dump(content, handle)
+    with pytest.raises(CheckpointError, match="evil.ckpt.*safetensors") as refused:
         read_state_dict(path)
     assert not marker.exists()
+    if writer == "torch.save":
+        assert "posix.system" in str(refused.value)
 
 
 def test_missing_group_is_refused(tmp_path, tiny_model):

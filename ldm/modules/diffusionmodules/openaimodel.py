@@ -193,7 +193,7 @@ class UNetModel(nn.Module):
         )
 
     def forward(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        """Predict the noise in `x` [B, C, H, W] at integer `timesteps` [B] given `context` [B, L, context_dim]."""
+        """Predict the noise in `x` [B, C, H, W] at `timesteps` [B] (integer or fractional) given `context` [B, L, context_dim]."""
         emb = self.time_embed(timestep_embedding(timesteps, self.model_channels).to(x.dtype))
         skips = []
         h = x

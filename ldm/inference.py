@@ -1,0 +1,337 @@
+"""What every sampling script shares: devices, model loading, seeds, prompts, sampler choice, images with metadata."""
+import argparse
+import contextlib
+import functools
+import hashlib
+import json
+import logging
+import os
+import re
+from pathlib import Path
+from typing import Any, ContextManager, Optional, Sequence
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+from PIL import Image
+from PIL.PngImagePlugin import PngInfo
+from torch import Tensor, nn
+
+from ldm.checkpoint import CheckpointError, load_model_weights
+from ldm.models.diffusion.ddim import DDIMSampler
+from ldm.models.diffusion.guidance import CompVisDenoiser
+from ldm.models.diffusion.plms import PLMSSampler
+from ldm.models.diffusion.sampling import SAMPLERS as K_SAMPLERS
+from ldm.models.diffusion.sampling import Generator, randn
+from ldm.util import instantiate_from_config
+
+logger = logging.getLogger(__name__)
+
+SAMPLER_NAMES = ("ddim", "plms", *K_SAMPLERS)
+STOCHASTIC_K_SAMPLERS = ("euler_a",)
+METADATA_KEY = "parameters"
+
+
+class UserError(Exception):
+    """Bad input from the user; the scripts print the message as one line and exit with status 1."""
+
+
+USER_ERRORS = (UserError, CheckpointError)
+
+
+def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags txt2img and img2img share, with the defaults of the CompVis txt2img script."""
+    add = parser.add_argument
+    add("--prompt", type=str, nargs="?", default="a painting of a virus monster playing guitar",
+        help="the prompt to render")
+    add("--negative_prompt", type=str, default="", help="what to steer away from (the unconditional prompt)")
+    add("--outdir", type=str, nargs="?", default="outputs/txt2img-samples", help="dir to write results to")
+    add("--skip_grid", action="store_true", help="do not save a grid, only individual samples")
+    add("--skip_save", action="store_true", help="do not save individual samples (speed tests)")
+    add("--ddim_steps", type=int, default=50, help="number of sampling steps (every sampler)")
+    add("--plms", action="store_true", help="use PLMS sampling (same as --sampler plms)")
+    add("--sampler", choices=SAMPLER_NAMES, default=None, help="sampler (default ddim, or plms with --plms)")
+    add("--karras", action="store_true", help="Karras et al. sigma spacing for the k-samplers")
+    add("--fixed_code", action="store_true", help="the same starting noise (seeds) for every batch")
+    add("--ddim_eta", type=float, default=0.0, help="DDIM eta (eta=0.0 is deterministic)")
+    add("--n_iter", type=int, default=2, help="batches per prompt")
+    add("--C", type=int, default=4, help="latent channels")
+    add("--f", type=int, default=8, help="downsampling factor of the autoencoder")
+    add("--n_samples", type=int, default=3, help="images per batch (batch size)")
+    add("--n_rows", type=int, default=0, help="images per grid row (default: n_samples)")
+    add("--scale", type=float, default=7.5, help="classifier-free guidance scale")
+    add("--from-file", type=str, help="read prompts from this file, one per line")
+    add("--config", type=str, default="configs/stable-diffusion/v1-inference.yaml", help="model config")
+    add("--ckpt", type=str, default="models/ldm/stable-diffusion-v1/model.ckpt", help=".ckpt or .safetensors")
+    add("--seed", type=int, default=42, help="seed of the first image; image k gets seed + k")
+    add("--precision", choices=["autocast", "full", "bf16"], default="autocast",
+        help="autocast: fp16 mixed precision on a GPU (full on CPU); bf16: bfloat16 mixed precision; full: fp32")
+    add("--device", choices=["auto", "cuda", "mps", "cpu"], default="auto", help="auto picks cuda, then mps, then cpu")
+
+
+def resolve_sampler(opt: argparse.Namespace) -> str:
+    """The sampler that the flags ask for, refusing combinations that would be silently ignored."""
+    sampler = opt.sampler or ("plms" if opt.plms else "ddim")
+    if opt.plms and sampler != "plms":
+        raise UserError(f"--plms conflicts with --sampler {sampler}; pass only one of them")
+    if opt.karras and sampler in ("ddim", "plms"):
+        raise UserError(f"--karras applies to the k-samplers ({', '.join(K_SAMPLERS)}), not to {sampler}")
+    if opt.ddim_eta != 0 and sampler != "ddim":
+        raise UserError(f"--ddim_eta applies to the ddim sampler only; drop it for {sampler}")
+    if opt.ddim_steps < 1 or opt.n_iter < 1 or opt.n_samples < 1:
+        raise UserError("--ddim_steps, --n_iter and --n_samples must be at least 1")
+    return sampler
+
+
+def choose_device(name: str) -> torch.device:
+    """`auto` picks CUDA, then Apple MPS, then the CPU; asking for a missing one is an error."""
+    has_mps = torch.backends.mps.is_available()
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "mps" if has_mps else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device cuda: PyTorch {torch.__version__} sees no CUDA GPU; use --device auto or cpu")
+    if name == "mps" and not has_mps:
+        raise UserError("--device mps: Apple MPS is not available here; use --device auto or cpu")
+    return torch.device(name)
+
+
+def precision_scope(precision: str, device: torch.device) -> ContextManager:
+    """Mixed-precision autocast for `precision`, or nothing for full precision."""
+    if precision == "full" or (precision == "autocast" and device.type == "cpu"):
+        return contextlib.nullcontext()
+    if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise UserError("--precision bf16: this GPU has no bfloat16 support; use --precision autocast")
+    return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
+
+
+REQUIRED_CONFIG_KEYS = ("model.target", "model.params.channels", "model.params.unet_config.params.channel_mult",
+                        "model.params.first_stage_config.params.ddconfig.ch_mult")
+
+
+def load_config(path: str) -> DictConfig:
+    """The YAML model config, with a one-line error when it is missing, malformed or not an SD v1 model config."""
+    if not Path(path).is_file():
+        raise UserError(f"config not found: {path} (pass --config configs/stable-diffusion/v1-inference.yaml)")
+    try:
+        config = OmegaConf.load(path)
+    except Exception as err:  # yaml and omegaconf raise many error types for a malformed file
+        raise UserError(f"{path}: not a readable YAML config ({err})") from None
+    for key in REQUIRED_CONFIG_KEYS:
+        if OmegaConf.select(config, key) is None:
+            raise UserError(f"{path}: has no {key}; is it an SD v1 model config such as v1-inference.yaml?")
+    return config
+
+
+def vae_factor(config: DictConfig) -> int:
+    """The autoencoder's downsampling factor f, 2^(levels - 1)."""
+    return 2 ** (len(config.model.params.first_stage_config.params.ddconfig.ch_mult) - 1)
+
+
+def size_multiple(config: DictConfig) -> int:
+    """Image sides must be multiples of this: f times the UNet's 2^(levels - 1) (64 for SD v1)."""
+    return vae_factor(config) * 2 ** (len(config.model.params.unet_config.params.channel_mult) - 1)
+
+
+def latent_shape(config: DictConfig, height: int, width: int, channels: int, factor: int) -> tuple[int, int, int]:
+    """Latent (C, H/f, W/f) for an image size, checked against the autoencoder and UNet of `config`."""
+    if factor != vae_factor(config):
+        raise UserError(f"--f {factor} does not match the autoencoder of the config (f={vae_factor(config)}); drop --f")
+    if channels != config.model.params.channels:
+        raise UserError(f"--C {channels} does not match the config's {config.model.params.channels} latent channels; "
+                        "drop --C")
+    multiple = size_multiple(config)
+    for flag, size in (("--H", height), ("--W", width)):
+        if size <= 0 or size % multiple:
+            nearest = sorted({max(size // multiple, 1) * multiple, (size // multiple + 1) * multiple})
+            raise UserError(f"{flag} {size} must be a positive multiple of {multiple} for this model "
+                            f"(autoencoder x{factor}, UNet levels); try {' or '.join(map(str, nearest))}")
+    return channels, height // factor, width // factor
+
+
+def load_model(config: DictConfig, ckpt_path: str, device: torch.device, use_ema: bool = False) -> nn.Module:
+    """A LatentDiffusion built from `config`, with the weights of `ckpt_path`, in eval mode on `device`."""
+    if not Path(ckpt_path).is_file():
+        raise UserError(f"checkpoint not found: {ckpt_path} (pass --ckpt path/to/sd-v1-x.ckpt or .safetensors)")
+    if not os.access(ckpt_path, os.R_OK):
+        raise UserError(f"checkpoint not readable: {ckpt_path} (check its permissions)")
+    try:
+        model = instantiate_from_config(config.model)
+    except (KeyError, TypeError, ValueError, ImportError) as err:
+        raise UserError(f"cannot build the model from the config: {err}") from None
+    load_model_weights(model, ckpt_path, use_ema=use_ema)
+    return model.eval().requires_grad_(False).to(device)
+
+
+@functools.lru_cache(maxsize=8)
+def _sha256(path: str, size: int, mtime_ns: int) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 24), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def file_sha256(path: str) -> str:
+    """SHA-256 of a file, computed once per file version in a run."""
+    stat = os.stat(path)
+    return _sha256(os.path.realpath(path), stat.st_size, stat.st_mtime_ns)
+
+
+def read_prompts(prompt: Optional[str], from_file: Optional[str]) -> list[str]:
+    """The prompts to render: --prompt, or the non-empty lines of --from-file."""
+    if not from_file:
+        return [prompt or ""]
+    try:
+        lines = Path(from_file).read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as err:
+        raise UserError(f"--from-file {from_file}: cannot read it ({err.__class__.__name__}: {err})") from None
+    prompts = [line.strip() for line in lines if line.strip()]
+    if not prompts:
+        raise UserError(f"--from-file {from_file} holds no prompts; write one prompt per line")
+    return prompts
+
+
+def make_generators(seeds: Sequence[int]) -> list[torch.Generator]:
+    """One CPU generator per image, so that an image depends only on its own seed, whatever the device."""
+    return [torch.Generator().manual_seed(seed) for seed in seeds]
+
+
+def img2img_steps(steps: int, strength: float) -> int:
+    """How many of `steps` an img2img run with `strength` performs (the CompVis rule, int(strength * steps))."""
+    if not 0.0 < strength <= 1.0:
+        raise UserError(f"--strength {strength} must be in (0, 1]")
+    if int(strength * steps) < 1:
+        raise UserError(f"--strength {strength} with {steps} steps runs no step; raise --strength or --ddim_steps")
+    return int(strength * steps)
+
+
+def sample_latents(model: nn.Module, sampler: str, steps: int, cond: Tensor, uncond: Optional[Tensor], scale: float,
+                   noise: Tensor, generator: Generator = None, eta: float = 0.0, karras: bool = False,
+                   init_latent: Optional[Tensor] = None, strength: float = 1.0, progress: bool = True) -> Tensor:
+    """Latents from `noise` (txt2img) or from `init_latent` noised to `strength` (img2img) with any sampler."""
+    if sampler in ("ddim", "plms"):
+        ddim = DDIMSampler(model) if sampler == "ddim" else PLMSSampler(model)
+        if init_latent is None:
+            return ddim.sample(steps, noise.shape[0], noise.shape[1:], cond, eta=eta, x_T=noise, verbose=progress,
+                               unconditional_guidance_scale=scale, unconditional_conditioning=uncond,
+                               generator=generator)[0]
+        ddim.make_schedule(steps, eta)
+        t_start = img2img_steps(steps, strength)
+        z = ddim.stochastic_encode(init_latent, t_start, noise)
+        return ddim.decode(z, cond, t_start, scale, uncond, verbose=progress, generator=generator)
+    denoiser = CompVisDenoiser(model)
+    sigmas = denoiser.get_sigmas(steps, karras=karras)
+    if init_latent is None:
+        x = noise * sigmas[0]
+    else:
+        sigmas = sigmas[steps - img2img_steps(steps, strength):]
+        x = init_latent + noise * sigmas[0]
+    extra = {"generator": generator} if sampler in STOCHASTIC_K_SAMPLERS else {}
+    return K_SAMPLERS[sampler](denoiser, x, sigmas, {"cond": cond, "uncond": uncond, "cond_scale": scale},
+                               disable=not progress, **extra)
+
+
+def to_pil(images: Tensor) -> list[Image.Image]:
+    """Decoded images in [-1, 1], [B, 3, H, W] -> 8-bit RGB PIL images."""
+    array = ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return [Image.fromarray(a) for a in array.permute(0, 2, 3, 1).cpu().numpy()]
+
+
+def load_init_image(path: str, multiple: int) -> Tensor:
+    """An RGB image as [1, 3, H, W] in [-1, 1], cropped to a multiple of `multiple` pixels on each side."""
+    try:
+        image = Image.open(path).convert("RGB")
+    except (OSError, ValueError) as err:
+        raise UserError(f"--init-img {path}: cannot read it as an image ({err})") from None
+    width, height = (s - s % multiple for s in image.size)
+    if not width or not height:
+        raise UserError(f"--init-img {path} is {image.size[0]}x{image.size[1]}, smaller than {multiple} pixels")
+    if (width, height) != image.size:
+        logger.info("init image %dx%d cropped to %dx%d (a multiple of %d)", *image.size, width, height, multiple)
+        image = image.crop((0, 0, width, height))
+    array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
+    return torch.from_numpy(array).permute(2, 0, 1)[None]
+
+
+def next_index(folder: Path, pattern: str) -> int:
+    """One more than the largest number in the file names of `folder` that match `pattern`; 0 when none do."""
+    regex = re.compile(pattern)
+    numbers = [int(m.group(1)) for p in folder.iterdir() if (m := regex.fullmatch(p.name))] if folder.is_dir() else []
+    return max(numbers, default=-1) + 1
+
+
+def save_image(image: Image.Image, path: Path, metadata: dict[str, Any]) -> None:
+    """Write a PNG with the generation parameters as JSON in its `parameters` text chunk."""
+    info = PngInfo()
+    info.add_text(METADATA_KEY, json.dumps(metadata, sort_keys=True))
+    image.save(path, pnginfo=info)
+
+
+def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
+    """The generation parameters stored by `save_image`."""
+    with Image.open(path) as image:
+        return json.loads(image.text[METADATA_KEY])
+
+
+def make_grid(images: Sequence[Image.Image], per_row: int, padding: int = 2) -> Image.Image:
+    """Images tiled `per_row` to a row on a black background with `padding` pixels around each (as torchvision)."""
+    width, height = images[0].size
+    columns = min(per_row, len(images))
+    rows = -(-len(images) // columns)
+    grid = Image.new("RGB", (columns * (width + padding) + padding, rows * (height + padding) + padding))
+    for k, image in enumerate(images):
+        row, column = divmod(k, columns)
+        grid.paste(image, (padding + column * (width + padding), padding + row * (height + padding)))
+    return grid
+
+
+def generate(opt: argparse.Namespace, init_img: Optional[str] = None) -> list[Path]:
+    """Check the flags, load the model, then sample, decode and save every prompt's images and grid."""
+    sampler, device, config = resolve_sampler(opt), choose_device(opt.device), load_config(opt.config)
+    prompts = read_prompts(opt.prompt, opt.from_file)
+    init = None if init_img is None else load_init_image(init_img, size_multiple(config))
+    height, width = (opt.H, opt.W) if init is None else init.shape[2:]
+    shape = latent_shape(config, height, width, opt.C, opt.f)
+    strength = getattr(opt, "strength", 1.0)
+    if init is not None:
+        img2img_steps(opt.ddim_steps, strength)
+    scope = precision_scope(opt.precision, device)
+    model = load_model(config, opt.ckpt, device)
+    params = {"sampler": sampler, "karras": opt.karras, "steps": opt.ddim_steps, "scale": opt.scale,
+              "eta": opt.ddim_eta, "width": width, "height": height, "negative_prompt": opt.negative_prompt,
+              "checkpoint": Path(opt.ckpt).name, "checkpoint_sha256": file_sha256(opt.ckpt)}
+    if init is not None:
+        params.update(init_image=Path(init_img).name, strength=strength)
+    outdir, n = Path(opt.outdir), opt.n_samples
+    sample_dir = outdir / "samples"
+    sample_dir.mkdir(parents=True, exist_ok=True)
+    count, grid_count = next_index(sample_dir, r"(\d{5,})\.png"), next_index(outdir, r"grid-(\d{4,})\.png")
+    written, batch_index = [], 0
+    with torch.no_grad(), scope, model.ema_scope():
+        # The posterior mean, so that an img2img result depends on its seed only.
+        init_latent = None if init is None else model.scale_factor * model.encode_first_stage(init.to(device)).mode()
+        for prompt in prompts:
+            cond = model.get_learned_conditioning([prompt]).repeat(n, 1, 1)
+            uncond = None if opt.scale == 1.0 else model.get_learned_conditioning([opt.negative_prompt]).repeat(n, 1, 1)
+            images, prompt_seeds = [], []
+            for _ in range(opt.n_iter):
+                first = opt.seed + (0 if opt.fixed_code else batch_index * n)
+                seeds, batch_index = list(range(first, first + n)), batch_index + 1
+                generators = make_generators(seeds)
+                z = sample_latents(model, sampler, opt.ddim_steps, cond, uncond, opt.scale,
+                                   randn((n, *shape), generators, device), generators, opt.ddim_eta, opt.karras,
+                                   None if init_latent is None else init_latent.repeat(n, 1, 1, 1), strength)
+                batch = to_pil(model.decode_first_stage(z))
+                if not opt.skip_save:
+                    for image, seed in zip(batch, seeds):
+                        written.append(sample_dir / f"{count:05}.png")
+                        save_image(image, written[-1], {**params, "prompt": prompt, "seed": seed})
+                        count += 1
+                if not opt.skip_grid:
+                    images, prompt_seeds = images + batch, prompt_seeds + seeds
+            if not opt.skip_grid:
+                written.append(outdir / f"grid-{grid_count:04}.png")
+                save_image(make_grid(images, opt.n_rows or n), written[-1],
+                           {**params, "prompt": prompt, "seeds": prompt_seeds})
+                grid_count += 1
+    return written

@@ -1,0 +1,36 @@
+"""Image-to-image sampling: noise an init image to --strength and denoise it toward the prompt (SDEdit)."""
+import argparse
+import logging
+import sys
+from pathlib import Path
+from typing import Optional, Sequence
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from ldm.inference import USER_ERRORS, add_sampling_arguments, generate  # noqa: E402
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__)
+    add_sampling_arguments(parser)
+    parser.add_argument("--init-img", type=str, required=True, help="path to the input image")
+    parser.add_argument("--strength", type=float, default=0.75,
+                        help="how much noise to add to the init image: 1.0 keeps none of it")
+    parser.set_defaults(outdir="outputs/img2img-samples", n_iter=1, n_samples=2, scale=5.0)
+    return parser.parse_args(argv)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    opt = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
+    try:
+        written = generate(opt, init_img=opt.init_img)
+    except USER_ERRORS as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    print(f"Your samples are ready and waiting for you here: {opt.outdir} ({len(written)} files written)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

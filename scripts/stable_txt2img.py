@@ -1,0 +1,34 @@
+"""Text-to-image sampling from a Stable Diffusion v1 checkpoint (class images before DreamBooth, results after)."""
+import argparse
+import logging
+import sys
+from pathlib import Path
+from typing import Optional, Sequence
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from ldm.inference import USER_ERRORS, add_sampling_arguments, generate  # noqa: E402
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__)
+    add_sampling_arguments(parser)
+    parser.add_argument("--H", type=int, default=512, help="image height, in pixel space")
+    parser.add_argument("--W", type=int, default=512, help="image width, in pixel space")
+    return parser.parse_args(argv)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    opt = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
+    try:
+        written = generate(opt)
+    except USER_ERRORS as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    print(f"Your samples are ready and waiting for you here: {opt.outdir} ({len(written)} files written)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
