@@ -23,17 +23,13 @@ from ldm.models.diffusion.guidance import CompVisDenoiser
 from ldm.models.diffusion.plms import PLMSSampler
 from ldm.models.diffusion.sampling import SAMPLERS as K_SAMPLERS
 from ldm.models.diffusion.sampling import Generator, randn
-from ldm.util import instantiate_from_config
+from ldm.util import UserError, instantiate_from_config
 
 logger = logging.getLogger(__name__)
 
 SAMPLER_NAMES = ("ddim", "plms", *K_SAMPLERS)
 STOCHASTIC_K_SAMPLERS = ("euler_a",)
 METADATA_KEY = "parameters"
-
-
-class UserError(Exception):
-    """Bad input from the user; the scripts print the message as one line and exit with status 1."""
 
 
 USER_ERRORS = (UserError, CheckpointError)

@@ -5,6 +5,10 @@ from typing import Any, Mapping
 import torch
 
 
+class UserError(Exception):
+    """Bad input the user can fix; command lines print the message as one line and exit with status 1."""
+
+
 def get_obj_from_str(path: str) -> Any:
     """Import `package.module.Name` and return `Name`."""
     module, name = path.rsplit(".", 1)

@@ -175,7 +175,8 @@ class LatentDiffusion(DDPM):
             raise FloatingPointError(
                 f"loss is {losses['loss'].item()} at step {self.global_step}; stopping. The last good checkpoint "
                 "is kept; try a lower learning rate or full precision.")
-        self.log_dict({f"train/{k}": v for k, v in losses.items()}, prog_bar=True, on_step=True, on_epoch=False)
+        self.log_dict({f"train/{k}": v for k, v in losses.items()}, on_step=True, on_epoch=False)
+        self.log("loss", losses["loss"], prog_bar=True, logger=False, on_step=True, on_epoch=False)
         self.log("train/lr", self.optimizers().param_groups[0]["lr"], on_step=True, on_epoch=False)
         return losses["loss"]
 

@@ -1,0 +1,69 @@
+"""Sample images during training: DDIM samples of the instance prompt and of the class prompt, as PNG grids."""
+import logging
+from pathlib import Path
+from typing import Any, Mapping
+
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.callbacks import Callback
+
+from ldm.class_images import sample_images
+from ldm.inference import make_grid, save_image, to_pil
+
+logger = logging.getLogger(__name__)
+
+
+class ImageLogger(Callback):
+    """Every `batch_frequency` steps, `max_images` samples per prompt (the same seeds each time, so grids compare
+    across steps) and the batch's input images, saved under `<run>/images/train/` by rank zero. PIL only, no fonts."""
+
+    def __init__(self, batch_frequency: int = 500, max_images: int = 8, ddim_steps: int = 50, scale: float = 10.0,
+                 seed: int = 23, images_per_row: int = 4, log_first_step: bool = False, disabled: bool = False):
+        super().__init__()
+        if batch_frequency < 1 or max_images < 0 or ddim_steps < 1:
+            raise ValueError(f"need batch_frequency >= 1, max_images >= 0, ddim_steps >= 1, "
+                             f"got {batch_frequency}, {max_images}, {ddim_steps}")
+        self.batch_frequency = batch_frequency
+        self.max_images = max_images
+        self.ddim_steps = ddim_steps
+        self.scale = scale
+        self.seed = seed
+        self.images_per_row = images_per_row
+        self.log_first_step = log_first_step
+        self.disabled = disabled
+        self._logged_step = -1
+
+    def _due(self, step: int) -> bool:
+        return step != self._logged_step and (step % self.batch_frequency == 0 or (self.log_first_step and step == 1))
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any,
+                           batch: Mapping[str, Any], batch_idx: int) -> None:
+        step = trainer.global_step
+        if self.disabled or not self.max_images or step == 0 or not self._due(step):
+            return
+        self._logged_step = step
+        if not trainer.is_global_zero:
+            return
+        folder = Path(trainer.default_root_dir) / "images" / "train"
+        folder.mkdir(parents=True, exist_ok=True)
+        suffix = f"gs-{step:06}_e-{trainer.current_epoch:06}_b-{batch_idx:06}.png"
+        image_key, caption_key = pl_module.first_stage_key, pl_module.cond_stage_key
+        inputs = [batch[image_key]] + ([batch[f"class_{image_key}"]] if f"class_{image_key}" in batch else [])
+        save_image(make_grid(to_pil(torch.cat(inputs).permute(0, 3, 1, 2)), self.images_per_row),
+                   folder / f"inputs_{suffix}", {"step": step})
+        prompts = {"instance": batch[caption_key][0]}
+        if f"class_{caption_key}" in batch:
+            prompts["class"] = batch[f"class_{caption_key}"][0]
+        seeds = list(range(self.seed, self.seed + self.max_images))
+        was_training = pl_module.training
+        pl_module.eval()
+        try:
+            with pl_module.ema_scope(), trainer.precision_plugin.forward_context():
+                for name, prompt in prompts.items():
+                    images = sample_images(pl_module, prompt, seeds, self.ddim_steps, self.scale)
+                    save_image(make_grid(images, self.images_per_row), folder / f"samples_{name}_{suffix}",
+                               {"prompt": prompt, "step": step, "sampler": "ddim", "steps": self.ddim_steps,
+                                "scale": self.scale, "seeds": seeds})
+        finally:
+            pl_module.train(was_training)
+        logger.info("step %d: sample grids in %s", step, folder)

@@ -1,0 +1,169 @@
+"""DreamBooth data (Ruiz et al. 2023): subject photos and class-prior images with their captions, read the way
+real-world photo folders need (EXIF orientation, any colour mode, stray files), and the instance/class pairing."""
+import logging
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+from torch.utils.data import Dataset
+
+from ldm.util import UserError
+
+logger = logging.getLogger(__name__)
+
+INSTANCE_TEMPLATE = "photo of a {identifier} {class_word}"
+CLASS_TEMPLATE = "photo of a {class_word}"
+DEFAULT_IDENTIFIER, DEFAULT_CLASS_WORD = "sks", "dog"
+CROPS = ("center", "random", "none")
+INTERPOLATIONS = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC,
+                  "lanczos": Image.Resampling.LANCZOS}
+IMAGE_SUFFIXES = frozenset(ext for ext, fmt in Image.registered_extensions().items() if fmt in Image.OPEN)
+SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
+ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
+
+
+class DataError(UserError):
+    """A problem with the training images or their settings, with a message that names the path."""
+
+
+def list_images(folder: str | Path) -> list[Path]:
+    """Image files of `folder`, sorted; hidden files and `.txt` captions are skipped quietly, others with a warning."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise DataError(f"{folder}: {'not a folder' if folder.exists() else 'folder not found'}")
+    images, skipped = [], []
+    for path in sorted(folder.iterdir()):
+        if path.name.startswith(".") or path.suffix.lower() == ".txt":
+            continue
+        (images if path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES else skipped).append(path)
+    if skipped:
+        names = ", ".join(p.name for p in skipped[:5]) + (", ..." if len(skipped) > 5 else "")
+        hint = " (HEIC photos: convert them to JPEG first)" if any(p.suffix.lower() == ".heic" for p in skipped) else ""
+        logger.warning("%s: skipped %d entries that are not image files: %s%s", folder, len(skipped), names, hint)
+    if not images:
+        found = f"only {len(skipped)} entries that are not image files" if skipped else "nothing"
+        raise DataError(f"{folder}: no images to train on (found {found}; expected .jpg, .png, .webp, ...)")
+    return images
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """8-bit RGB from any PIL mode: transparency over white, 16-bit grey scaled (not clipped), CMYK/L/P converted."""
+    if image.mode in SIXTEEN_BIT_MODES:
+        grey = np.clip(np.asarray(image, dtype=np.float32) / 257.0, 0, 255).round().astype(np.uint8)
+        return Image.fromarray(grey).convert("RGB")
+    if image.mode in ALPHA_MODES or (image.mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+@contextmanager
+def reading(path: str | Path) -> Iterator[None]:
+    """Turn PIL's errors for an unreadable file into a DataError naming it."""
+    try:
+        yield
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
+        raise DataError(f"{path}: cannot read this image ({err})") from None
+
+
+def load_rgb(path: str | Path) -> Image.Image:
+    """Decode an image file upright (EXIF orientation applied) as 8-bit RGB."""
+    with reading(path), Image.open(path) as image:
+        return to_rgb(ImageOps.exif_transpose(image))
+
+
+def short_side(path: str | Path, size: int) -> int:
+    """Decode a whole image file, so that a broken one fails now, and return its short side in pixels.
+
+    JPEGs decode at a reduced scale near `size`, which still reads every byte of the file but is faster.
+    """
+    with reading(path), Image.open(path) as image:
+        side = min(image.size)
+        image.draft("RGB", (size, size))
+        to_rgb(ImageOps.exif_transpose(image))
+        return side
+
+
+def square_box(width: int, height: int, crop: str) -> tuple[int, int, int, int]:
+    """The crop box (left, top, right, bottom) of the largest square: centred, at a random place, or the whole image."""
+    if crop == "none":
+        return 0, 0, width, height
+    side = min(width, height)
+    if crop == "center":
+        left, top = (width - side) // 2, (height - side) // 2
+    else:
+        left = int(torch.randint(0, width - side + 1, ()))
+        top = int(torch.randint(0, height - side + 1, ()))
+    return left, top, left + side, top + side
+
+
+class PersonalizedBase(Dataset):
+    """The images of one folder as `image` ([H, W, 3] float in [-1, 1]) and `caption`, each repeated `repeats` times.
+
+    Captions come from `template` (the instance template, or with `reg` the class template) unless a `name.txt`
+    sits beside `name.jpg`; both may use `{identifier}` and `{class_word}`. Every image is decoded once here, so a
+    broken file fails before any model is loaded.
+    """
+
+    def __init__(self, data_root: str | None = None, size: int = 512, repeats: int = 100, flip_p: float = 0.5,
+                 interpolation: str = "bicubic", crop: str = "center",
+                 identifier: str = DEFAULT_IDENTIFIER, class_word: str = DEFAULT_CLASS_WORD, reg: bool = False,
+                 template: str | None = None):
+        role = "class images (reg)" if reg else "instance images (train)"
+        if data_root is None:
+            hint = " (or set data.params.reg=null to train without prior preservation)" if reg else ""
+            raise DataError(f"no folder given for the {role}: pass --{'reg_' if reg else ''}data_root{hint}")
+        if crop not in CROPS or interpolation not in INTERPOLATIONS:
+            raise DataError(f"{role}: crop must be one of {CROPS} and interpolation one of {tuple(INTERPOLATIONS)}, "
+                            f"got crop={crop!r}, interpolation={interpolation!r}")
+        if size < 8 or repeats < 1 or not 0.0 <= flip_p <= 1.0:
+            raise DataError(f"{role}: need size >= 8, repeats >= 1, 0 <= flip_p <= 1 (got {size}, {repeats}, {flip_p})")
+        self.size, self.repeats, self.flip_p, self.crop = size, repeats, flip_p, crop
+        self.resample = INTERPOLATIONS[interpolation]
+        self.identifier, self.class_word = identifier, class_word
+        self.template = template or (CLASS_TEMPLATE if reg else INSTANCE_TEMPLATE)
+        self.paths = list_images(data_root)
+        self.captions = [self._caption(path) for path in self.paths]
+        small = [path.name for path in self.paths if short_side(path, size) < size]
+        if small:
+            logger.warning("%s: %d images are smaller than %d pixels and will be upscaled (blurry): %s",
+                           data_root, len(small), size, ", ".join(small[:5]))
+
+    def _caption(self, image_path: Path) -> str:
+        caption_file = image_path.with_suffix(".txt")
+        text = caption_file.read_text(encoding="utf-8").strip() if caption_file.is_file() else self.template
+        if not text:
+            raise DataError(f"{caption_file}: the caption file is empty (delete it to use the default caption)")
+        return text.replace("{identifier}", self.identifier).replace("{class_word}", self.class_word)
+
+    def __len__(self) -> int:
+        return len(self.paths) * self.repeats
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        path = self.paths[index % len(self.paths)]
+        image = load_rgb(path)
+        image = image.resize((self.size, self.size), self.resample, box=square_box(*image.size, self.crop))
+        if torch.rand(()) < self.flip_p:
+            image = ImageOps.mirror(image)
+        pixels = torch.from_numpy(np.asarray(image, dtype=np.float32) / 127.5 - 1.0)
+        return {"image": pixels, "caption": self.captions[index % len(self.paths)]}
+
+
+class InstanceClassPairs(Dataset):
+    """Each item is one instance example plus one class example (as `class_image`, `class_caption`), as in the
+    original DreamBooth trainer; the length follows the instance set."""
+
+    def __init__(self, instance: Dataset, class_prior: Dataset):
+        self.instance, self.class_prior = instance, class_prior
+
+    def __len__(self) -> int:
+        return len(self.instance)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        example = dict(self.instance[index])
+        prior = self.class_prior[index % len(self.class_prior)]
+        example.update({f"class_{key}": value for key, value in prior.items()})
+        return example

@@ -1,0 +1,358 @@
+"""DreamBooth fine-tuning of Stable Diffusion v1 (Ruiz et al. 2023) with the CompVis / XavierXiao command line:
+
+    python main.py --base configs/stable-diffusion/v1-finetune_unfrozen.yaml -t --actual_resume sd-v1-4-full-ema.ckpt
+        -n <job> --gpus 0, --data_root <photos> --reg_data_root <class images> --class_word dog
+
+Configs given with --base are merged left to right, then `a.b=c` arguments override single keys.
+"""
+import argparse
+import contextlib
+import datetime
+import inspect
+import logging
+import os
+import sys
+import warnings
+from pathlib import Path
+from typing import Any, Iterator, Optional, Sequence
+
+import pytorch_lightning as pl
+import torch
+import yaml
+from lightning_fabric.utilities.exceptions import MisconfigurationException
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+from pytorch_lightning.loggers import CSVLogger, Logger
+from pytorch_lightning.utilities.exceptions import SIGTERMException
+from pytorch_lightning.utilities.rank_zero import rank_zero_only
+
+from ldm.callbacks import AtomicCheckpointIO, SetupCallback, StepCheckpoint
+from ldm.checkpoint import CheckpointError, load_model_weights
+from ldm.class_images import generate_class_images
+from ldm.util import UserError, instantiate_from_config
+
+RUN_DIR_ENV = "DREAMBOOTH_RUN_DIR"  # tells the DDP worker processes, which re-run this script, the run folder
+say = rank_zero_only(print)
+
+
+USER_ERRORS = (UserError, CheckpointError)
+
+
+def str2bool(value: str | bool) -> bool:
+    if isinstance(value, bool):
+        return value
+    if value.lower() in ("yes", "true", "t", "y", "1"):
+        return True
+    if value.lower() in ("no", "false", "f", "n", "0"):
+        return False
+    raise argparse.ArgumentTypeError(f"boolean value expected, got {value!r}")
+
+
+def get_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     allow_abbrev=False)
+    add = parser.add_argument
+    flag = {"type": str2bool, "nargs": "?", "const": True, "default": False}
+    add("-n", "--name", default="", help="job name, the suffix of the run folder logs/<timestamp>_<name>")
+    add("-r", "--resume", default="", help="resume from a run folder (its checkpoints/last.ckpt) or a checkpoint in it")
+    add("-b", "--base", nargs="*", default=[], metavar="config.yaml", help="configs, merged left to right")
+    add("-t", "--train", **flag, help="train (required unless resuming: there is nothing else to do)")
+    add("--no-test", **flag, help="accepted for compatibility; DreamBooth has no test stage")
+    add("-s", "--seed", type=int, default=23, help="seed for seed_everything")
+    add("-f", "--postfix", default="", help="appended to the run folder name")
+    add("-l", "--logdir", default="logs", help="where run folders are created")
+    add("--scale_lr", **flag, help="scale base_learning_rate by devices x batch size x gradient accumulation")
+    add("--actual_resume", default=None, help="the Stable Diffusion v1 checkpoint to fine-tune (.ckpt/.safetensors)")
+    add("--use_ema_weights", action="store_true", help="start from the file's EMA UNet weights (default: non-EMA)")
+    add("--data_root", default=None, help="folder of photos of the subject (instance images)")
+    add("--reg_data_root", default=None, help="folder of class images (prior preservation)")
+    add("--class_word", default=None, help="the subject's class, e.g. dog (default: dog)")
+    add("--token", "--identifier", dest="identifier", default=None,
+        help="rare token naming the subject in captions (default: sks)")
+    add("--num_class_images", type=int, default=None,
+        help="generate class images with the base model until --reg_data_root holds this many (0: off)")
+    add("--max_steps", type=int, default=None, help="training steps (overrides lightning.trainer.max_steps)")
+    add("--gpus", default=None,
+        help="CUDA GPUs as in Lightning 1.x: '0,' is GPU 0, '0,1' GPUs 0 and 1 (DDP), '2' any two")
+    add("--accelerator", default=None, help="cpu, gpu, mps or auto (default: auto)")
+    add("--devices", default=None, help="number of devices, or indices such as 0,1")
+    add("--precision", default=None, help="32-true (default), 16-mixed, bf16-mixed, ...")
+    add("--freeze_text_encoder", action="store_true", help="train the UNet only (less memory)")
+    add("--safetensors", action="store_true", help="also save fp16 .safetensors weights next to each checkpoint")
+    return parser
+
+
+def parse_gpus(text: str) -> int | list[int]:
+    """Lightning 1.x `--gpus`: '0,' and '0,1' are GPU indices, a bare number is a count (-1: all)."""
+    try:
+        if "," in text:
+            return [int(index) for index in text.split(",") if index.strip()]
+        return int(text)
+    except ValueError:
+        raise UserError(f"--gpus {text!r}: expected GPU indices such as '0,' or '0,1', or a count such as 2") from None
+
+
+def parse_devices(text: str) -> int | list[int] | str:
+    if text == "auto":
+        return text
+    return parse_gpus(text)
+
+
+def run_folder(opt: argparse.Namespace, now: str) -> tuple[Path, Optional[Path], list[str]]:
+    """The run folder, the checkpoint to resume from (if any) and the config files to merge."""
+    if opt.resume:
+        path = Path(opt.resume)
+        if not path.exists():
+            raise UserError(f"-r {path}: not found")
+        logdir, ckpt = (path.parent.parent, path) if path.is_file() else (path, path / "checkpoints" / "last.ckpt")
+        if not ckpt.is_file():
+            raise UserError(f"{ckpt}: not found, nothing to resume (did the run stop before its first checkpoint?)")
+        saved = sorted(str(p) for p in (logdir / "configs").glob("*.yaml"))
+        if not saved:
+            raise UserError(f"{logdir / 'configs'}: no saved configs; is {logdir} a run folder made by main.py?")
+        return logdir, ckpt, saved + opt.base
+    if os.environ.get(RUN_DIR_ENV):
+        return Path(os.environ[RUN_DIR_ENV]), None, opt.base
+    name = opt.name or (Path(opt.base[0]).stem if opt.base else "")
+    logdir = Path(opt.logdir) / (f"{now}_{name}" if name else now)
+    logdir = logdir.with_name(logdir.name + opt.postfix)
+    candidate, n = logdir, 1
+    while candidate.exists():  # two runs started in the same second
+        n += 1
+        candidate = logdir.with_name(f"{logdir.name}-{n}")
+    return candidate, None, opt.base
+
+
+def load_config(paths: Sequence[str], overrides: Sequence[str]) -> DictConfig:
+    if not paths:
+        raise UserError("no config: pass --base configs/stable-diffusion/v1-finetune_unfrozen.yaml")
+    configs = []
+    for path in paths:
+        if not Path(path).is_file():
+            raise UserError(f"config not found: {path}")
+        try:
+            configs.append(OmegaConf.load(path))
+        except (OmegaConfBaseException, yaml.YAMLError, ValueError) as err:
+            raise UserError(f"{path}: not a readable YAML config ({err})") from None
+    try:
+        config = OmegaConf.merge(*configs, OmegaConf.from_dotlist(list(overrides)))
+    except (OmegaConfBaseException, ValueError) as err:
+        raise UserError(f"cannot apply the overrides {' '.join(overrides)}: {err}") from None
+    for section in ("model", "data"):
+        if section not in config:
+            raise UserError(f"the merged config has no '{section}' section; start from "
+                            "configs/stable-diffusion/v1-finetune_unfrozen.yaml")
+    return config
+
+
+def apply_flags(config: DictConfig, opt: argparse.Namespace) -> None:
+    """Write the command-line choices into the config, so that the saved config alone can resume the run."""
+    data = config.data.params
+    for key, root in (("train", opt.data_root), ("reg", opt.reg_data_root)):
+        if data.get(key) is None:
+            if root:
+                raise UserError(f"--{'reg_' if key == 'reg' else ''}data_root given, but the config has no "
+                                f"data.params.{key} dataset")
+            continue
+        params = data[key].setdefault("params", {})
+        for name, value in (("data_root", root), ("class_word", opt.class_word), ("identifier", opt.identifier)):
+            if value is not None:
+                params[name] = value
+    if opt.num_class_images is not None:
+        data.num_class_images = opt.num_class_images
+    if opt.freeze_text_encoder:
+        config.model.params.cond_stage_trainable = False
+    lightning = config.setdefault("lightning", {})
+    if opt.max_steps is not None:
+        lightning.setdefault("trainer", {})["max_steps"] = opt.max_steps
+    if opt.safetensors:
+        lightning.setdefault("modelcheckpoint", {}).setdefault("params", {})["safetensors"] = True
+
+
+def trainer_options(trainer_config: DictConfig, opt: argparse.Namespace) -> dict[str, Any]:
+    """Trainer arguments from `lightning.trainer` and the device flags, with Lightning 1.x `gpus` translated."""
+    options = OmegaConf.to_container(trainer_config, resolve=True)
+    if any(flag is not None for flag in (opt.gpus, opt.accelerator, opt.devices)):
+        for key in ("gpus", "accelerator", "devices"):  # the flags replace the config's choice
+            options.pop(key, None)
+    gpus = opt.gpus if opt.gpus is not None else options.pop("gpus", None)
+    for key, value in (("accelerator", opt.accelerator), ("devices", opt.devices), ("precision", opt.precision)):
+        if value is not None:
+            options[key] = parse_devices(value) if key == "devices" else value
+    if gpus is not None:
+        if options.get("accelerator", "gpu") not in ("gpu", "cuda") or opt.devices is not None:
+            raise UserError("--gpus already chooses the devices: drop --accelerator/--devices (or --gpus)")
+        options["accelerator"], options["devices"] = "gpu", parse_gpus(str(gpus))
+        if not torch.cuda.is_available():
+            raise UserError(f"--gpus {gpus}: PyTorch {torch.__version__} sees no CUDA GPU here; train on the CPU "
+                            "with --accelerator cpu, or install a CUDA build of PyTorch")
+    known = set(inspect.signature(pl.Trainer.__init__).parameters)
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise UserError(f"lightning.trainer has keys that Lightning {pl.__version__} does not know: {unknown} "
+                        "(to resume use -r; for devices use --gpus/--accelerator/--devices)")
+    return options
+
+
+def make_loggers(logdir: Path, now: str) -> list[Logger]:
+    """CSV metrics in the run folder (one file per session, so a resumed run keeps the earlier ones), and
+    TensorBoard too when it is installed."""
+    loggers: list[Logger] = [CSVLogger(save_dir=str(logdir), name="csv", version=now)]
+    try:
+        from pytorch_lightning.loggers import TensorBoardLogger
+        loggers.append(TensorBoardLogger(save_dir=str(logdir), name="tensorboard", version=now))
+    except ModuleNotFoundError:
+        pass
+    return loggers
+
+
+@contextlib.contextmanager
+def config_errors(where: str) -> Iterator[None]:
+    """Report a config that names a wrong key or class as a user error (other errors keep their traceback)."""
+    try:
+        yield
+    except (KeyError, ImportError) as err:
+        raise UserError(f"config {where}: {err}") from None
+    except AttributeError as err:
+        if str(err).startswith("module "):  # a target naming a class its module does not have
+            raise UserError(f"config {where}: {err}") from None
+        raise
+    except TypeError as err:
+        if "unexpected keyword argument" in str(err) or "required positional argument" in str(err):
+            raise UserError(f"config {where}: {err}") from None
+        raise
+
+
+def build(config: DictConfig, where: str, **extra: Any) -> Any:
+    """`instantiate_from_config` with config mistakes reported as user errors."""
+    with config_errors(where):
+        return instantiate_from_config(config, **extra)
+
+
+def make_callbacks(lightning: DictConfig, logdir: Path, now: str, config: DictConfig) -> list[pl.Callback]:
+    checkpoint_config = OmegaConf.merge(
+        {"target": "ldm.callbacks.StepCheckpoint", "params": {"dirpath": str(logdir / "checkpoints")}},
+        lightning.get("modelcheckpoint") or {})
+    callbacks = [SetupCallback(str(logdir), now, config, lightning),
+                 build(checkpoint_config, "lightning.modelcheckpoint")]
+    for name, callback_config in (lightning.get("callbacks") or {}).items():
+        callbacks.append(build(callback_config, f"lightning.callbacks.{name}"))
+    return callbacks
+
+
+def prepare_data(config: DictConfig, resuming: bool):
+    """Build the data module and check every image now, before any model is loaded."""
+    data = build(config.data, "data")
+    with config_errors("data.params.train/reg"):
+        data.setup("fit")
+    missing = data.missing_class_images()
+    if missing and data.class_folder is None:
+        raise UserError("data.params.num_class_images is set but there is no class folder: pass --reg_data_root")
+    if missing and resuming:
+        raise UserError(f"{data.class_folder}: {missing} class images are missing; a resumed run does not generate "
+                        "them (the base model is not loaded): restore the folder or lower num_class_images")
+    say(f"instance images: {len(data.instance.paths)} in {data.train_config.params.data_root}, "
+        f"e.g. caption '{data.instance.captions[0]}'")
+    if data.class_prior is not None:
+        say(f"class images: {len(data.class_prior.paths)} in {data.class_folder}, "
+            f"e.g. caption '{data.class_prior.captions[0]}'")
+    return data, missing
+
+
+def set_learning_rate(model: pl.LightningModule, config: DictConfig, trainer: pl.Trainer, scale_lr: bool) -> None:
+    """base_learning_rate, or with --scale_lr that times devices x batch size x gradient accumulation."""
+    base_lr, batch_size = config.model.base_learning_rate, config.data.params.batch_size
+    if not scale_lr:
+        model.learning_rate = base_lr
+        say(f"learning rate {base_lr:.2e} (base_learning_rate, not scaled)")
+        return
+    accumulate, n_devices = trainer.accumulate_grad_batches, trainer.num_devices * trainer.num_nodes
+    model.learning_rate = accumulate * n_devices * batch_size * base_lr
+    say(f"learning rate {model.learning_rate:.2e} = {accumulate} (accumulate_grad_batches) x {n_devices} (devices) "
+        f"x {batch_size} (batch size) x {base_lr:.2e} (base_learning_rate)")
+
+
+def fit(trainer: pl.Trainer, model: pl.LightningModule, data: pl.LightningDataModule, logdir: Path,
+        resume_ckpt: Optional[Path]) -> int:
+    """Train; a NaN loss, Ctrl-C or SIGTERM ends the run with a message and the exit status."""
+    checkpoints = next(c for c in trainer.callbacks if isinstance(c, StepCheckpoint))
+    os.environ[RUN_DIR_ENV] = str(logdir)
+    try:
+        trainer.fit(model, datamodule=data, ckpt_path=str(resume_ckpt) if resume_ckpt else None)
+    except FloatingPointError as err:
+        kept = f"last good checkpoint: {checkpoints.last_good}" if checkpoints.last_good else "no checkpoint written"
+        raise UserError(f"{err} ({kept})") from None
+    except SIGTERMException:
+        checkpoints.stop_reason = "SIGTERM"
+    finally:
+        os.environ.pop(RUN_DIR_ENV, None)
+    if checkpoints.stop_reason:
+        say(f"stopped by {checkpoints.stop_reason} at step {trainer.global_step}; saved {checkpoints.last_path}. "
+            f"Resume with: python main.py -t -r {logdir}")
+        return 143 if checkpoints.stop_reason == "SIGTERM" else 130
+    say(f"done at step {trainer.global_step}: checkpoints in {checkpoints.dirpath}")
+    return 0
+
+
+def train(opt: argparse.Namespace, overrides: list[str]) -> int:
+    if not opt.train and not opt.resume:
+        raise UserError("nothing to do: pass -t/--train")
+    if opt.name and opt.resume:
+        raise UserError("-n/--name and -r/--resume cannot be used together: a resumed run keeps its folder")
+    if not opt.resume and not opt.actual_resume:
+        raise UserError("--actual_resume is required: the Stable Diffusion v1 checkpoint to fine-tune")
+    if not opt.resume and not Path(opt.actual_resume).is_file():
+        raise CheckpointError(f"checkpoint not found: {opt.actual_resume} (--actual_resume)")
+    now = datetime.datetime.now().strftime("%Y-%m-%dT%H-%M-%S")
+    logdir, resume_ckpt, base = run_folder(opt, now)
+    config = load_config(base, overrides)
+    apply_flags(config, opt)
+    lightning = config.pop("lightning")
+    lightning.trainer = trainer_options(lightning.get("trainer") or OmegaConf.create(), opt)
+    pl.seed_everything(opt.seed, workers=True)
+    data, missing = prepare_data(config, resuming=resume_ckpt is not None)
+
+    model = build(config.model, "model").train()
+    # LatentDiffusion.train keeps the frozen VAE (and a frozen text encoder) in eval mode on purpose.
+    warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
+    # Batches are random draws, so a resumed run may start its epoch afresh.
+    warnings.filterwarnings("ignore", message=r"You're resuming from a checkpoint that ended before the epoch ended")
+    if resume_ckpt is None:
+        load_model_weights(model, opt.actual_resume, use_ema=opt.use_ema_weights)
+    elif opt.actual_resume:
+        say(f"resuming: the weights come from {resume_ckpt}, not --actual_resume {opt.actual_resume}")
+    try:
+        trainer = pl.Trainer(default_root_dir=str(logdir), logger=make_loggers(logdir, now),
+                             callbacks=make_callbacks(lightning, logdir, now, config), plugins=[AtomicCheckpointIO()],
+                             enable_checkpointing=False, **lightning.trainer)
+    except MisconfigurationException as err:
+        raise UserError(f"lightning.trainer: {err}") from None
+    set_learning_rate(model, config, trainer, opt.scale_lr)
+    if missing:
+        say(f"generating {missing} class images in {data.class_folder} with the base model")
+        with trainer.precision_plugin.forward_context():
+            generate_class_images(model.to(trainer.strategy.root_device), data.class_folder, data.class_word,
+                                  missing, seed=opt.seed)
+        data.setup("fit")
+    return fit(trainer, model, data, logdir, resume_ckpt)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = get_parser()
+    opt, overrides = parser.parse_known_args(argv)
+    flags = [arg for arg in overrides if arg.startswith("-") or "=" not in arg]
+    if flags:
+        parser.error(f"unrecognized arguments: {' '.join(flags)} (config overrides are written a.b=c)")
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
+    try:
+        return train(opt, overrides)
+    except USER_ERRORS as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,186 @@
+"""DreamBooth data: real-world photo folders (EXIF, colour modes, stray files), captions, pairing, clear errors."""
+import logging
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from ldm.data.datamodule import DataModuleFromConfig
+from ldm.data.personalized import DataError, InstanceClassPairs, PersonalizedBase
+
+RED, BLUE, WHITE = (1.0, -1.0, -1.0), (-1.0, -1.0, 1.0), (1.0, 1.0, 1.0)
+
+
+def solid(mode: str, size=(80, 72), color=(200, 30, 30)) -> Image.Image:
+    return Image.new("RGB", size, color).convert(mode)
+
+
+def dataset(folder, **params) -> PersonalizedBase:
+    return PersonalizedBase(data_root=str(folder), size=64, repeats=2, flip_p=0.0, **params)
+
+
+def pixel(example, row: int, column: int) -> tuple[float, ...]:
+    return tuple(round(float(v), 1) for v in example["image"][row, column])
+
+
+def test_sizes_modes_and_range(tmp_path):
+    solid("RGB", (97, 61)).save(tmp_path / "odd.jpg", quality=95)
+    solid("L").save(tmp_path / "grey.png")
+    solid("CMYK").save(tmp_path / "cmyk.jpg")
+    solid("P").save(tmp_path / "palette.gif")
+    data = dataset(tmp_path)
+    assert len(data) == 4 * 2
+    for index in range(len(data)):
+        example = data[index]
+        assert example["image"].shape == (64, 64, 3) and example["image"].dtype == torch.float32
+        assert -1.0 <= example["image"].min() and example["image"].max() <= 1.0
+        assert example["caption"] == "photo of a sks dog"
+
+
+def test_exif_orientation_is_applied(tmp_path):
+    stored = Image.new("RGB", (64, 32))
+    stored.paste((255, 0, 0), (0, 0, 32, 32))
+    stored.paste((0, 0, 255), (32, 0, 64, 32))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # shown rotated 90 degrees clockwise: the stored left half (red) ends up on top
+    stored.save(tmp_path / "rotated.jpg", exif=exif, quality=100)
+    example = dataset(tmp_path, crop="none")[0]
+    assert pixel(example, 8, 32) == pytest.approx(RED, abs=0.1)
+    assert pixel(example, 56, 32) == pytest.approx(BLUE, abs=0.1)
+
+
+def test_transparency_becomes_white_and_16_bit_is_scaled(tmp_path):
+    rgba = Image.new("RGBA", (64, 64), (255, 0, 0, 255))
+    rgba.paste((0, 0, 0, 0), (0, 0, 64, 32))
+    rgba.save(tmp_path / "a_rgba.png")
+    Image.fromarray(np.full((64, 64), 32896, dtype=np.uint16)).save(tmp_path / "b_grey16.png")  # 0.502 of full scale
+    data = dataset(tmp_path)
+    assert pixel(data[0], 10, 10) == pytest.approx(WHITE) and pixel(data[0], 50, 10) == pytest.approx(RED)
+    assert pixel(data[1], 32, 32) == pytest.approx((0.0, 0.0, 0.0), abs=0.02)
+
+
+def test_crops_and_flip(tmp_path):
+    wide = Image.new("RGB", (128, 64), (0, 0, 255))
+    wide.paste((255, 0, 0), (0, 0, 32, 64))
+    wide.save(tmp_path / "wide.png")
+    assert pixel(dataset(tmp_path, crop="center")[0], 32, 2) == pytest.approx(BLUE)
+    assert pixel(dataset(tmp_path, crop="none")[0], 32, 2) == pytest.approx(RED)
+    flipped = PersonalizedBase(data_root=str(tmp_path), size=64, flip_p=1.0, crop="none")[0]
+    assert pixel(flipped, 32, 61) == pytest.approx(RED)
+    torch.manual_seed(0)
+    corners = {pixel(dataset(tmp_path, crop="random")[0], 32, 2) for _ in range(20)}
+    assert corners == {RED, BLUE}
+
+
+def test_captions_templates_and_caption_files(tmp_path):
+    solid("RGB").save(tmp_path / "a.jpg")
+    solid("RGB").save(tmp_path / "b.jpg")
+    (tmp_path / "b.txt").write_text("a {identifier} {class_word} on the beach, {curly}\n")
+    data = dataset(tmp_path, identifier="zwx", class_word="cat")
+    assert data.captions == ["photo of a zwx cat", "a zwx cat on the beach, {curly}"]
+    assert dataset(tmp_path, reg=True, class_word="cat").captions[0] == "photo of a cat"
+    (tmp_path / "a.txt").write_text("  \n")
+    with pytest.raises(DataError, match=r"a\.txt.*empty"):
+        dataset(tmp_path)
+
+
+def test_stray_files_are_skipped_with_a_warning(tmp_path, caplog):
+    solid("RGB").save(tmp_path / "photo.jpg")
+    (tmp_path / ".DS_Store").write_bytes(b"\0\1")
+    (tmp_path / "notes.docx").write_bytes(b"PK")
+    (tmp_path / "IMG_1.heic").write_bytes(b"\0")
+    (tmp_path / "sub").mkdir()
+    with caplog.at_level(logging.WARNING):
+        data = dataset(tmp_path)
+    assert [p.name for p in data.paths] == ["photo.jpg"]
+    assert "skipped 3 entries" in caplog.text and "notes.docx" in caplog.text and "HEIC" in caplog.text
+    assert ".DS_Store" not in caplog.text
+
+
+def test_small_images_are_upscaled_with_a_warning(tmp_path, caplog):
+    solid("RGB", (40, 90)).save(tmp_path / "small.png")
+    with caplog.at_level(logging.WARNING):
+        example = dataset(tmp_path)[0]
+    assert example["image"].shape == (64, 64, 3)
+    assert "smaller than 64 pixels" in caplog.text and "small.png" in caplog.text
+
+
+@pytest.mark.parametrize("case", ["missing", "empty", "only_stray_files", "corrupt", "truncated", "not_a_folder"])
+def test_bad_folders_name_the_path(tmp_path, case):
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    culprit = folder
+    if case == "missing":
+        folder.rmdir()
+    elif case == "only_stray_files":
+        (folder / "readme.md").write_text("hi")
+        (folder / ".hidden.jpg").write_bytes(b"x")
+    elif case == "corrupt":
+        solid("RGB").save(folder / "good.jpg")
+        culprit = folder / "broken.jpg"
+        culprit.write_bytes(b"this is not a jpeg")
+    elif case == "truncated":
+        solid("RGB", (256, 256)).save(folder / "cut.jpg")
+        culprit = folder / "cut.jpg"
+        culprit.write_bytes(culprit.read_bytes()[:400])
+    elif case == "not_a_folder":
+        folder.rmdir()
+        folder.write_text("")
+    with pytest.raises(DataError) as error:
+        dataset(folder)
+    assert str(culprit) in str(error.value)
+
+
+def test_bad_settings_are_refused(tmp_path):
+    solid("RGB").save(tmp_path / "a.jpg")
+    with pytest.raises(DataError, match="crop"):
+        dataset(tmp_path, crop="middle")
+    with pytest.raises(DataError, match="--reg_data_root"):
+        PersonalizedBase(reg=True)
+    with pytest.raises(TypeError, match="placeholder_token"):
+        PersonalizedBase(data_root=str(tmp_path), placeholder_token="dog")
+
+
+def folder_with(path, n: int):
+    path.mkdir()
+    for k in range(n):
+        solid("RGB", color=(k * 40, 0, 0)).save(path / f"{k}.png")
+    return str(path)
+
+
+def data_config(instance: str, reg: str | None, num_class_images: int = 0) -> dict:
+    common = {"size": 64, "flip_p": 0.0}
+    return {"batch_size": 2, "num_class_images": num_class_images,
+            "train": {"target": "ldm.data.personalized.PersonalizedBase",
+                      "params": {**common, "data_root": instance, "repeats": 3}},
+            "reg": None if reg is None else {"target": "ldm.data.personalized.PersonalizedBase",
+                                             "params": {**common, "data_root": reg, "repeats": 1, "reg": True}}}
+
+
+def test_pairs_follow_the_instance_set(tmp_path):
+    module = DataModuleFromConfig(**data_config(folder_with(tmp_path / "i", 2), folder_with(tmp_path / "c", 5)))
+    module.setup("fit")
+    pairs = module.train_dataloader().dataset
+    assert isinstance(pairs, InstanceClassPairs) and len(pairs) == 2 * 3
+    batch = next(iter(module.train_dataloader()))
+    assert batch["image"].shape == batch["class_image"].shape == (2, 64, 64, 3)
+    assert batch["caption"] == ["photo of a sks dog"] * 2 and batch["class_caption"] == ["photo of a dog"] * 2
+
+
+def test_without_reg_there_are_no_class_examples(tmp_path):
+    module = DataModuleFromConfig(**data_config(folder_with(tmp_path / "i", 1), None))
+    assert module.missing_class_images() == 0
+    assert "class_image" not in next(iter(module.train_dataloader()))
+
+
+def test_missing_class_images_are_counted_before_the_class_set_is_built(tmp_path):
+    instance, reg = folder_with(tmp_path / "i", 1), str(tmp_path / "c")
+    module = DataModuleFromConfig(**data_config(instance, reg, num_class_images=3))
+    assert module.missing_class_images() == 3
+    module.setup("fit")
+    assert module.instance is not None and module.class_prior is None
+    folder_with(tmp_path / "c", 3)
+    assert module.missing_class_images() == 0
+    module.setup("fit")
+    assert len(module.class_prior.paths) == 3
