@@ -2,33 +2,16 @@
 import logging
 import os
 from pathlib import Path
-from typing import Sequence
 
-import torch
-from PIL import Image
 from torch import nn
 from tqdm.auto import tqdm
 
-from ldm.inference import make_generators, next_index, sample_latents, save_image, to_pil
-from ldm.models.diffusion.sampling import randn
+from ldm.inference import next_index, sample_images, sampling_mode, save_image
 
 logger = logging.getLogger(__name__)
 
 CLASS_PROMPT = "a photo of a {class_word}"
 STEPS, SCALE = 50, 10.0
-
-
-@torch.no_grad()
-def sample_images(model: nn.Module, prompt: str, seeds: Sequence[int], steps: int = STEPS, scale: float = SCALE,
-                  eta: float = 0.0) -> list[Image.Image]:
-    """DDIM samples of `prompt` at the model's latent size, one per seed (an image depends on its seed only)."""
-    n, device = len(seeds), model.alphas_cumprod.device
-    cond = model.get_learned_conditioning([prompt] * n)
-    uncond = None if scale == 1.0 else model.get_learned_conditioning([""] * n)
-    generators = make_generators(seeds)
-    noise = randn((n, model.channels, model.image_size, model.image_size), generators, device)
-    latents = sample_latents(model, "ddim", steps, cond, uncond, scale, noise, generators, eta, progress=False)
-    return to_pil(model.decode_first_stage(latents))
 
 
 def generate_class_images(model: nn.Module, folder: str | Path, class_word: str, count: int, batch_size: int = 4,
@@ -44,20 +27,15 @@ def generate_class_images(model: nn.Module, folder: str | Path, class_word: str,
     indices = list(range(first, first + count))
     metadata = {"prompt": prompt, "sampler": "ddim", "steps": steps, "scale": scale}
     written = []
-    was_training = model.training
-    model.eval()
-    try:
-        with model.ema_scope(), tqdm(total=count, desc=f"class images '{prompt}'", unit="img") as progress:
-            for start in range(0, count, batch_size):
-                batch = indices[start:start + batch_size]
-                for index, image in zip(batch, sample_images(model, prompt, [seed + i for i in batch], steps, scale)):
-                    path = folder / f"class-{index:05}.png"
-                    tmp = folder / f".class-{index:05}.tmp-{os.getpid()}.png"
-                    save_image(image, tmp, {**metadata, "seed": seed + index})
-                    os.replace(tmp, path)
-                    written.append(path)
-                progress.update(len(batch))
-    finally:
-        model.train(was_training)
+    with sampling_mode(model), tqdm(total=count, desc=f"class images '{prompt}'", unit="img") as progress:
+        for start in range(0, count, batch_size):
+            batch = indices[start:start + batch_size]
+            for index, image in zip(batch, sample_images(model, prompt, [seed + i for i in batch], steps, scale)):
+                path = folder / f"class-{index:05}.png"
+                tmp = folder / f".class-{index:05}.tmp-{os.getpid()}.png"
+                save_image(image, tmp, {**metadata, "seed": seed + index})
+                os.replace(tmp, path)
+                written.append(path)
+            progress.update(len(batch))
     logger.info("wrote %d class images to %s", len(written), folder)
     return written

@@ -227,6 +227,31 @@ def sample_latents(model: nn.Module, sampler: str, steps: int, cond: Tensor, unc
                                disable=not progress, **extra)
 
 
+@torch.no_grad()
+def sample_images(model: nn.Module, prompt: str, seeds: Sequence[int], steps: int = 50, scale: float = 10.0,
+                  eta: float = 0.0) -> list[Image.Image]:
+    """DDIM samples of `prompt` at the model's latent size, one per seed (an image depends on its seed only)."""
+    n, device = len(seeds), model.alphas_cumprod.device
+    cond = model.get_learned_conditioning([prompt] * n)
+    uncond = None if scale == 1.0 else model.get_learned_conditioning([""] * n)
+    generators = make_generators(seeds)
+    noise = randn((n, model.channels, model.image_size, model.image_size), generators, device)
+    latents = sample_latents(model, "ddim", steps, cond, uncond, scale, noise, generators, eta, progress=False)
+    return to_pil(model.decode_first_stage(latents))
+
+
+@contextlib.contextmanager
+def sampling_mode(model: nn.Module):
+    """Eval mode and EMA weights for sampling in the middle of training; the training mode comes back after."""
+    was_training = model.training
+    model.eval()
+    try:
+        with model.ema_scope():
+            yield model
+    finally:
+        model.train(was_training)
+
+
 def to_pil(images: Tensor) -> list[Image.Image]:
     """Decoded images in [-1, 1], [B, 3, H, W] -> 8-bit RGB PIL images."""
     array = ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)

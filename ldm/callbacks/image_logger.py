@@ -7,8 +7,7 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import Callback
 
-from ldm.class_images import sample_images
-from ldm.inference import make_grid, save_image, to_pil
+from ldm.inference import make_grid, sample_images, sampling_mode, save_image, to_pil
 
 logger = logging.getLogger(__name__)
 
@@ -55,15 +54,10 @@ class ImageLogger(Callback):
         if f"class_{caption_key}" in batch:
             prompts["class"] = batch[f"class_{caption_key}"][0]
         seeds = list(range(self.seed, self.seed + self.max_images))
-        was_training = pl_module.training
-        pl_module.eval()
-        try:
-            with pl_module.ema_scope(), trainer.precision_plugin.forward_context():
-                for name, prompt in prompts.items():
-                    images = sample_images(pl_module, prompt, seeds, self.ddim_steps, self.scale)
-                    save_image(make_grid(images, self.images_per_row), folder / f"samples_{name}_{suffix}",
-                               {"prompt": prompt, "step": step, "sampler": "ddim", "steps": self.ddim_steps,
-                                "scale": self.scale, "seeds": seeds})
-        finally:
-            pl_module.train(was_training)
+        with sampling_mode(pl_module), trainer.precision_plugin.forward_context():
+            for name, prompt in prompts.items():
+                images = sample_images(pl_module, prompt, seeds, self.ddim_steps, self.scale)
+                save_image(make_grid(images, self.images_per_row), folder / f"samples_{name}_{suffix}",
+                           {"prompt": prompt, "step": step, "sampler": "ddim", "steps": self.ddim_steps,
+                            "scale": self.scale, "seeds": seeds})
         logger.info("step %d: sample grids in %s", step, folder)
