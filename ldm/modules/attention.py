@@ -123,5 +123,5 @@ class SpatialTransformer(nn.Module):
         h_ = self.proj_in(self.norm(x)).flatten(2).transpose(1, 2)
         for block in self.transformer_blocks:
             h_ = block(h_, context=context)
-        h_ = h_.transpose(1, 2).reshape(b, -1, h, w)
+        h_ = h_.transpose(1, 2).reshape(b, -1, h, w).contiguous()
         return self.proj_out(h_) + x
