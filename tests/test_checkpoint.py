@@ -1,11 +1,14 @@
 """Loading and writing SD v1 weight files: layouts, EMA, safety, clear refusals, atomic writes."""
 import pickle
+import shutil
+import subprocess
+from pathlib import Path
 
 import pytest
 import torch
 from omegaconf import OmegaConf
 
-from conftest import FULL_CONFIG, build_tiny_model, read_spec
+from conftest import FULL_CONFIG, REPO, SPEC, build_tiny_model, read_spec
 from ldm.checkpoint import CheckpointError, ema_key, load_model_weights, read_state_dict, save_weights
 from ldm.util import count_params, instantiate_from_config
 
@@ -153,3 +156,18 @@ def test_full_size_model_has_exactly_the_spec_keys():
     print(f"UNet {unet / 1e6:.2f} M, VAE {count_params(model.first_stage_model) / 1e6:.2f} M, "
           f"text encoder {count_params(model.cond_stage_model) / 1e6:.2f} M parameters")
     assert round(unet / 1e6, 2) == 859.52
+
+
+def test_a_clone_stands_alone():
+    """The spec lives in tests/data; no test reads beside the repository; what the README makes is git-ignored."""
+    assert SPEC.is_file() and SPEC.resolve().is_relative_to(REPO)
+    outside = ("REPO.parent", "parents[2]", "/".join(("..", "shared")))
+    for source in (REPO / "tests").glob("*.py"):
+        if source.name != Path(__file__).name:
+            assert not [s for s in outside if s in source.read_text()], source.name
+    ignored = set((REPO / ".gitignore").read_text().split())
+    assert {"/class_images/", "/outputs/", "/logs/", "/models/", ".venv/"} <= ignored
+    if shutil.which("git") and (REPO / ".git").exists():
+        check = subprocess.run(["git", "check-ignore", "ldm/models/diffusion/ddpm.py", "tests/data/sd-v1-state-dict.tsv"],
+                               cwd=REPO, capture_output=True, text=True)
+        assert check.stdout == ""  # anchored patterns: ldm/models/ and the spec stay tracked
