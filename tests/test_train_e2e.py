@@ -26,7 +26,7 @@ from conftest import REPO, build_tiny_model
 from ldm.callbacks import AtomicCheckpointIO, StepCheckpoint
 from ldm.checkpoint import CheckpointError, save_weights
 from ldm.inference import read_metadata
-from other_tools import check_a1111_ckpt
+from other_tools import check_a1111_ckpt, parse_infotext
 
 TINY = "configs/tiny/v1-finetune_unfrozen.yaml"
 # One thread per process: on a few shared cores, PyTorch's default threads make the tiny model many times slower.
@@ -156,6 +156,11 @@ def test_run_folder_has_configs_images_and_both_loss_terms(first_run, photos):
             for step in (2, 4)} <= images
     grid = next((first_run.dir / "images" / "train").glob("samples_instance_gs-000002_*.png"))
     assert read_metadata(grid)["prompt"] == "photo of a sks dog"
+    info = parse_infotext(Image.open(grid).text["parameters"])
+    assert (info["Prompt"], info["Sampler"], info["Size"], info["Training step"]) == (
+        "photo of a sks dog", "DDIM", "64x64", "2")
+    width, height = Image.open(grid).size  # 2 samples of 64 px in a row, a label column, a title strip
+    assert width > 2 * 66 + 2 + 20 and height > 66 + 2 + 8
     rows = metrics(first_run.dir)
     assert [int(r["step"]) for r in rows] == [0, 1, 2, 3]
     for row in rows:
@@ -174,13 +179,13 @@ def test_missing_class_images_were_generated(first_run):
 
 
 @pytest.mark.parametrize("name", ["step_2.ckpt", "last.ckpt", "last.safetensors"])
-def test_checkpoints_load_in_txt2img(first_run, tmp_path, name):
+def test_checkpoints_load_in_txt2img_with_the_runs_config_and_size(first_run, tmp_path, name):
     txt2img = load_script("stable_txt2img", REPO / "scripts" / "stable_txt2img.py")
-    status = txt2img.main(["--ckpt", str(first_run.dir / "checkpoints" / name), "--config",
-                           "configs/tiny/v1-inference.yaml", "--H", "64", "--W", "64", "--ddim_steps", "2",
+    status = txt2img.main(["--ckpt", str(first_run.dir / "checkpoints" / name), "--ddim_steps", "2",
                            "--n_samples", "1", "--n_iter", "1", "--device", "cpu", "--outdir", str(tmp_path),
                            "--prompt", "photo of a sks dog"])
-    assert status == 0 and list((tmp_path / "samples").glob("*.png"))
+    (sample,) = (tmp_path / "samples").glob("*.png")
+    assert status == 0 and Image.open(sample).size == (64, 64)  # no --config, --H, --W: the run's own
 
 
 def test_resume_continues_from_the_saved_step(first_run, tmp_path):
