@@ -188,7 +188,8 @@ def trainer_options(trainer_config: DictConfig, opt: argparse.Namespace) -> dict
                         "(to resume use -r; for devices use --gpus/--accelerator/--devices)")
     max_steps = options.get("max_steps")
     if not isinstance(max_steps, int) or max_steps < 1:
-        where = f"--max_steps {opt.max_steps}" if opt.max_steps is not None else f"lightning.trainer.max_steps {max_steps}"
+        where = (f"--max_steps {opt.max_steps}" if opt.max_steps is not None
+                 else f"lightning.trainer.max_steps {max_steps}")
         raise UserError(f"{where}: the number of training steps must be at least 1")
     options.setdefault("enable_progress_bar", False)  # ldm.callbacks.StepProgress shows steps, not epochs
     options.setdefault("enable_model_summary", False)  # its start line counts the parameters

@@ -94,8 +94,11 @@ def check_checkpoint_file(path: str | os.PathLike, hint: str = "") -> Path:
         raise CheckpointError(f"{path} is a folder, not a checkpoint file{found}")
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}{hint}")
-    with open(path, "rb") as handle:
-        reason = _not_a_checkpoint(handle.read(512))
+    try:
+        with open(path, "rb") as handle:
+            reason = _not_a_checkpoint(handle.read(512))
+    except OSError as err:
+        raise CheckpointError(f"checkpoint not readable: {path} ({err.strerror}; check its permissions)") from None
     if reason:
         raise CheckpointError(f"{path} {reason}")
     return path
@@ -221,8 +224,9 @@ def check_compatible(model_state: Mapping[str, torch.Tensor], file_state: Mappin
             example = next(k for k in model_state if group_of(k) == group and k not in file_state)
             raise CheckpointError(f"{source} {which} {group} weights (e.g. {example}); is it a full SD v1 checkpoint?")
     extra = [k for k in file_state if k not in model_state]
+    examples = {group_of(k): k for k in reversed(extra)}  # the first key of each kind
     return LoadReport(loaded=Counter(group_of(k) for k in file_state if k in model_state),
-                      unexpected=Counter(group_of(k) for k in extra), examples={group_of(k): k for k in reversed(extra)})
+                      unexpected=Counter(group_of(k) for k in extra), examples=examples)
 
 
 def load_model_weights(model: nn.Module, path: str | os.PathLike, use_ema: bool = False) -> LoadReport:

@@ -122,8 +122,6 @@ def load_model(config: DictConfig, ckpt_path: str, device: torch.device, use_ema
 def check_checkpoint(ckpt_path: str) -> None:
     """Refuse a --ckpt that is missing, unreadable, a folder or not a weight file, before any model is built."""
     check_checkpoint_file(ckpt_path, "pass --ckpt path/to/sd-v1-x.ckpt or .safetensors")
-    if not os.access(ckpt_path, os.R_OK):
-        raise UserError(f"checkpoint not readable: {ckpt_path} (check its permissions)")
 
 
 @functools.lru_cache(maxsize=8)

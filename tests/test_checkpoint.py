@@ -15,8 +15,8 @@ import torch
 from omegaconf import OmegaConf
 
 from conftest import FULL_CONFIG, REPO, SPEC, build_tiny_model, read_spec
-from ldm.checkpoint import (CheckpointError, check_checkpoint_file, ema_key, group_of, load_model_weights, read_state_dict,
-                            remove_stale_temp_files, save_checkpoint, save_weights)
+from ldm.checkpoint import (CheckpointError, check_checkpoint_file, ema_key, group_of, load_model_weights,
+                            read_state_dict, remove_stale_temp_files, save_checkpoint, save_weights)
 from ldm.util import DiskFullError, atomic_write, count_params, instantiate_from_config
 from other_tools import check_a1111_ckpt
 
@@ -176,8 +176,8 @@ def test_a_clone_stands_alone():
     ignored = set((REPO / ".gitignore").read_text().split())
     assert {"/class_images/", "/outputs/", "/logs/", "/models/", ".venv/"} <= ignored
     if shutil.which("git") and (REPO / ".git").exists():
-        check = subprocess.run(["git", "check-ignore", "ldm/models/diffusion/ddpm.py", "tests/data/sd-v1-state-dict.tsv"],
-                               cwd=REPO, capture_output=True, text=True)
+        tracked = ["ldm/models/diffusion/ddpm.py", "tests/data/sd-v1-state-dict.tsv"]
+        check = subprocess.run(["git", "check-ignore", *tracked], cwd=REPO, capture_output=True, text=True)
         assert check.stdout == ""  # anchored patterns: ldm/models/ and the spec stay tracked
 
 

@@ -148,7 +148,8 @@ BAD_INPUTS = {
     "... names the config that fits": (lambda tmp, ckpt: ["--ckpt", str(ckpt), "--config", bad_config(tmp)],
                                        "; try --config configs/tiny/v1-inference.yaml"),
     "text file renamed .ckpt": (lambda tmp, ckpt: ["--ckpt", str(text_file(tmp))],
-                                "page.ckpt is not a checkpoint but a web page (it begins '<html><body>Not Found</body></html>')"),
+                                "page.ckpt is not a checkpoint but a web page "
+                                "(it begins '<html><body>Not Found</body></html>')"),
     "a folder as --ckpt": (lambda tmp, ckpt: ["--ckpt", str(tmp)], "is a folder, not a checkpoint file"),
     "a diffusers folder": (lambda tmp, ckpt: ["--ckpt", str(diffusers_folder(tmp))], "is a diffusers folder"),
     "weights with inf": (lambda tmp, ckpt: ["--ckpt", str(diverged(tmp))],

@@ -65,7 +65,8 @@ class StepCheckpoint(Callback):
     def __init__(self, dirpath: str, every_n_train_steps: int = 500, safetensors: bool = False,
                  save_last_every_n_steps: Optional[int] = None, keep_last_n: Optional[int] = None):
         super().__init__()
-        if every_n_train_steps < 0 or (save_last_every_n_steps or 0) < 0 or (keep_last_n is not None and keep_last_n < 1):
+        bad_keep = keep_last_n is not None and keep_last_n < 1
+        if every_n_train_steps < 0 or (save_last_every_n_steps or 0) < 0 or bad_keep:
             raise ValueError(f"need every_n_train_steps >= 0 (0: only last.ckpt), save_last_every_n_steps >= 0 "
                              f"(0: only at the end), keep_last_n >= 1 or null (keep all); got {every_n_train_steps}, "
                              f"{save_last_every_n_steps}, {keep_last_n}")
