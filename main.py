@@ -25,10 +25,10 @@ from pytorch_lightning.loggers import CSVLogger, Logger
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 from pytorch_lightning.utilities.rank_zero import rank_zero_only
 
-from ldm.callbacks import AtomicCheckpointIO, SetupCallback, StartAtStep, StepCheckpoint, quiet_lightning
+from ldm.callbacks import AtomicCheckpointIO, SetupCallback, StartAtStep, StepCheckpoint, StepProgress, quiet_lightning
 from ldm.checkpoint import CheckpointError, check_checkpoint_file, load_model_weights
 from ldm.class_images import generate_class_images
-from ldm.runs import Run, new_run, resumed_run
+from ldm.runs import Run, new_run, resumed_run, warn_fresh_optimizer
 from ldm.util import DiskFullError, UserError, ensure_writable_dir, instantiate_from_config
 
 RUN_DIR_ENV = "DREAMBOOTH_RUN_DIR"  # tells the DDP worker processes, which re-run this script, the run folder
@@ -296,6 +296,9 @@ def fit(trainer: pl.Trainer, model: pl.LightningModule, data: pl.LightningDataMo
         say(f"stopped by {checkpoints.stop_reason} at step {trainer.global_step}; saved {checkpoints.last_path}. "
             f"Resume with: python main.py -t -r {run.logdir}")
         return 143 if checkpoints.stop_reason == "SIGTERM" else 130
+    if not next(c for c in trainer.callbacks if isinstance(c, StepProgress)).trained:
+        say(f"nothing to train: {run.checkpoint} is at step {trainer.global_step}, which is max_steps; pass "
+            f"--max_steps above {trainer.global_step} to train further")
     return 0
 
 
@@ -317,6 +320,8 @@ def train(opt: argparse.Namespace, overrides: list[str]) -> int:
     if run.weights and run.step >= lightning.trainer.max_steps:
         raise UserError(f"{run.weights} is at step {run.step} and max_steps is {lightning.trainer.max_steps}: pass "
                         f"--max_steps above {run.step} to train further")
+    if run.weights:
+        warn_fresh_optimizer(run)
     pl.seed_everything(opt.seed, workers=True)
     data, missing = prepare_data(config, resuming=run.checkpoint is not None or run.weights is not None)
 

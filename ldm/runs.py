@@ -79,7 +79,11 @@ def _from_weights(run: Run, ckpt: Optional[Path], steps: list[tuple[int, Path]],
                         "checkpoint?)")
     run.weights = ckpt or steps[-1][1]
     run.step = int(STEP_FILE.fullmatch(run.weights.name).group(1))
+    return run
+
+
+def warn_fresh_optimizer(run: Run) -> None:
+    """Say, once the run is known to go on, what a weights-only resume loses."""
     logger.warning("resuming from the weights of %s at step %d with a fresh optimizer: the optimizer's moment "
                    "estimates and the learning-rate schedule's position are not in that file and start again",
                    run.weights, run.step)
-    return run

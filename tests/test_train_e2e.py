@@ -195,6 +195,7 @@ def test_resume_continues_from_the_saved_step(first_run, tmp_path):
     proc = run_main("-r", str(run))
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert last.read_bytes() == before and not (run / "checkpoints" / "step_6.ckpt").exists()  # same max_steps
+    assert f"nothing to train: {last} is at step 4, which is max_steps; pass --max_steps above 4" in proc.stdout
 
     (run / "checkpoints" / ".step_6.ckpt.tmp-123456").write_bytes(b"a write killed half-way")
     proc = run_main("-r", "latest", "-l", str(tmp_path), "--max_steps", "6",

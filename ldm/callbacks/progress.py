@@ -92,10 +92,12 @@ class StepProgress(Callback):
         self._exit = contextlib.ExitStack()
         self._start_step = self._shown_step = 0
         self._started = 0.0
+        self.trained = False  # whether training started at all (a run resumed at max_steps has nothing to do)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._start_step = self._shown_step = trainer.global_step
         self._started = time.monotonic()
+        self.trained = True
         if not trainer.is_global_zero:
             return
         trainable = sum(p.numel() for p in pl_module.parameters() if p.requires_grad)
