@@ -12,7 +12,6 @@ import inspect
 import logging
 import os
 import sys
-import warnings
 from pathlib import Path
 from typing import Any, Iterator, Optional, Sequence
 
@@ -26,10 +25,11 @@ from pytorch_lightning.loggers import CSVLogger, Logger
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 from pytorch_lightning.utilities.rank_zero import rank_zero_only
 
-from ldm.callbacks import AtomicCheckpointIO, SetupCallback, StepCheckpoint
-from ldm.checkpoint import CheckpointError, load_model_weights
+from ldm.callbacks import AtomicCheckpointIO, SetupCallback, StartAtStep, StepCheckpoint, StepProgress, quiet_lightning
+from ldm.checkpoint import CheckpointError, check_checkpoint_file, load_model_weights
 from ldm.class_images import generate_class_images
-from ldm.util import UserError, instantiate_from_config
+from ldm.runs import Run, new_run, resumed_run, warn_fresh_optimizer
+from ldm.util import DiskFullError, UserError, ensure_writable_dir, instantiate_from_config
 
 RUN_DIR_ENV = "DREAMBOOTH_RUN_DIR"  # tells the DDP worker processes, which re-run this script, the run folder
 say = rank_zero_only(print)
@@ -54,7 +54,10 @@ def get_parser() -> argparse.ArgumentParser:
     add = parser.add_argument
     flag = {"type": str2bool, "nargs": "?", "const": True, "default": False}
     add("-n", "--name", default="", help="job name, the suffix of the run folder logs/<timestamp>_<name>")
-    add("-r", "--resume", default="", help="resume from a run folder (its checkpoints/last.ckpt) or a checkpoint in it")
+    add("-r", "--resume", default="",
+        help="resume a run folder (from its checkpoints/last.ckpt), a checkpoint in it, or 'latest' under --logdir")
+    add("--resume_weights_only", action="store_true",
+        help="with -r: continue from the newest weights-only step_N.ckpt at step N with a fresh optimizer")
     add("-b", "--base", nargs="*", default=[], metavar="config.yaml", help="configs, merged left to right")
     add("-t", "--train", **flag, help="train (required unless resuming: there is nothing else to do)")
     add("--no-test", **flag, help="accepted for compatibility; DreamBooth has no test stage")
@@ -98,29 +101,21 @@ def parse_devices(text: str) -> int | list[int] | str:
     return parse_gpus(text)
 
 
-def run_folder(opt: argparse.Namespace, now: str) -> tuple[Path, Optional[Path], list[str]]:
-    """The run folder, the checkpoint to resume from (if any) and the config files to merge."""
+def run_folder(opt: argparse.Namespace, now: str) -> Run:
+    """The run folder, what it resumes from (if anything) and the config files to merge."""
+    if opt.resume_weights_only and not opt.resume:
+        raise UserError("--resume_weights_only goes with -r/--resume <run folder>")
     if opt.resume:
-        path = Path(opt.resume)
-        if not path.exists():
-            raise UserError(f"-r {path}: not found")
-        logdir, ckpt = (path.parent.parent, path) if path.is_file() else (path, path / "checkpoints" / "last.ckpt")
-        if not ckpt.is_file():
-            raise UserError(f"{ckpt}: not found, nothing to resume (did the run stop before its first checkpoint?)")
-        saved = sorted(str(p) for p in (logdir / "configs").glob("*.yaml"))
-        if not saved:
-            raise UserError(f"{logdir / 'configs'}: no saved configs; is {logdir} a run folder made by main.py?")
-        return logdir, ckpt, saved + opt.base
+        run = resumed_run(opt.resume, opt.logdir, opt.resume_weights_only)
+        ensure_writable_dir(run.logdir, "-r")
+        run.configs += opt.base
+        return run
     if os.environ.get(RUN_DIR_ENV):
-        return Path(os.environ[RUN_DIR_ENV]), None, opt.base
-    name = opt.name or (Path(opt.base[0]).stem if opt.base else "")
-    logdir = Path(opt.logdir) / (f"{now}_{name}" if name else now)
-    logdir = logdir.with_name(logdir.name + opt.postfix)
-    candidate, n = logdir, 1
-    while candidate.exists():  # two runs started in the same second
-        n += 1
-        candidate = logdir.with_name(f"{logdir.name}-{n}")
-    return candidate, None, opt.base
+        return Run(Path(os.environ[RUN_DIR_ENV]), configs=opt.base)
+    ensure_writable_dir(opt.logdir, "--logdir")
+    run = new_run(opt.logdir, opt.name or (Path(opt.base[0]).stem if opt.base else ""), opt.postfix, now)
+    run.configs = opt.base
+    return run
 
 
 def load_config(paths: Sequence[str], overrides: Sequence[str]) -> DictConfig:
@@ -191,6 +186,13 @@ def trainer_options(trainer_config: DictConfig, opt: argparse.Namespace) -> dict
     if unknown:
         raise UserError(f"lightning.trainer has keys that Lightning {pl.__version__} does not know: {unknown} "
                         "(to resume use -r; for devices use --gpus/--accelerator/--devices)")
+    max_steps = options.get("max_steps")
+    if not isinstance(max_steps, int) or max_steps < 1:
+        where = (f"--max_steps {opt.max_steps}" if opt.max_steps is not None
+                 else f"lightning.trainer.max_steps {max_steps}")
+        raise UserError(f"{where}: the number of training steps must be at least 1")
+    options.setdefault("enable_progress_bar", False)  # ldm.callbacks.StepProgress shows steps, not epochs
+    options.setdefault("enable_model_summary", False)  # its start line counts the parameters
     return options
 
 
@@ -229,15 +231,18 @@ def build(config: DictConfig, where: str, **extra: Any) -> Any:
         return instantiate_from_config(config, **extra)
 
 
-def make_callbacks(lightning: DictConfig, logdir: Path, now: str, config: DictConfig) -> list[pl.Callback]:
+def make_callbacks(lightning: DictConfig, run: Run, now: str, config: DictConfig) -> list[pl.Callback]:
+    """Our callbacks in the order their hooks run: the start step first, progress and its summary last."""
     checkpoint_config = OmegaConf.merge(
-        {"target": "ldm.callbacks.StepCheckpoint", "params": {"dirpath": str(logdir / "checkpoints")}},
+        {"target": "ldm.callbacks.StepCheckpoint", "params": {"dirpath": str(run.logdir / "checkpoints")}},
         lightning.get("modelcheckpoint") or {})
-    callbacks = [SetupCallback(str(logdir), now, config, lightning),
-                 build(checkpoint_config, "lightning.modelcheckpoint")]
+    callbacks = [StartAtStep(run.step)] if run.weights else []
+    callbacks += [SetupCallback(str(run.logdir), now, config, lightning),
+                  build(checkpoint_config, "lightning.modelcheckpoint")]
     for name, callback_config in (lightning.get("callbacks") or {}).items():
         callbacks.append(build(callback_config, f"lightning.callbacks.{name}"))
-    return callbacks
+    progress_config = OmegaConf.merge({"target": "ldm.callbacks.StepProgress"}, lightning.get("progress") or {})
+    return callbacks + [build(progress_config, "lightning.progress")]
 
 
 def prepare_data(config: DictConfig, resuming: bool):
@@ -272,25 +277,28 @@ def set_learning_rate(model: pl.LightningModule, config: DictConfig, trainer: pl
         f"x {batch_size} (batch size) x {base_lr:.2e} (base_learning_rate)")
 
 
-def fit(trainer: pl.Trainer, model: pl.LightningModule, data: pl.LightningDataModule, logdir: Path,
-        resume_ckpt: Optional[Path]) -> int:
-    """Train; a NaN loss, Ctrl-C or SIGTERM ends the run with a message and the exit status."""
+def fit(trainer: pl.Trainer, model: pl.LightningModule, data: pl.LightningDataModule, run: Run) -> int:
+    """Train; a NaN loss, a full disk, Ctrl-C or SIGTERM ends the run with a message and the exit status."""
     checkpoints = next(c for c in trainer.callbacks if isinstance(c, StepCheckpoint))
-    os.environ[RUN_DIR_ENV] = str(logdir)
+    os.environ[RUN_DIR_ENV] = str(run.logdir)
     try:
-        trainer.fit(model, datamodule=data, ckpt_path=str(resume_ckpt) if resume_ckpt else None)
+        trainer.fit(model, datamodule=data, ckpt_path=str(run.checkpoint) if run.checkpoint else None)
     except FloatingPointError as err:
         kept = f"last good checkpoint: {checkpoints.last_good}" if checkpoints.last_good else "no checkpoint written"
         raise UserError(f"{err} ({kept})") from None
+    except DiskFullError as err:
+        raise UserError(f"{err}; {checkpoints.resume_hint()}") from None
     except SIGTERMException:
         checkpoints.stop_reason = "SIGTERM"
     finally:
         os.environ.pop(RUN_DIR_ENV, None)
     if checkpoints.stop_reason:
         say(f"stopped by {checkpoints.stop_reason} at step {trainer.global_step}; saved {checkpoints.last_path}. "
-            f"Resume with: python main.py -t -r {logdir}")
+            f"Resume with: python main.py -t -r {run.logdir}")
         return 143 if checkpoints.stop_reason == "SIGTERM" else 130
-    say(f"done at step {trainer.global_step}: checkpoints in {checkpoints.dirpath}")
+    if not next(c for c in trainer.callbacks if isinstance(c, StepProgress)).trained:
+        say(f"nothing to train: {run.checkpoint} is at step {trainer.global_step}, which is max_steps; pass "
+            f"--max_steps above {trainer.global_step} to train further")
     return 0
 
 
@@ -301,29 +309,31 @@ def train(opt: argparse.Namespace, overrides: list[str]) -> int:
         raise UserError("-n/--name and -r/--resume cannot be used together: a resumed run keeps its folder")
     if not opt.resume and not opt.actual_resume:
         raise UserError("--actual_resume is required: the Stable Diffusion v1 checkpoint to fine-tune")
-    if not opt.resume and not Path(opt.actual_resume).is_file():
-        raise CheckpointError(f"checkpoint not found: {opt.actual_resume} (--actual_resume)")
+    if not opt.resume:
+        check_checkpoint_file(opt.actual_resume, "--actual_resume")
     now = datetime.datetime.now().strftime("%Y-%m-%dT%H-%M-%S")
-    logdir, resume_ckpt, base = run_folder(opt, now)
-    config = load_config(base, overrides)
+    run = run_folder(opt, now)
+    config = load_config(run.configs, overrides)
     apply_flags(config, opt)
     lightning = config.pop("lightning")
     lightning.trainer = trainer_options(lightning.get("trainer") or OmegaConf.create(), opt)
+    if run.weights and run.step >= lightning.trainer.max_steps:
+        raise UserError(f"{run.weights} is at step {run.step} and max_steps is {lightning.trainer.max_steps}: pass "
+                        f"--max_steps above {run.step} to train further")
+    if run.weights:
+        warn_fresh_optimizer(run)
     pl.seed_everything(opt.seed, workers=True)
-    data, missing = prepare_data(config, resuming=resume_ckpt is not None)
+    data, missing = prepare_data(config, resuming=run.checkpoint is not None or run.weights is not None)
 
     model = build(config.model, "model").train()
-    # LatentDiffusion.train keeps the frozen VAE (and a frozen text encoder) in eval mode on purpose.
-    warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
-    # Batches are random draws, so a resumed run may start its epoch afresh.
-    warnings.filterwarnings("ignore", message=r"You're resuming from a checkpoint that ended before the epoch ended")
-    if resume_ckpt is None:
-        load_model_weights(model, opt.actual_resume, use_ema=opt.use_ema_weights)
-    elif opt.actual_resume:
-        say(f"resuming: the weights come from {resume_ckpt}, not --actual_resume {opt.actual_resume}")
+    quiet_lightning()
+    if run.checkpoint is None:
+        load_model_weights(model, run.weights or opt.actual_resume, use_ema=opt.use_ema_weights and not run.weights)
+    if opt.resume and opt.actual_resume:
+        say(f"resuming: the weights come from {run.checkpoint or run.weights}, not --actual_resume {opt.actual_resume}")
     try:
-        trainer = pl.Trainer(default_root_dir=str(logdir), logger=make_loggers(logdir, now),
-                             callbacks=make_callbacks(lightning, logdir, now, config), plugins=[AtomicCheckpointIO()],
+        trainer = pl.Trainer(default_root_dir=str(run.logdir), logger=make_loggers(run.logdir, now),
+                             callbacks=make_callbacks(lightning, run, now, config), plugins=[AtomicCheckpointIO()],
                              enable_checkpointing=False, **lightning.trainer)
     except MisconfigurationException as err:
         raise UserError(f"lightning.trainer: {err}") from None
@@ -334,7 +344,7 @@ def train(opt: argparse.Namespace, overrides: list[str]) -> int:
             generate_class_images(model.to(trainer.strategy.root_device), data.class_folder, data.class_word,
                                   missing, seed=opt.seed)
         data.setup("fit")
-    return fit(trainer, model, data, logdir, resume_ckpt)
+    return fit(trainer, model, data, run)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -2,14 +2,20 @@
 import logging
 import os
 import pickle
+import re
+import struct
+import zipfile
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, BinaryIO, Mapping
 
 import numpy as np
 import torch
 from torch import nn
+
+from ldm.modules.diffusionmodules.schedule import SCHEDULE_BUFFERS
+from ldm.util import atomic_write
 
 logger = logging.getLogger(__name__)
 
@@ -27,6 +33,15 @@ class CheckpointError(Exception):
     """A weight file that cannot be used, with a message meant for the user."""
 
 
+class ShapeMismatchError(CheckpointError):
+    """A file whose tensors have other shapes than the model config's; `file_shapes` lets callers look for one
+    that fits."""
+
+    def __init__(self, message: str, file_shapes: Mapping[str, tuple[int, ...]]):
+        super().__init__(message)
+        self.file_shapes = dict(file_shapes)
+
+
 class _ReferencedByName:
     """Stands in for classes that SD v1 files name only as dictionary keys; no code of theirs is ever run."""
 
@@ -42,8 +57,60 @@ _SAFE_GLOBALS = [
 
 
 def group_of(key: str) -> str:
-    """The part of the model a state-dict key belongs to."""
-    return next((name for name, prefix in GROUPS if key.startswith(prefix)), "schedule")
+    """The part of the model a state-dict key belongs to: a model part, "noise schedule" or "other"."""
+    if key in SCHEDULE_BUFFERS:
+        return "noise schedule"
+    return next((name for name, prefix in GROUPS if key.startswith(prefix)), "other")
+
+
+CONTROL_BYTES = frozenset(range(32)) - {9, 10, 13}  # never in text; every weight format starts with some
+
+
+def _not_a_checkpoint(head: bytes) -> str | None:
+    """Why a file that starts as text or holds nothing cannot be a checkpoint (a failed download), else None."""
+    if not head:
+        return "is empty (0 bytes): a failed download? Download it again"
+    if CONTROL_BYTES.intersection(head):
+        return None
+    text = head.decode("utf-8", errors="replace")
+    first = text.strip().splitlines()[0][:60] if text.strip() else ""
+    if text.startswith("version https://git-lfs"):
+        return "is a Git LFS pointer (a small text file), not the weights: fetch them with `git lfs pull`"
+    if "<html" in text.lower() or text.lower().lstrip().startswith("<!doctype"):
+        return (f"is not a checkpoint but a web page (it begins '{first}'): a failed download, or a login or error "
+                "page saved in its place? Download the file again")
+    return f"is not a checkpoint but a text file (it begins '{first}'): a failed download? Download it again"
+
+
+def check_checkpoint_file(path: str | os.PathLike, hint: str = "") -> Path:
+    """Refuse, with one line, a path that cannot be a weight file: missing, a folder, empty, text or HTML."""
+    path, hint = Path(path), f" ({hint})" if hint else ""
+    if path.is_dir():
+        if (path / "model_index.json").is_file():
+            raise CheckpointError(f"{path} is a diffusers folder (it holds model_index.json); this tool needs a single "
+                                  "SD v1 .ckpt or .safetensors file")
+        inside = sorted(p.name for p in path.iterdir() if p.suffix in (".ckpt", ".safetensors"))
+        found = f"; it holds {', '.join(inside[:3])}: pass one of them" if inside else ""
+        raise CheckpointError(f"{path} is a folder, not a checkpoint file{found}")
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}{hint}")
+    try:
+        with open(path, "rb") as handle:
+            reason = _not_a_checkpoint(handle.read(512))
+    except OSError as err:
+        raise CheckpointError(f"checkpoint not readable: {path} ({err.strerror}; check its permissions)") from None
+    if reason:
+        raise CheckpointError(f"{path} {reason}")
+    return path
+
+
+def check_finite(state: Mapping[str, torch.Tensor], source: str) -> None:
+    """Refuse weights holding NaN or inf, naming the first such tensor (one pass over the floating tensors)."""
+    for key, value in state.items():
+        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            bad = int((~torch.isfinite(value)).sum())
+            raise CheckpointError(f"{source}: tensor {key} holds {bad} NaN or inf values (of {value.numel()}); the "
+                                  "file comes from a run that diverged, or is damaged: use an earlier checkpoint")
 
 
 def _read_pickle(path: Path) -> Any:
@@ -59,7 +126,7 @@ def _read_pickle(path: Path) -> Any:
         raise CheckpointError(
             f"{path}: refused to load, the file holds more than plain tensors ({reason}). Loading it would run "
             "code from the file. If you trust it, convert it once to .safetensors and use that file.") from None
-    except (RuntimeError, EOFError, OSError) as err:
+    except (RuntimeError, EOFError, OSError, IndexError, ValueError) as err:
         raise CheckpointError(f"{path}: not a readable checkpoint ({err}); is the download complete?") from None
 
 
@@ -73,9 +140,7 @@ def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
 
 def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """The tensors of a .ckpt/.pt/.pth (under `state_dict` or flat) or .safetensors file, on the CPU."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint not found: {path}")
+    path = check_checkpoint_file(path)
     if path.suffix == ".safetensors":
         return _read_safetensors(path)
     content = _read_pickle(path)
@@ -120,13 +185,19 @@ class LoadReport:
 
     loaded: Counter = field(default_factory=Counter)
     unexpected: Counter = field(default_factory=Counter)
+    examples: dict[str, str] = field(default_factory=dict)
     filled: list[str] = field(default_factory=list)
+
+    def ignored(self) -> str:
+        """The tensors the model has no place for, by kind: "2 EMA tensors, 1 other (e.g. lora.up.weight)"."""
+        return ", ".join(f"{n} {g} tensors" + (f" (e.g. {self.examples[g]})" if g == "other" else "")
+                         for g, n in sorted(self.unexpected.items()))
 
     def summary(self) -> str:
         parts = [f"{group} {n}" for group, n in sorted(self.loaded.items())]
         text = "loaded " + ", ".join(parts)
         if self.unexpected:
-            text += "; ignored " + ", ".join(f"{g} {n}" for g, n in sorted(self.unexpected.items()))
+            text += "; ignored " + self.ignored()
         return text
 
 
@@ -143,8 +214,8 @@ def check_compatible(model_state: Mapping[str, torch.Tensor], file_state: Mappin
     shapes = [_shape_problem(k, v.shape, model_state[k].shape)
               for k, v in file_state.items() if k in model_state and v.shape != model_state[k].shape]
     if shapes:
-        raise CheckpointError(f"{source} does not match the model config in {len(shapes)} tensors, e.g. "
-                              + "; ".join(shapes[:3]))
+        raise ShapeMismatchError(f"{source} does not match the model config in {len(shapes)} tensors, e.g. "
+                                 + "; ".join(shapes[:3]), {k: tuple(v.shape) for k, v in file_state.items()})
     missing = Counter(group_of(k) for k in model_state if k not in file_state)
     expected = Counter(group_of(k) for k in model_state)
     for group in REQUIRED_GROUPS:
@@ -152,9 +223,10 @@ def check_compatible(model_state: Mapping[str, torch.Tensor], file_state: Mappin
             which = "has no" if missing[group] == expected[group] else f"lacks {missing[group]} of {expected[group]}"
             example = next(k for k in model_state if group_of(k) == group and k not in file_state)
             raise CheckpointError(f"{source} {which} {group} weights (e.g. {example}); is it a full SD v1 checkpoint?")
-    report = LoadReport(loaded=Counter(group_of(k) for k in file_state if k in model_state),
-                        unexpected=Counter(group_of(k) for k in file_state if k not in model_state))
-    return report
+    extra = [k for k in file_state if k not in model_state]
+    examples = {group_of(k): k for k in reversed(extra)}  # the first key of each kind
+    return LoadReport(loaded=Counter(group_of(k) for k in file_state if k in model_state),
+                      unexpected=Counter(group_of(k) for k in extra), examples=examples)
 
 
 def load_model_weights(model: nn.Module, path: str | os.PathLike, use_ema: bool = False) -> LoadReport:
@@ -163,6 +235,7 @@ def load_model_weights(model: nn.Module, path: str | os.PathLike, use_ema: bool 
     model_state = model.state_dict()
     report = check_compatible(model_state, file_state, str(path))
     state = {k: v for k, v in file_state.items() if k in model_state}
+    check_finite(state, str(path))
     ema_sources = {ema_key(k): k for k in model_state if k.startswith(UNET_PREFIX)}
     for key, unet_key in ema_sources.items():
         if key in model_state and key not in state:  # a fresh EMA starts from the loaded weights
@@ -173,26 +246,87 @@ def load_model_weights(model: nn.Module, path: str | os.PathLike, use_ema: bool 
     if missing:
         logger.info("%s: kept the config's values for %d buffers (%s)", path, len(missing), ", ".join(missing[:3]))
     if report.unexpected:
-        logger.warning("%s: ignored %s", path, ", ".join(f"{n} {g} tensors" for g, n in report.unexpected.items()))
+        logger.warning("%s: ignored %s", path, report.ignored())
     logger.info("%s: %s", path, report.summary())
     return report
 
 
-def _atomic_write(path: Path, write) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        write(tmp)
-        with open(tmp, "rb") as handle:
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+ZIP_PREFIX = "archive/"
+ZIP_ALIGNMENT = 64  # as torch's writer: tensors start at aligned offsets, so torch.load(mmap=True) maps them
+PAD_HEADER_ID = 0x4246  # "FB", the zip extra field torch pads with
+# torch 2.x also writes .format_version, .storage_alignment, byteorder and .data/serialization_id; AUTOMATIC1111's
+# safe unpickler refuses any entry but <folder>/data.pkl, <folder>/version and <folder>/data/<n>, and
+# torch.load needs none of the others (it assumes little-endian data and 64-byte alignment without them).
+KEPT_RECORDS = re.compile(r"data\.pkl|data/\d+")
+
+
+class _ZipRecords:
+    """The record sink of torch's pickler, writing only the zip entries that other SD tools accept."""
+
+    def __init__(self, handle: BinaryIO):
+        self.handle = handle
+        self.zip = zipfile.ZipFile(handle, "w", compression=zipfile.ZIP_STORED, allowZip64=True)
+
+    def write_record(self, name: str, data: Any, nbytes: int) -> None:
+        """Write entry `name` (bytes or a CPU storage) if other tools accept it."""
+        if KEPT_RECORDS.fullmatch(name):
+            self._write(name, data, nbytes)
+
+    def _write(self, name: str, data: Any, nbytes: int) -> None:
+        """One stored (uncompressed) zip entry, its data aligned to ZIP_ALIGNMENT bytes."""
+        if isinstance(data, torch.UntypedStorage):
+            data = memoryview(torch.empty(0, dtype=torch.uint8).set_(data).numpy())
+        info = zipfile.ZipInfo(ZIP_PREFIX + name)
+        info.file_size = nbytes
+        zip64_extra = 20 if nbytes * 1.05 > zipfile.ZIP64_LIMIT else 0  # what zipfile adds to big entries
+        header = 30 + len(info.filename.encode()) + zip64_extra
+        pad = -(self.handle.tell() + header) % ZIP_ALIGNMENT
+        if pad:
+            pad += ZIP_ALIGNMENT if pad < 4 else 0
+            info.extra = struct.pack("<HH", PAD_HEADER_ID, pad - 4) + bytes(pad - 4)
+        with self.zip.open(info, "w") as entry:
+            for start in range(0, nbytes, 1 << 26):
+                entry.write(data[start:start + (1 << 26)])
+
+    def close(self) -> None:
+        self._write("version", b"3\n", 2)  # the format version torch 2.x writes
+        self.zip.close()
+
+
+def _torch_save_zip(obj: Any, path: Path) -> None:
+    """torch.save's format (pickle protocol 2, storages as data/<n>) without the entries other tools refuse."""
+    with open(path, "wb") as handle:
+        records = _ZipRecords(handle)
+        # torch.save's own pickler (private, with this signature since torch 2.1), given our record sink.
+        torch.serialization._save(obj, records, pickle, 2, True)
+        records.close()
+
+
+def tensor_bytes(obj: Any) -> int:
+    """The bytes of all tensors in a nested checkpoint dict (weights, optimizer state): its size on disk, about."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size() + ZIP_ALIGNMENT + 100
+    if isinstance(obj, Mapping):
+        return sum(tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(tensor_bytes(v) for v in obj)
+    return 0
+
+
+def remove_stale_temp_files(folder: str | os.PathLike) -> list[Path]:
+    """Delete the temporary files of writes that were killed (`.NAME.tmp-PID`), saying so in one line."""
+    stale = sorted(p for p in Path(folder).glob(".*.tmp-*") if re.fullmatch(r"\..+\.tmp-\d+", p.name))
+    for path in stale:
+        path.unlink(missing_ok=True)
+    if stale:
+        logger.info("%s: removed %d temporary files of interrupted writes (%s)", folder, len(stale),
+                    ", ".join(p.name for p in stale[:3]))
+    return stale
 
 
 def save_checkpoint(checkpoint: Mapping[str, Any], path: str | os.PathLike) -> None:
     """Write a Lightning-style dict (with `state_dict`) as .ckpt, through a temporary file and a rename."""
-    _atomic_write(Path(path), lambda tmp: torch.save(dict(checkpoint), tmp))
+    atomic_write(path, lambda tmp: _torch_save_zip(dict(checkpoint), tmp), tensor_bytes(checkpoint) + (1 << 20))
 
 
 def save_weights(state_dict: Mapping[str, torch.Tensor], path: str | os.PathLike, half: bool = False,
@@ -201,12 +335,13 @@ def save_weights(state_dict: Mapping[str, torch.Tensor], path: str | os.PathLike
     tensors = {}
     for key, value in state_dict.items():
         value = value.detach().to("cpu").contiguous()
-        if half and value.is_floating_point() and group_of(key) != "schedule":
+        if half and value.is_floating_point() and group_of(key) != "noise schedule":
             value = value.half()
         tensors[key] = value
     path = Path(path)
     if path.suffix == ".safetensors":
         from safetensors.torch import save_file
-        _atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=dict(metadata or {})))
+        atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=dict(metadata or {})),
+                     tensor_bytes(tensors) + (1 << 20))
     else:
         save_checkpoint({"state_dict": tensors}, path)

@@ -1,12 +1,12 @@
 """Class-prior images for DreamBooth (Ruiz et al. 2023, sec. 3.3), generated with the base model before training."""
 import logging
-import os
 from pathlib import Path
 
 from torch import nn
 from tqdm.auto import tqdm
 
-from ldm.inference import next_index, sample_images, sampling_mode, save_image
+from ldm.images import save_image
+from ldm.inference import next_index, sample_images, sampling_mode
 
 logger = logging.getLogger(__name__)
 
@@ -18,7 +18,8 @@ def generate_class_images(model: nn.Module, folder: str | Path, class_word: str,
                           seed: int = 0, steps: int = STEPS, scale: float = SCALE) -> list[Path]:
     """Write `count` DDIM samples of "a photo of a {class_word}" into `folder` as class-NNNNN.png, with progress.
 
-    Each file is written under a hidden temporary name and renamed, so an interrupted run leaves only whole images.
+    Each file is written under a hidden temporary name and renamed (save_image), so an interrupted run leaves only
+    whole images.
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -32,9 +33,7 @@ def generate_class_images(model: nn.Module, folder: str | Path, class_word: str,
             batch = indices[start:start + batch_size]
             for index, image in zip(batch, sample_images(model, prompt, [seed + i for i in batch], steps, scale)):
                 path = folder / f"class-{index:05}.png"
-                tmp = folder / f".class-{index:05}.tmp-{os.getpid()}.png"
-                save_image(image, tmp, {**metadata, "seed": seed + index})
-                os.replace(tmp, path)
+                save_image(image, path, {**metadata, "seed": seed + index})
                 written.append(path)
             progress.update(len(batch))
     logger.info("wrote %d class images to %s", len(written), folder)

@@ -3,33 +3,33 @@ import argparse
 import contextlib
 import functools
 import hashlib
-import json
 import logging
 import os
 import re
 from pathlib import Path
-from typing import Any, ContextManager, Optional, Sequence
+from typing import ContextManager, Optional, Sequence
 
 import numpy as np
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from PIL import Image
-from PIL.PngImagePlugin import PngInfo
 from torch import Tensor, nn
 
-from ldm.checkpoint import CheckpointError, load_model_weights
+from ldm.checkpoint import CheckpointError, ShapeMismatchError, check_checkpoint_file, load_model_weights
+from ldm.data.personalized import open_image
+from ldm.images import make_grid, read_metadata, save_image, to_pil  # noqa: F401 (read_metadata: for callers)
+from ldm.model_config import choose_config, fitting_config, latent_shape, load_config, native_size, size_multiple
 from ldm.models.diffusion.ddim import DDIMSampler
 from ldm.models.diffusion.guidance import CompVisDenoiser
 from ldm.models.diffusion.plms import PLMSSampler
 from ldm.models.diffusion.sampling import SAMPLERS as K_SAMPLERS
 from ldm.models.diffusion.sampling import Generator, randn
-from ldm.util import UserError, instantiate_from_config
+from ldm.util import DiskFullError, UserError, ensure_writable_dir, instantiate_from_config
 
 logger = logging.getLogger(__name__)
 
 SAMPLER_NAMES = ("ddim", "plms", *K_SAMPLERS)
 STOCHASTIC_K_SAMPLERS = ("euler_a",)
-METADATA_KEY = "parameters"
 
 
 USER_ERRORS = (UserError, CheckpointError)
@@ -57,7 +57,8 @@ def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
     add("--n_rows", type=int, default=0, help="images per grid row (default: n_samples)")
     add("--scale", type=float, default=7.5, help="classifier-free guidance scale")
     add("--from-file", type=str, help="read prompts from this file, one per line")
-    add("--config", type=str, default="configs/stable-diffusion/v1-inference.yaml", help="model config")
+    add("--config", type=str, default=None, help="model config (default: the saved config of the training run "
+        "that --ckpt comes from, else configs/stable-diffusion/v1-inference.yaml)")
     add("--ckpt", type=str, default="models/ldm/stable-diffusion-v1/model.ckpt", help=".ckpt or .safetensors")
     add("--seed", type=int, default=42, help="seed of the first image; image k gets seed + k")
     add("--precision", choices=["autocast", "full", "bf16"], default="autocast",
@@ -76,6 +77,9 @@ def resolve_sampler(opt: argparse.Namespace) -> str:
         raise UserError(f"--ddim_eta applies to the ddim sampler only; drop it for {sampler}")
     if opt.ddim_steps < 1 or opt.n_iter < 1 or opt.n_samples < 1:
         raise UserError("--ddim_steps, --n_iter and --n_samples must be at least 1")
+    if opt.scale < 0:
+        logger.warning("--scale %g is below 0: guidance then pushes the images away from the prompt (usual values "
+                       "are 5 to 10; 1 turns guidance off)", opt.scale)
     return sampler
 
 
@@ -100,62 +104,24 @@ def precision_scope(precision: str, device: torch.device) -> ContextManager:
     return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
 
 
-REQUIRED_CONFIG_KEYS = ("model.target", "model.params.channels", "model.params.unet_config.params.channel_mult",
-                        "model.params.first_stage_config.params.ddconfig.ch_mult")
-
-
-def load_config(path: str) -> DictConfig:
-    """The YAML model config, with a one-line error when it is missing, malformed or not an SD v1 model config."""
-    if not Path(path).is_file():
-        raise UserError(f"config not found: {path} (pass --config configs/stable-diffusion/v1-inference.yaml)")
-    try:
-        config = OmegaConf.load(path)
-    except Exception as err:  # yaml and omegaconf raise many error types for a malformed file
-        raise UserError(f"{path}: not a readable YAML config ({err})") from None
-    for key in REQUIRED_CONFIG_KEYS:
-        if OmegaConf.select(config, key) is None:
-            raise UserError(f"{path}: has no {key}; is it an SD v1 model config such as v1-inference.yaml?")
-    return config
-
-
-def vae_factor(config: DictConfig) -> int:
-    """The autoencoder's downsampling factor f, 2^(levels - 1)."""
-    return 2 ** (len(config.model.params.first_stage_config.params.ddconfig.ch_mult) - 1)
-
-
-def size_multiple(config: DictConfig) -> int:
-    """Image sides must be multiples of this: f times the UNet's 2^(levels - 1) (64 for SD v1)."""
-    return vae_factor(config) * 2 ** (len(config.model.params.unet_config.params.channel_mult) - 1)
-
-
-def latent_shape(config: DictConfig, height: int, width: int, channels: int, factor: int) -> tuple[int, int, int]:
-    """Latent (C, H/f, W/f) for an image size, checked against the autoencoder and UNet of `config`."""
-    if factor != vae_factor(config):
-        raise UserError(f"--f {factor} does not match the autoencoder of the config (f={vae_factor(config)}); drop --f")
-    if channels != config.model.params.channels:
-        raise UserError(f"--C {channels} does not match the config's {config.model.params.channels} latent channels; "
-                        "drop --C")
-    multiple = size_multiple(config)
-    for flag, size in (("--H", height), ("--W", width)):
-        if size <= 0 or size % multiple:
-            nearest = sorted({max(size // multiple, 1) * multiple, (size // multiple + 1) * multiple})
-            raise UserError(f"{flag} {size} must be a positive multiple of {multiple} for this model "
-                            f"(autoencoder x{factor}, UNet levels); try {' or '.join(map(str, nearest))}")
-    return channels, height // factor, width // factor
-
-
 def load_model(config: DictConfig, ckpt_path: str, device: torch.device, use_ema: bool = False) -> nn.Module:
     """A LatentDiffusion built from `config`, with the weights of `ckpt_path`, in eval mode on `device`."""
-    if not Path(ckpt_path).is_file():
-        raise UserError(f"checkpoint not found: {ckpt_path} (pass --ckpt path/to/sd-v1-x.ckpt or .safetensors)")
-    if not os.access(ckpt_path, os.R_OK):
-        raise UserError(f"checkpoint not readable: {ckpt_path} (check its permissions)")
+    check_checkpoint(ckpt_path)
     try:
         model = instantiate_from_config(config.model)
     except (KeyError, TypeError, ValueError, ImportError) as err:
         raise UserError(f"cannot build the model from the config: {err}") from None
-    load_model_weights(model, ckpt_path, use_ema=use_ema)
+    try:
+        load_model_weights(model, ckpt_path, use_ema=use_ema)
+    except ShapeMismatchError as err:
+        fits = fitting_config(err.file_shapes)
+        raise CheckpointError(f"{err}; try --config {fits}" if fits else str(err)) from None
     return model.eval().requires_grad_(False).to(device)
+
+
+def check_checkpoint(ckpt_path: str) -> None:
+    """Refuse a --ckpt that is missing, unreadable, a folder or not a weight file, before any model is built."""
+    check_checkpoint_file(ckpt_path, "pass --ckpt path/to/sd-v1-x.ckpt or .safetensors")
 
 
 @functools.lru_cache(maxsize=8)
@@ -252,16 +218,10 @@ def sampling_mode(model: nn.Module):
         model.train(was_training)
 
 
-def to_pil(images: Tensor) -> list[Image.Image]:
-    """Decoded images in [-1, 1], [B, 3, H, W] -> 8-bit RGB PIL images."""
-    array = ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    return [Image.fromarray(a) for a in array.permute(0, 2, 3, 1).cpu().numpy()]
-
-
 def load_init_image(path: str, multiple: int) -> Tensor:
     """An RGB image as [1, 3, H, W] in [-1, 1], cropped to a multiple of `multiple` pixels on each side."""
     try:
-        image = Image.open(path).convert("RGB")
+        image = open_image(path).convert("RGB")
     except (OSError, ValueError) as err:
         raise UserError(f"--init-img {path}: cannot read it as an image ({err})") from None
     width, height = (s - s % multiple for s in image.size)
@@ -281,37 +241,17 @@ def next_index(folder: Path, pattern: str) -> int:
     return max(numbers, default=-1) + 1
 
 
-def save_image(image: Image.Image, path: Path, metadata: dict[str, Any]) -> None:
-    """Write a PNG with the generation parameters as JSON in its `parameters` text chunk."""
-    info = PngInfo()
-    info.add_text(METADATA_KEY, json.dumps(metadata, sort_keys=True))
-    image.save(path, pnginfo=info)
-
-
-def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
-    """The generation parameters stored by `save_image`."""
-    with Image.open(path) as image:
-        return json.loads(image.text[METADATA_KEY])
-
-
-def make_grid(images: Sequence[Image.Image], per_row: int, padding: int = 2) -> Image.Image:
-    """Images tiled `per_row` to a row on a black background with `padding` pixels around each (as torchvision)."""
-    width, height = images[0].size
-    columns = min(per_row, len(images))
-    rows = -(-len(images) // columns)
-    grid = Image.new("RGB", (columns * (width + padding) + padding, rows * (height + padding) + padding))
-    for k, image in enumerate(images):
-        row, column = divmod(k, columns)
-        grid.paste(image, (padding + column * (width + padding), padding + row * (height + padding)))
-    return grid
-
-
 def generate(opt: argparse.Namespace, init_img: Optional[str] = None) -> list[Path]:
     """Check the flags, load the model, then sample, decode and save every prompt's images and grid."""
-    sampler, device, config = resolve_sampler(opt), choose_device(opt.device), load_config(opt.config)
+    sampler, device = resolve_sampler(opt), choose_device(opt.device)
+    check_checkpoint(opt.ckpt)
+    ensure_writable_dir(opt.outdir, "--outdir")
+    config = load_config(choose_config(opt.config, opt.ckpt))
     prompts = read_prompts(opt.prompt, opt.from_file)
     init = None if init_img is None else load_init_image(init_img, size_multiple(config))
-    height, width = (opt.H, opt.W) if init is None else init.shape[2:]
+    native = native_size(config)
+    height, width = ((native if opt.H is None else opt.H, native if opt.W is None else opt.W) if init is None
+                     else init.shape[2:])
     shape = latent_shape(config, height, width, opt.C, opt.f)
     strength = getattr(opt, "strength", 1.0)
     if init is not None:
@@ -345,14 +285,22 @@ def generate(opt: argparse.Namespace, init_img: Optional[str] = None) -> list[Pa
                 batch = to_pil(model.decode_first_stage(z))
                 if not opt.skip_save:
                     for image, seed in zip(batch, seeds):
-                        written.append(sample_dir / f"{count:05}.png")
-                        save_image(image, written[-1], {**params, "prompt": prompt, "seed": seed})
+                        save_kept(image, sample_dir / f"{count:05}.png", {**params, "prompt": prompt, "seed": seed},
+                                  written)
                         count += 1
                 if not opt.skip_grid:
                     images, prompt_seeds = images + batch, prompt_seeds + seeds
             if not opt.skip_grid:
-                written.append(outdir / f"grid-{grid_count:04}.png")
-                save_image(make_grid(images, opt.n_rows or n), written[-1],
-                           {**params, "prompt": prompt, "seeds": prompt_seeds})
+                save_kept(make_grid(images, opt.n_rows or n), outdir / f"grid-{grid_count:04}.png",
+                          {**params, "prompt": prompt, "seeds": prompt_seeds}, written)
                 grid_count += 1
     return written
+
+
+def save_kept(image: Image.Image, path: Path, metadata: dict, written: list[Path]) -> None:
+    """save_image, adding `path` to `written`; a full disk stops with one line saying what is kept."""
+    try:
+        save_image(image, path, metadata)
+    except DiskFullError as err:
+        raise UserError(f"{err}; stopped, the {len(written)} images written before it are kept") from None
+    written.append(path)

@@ -1,12 +1,28 @@
-"""Small helpers shared by the whole package: the config factory and parameter counting."""
+"""Small helpers shared by the whole package: the config factory, parameter counting, safe file writes."""
+import errno
 import importlib
-from typing import Any, Mapping
+import math
+import os
+import shutil
+import stat
+import tempfile
+from pathlib import Path
+from typing import Any, Callable, Mapping
 
 import torch
 
 
 class UserError(Exception):
     """Bad input the user can fix; command lines print the message as one line and exit with status 1."""
+
+
+class DiskFullError(UserError):
+    """Not enough free space for a file; the message names the file, what it needs and what is free."""
+
+    def __init__(self, path: str | os.PathLike, needed: int, free: int):
+        self.path, self.needed, self.free = Path(path), needed, free
+        super().__init__(f"not enough disk space for {self.path}: it needs about {format_bytes(needed)}, "
+                         f"{format_bytes(free)} free")
 
 
 def get_obj_from_str(path: str) -> Any:
@@ -29,3 +45,63 @@ def instantiate_from_config(config: Mapping, **extra: Any) -> Any:
 def count_params(module: torch.nn.Module) -> int:
     """Number of parameters of a module (works on the meta device)."""
     return sum(p.numel() for p in module.parameters())
+
+
+def format_bytes(n: float) -> str:
+    """A byte count for people: 512 B, 12.3 kB, 4.3 GB."""
+    units = ("B", "kB", "MB", "GB", "TB")
+    power = min(int(math.log10(max(n, 1)) // 3), len(units) - 1)
+    return f"{n:.0f} B" if power == 0 else f"{n / 1000 ** power:.1f} {units[power]}"
+
+
+def temp_path(path: Path) -> Path:
+    """The hidden temporary name a file is written under before its rename: `.NAME.tmp-PID`."""
+    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
+
+
+def _is_disk_full(err: BaseException) -> bool:
+    if isinstance(err, OSError):
+        return err.errno in (errno.ENOSPC, errno.EDQUOT)
+    return "No space left on device" in str(err)  # writers in other languages (safetensors) wrap the OS error
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[Path], None], size: int) -> None:
+    """`write(tmp)` to a temporary name, then sync and rename, so that a failed write never leaves a partial file.
+
+    About `size` bytes must be free first; a full disk raises DiskFullError. The file gets ordinary permissions
+    (0o666 less the umask), whatever the writer chose.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(path.parent).free
+    if free < size:
+        raise DiskFullError(path, size, free)
+    tmp = temp_path(path)
+    try:
+        with open(tmp, "wb"):
+            mode = stat.S_IMODE(os.stat(tmp).st_mode)  # what open() gives under the umask
+        write(tmp)
+        os.chmod(tmp, mode)
+        with open(tmp, "rb") as handle:
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except Exception as err:
+        if _is_disk_full(err):
+            raise DiskFullError(path, size, shutil.disk_usage(path.parent).free) from None
+        raise
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def ensure_writable_dir(path: str | os.PathLike, flag: str) -> None:
+    """Refuse a folder that cannot be created or written, before any work; nothing is created here."""
+    path = Path(path).absolute()
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    if not existing.is_dir():
+        raise UserError(f"{flag} {path}: {existing} is a file, not a folder")
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as err:
+        reason = "is on a read-only file system" if err.errno == errno.EROFS else f"is not writable ({err.strerror})"
+        raise UserError(f"{flag} {path}: {existing} {reason}; choose another folder") from None

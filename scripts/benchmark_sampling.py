@@ -12,8 +12,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 
 from ldm.checkpoint import save_weights  # noqa: E402
-from ldm.inference import (USER_ERRORS, choose_device, latent_shape, load_config, load_model,  # noqa: E402
-                           make_generators, precision_scope, sample_latents, vae_factor)
+from ldm.inference import (USER_ERRORS, choose_device, load_model, make_generators, precision_scope,  # noqa: E402
+                           sample_latents)
+from ldm.model_config import latent_shape, load_config, native_size, vae_factor  # noqa: E402
 from ldm.models.diffusion.sampling import randn  # noqa: E402
 from ldm.modules.encoders.modules import TOKENIZER_DIR, load_tokenizer  # noqa: E402
 from ldm.util import instantiate_from_config  # noqa: E402
@@ -90,10 +91,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     opt = parse_args(argv)
     try:
         device, config = choose_device(opt.device), load_config(opt.config)
-        factor = vae_factor(config)
-        native = config.model.params.image_size * factor
-        height, width = opt.H or native, opt.W or native
-        shape = latent_shape(config, height, width, config.model.params.channels, factor)
+        height, width = opt.H or native_size(config), opt.W or native_size(config)
+        shape = latent_shape(config, height, width, config.model.params.channels, vae_factor(config))
         scope = precision_scope(opt.precision, device)
         with tempfile.TemporaryDirectory() as tmp:
             ckpt = opt.ckpt

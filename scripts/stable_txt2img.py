@@ -13,8 +13,10 @@ from ldm.inference import USER_ERRORS, add_sampling_arguments, generate  # noqa:
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__)
     add_sampling_arguments(parser)
-    parser.add_argument("--H", type=int, default=512, help="image height, in pixel space")
-    parser.add_argument("--W", type=int, default=512, help="image width, in pixel space")
+    parser.add_argument("--H", type=int, default=None,
+                        help="image height, in pixel space (default: the model's native size, 512 for SD v1)")
+    parser.add_argument("--W", type=int, default=None,
+                        help="image width, in pixel space (default: the model's native size, 512 for SD v1)")
     return parser.parse_args(argv)
 
 

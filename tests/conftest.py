@@ -12,7 +12,7 @@ from ldm.util import instantiate_from_config
 REPO = Path(__file__).resolve().parent.parent
 TINY_CONFIG = REPO / "configs" / "tiny" / "v1-inference.yaml"
 FULL_CONFIG = REPO / "configs" / "stable-diffusion" / "v1-inference.yaml"
-SPEC = REPO.parent / "shared" / "specs" / "sd-v1-state-dict.tsv"
+SPEC = REPO / "tests" / "data" / "sd-v1-state-dict.tsv"  # a copy of the project's shared spec
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # The tiny models are far faster on one thread than on two cores that pytest and PyTorch compete for.
@@ -29,9 +29,7 @@ def build_tiny_model(seed: int = 0, **overrides):
 
 
 def read_spec() -> dict[str, tuple[int, ...]]:
-    """Key -> shape of a Stable Diffusion v1 checkpoint, from the shared spec."""
-    if not SPEC.is_file():
-        pytest.fail(f"the shared spec is missing: {SPEC}")
+    """Key -> shape of a Stable Diffusion v1 checkpoint, from the spec kept in tests/data."""
     spec = {}
     for line in SPEC.read_text().splitlines():
         key, shape = line.split("\t")

@@ -1,13 +1,24 @@
 """Loading and writing SD v1 weight files: layouts, EMA, safety, clear refusals, atomic writes."""
+import errno
+import logging
+import os
 import pickle
+import re
+import shutil
+import stat
+import subprocess
+from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 from omegaconf import OmegaConf
 
-from conftest import FULL_CONFIG, build_tiny_model, read_spec
-from ldm.checkpoint import CheckpointError, ema_key, load_model_weights, read_state_dict, save_weights
-from ldm.util import count_params, instantiate_from_config
+from conftest import FULL_CONFIG, REPO, SPEC, build_tiny_model, read_spec
+from ldm.checkpoint import (CheckpointError, check_checkpoint_file, ema_key, group_of, load_model_weights,
+                            read_state_dict, remove_stale_temp_files, save_checkpoint, save_weights)
+from ldm.util import DiskFullError, atomic_write, count_params, instantiate_from_config
+from other_tools import check_a1111_ckpt
 
 POSITION_IDS = "cond_stage_model.transformer.text_model.embeddings.position_ids"
 
@@ -153,3 +164,136 @@ def test_full_size_model_has_exactly_the_spec_keys():
     print(f"UNet {unet / 1e6:.2f} M, VAE {count_params(model.first_stage_model) / 1e6:.2f} M, "
           f"text encoder {count_params(model.cond_stage_model) / 1e6:.2f} M parameters")
     assert round(unet / 1e6, 2) == 859.52
+
+
+def test_a_clone_stands_alone():
+    """The spec lives in tests/data; no test reads beside the repository; what the README makes is git-ignored."""
+    assert SPEC.is_file() and SPEC.resolve().is_relative_to(REPO)
+    outside = ("REPO.parent", "parents[2]", "/".join(("..", "shared")))
+    for source in (REPO / "tests").glob("*.py"):
+        if source.name != Path(__file__).name:
+            assert not [s for s in outside if s in source.read_text()], source.name
+    ignored = set((REPO / ".gitignore").read_text().split())
+    assert {"/class_images/", "/outputs/", "/logs/", "/models/", ".venv/"} <= ignored
+    if shutil.which("git") and (REPO / ".git").exists():
+        tracked = ["ldm/models/diffusion/ddpm.py", "tests/data/sd-v1-state-dict.tsv"]
+        check = subprocess.run(["git", "check-ignore", *tracked], cwd=REPO, capture_output=True, text=True)
+        assert check.stdout == ""  # anchored patterns: ldm/models/ and the spec stay tracked
+
+
+def umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def test_every_ckpt_we_write_passes_a1111_and_loads_with_mmap(tmp_path, tiny_model):
+    weights, full = tmp_path / "step_2.ckpt", tmp_path / "last.ckpt"
+    save_weights(tiny_model.state_dict(), weights)
+    optimizer = torch.optim.AdamW(tiny_model.parameters())
+    save_checkpoint({"state_dict": tiny_model.state_dict(), "optimizer_states": [optimizer.state_dict()],
+                     "global_step": 2}, full)
+    for path in (weights, full):
+        names = check_a1111_ckpt(path)
+        assert {n.split("/", 1)[1] for n in names} >= {"data.pkl", "version", "data/0"}
+        reader = torch._C.PyTorchFileReader(str(path))
+        assert all(reader.get_record_offset(n) % 64 == 0 for n in reader.get_all_records() if n.startswith("data/"))
+        for mmap in (False, True):
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)["state_dict"]
+            assert all(torch.equal(state[k], v) for k, v in tiny_model.state_dict().items())
+    plain = tmp_path / "torch-default.ckpt"
+    torch.save({"state_dict": {}}, plain)
+    with pytest.raises(AssertionError, match=r"refuses the zip entries .*\.format_version"):  # the helper can fail
+        check_a1111_ckpt(plain)
+
+
+@pytest.mark.parametrize("name", ["w.safetensors", "w.ckpt"])
+def test_files_for_sharing_get_ordinary_permissions(tmp_path, tiny_model, name):
+    save_weights(tiny_model.state_dict(), tmp_path / name, half=True)
+    assert stat.S_IMODE((tmp_path / name).stat().st_mode) == 0o666 & ~umask()
+
+
+def test_load_report_names_extra_tensors(tmp_path, tiny_model, caplog):
+    state = as_released(tiny_model)
+    state["lora_unet_down.alpha"] = torch.tensor(1.0)
+    path = tmp_path / "extra.safetensors"
+    save_weights(state, path)
+    with caplog.at_level(logging.INFO):
+        report = load_model_weights(build_tiny_model(seed=1), path)
+    assert report.unexpected["other"] == 1 and report.loaded["noise schedule"] == 12
+    assert "1 other tensors (e.g. lora_unet_down.alpha)" in report.ignored() and "EMA tensors" in report.ignored()
+    assert "schedule tensors" not in caplog.text and "noise schedule 12" in caplog.text
+    assert [group_of(k) for k in ("betas", "alphas_cumprod", "model_ema.decay", "x.y")] == [
+        "noise schedule", "noise schedule", "EMA", "other"]
+
+
+NOT_CHECKPOINTS = {
+    "a text file": (b"just some notes\n", "is not a checkpoint but a text file (it begins 'just some notes')"),
+    "an HTML page": (b"<!DOCTYPE html><html><head><title>Sign in</title>", "a web page"),
+    "a Git LFS pointer": (b"version https://git-lfs.github.com/spec/v1\noid sha256:ab\nsize 4265380512\n",
+                          "git lfs pull"),
+    "an empty file": (b"", "is empty (0 bytes)"),
+}
+
+
+@pytest.mark.parametrize("case", list(NOT_CHECKPOINTS))
+@pytest.mark.parametrize("suffix", [".ckpt", ".safetensors"])
+def test_a_file_that_is_not_a_checkpoint_is_named_so(tmp_path, case, suffix):
+    content, message = NOT_CHECKPOINTS[case]
+    path = tmp_path / f"model{suffix}"
+    path.write_bytes(content)
+    with pytest.raises(CheckpointError, match=re.escape(message)):
+        read_state_dict(path)
+
+
+def test_a_folder_is_not_a_checkpoint(tmp_path, tiny_model):
+    with pytest.raises(CheckpointError, match="is a folder, not a checkpoint file$"):
+        check_checkpoint_file(tmp_path)
+    save_weights(tiny_model.state_dict(), tmp_path / "inside.safetensors")
+    with pytest.raises(CheckpointError, match="it holds inside.safetensors: pass one of them"):
+        check_checkpoint_file(tmp_path)
+    (tmp_path / "model_index.json").write_text("{}")
+    with pytest.raises(CheckpointError, match="is a diffusers folder .*single SD v1 .ckpt or .safetensors file"):
+        read_state_dict(tmp_path)
+
+
+def test_weights_with_nan_are_refused_naming_the_tensor(tmp_path, tiny_model):
+    state = dict(tiny_model.state_dict())
+    key = "model.diffusion_model.out.2.bias"
+    state[key] = state[key].clone()
+    state[key][1] = float("inf")
+    path = tmp_path / "diverged.ckpt"
+    save_weights(state, path)
+    with pytest.raises(CheckpointError, match=f"tensor {re.escape(key)} holds 1 NaN or inf values"):
+        load_model_weights(build_tiny_model(), path)
+
+
+def test_full_disk_stops_before_writing_and_keeps_the_previous_file(tmp_path, tiny_model, monkeypatch):
+    path = tmp_path / "last.ckpt"
+    save_weights(tiny_model.state_dict(), path)
+    before = path.read_bytes()
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: SimpleNamespace(free=1000))
+    with pytest.raises(DiskFullError, match=r"last.ckpt: it needs about \d+\.\d MB, 1.0 kB free") as full:
+        save_weights(tiny_model.state_dict(), path)
+    assert full.value.needed > sum(v.numel() * v.element_size() for v in tiny_model.state_dict().values())
+    assert path.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]
+
+
+def test_enospc_during_a_write_leaves_no_partial_file(tmp_path, tiny_model, monkeypatch):
+    def fill_the_disk(tmp):
+        tmp.write_bytes(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with pytest.raises(DiskFullError, match="not enough disk space for .*step_9.ckpt"):
+        atomic_write(tmp_path / "step_9.ckpt", fill_the_disk, 10)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_stale_temporary_files_are_removed(tmp_path, caplog):
+    for name in (".step_4.ckpt.tmp-4242", ".last.ckpt.tmp-17", "step_2.ckpt", ".hidden"):
+        (tmp_path / name).write_bytes(b"x")
+    with caplog.at_level(logging.INFO):
+        removed = remove_stale_temp_files(tmp_path)
+    assert sorted(p.name for p in removed) == [".last.ckpt.tmp-17", ".step_4.ckpt.tmp-4242"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".hidden", "step_2.ckpt"]
+    assert "removed 2 temporary files of interrupted writes" in caplog.text

@@ -1,5 +1,6 @@
 """DreamBooth data: real-world photo folders (EXIF, colour modes, stray files), captions, pairing, clear errors."""
 import logging
+import warnings
 
 import numpy as np
 import pytest
@@ -184,3 +185,31 @@ def test_missing_class_images_are_counted_before_the_class_set_is_built(tmp_path
     assert module.missing_class_images() == 0
     module.setup("fit")
     assert len(module.class_prior.paths) == 3
+
+
+@pytest.mark.parametrize("words, flag", [({"class_word": ""}, "--class_word"), ({"identifier": "  "}, "--token")])
+def test_empty_class_word_or_identifier_is_refused(tmp_path, words, flag):
+    solid("RGB").save(tmp_path / "a.jpg")
+    with pytest.raises(DataError, match=f"^{flag}.* is empty"):
+        dataset(tmp_path, **words)
+
+
+def test_the_same_folder_for_instance_and_class_images_is_refused(tmp_path):
+    instance = folder_with(tmp_path / "photos", 2)
+    module = DataModuleFromConfig(**data_config(instance, str(tmp_path / "x" / ".." / "photos")))
+    with pytest.raises(DataError, match="--data_root and --reg_data_root are the same folder"):
+        module.setup("fit")
+
+
+def test_very_large_images_warn_in_one_line_and_refuse_above_pillows_limit(tmp_path, caplog, monkeypatch):
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 64 * 64)  # 12000 x 12000 photos, scaled down for the test
+    solid("RGB", (80, 72)).save(tmp_path / "big.jpg")
+    with caplog.at_level(logging.WARNING), warnings.catch_warnings():
+        warnings.simplefilter("error")  # Pillow's own DecompressionBombWarning would fail here
+        data = dataset(tmp_path)
+        assert data[0]["image"].shape == (64, 64, 3)
+    (message,) = [r.getMessage() for r in caplog.records if "very large" in r.getMessage()]
+    assert "big.jpg: a very large image (80x72, 0 MP)" in message
+    solid("RGB", (100, 90)).save(tmp_path / "huge.jpg")
+    with pytest.raises(DataError, match=r"huge.jpg: the image is too large to decode safely \(0 MP, Pillow's limit"):
+        dataset(tmp_path)

@@ -150,7 +150,8 @@ def tiny_pair(tmp_path_factory):
     from conftest import TINY_CONFIG, build_tiny_model
 
     from ldm.checkpoint import save_weights
-    from ldm.inference import load_config, load_model
+    from ldm.inference import load_model
+    from ldm.model_config import load_config
 
     path = tmp_path_factory.mktemp("parity") / "tiny.ckpt"
     save_weights(randomise_zero_init(build_tiny_model()).state_dict(), path)

@@ -1,16 +1,15 @@
 """FrozenCLIPEmbedder: packaged tokenizer, SD v1 state-dict layout, parity with transformers, offline construction."""
 import logging
 import socket
-from pathlib import Path
 
 import pytest
 import torch
 from transformers import CLIPTextConfig, CLIPTextModel
 
+from conftest import read_spec
 from ldm.modules.encoders.modules import FrozenCLIPEmbedder, load_tokenizer
 from ldm.util import count_params
 
-SPEC = Path(__file__).resolve().parents[2] / "shared" / "specs" / "sd-v1-state-dict.tsv"
 TINY = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2}
 SKS_DOG_IDS = [49406, 320, 1125, 539, 48136, 1929] + [49407] * 71  # "a photo of sks dog" from OpenAI's CLIP tokenizer
 
@@ -49,14 +48,9 @@ def test_packaged_tokenizer_ids(tiny_embedder):
 
 
 def test_full_size_state_dict_matches_sd_v1_spec(no_network):
-    if not SPEC.is_file():
-        pytest.skip(f"state-dict spec not found at {SPEC}")
     prefix = "cond_stage_model."
-    expected = {}
-    for line in SPEC.read_text().splitlines():
-        key, shape = line.split("\t")
-        if key.startswith(prefix + "transformer.text_model."):
-            expected[key[len(prefix):]] = tuple(int(n) for n in shape.split("x"))
+    expected = {key[len(prefix):]: shape for key, shape in read_spec().items()
+                if key.startswith(prefix + "transformer.text_model.")}
     assert len(expected) == 196
     with torch.device("meta"):
         embedder = FrozenCLIPEmbedder()

@@ -1,9 +1,14 @@
 """scripts/stable_txt2img.py and scripts/img2img.py end to end on a tiny SD v1 checkpoint written here."""
+import errno
 import hashlib
 import importlib.util
 import logging
+import re
+import shutil
 import subprocess
 import sys
+from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -11,9 +16,12 @@ import torch
 from omegaconf import OmegaConf
 from PIL import Image
 
-from conftest import REPO, TINY_CONFIG, build_tiny_model
+from conftest import FULL_CONFIG, REPO, TINY_CONFIG, build_tiny_model
 from ldm.checkpoint import save_weights
+from ldm.images import SAMPLER_DISPLAY_NAMES
 from ldm.inference import SAMPLER_NAMES, read_metadata
+from ldm.model_config import load_config, native_size
+from other_tools import parse_infotext
 
 COMMON = ["--config", str(TINY_CONFIG), "--device", "cpu", "--n_iter", "1", "--n_samples", "2", "--ddim_steps", "3"]
 TINY = [*COMMON, "--H", "64", "--W", "64"]
@@ -67,6 +75,12 @@ def test_every_sampler_writes_samples_grid_and_metadata(tmp_path, capsys, ckpt, 
                     "checkpoint": ckpt.name, "checkpoint_sha256": hashlib.sha256(ckpt.read_bytes()).hexdigest()}
     assert read_metadata(tmp_path / "grid-0000.png")["seeds"] == [5, 6]
     assert (pixels(tmp_path / "samples" / "00000.png") != pixels(tmp_path / "samples" / "00001.png")).any()
+    info = parse_infotext(Image.open(tmp_path / "samples" / "00001.png").text["parameters"])  # as A1111 reads it
+    assert info == {"Prompt": "a photo of sks dog", "Negative prompt": "blurry", "Steps": "3",
+                    "Sampler": SAMPLER_DISPLAY_NAMES[sampler] + (" Karras" if extra else ""), "CFG scale": "7.5",
+                    "Seed": "6", "Size": "64x64", "Model hash": meta["checkpoint_sha256"][:10], "Model": "tiny-sd",
+                    "Eta": "0.0"}
+    assert parse_infotext(Image.open(tmp_path / "grid-0000.png").text["parameters"])["Seed"] == "5"
 
 
 def test_numbering_continues_and_prompts_from_file_get_a_grid_each(tmp_path, capsys, ckpt):
@@ -112,6 +126,8 @@ def test_img2img_writes_samples_with_strength(tmp_path, capsys, ckpt, sampler):
     assert code == 0, err
     meta = read_metadata(tmp_path / "out" / "samples" / "00001.png")
     assert (meta["strength"], meta["init_image"], meta["sampler"]) == (0.7, "init.png", sampler)
+    info = parse_infotext(Image.open(tmp_path / "out" / "samples" / "00001.png").text["parameters"])
+    assert (info["Denoising strength"], info["Size"], "Negative prompt:" in info["Prompt"]) == ("0.7", "80x64", False)
     assert Image.open(tmp_path / "out" / "samples" / "00001.png").size == (80, 64)
 
 
@@ -128,13 +144,42 @@ BAD_INPUTS = {
     "half-downloaded checkpoint": (lambda tmp, ckpt: ["--ckpt", str(truncated(tmp, ckpt))],
                                    "is the download complete?"),
     "config that does not match": (lambda tmp, ckpt: ["--ckpt", str(ckpt), "--config", bad_config(tmp)],
-                                   "does not match the model config"),
+                                   "does not match the model config in 285 tensors, e.g. "),
+    "... names the config that fits": (lambda tmp, ckpt: ["--ckpt", str(ckpt), "--config", bad_config(tmp)],
+                                       "; try --config configs/tiny/v1-inference.yaml"),
+    "text file renamed .ckpt": (lambda tmp, ckpt: ["--ckpt", str(text_file(tmp))],
+                                "page.ckpt is not a checkpoint but a web page "
+                                "(it begins '<html><body>Not Found</body></html>')"),
+    "a folder as --ckpt": (lambda tmp, ckpt: ["--ckpt", str(tmp)], "is a folder, not a checkpoint file"),
+    "a diffusers folder": (lambda tmp, ckpt: ["--ckpt", str(diffusers_folder(tmp))], "is a diffusers folder"),
+    "weights with inf": (lambda tmp, ckpt: ["--ckpt", str(diverged(tmp))],
+                         "tensor model.diffusion_model.input_blocks.0.0.weight holds 1 NaN or inf values (of 1152)"),
+    "outdir under a file": (lambda tmp, ckpt: ["--ckpt", str(ckpt), "--outdir", str(text_file(tmp) / "out")],
+                            "page.ckpt is a file, not a folder"),
     "H not a multiple of 8": (lambda tmp, ckpt: ["--ckpt", str(ckpt), "--H", "60"],
                               "--H 60 must be a positive multiple of 16"),
     "W fine for the VAE, not the UNet": (lambda tmp, ckpt: ["--ckpt", str(ckpt), "--W", "72"], "try 64 or 80"),
     "empty prompt file": (lambda tmp, ckpt: ["--ckpt", str(ckpt), "--from-file", str(empty(tmp))], "holds no prompts"),
     "karras with ddim": (lambda tmp, ckpt: ["--ckpt", str(ckpt), "--karras"], "--karras applies to the k-samplers"),
 }
+
+
+def text_file(tmp_path):
+    (tmp_path / "page.ckpt").write_text("<html><body>Not Found</body></html>")
+    return tmp_path / "page.ckpt"
+
+
+def diffusers_folder(tmp_path):
+    (tmp_path / "sd15").mkdir()
+    (tmp_path / "sd15" / "model_index.json").write_text("{}")
+    return tmp_path / "sd15"
+
+
+def diverged(tmp_path):
+    state = build_tiny_model().state_dict()
+    state["model.diffusion_model.input_blocks.0.0.weight"][0, 0, 0, 0] = float("inf")
+    save_weights(state, tmp_path / "diverged.safetensors")
+    return tmp_path / "diverged.safetensors"
 
 
 def truncated(tmp_path, ckpt):
@@ -154,6 +199,60 @@ def test_bad_input_is_one_line_that_says_what_to_do(tmp_path, capsys, ckpt, case
     assert code == 1
     lines = [line for line in err.splitlines() if line.startswith("error:")]
     assert len(lines) == 1 and expected in lines[0], err
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_checkpoint_of_a_run_brings_its_config_and_native_size(tmp_path, capsys, caplog, ckpt):
+    run_dir = tmp_path / "logs" / "2026-01-01T00-00-00_job"
+    (run_dir / "checkpoints").mkdir(parents=True)
+    (run_dir / "configs").mkdir()
+    shutil.copy(ckpt, run_dir / "checkpoints" / "last.ckpt")
+    for stamp in ("2025-12-31T00-00-00", "2026-01-01T00-00-00"):  # a resumed run saves one per session
+        shutil.copy(TINY_CONFIG, run_dir / "configs" / f"{stamp}-project.yaml")
+    args = ["--ckpt", str(run_dir / "checkpoints" / "last.ckpt"), "--outdir", str(tmp_path / "out"), "--device",
+            "cpu", "--n_iter", "1", "--n_samples", "1", "--ddim_steps", "2"]
+    with caplog.at_level(logging.INFO):
+        assert txt2img.main(args) == 0, capsys.readouterr().err
+    assert f"using the config that trained {run_dir / 'checkpoints' / 'last.ckpt'}: " \
+           f"{run_dir / 'configs' / '2026-01-01T00-00-00-project.yaml'}" in caplog.text
+    assert Image.open(tmp_path / "out" / "samples" / "00000.png").size == (64, 64)  # image_size 8 x f 8
+
+
+def test_native_size_of_the_sd_v1_config_is_512():
+    assert native_size(load_config(str(FULL_CONFIG))) == 512 and native_size(load_config(str(TINY_CONFIG))) == 64
+
+
+def test_negative_scale_warns(tmp_path, capsys, caplog, ckpt):
+    with caplog.at_level(logging.WARNING):
+        code, _ = run(txt2img, capsys, "--ckpt", str(ckpt), "--outdir", str(tmp_path), "--scale", "-2",
+                      "--n_samples", "1", "--skip_grid")
+    assert code == 0
+    assert "--scale -2 is below 0: guidance then pushes the images away from the prompt" in caplog.text
+
+
+@pytest.mark.parametrize("fault", ["no space left", "ENOSPC while writing"])
+def test_a_full_disk_keeps_whole_images_only(tmp_path, capsys, monkeypatch, ckpt, fault):
+    samples = tmp_path / "out" / "samples"
+    if fault == "no space left":
+        real = shutil.disk_usage
+        monkeypatch.setattr(shutil, "disk_usage", lambda path: SimpleNamespace(free=500)
+                            if (samples / "00000.png").exists() else real(path))
+    else:
+        save = Image.Image.save
+
+        def fails_on_the_second(image, fp, *args, **kwargs):
+            if (samples / "00000.png").exists():
+                Path(fp).write_bytes(b"\x89PNG half")
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return save(image, fp, *args, **kwargs)
+
+        monkeypatch.setattr(Image.Image, "save", fails_on_the_second)
+    code, err = run(txt2img, capsys, "--ckpt", str(ckpt), "--outdir", str(tmp_path / "out"))
+    assert code == 1
+    (line,) = [line for line in err.splitlines() if line.startswith("error:")]
+    assert re.fullmatch(rf"error: not enough disk space for {samples / '00001.png'}: it needs about [\d.]+ kB, "
+                        r"[\d.]+ [kMGT]?B free; stopped, the 1 images written before it are kept", line), line
+    assert [p.name for p in samples.iterdir()] == ["00000.png"] and (samples / "00000.png").stat().st_size > 100
 
 
 def test_cuda_asked_without_a_gpu(tmp_path, capsys, ckpt):

@@ -7,13 +7,13 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
+from conftest import read_spec
 from ldm.models.autoencoder import AutoencoderKL
 from ldm.modules.diffusionmodules.model import Encoder
 from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
 from ldm.util import count_params, instantiate_from_config
 
 ROOT = Path(__file__).resolve().parents[1]
-SPEC = ROOT.parent / "shared" / "specs" / "sd-v1-state-dict.tsv"
 PREFIX = "first_stage_model."
 
 
@@ -22,12 +22,7 @@ def first_stage_config(name: str):
 
 
 def spec_shapes() -> dict[str, tuple[int, ...]]:
-    shapes = {}
-    for line in SPEC.read_text().splitlines():
-        key, shape = line.split("\t")
-        if key.startswith(PREFIX):
-            shapes[key[len(PREFIX):]] = tuple(int(s) for s in shape.split("x"))
-    return shapes
+    return {key[len(PREFIX):]: shape for key, shape in read_spec().items() if key.startswith(PREFIX)}
 
 
 def randomise(model: torch.nn.Module, seed: int) -> None:
@@ -46,8 +41,6 @@ def randomise(model: torch.nn.Module, seed: int) -> None:
 
 
 def test_full_size_keys_and_shapes_match_sd_v1():
-    if not SPEC.exists():
-        pytest.skip(f"state-dict spec not found at {SPEC}")
     with torch.device("meta"):
         model = instantiate_from_config(first_stage_config("stable-diffusion"))
     ours = {k: tuple(v.shape) for k, v in model.state_dict().items()}

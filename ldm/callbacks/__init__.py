@@ -1,6 +1,9 @@
-"""Lightning callbacks of a training run: run folder, checkpoints (with the atomic checkpoint I/O), sample images."""
-from ldm.callbacks.checkpointing import AtomicCheckpointIO, StepCheckpoint
+"""Lightning callbacks of a training run: run folder, checkpoints (with the atomic checkpoint I/O), sample images,
+progress and the end-of-run summary."""
+from ldm.callbacks.checkpointing import AtomicCheckpointIO, StartAtStep, StepCheckpoint
 from ldm.callbacks.image_logger import ImageLogger
+from ldm.callbacks.progress import StepProgress, quiet_lightning
 from ldm.callbacks.setup import SetupCallback
 
-__all__ = ["AtomicCheckpointIO", "ImageLogger", "SetupCallback", "StepCheckpoint"]
+__all__ = ["AtomicCheckpointIO", "ImageLogger", "SetupCallback", "StartAtStep", "StepCheckpoint", "StepProgress",
+           "quiet_lightning"]

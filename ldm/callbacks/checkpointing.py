@@ -1,5 +1,6 @@
 """Checkpoints of a DreamBooth run: weights-only `step_<N>.ckpt` files, the resumable `last.ckpt`, atomic writes."""
 import logging
+import re
 import signal
 import threading
 from pathlib import Path
@@ -10,7 +11,7 @@ import torch
 from pytorch_lightning.callbacks import Callback
 from pytorch_lightning.plugins import TorchCheckpointIO
 
-from ldm.checkpoint import CheckpointError, save_checkpoint, save_weights
+from ldm.checkpoint import CheckpointError, check_finite, remove_stale_temp_files, save_checkpoint, save_weights
 
 logger = logging.getLogger(__name__)
 
@@ -31,8 +32,9 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         missing = [key for key in RESUME_KEYS if key not in checkpoint]
         if missing:
             raise CheckpointError(f"{path} holds weights only (no {', '.join(missing)}), so training cannot resume "
-                                  f"from it; resume from a run's last.ckpt, or start a new run with --actual_resume "
-                                  f"{path}")
+                                  f"from it with its optimizer; add --resume_weights_only to continue from its step "
+                                  f"with a fresh optimizer, or start a new run with --actual_resume {path}")
+        check_finite(checkpoint["state_dict"], str(path))
         return checkpoint
 
 
@@ -42,21 +44,37 @@ def weights_are_finite(module: torch.nn.Module) -> bool:
     return bool(torch.stack(flags).all()) if flags else True
 
 
+STEP_FILE = re.compile(r"step_(\d+)\.ckpt")
+
+
+def step_files(folder: Path) -> list[tuple[int, Path]]:
+    """The weights-only `step_<N>.ckpt` files of a checkpoint folder, oldest first, with their steps."""
+    return sorted((int(m.group(1)), p) for p in folder.glob("step_*.ckpt") if (m := STEP_FILE.fullmatch(p.name)))
+
+
 class StepCheckpoint(Callback):
-    """`step_<N>.ckpt` (weights only, SD v1 layout) every `every_n_train_steps` steps and `last.ckpt` (resumable:
-    weights, optimizer, step) at the end, or at the next step boundary after Ctrl-C or SIGTERM.
+    """`step_<N>.ckpt` (weights only, SD v1 layout) every `every_n_train_steps` steps, and `last.ckpt` (resumable:
+    weights, optimizer, step) every `save_last_every_n_steps` steps (default: with every step file; 0: only at the
+    end), at the end, and at the next step boundary after Ctrl-C or SIGTERM, so a crash of any kind can resume.
 
     A press of Ctrl-C stops after the current step; a second one quits at once without saving. Weights that are not
-    finite are never written, so the previous checkpoint stays the last good one. `safetensors` also writes fp16
-    `.safetensors` copies of the weights, for sharing.
+    finite are never written, so the previous checkpoint stays the last good one. `keep_last_n` keeps only the newest
+    n step files (default: all). `safetensors` also writes fp16 `.safetensors` copies of the weights, for sharing.
     """
 
-    def __init__(self, dirpath: str, every_n_train_steps: int = 500, safetensors: bool = False):
+    def __init__(self, dirpath: str, every_n_train_steps: int = 500, safetensors: bool = False,
+                 save_last_every_n_steps: Optional[int] = None, keep_last_n: Optional[int] = None):
         super().__init__()
-        if every_n_train_steps < 0:
-            raise ValueError(f"every_n_train_steps must be >= 0 (0: only last.ckpt), got {every_n_train_steps}")
+        bad_keep = keep_last_n is not None and keep_last_n < 1
+        if every_n_train_steps < 0 or (save_last_every_n_steps or 0) < 0 or bad_keep:
+            raise ValueError(f"need every_n_train_steps >= 0 (0: only last.ckpt), save_last_every_n_steps >= 0 "
+                             f"(0: only at the end), keep_last_n >= 1 or null (keep all); got {every_n_train_steps}, "
+                             f"{save_last_every_n_steps}, {keep_last_n}")
         self.dirpath = Path(dirpath)
         self.every_n_train_steps = every_n_train_steps
+        self.save_last_every_n_steps = (every_n_train_steps if save_last_every_n_steps is None
+                                        else save_last_every_n_steps)
+        self.keep_last_n = keep_last_n
         self.safetensors = safetensors
         self.last_good: Optional[Path] = None
         self.stop_reason: Optional[str] = None
@@ -68,9 +86,22 @@ class StepCheckpoint(Callback):
     def last_path(self) -> Path:
         return self.dirpath / "last.ckpt"
 
+    def resume_hint(self) -> str:
+        """After a full disk: which checkpoints the run keeps, and the command that resumes from them."""
+        steps = step_files(self.dirpath) if self.dirpath.is_dir() else []
+        kept = [str(self.last_path)] if self.last_path.is_file() else []
+        kept += [str(steps[-1][1]) if not kept else steps[-1][1].name] if steps else []
+        if not kept:
+            return "no checkpoint was written yet"
+        command = f"python main.py -t -r {self.dirpath.parent}" + ("" if self.last_path.is_file()
+                                                                   else " --resume_weights_only")
+        return f"kept {' and '.join(kept)}; free some space, then resume with: {command}"
+
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._start_step = trainer.global_step
         self.last_good = self.last_path if self.last_path.is_file() else None  # a resumed run's checkpoint
+        if trainer.is_global_zero and self.dirpath.is_dir():
+            remove_stale_temp_files(self.dirpath)
         if threading.current_thread() is threading.main_thread():  # Python allows signal handlers only there
             self._previous_sigint = signal.signal(signal.SIGINT, self._on_sigint)
 
@@ -92,16 +123,28 @@ class StepCheckpoint(Callback):
         if self.every_n_train_steps and step % self.every_n_train_steps == 0 and step not in (0, self._weights_step):
             self._weights_step = step
             self.save_weights(trainer, pl_module, self.dirpath / f"step_{step}.ckpt")
+            self.prune(trainer)
         stop = self._sigint_requested or trainer.received_sigterm
         if trainer.strategy.reduce_boolean_decision(stop, all=False):
             self.stop_reason = "SIGTERM" if trainer.received_sigterm else "Ctrl-C"
             self.save_last(trainer, pl_module)
             trainer.should_stop = True
+        elif self.save_last_every_n_steps and step % self.save_last_every_n_steps == 0 and step != self._start_step:
+            self.save_last(trainer, pl_module)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         nothing_new = trainer.global_step == self._start_step and self.last_path.is_file()
         if self._last_step != trainer.global_step and not nothing_new:
             self.save_last(trainer, pl_module)
+
+    def prune(self, trainer: pl.Trainer) -> None:
+        """Delete the step files (and their .safetensors copies) older than the newest `keep_last_n`."""
+        if self.keep_last_n is None or not trainer.is_global_zero:
+            return
+        for _, path in step_files(self.dirpath)[:-self.keep_last_n]:
+            path.unlink(missing_ok=True)
+            path.with_suffix(".safetensors").unlink(missing_ok=True)
+            logger.info("removed %s (keep_last_n: %d)", path.name, self.keep_last_n)
 
     def _check_finite(self, pl_module: pl.LightningModule, path: Path) -> None:
         if not weights_are_finite(pl_module):
@@ -130,3 +173,17 @@ class StepCheckpoint(Callback):
                 save_weights(pl_module.state_dict(), self.last_path.with_suffix(".safetensors"), half=True)
             logger.info("step %d: saved %s", trainer.global_step, self.last_path)
         self.last_good = self.last_path
+
+
+class StartAtStep(Callback):
+    """Continue a run from weights saved at `step` with a fresh optimizer: Lightning's step counters start there."""
+
+    def __init__(self, step: int):
+        super().__init__()
+        self.step = step
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        loop = trainer.fit_loop.epoch_loop
+        progress = loop.automatic_optimization.optim_progress.optimizer.step.total
+        progress.ready = progress.completed = self.step
+        loop._batches_that_stepped = self.step  # the step the loggers write

@@ -1,4 +1,4 @@
-"""Sample images during training: DDIM samples of the instance prompt and of the class prompt, as PNG grids."""
+"""Sample images during training: DDIM samples of the instance prompt and of the class prompt, as labelled grids."""
 import logging
 from pathlib import Path
 from typing import Any, Mapping
@@ -7,14 +7,16 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import Callback
 
-from ldm.inference import make_grid, sample_images, sampling_mode, save_image, to_pil
+from ldm.images import labelled_grid, save_image, to_pil
+from ldm.inference import sample_images, sampling_mode
 
 logger = logging.getLogger(__name__)
 
 
 class ImageLogger(Callback):
     """Every `batch_frequency` steps, `max_images` samples per prompt (the same seeds each time, so grids compare
-    across steps) and the batch's input images, saved under `<run>/images/train/` by rank zero. PIL only, no fonts."""
+    across steps) and the batch's input images, saved under `<run>/images/train/` by rank zero. Each grid has a title
+    strip (the prompt) and its rows labelled instance or class, in Pillow's built-in font."""
 
     def __init__(self, batch_frequency: int = 500, max_images: int = 8, ddim_steps: int = 50, scale: float = 10.0,
                  seed: int = 23, images_per_row: int = 4, log_first_step: bool = False, disabled: bool = False):
@@ -47,17 +49,18 @@ class ImageLogger(Callback):
         folder.mkdir(parents=True, exist_ok=True)
         suffix = f"gs-{step:06}_e-{trainer.current_epoch:06}_b-{batch_idx:06}.png"
         image_key, caption_key = pl_module.first_stage_key, pl_module.cond_stage_key
-        inputs = [batch[image_key]] + ([batch[f"class_{image_key}"]] if f"class_{image_key}" in batch else [])
-        save_image(make_grid(to_pil(torch.cat(inputs).permute(0, 3, 1, 2)), self.images_per_row),
+        kinds = {"instance": ""} | ({"class": "class_"} if f"class_{image_key}" in batch else {})
+        inputs = [(kind, to_pil(batch[f"{prefix}{image_key}"].permute(0, 3, 1, 2))) for kind, prefix in kinds.items()]
+        save_image(labelled_grid(inputs, self.images_per_row, f"training inputs, step {step}"),
                    folder / f"inputs_{suffix}", {"step": step})
-        prompts = {"instance": batch[caption_key][0]}
-        if f"class_{caption_key}" in batch:
-            prompts["class"] = batch[f"class_{caption_key}"][0]
         seeds = list(range(self.seed, self.seed + self.max_images))
         with sampling_mode(pl_module), trainer.precision_plugin.forward_context():
-            for name, prompt in prompts.items():
+            for kind, prefix in kinds.items():
+                prompt = batch[f"{prefix}{caption_key}"][0]
                 images = sample_images(pl_module, prompt, seeds, self.ddim_steps, self.scale)
-                save_image(make_grid(images, self.images_per_row), folder / f"samples_{name}_{suffix}",
+                save_image(labelled_grid([(kind, images)], self.images_per_row, f"{prompt} (step {step})"),
+                           folder / f"samples_{kind}_{suffix}",
                            {"prompt": prompt, "step": step, "sampler": "ddim", "steps": self.ddim_steps,
-                            "scale": self.scale, "seeds": seeds})
+                            "scale": self.scale, "seeds": seeds, "width": images[0].width,
+                            "height": images[0].height})
         logger.info("step %d: sample grids in %s", step, folder)

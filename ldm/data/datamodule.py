@@ -5,7 +5,7 @@ from typing import Mapping
 import pytorch_lightning as pl
 from torch.utils.data import DataLoader, Dataset
 
-from ldm.data.personalized import DEFAULT_CLASS_WORD, IMAGE_SUFFIXES, InstanceClassPairs
+from ldm.data.personalized import DEFAULT_CLASS_WORD, IMAGE_SUFFIXES, DataError, InstanceClassPairs
 from ldm.util import instantiate_from_config
 
 
@@ -51,6 +51,11 @@ class DataModuleFromConfig(pl.LightningDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         """Build (and so check) the instance set, and the class set once no class image is missing."""
+        instance_root = (self.train_config.get("params") or {}).get("data_root")
+        if instance_root and self.class_folder and Path(instance_root).resolve() == Path(self.class_folder).resolve():
+            raise DataError(f"--data_root and --reg_data_root are the same folder ({instance_root}): the class images "
+                            "must be other pictures of the class, not the subject's photos (or generate them with "
+                            "--num_class_images into a folder of their own)")
         if self.instance is None:
             self.instance = instantiate_from_config(self.train_config)
         if self.reg_config is not None and self.class_prior is None and not self.missing_class_images():

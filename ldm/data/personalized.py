@@ -1,6 +1,8 @@
 """DreamBooth data (Ruiz et al. 2023): subject photos and class-prior images with their captions, read the way
 real-world photo folders need (EXIF orientation, any colour mode, stray files), and the instance/class pairing."""
 import logging
+import re
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
@@ -60,18 +62,33 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
+def open_image(path: str | Path) -> Image.Image:
+    """Image.open with Pillow's decompression-bomb guard as one clear line: a DataError above its hard limit (twice
+    Image.MAX_IMAGE_PIXELS), nothing below it (`short_side` warns once per file)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            return Image.open(path)
+    except Image.DecompressionBombError as err:
+        pixels = re.search(r"\((\d+) pixels\)", str(err))
+        found = f"{int(pixels.group(1)) / 1e6:.0f} MP" if pixels else "too many pixels"
+        raise DataError(f"{path}: the image is too large to decode safely ({found}, Pillow's limit is "
+                        f"{2 * Image.MAX_IMAGE_PIXELS / 1e6:.0f} MP); downscale it, e.g. to 2048 px on the long "
+                        "side") from None
+
+
 @contextmanager
 def reading(path: str | Path) -> Iterator[None]:
     """Turn PIL's errors for an unreadable file into a DataError naming it."""
     try:
         yield
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
+    except (OSError, ValueError, SyntaxError) as err:
         raise DataError(f"{path}: cannot read this image ({err})") from None
 
 
 def load_rgb(path: str | Path) -> Image.Image:
     """Decode an image file upright (EXIF orientation applied) as 8-bit RGB."""
-    with reading(path), Image.open(path) as image:
+    with reading(path), open_image(path) as image:
         return to_rgb(ImageOps.exif_transpose(image))
 
 
@@ -80,7 +97,12 @@ def short_side(path: str | Path, size: int) -> int:
 
     JPEGs decode at a reduced scale near `size`, which still reads every byte of the file but is faster.
     """
-    with reading(path), Image.open(path) as image:
+    with reading(path), open_image(path) as image:
+        width, height = image.size
+        if Image.MAX_IMAGE_PIXELS and width * height > Image.MAX_IMAGE_PIXELS:
+            logger.warning("%s: a very large image (%dx%d, %.0f MP): it is decoded again for every step, slowly and "
+                           "with much memory; downscale it, e.g. to 2048 px on the long side", path, width, height,
+                           width * height / 1e6)
         side = min(image.size)
         image.draft("RGB", (size, size))
         to_rgb(ImageOps.exif_transpose(image))
@@ -121,6 +143,9 @@ class PersonalizedBase(Dataset):
                             f"got crop={crop!r}, interpolation={interpolation!r}")
         if size < 8 or repeats < 1 or not 0.0 <= flip_p <= 1.0:
             raise DataError(f"{role}: need size >= 8, repeats >= 1, 0 <= flip_p <= 1 (got {size}, {repeats}, {flip_p})")
+        for flag, word, example in (("--class_word", class_word, "dog"), ("--token/--identifier", identifier, "sks")):
+            if not str(word).strip():
+                raise DataError(f"{flag} is empty: the captions need it (e.g. {flag.split('/')[0]} {example})")
         self.size, self.repeats, self.flip_p, self.crop = size, repeats, flip_p, crop
         self.resample = INTERPOLATIONS[interpolation]
         self.identifier, self.class_word = identifier, class_word

@@ -1,0 +1,176 @@
+"""What a training run shows: progress in steps (a bar on a terminal, a line every N steps in a log file), an
+end-of-run summary with the command that samples from the result, and none of Lightning's noise."""
+import contextlib
+import logging
+import re
+import shlex
+import sys
+import time
+import warnings
+from collections import deque
+from pathlib import Path
+from typing import Any, Mapping, Optional, TextIO
+
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.callbacks import Callback
+from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
+
+from ldm.data.personalized import INSTANCE_TEMPLATE
+from ldm.util import format_bytes
+
+logger = logging.getLogger(__name__)
+
+# Lightning's lines that a DreamBooth user cannot act on: an advertisement, device lines (our start line names the
+# device), the stop reason (our summary follows), the CUDA_VISIBLE_DEVICES echo.
+NOISE_LINES = re.compile(r"💡 Tip|GPU available|TPU available|HPU available|`Trainer.fit` stopped|LOCAL_RANK: ")
+NOISY_LOGGERS = ("pytorch_lightning.utilities.rank_zero", "lightning_fabric.utilities.rank_zero",
+                 "pytorch_lightning.accelerators.cuda")
+NOISE_WARNINGS = (
+    r"`isinstance\(treespec, LeafSpec\)` is deprecated",  # inside Lightning, with torch >= 2.10
+    r"Found \d+ module\(s\) in eval mode",  # LatentDiffusion keeps the frozen VAE (and text encoder) in eval mode
+    r"You're resuming from a checkpoint that ended before the epoch ended",  # batches are random draws anyway
+)
+
+
+class _DropNoise(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not NOISE_LINES.match(record.getMessage())
+
+
+_DROP_NOISE = _DropNoise()
+
+
+def quiet_lightning() -> None:
+    """Silence, in this one place, Lightning's messages the user cannot act on; warnings about the user's own
+    settings still show."""
+    for name in NOISY_LOGGERS:
+        logging.getLogger(name).addFilter(_DROP_NOISE)
+    for message in NOISE_WARNINGS:
+        warnings.filterwarnings("ignore", message=message)
+
+
+def clock(seconds: float) -> str:
+    """13:20 or 1:13:20."""
+    minutes, secs = divmod(int(round(seconds)), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}:{minutes:02}:{secs:02}" if hours else f"{minutes}:{secs:02}"
+
+
+def peak_memory(device: torch.device) -> str:
+    """Peak CUDA memory allocated on a GPU, else the process's peak resident memory."""
+    if device.type == "cuda":
+        return f"{format_bytes(torch.cuda.max_memory_allocated(device))} (CUDA, allocated)"
+    try:
+        import resource
+    except ImportError:  # Windows
+        return "unknown"
+    scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss is in bytes on macOS, kilobytes on Linux
+    return f"{format_bytes(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale)} (process peak RSS)"
+
+
+def shell_quote(text: str) -> str:
+    """A command-line argument: double quotes for a plain prompt, shell quoting for anything else."""
+    if text and not set(text) & set('"$`\\!') and text.isprintable():
+        return f'"{text}"' if shlex.quote(text) != text else text
+    return shlex.quote(text)
+
+
+class StepProgress(Callback):
+    """`step 123/800 · loss 0.123 · 1.2 s/step · ETA 13:20`: a bar when the output is a terminal, else a log line
+    every `every_n_steps` steps (default: the trainer's log_every_n_steps); a summary of the run at its end."""
+
+    def __init__(self, every_n_steps: Optional[int] = None, mean_over: int = 50, stream: Optional[TextIO] = None):
+        super().__init__()
+        if (every_n_steps is not None and every_n_steps < 1) or mean_over < 1:
+            raise ValueError(f"need every_n_steps >= 1 and mean_over >= 1, got {every_n_steps}, {mean_over}")
+        self.every_n_steps = every_n_steps
+        self.losses: deque = deque(maxlen=mean_over)
+        self.stream = stream
+        self._bar: Optional[tqdm] = None
+        self._exit = contextlib.ExitStack()
+        self._start_step = self._shown_step = 0
+        self._started = 0.0
+        self.trained = False  # whether training started at all (a run resumed at max_steps has nothing to do)
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._start_step = self._shown_step = trainer.global_step
+        self._started = time.monotonic()
+        self.trained = True
+        if not trainer.is_global_zero:
+            return
+        trainable = sum(p.numel() for p in pl_module.parameters() if p.requires_grad)
+        frozen = sum(p.numel() for p in pl_module.parameters() if not p.requires_grad)
+        logger.info("training steps %d to %d on %s (%d device(s), precision %s): %.1f M trainable parameters, "
+                    "%.1f M frozen", trainer.global_step, trainer.max_steps, pl_module.device.type,
+                    trainer.num_devices, trainer.precision, trainable / 1e6, frozen / 1e6)
+        stream = self.stream or sys.stderr
+        if stream.isatty():
+            self._bar = self._exit.enter_context(tqdm(total=trainer.max_steps, initial=trainer.global_step,
+                                                      file=stream, bar_format="{desc}  {bar}", dynamic_ncols=True))
+            self._exit.enter_context(logging_redirect_tqdm())
+
+    def line(self, step: int, total: int) -> str:
+        """The progress line at `step` of `total`."""
+        done = step - self._start_step
+        pace = (time.monotonic() - self._started) / done if done else None
+        recent = list(self.losses)[-10:]
+        loss = f"{torch.stack(recent).mean().item():.3f}" if recent else "-"
+        timing = f"{pace:.1f} s/step · ETA {clock(pace * (total - step))}" if pace is not None else "ETA -"
+        return f"step {step}/{total} · loss {loss} · {timing}"
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        loss = outputs["loss"] if isinstance(outputs, Mapping) else outputs
+        if isinstance(loss, torch.Tensor):
+            self.losses.append(loss.detach().float())
+        step, total = trainer.global_step, trainer.max_steps
+        if not trainer.is_global_zero or step == self._shown_step:
+            return
+        self._shown_step = step
+        if self._bar is not None:
+            self._bar.set_description_str(self.line(step, total), refresh=False)
+            self._bar.update(step - self._bar.n)
+        elif step % (self.every_n_steps or trainer.log_every_n_steps or 1) == 0 or step == total:
+            logger.info(self.line(step, total))
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._exit.close()
+        self._bar = None
+        if trainer.is_global_zero:
+            for text in self.summary(trainer, pl_module):
+                logger.info(text)
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._exit.close()
+
+    def summary(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> list[str]:
+        """Steps, mean loss, time, peak memory, what the run wrote, and the command that samples from it."""
+        seconds, done = time.monotonic() - self._started, trainer.global_step - self._start_step
+        mean = f"{torch.stack(list(self.losses)).mean().item():.4f}" if self.losses else "-"
+        lines = [f"summary: steps {self._start_step} to {trainer.global_step} ({done} in this session) in "
+                 f"{clock(seconds)}{f', {seconds / done:.2f} s/step' if done else ''}; mean loss of the last "
+                 f"{len(self.losses)} steps {mean}; peak memory {peak_memory(pl_module.device)}"]
+        run = Path(trainer.default_root_dir)
+        folder = run / "checkpoints"
+        last = folder / "last.ckpt"
+        names = sorted((p.name for p in folder.glob("*.ckpt") if p != last), key=lambda n: (len(n), n))
+        if last.is_file() or names:
+            lines.append(f"checkpoints: {', '.join(([f'{last} (resumable)'] if last.is_file() else []) + names)}")
+        grids = sorted((run / "images" / "train").glob("samples_*.png"), key=lambda p: (_grid_step(p), p.name))
+        if grids:
+            newest = [p for p in grids if _grid_step(p) == _grid_step(grids[-1])]
+            lines.append(f"sample grids (step {_grid_step(grids[-1])}): {', '.join(map(str, newest))}")
+        configs = sorted((run / "configs").glob("*-project.yaml"))
+        instance = getattr(trainer.datamodule, "instance", None)
+        if last.is_file() and configs and instance is not None:
+            prompt = INSTANCE_TEMPLATE.format(identifier=instance.identifier, class_word=instance.class_word)
+            lines.append(f"sample from it: python scripts/stable_txt2img.py --ckpt {shlex.quote(str(last))} "
+                         f"--config {shlex.quote(str(configs[-1]))} --prompt {shell_quote(prompt)}")
+        return lines
+
+
+def _grid_step(path: Path) -> int:
+    match = re.search(r"_gs-(\d+)", path.name)
+    return int(match.group(1)) if match else -1

@@ -1,0 +1,128 @@
+"""Images we write: 8-bit RGB from the decoder, grids (labelled with Pillow's built-in font), and PNGs whose
+metadata other tools read: A1111 "infotext" under `parameters`, and the full generation parameters as JSON."""
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any, Mapping, Optional, Sequence
+
+import torch
+from PIL import Image, ImageDraw, ImageFont
+from PIL.PngImagePlugin import PngInfo
+from torch import Tensor
+
+from ldm.util import atomic_write
+
+logger = logging.getLogger(__name__)
+
+INFOTEXT_KEY = "parameters"  # what AUTOMATIC1111's PNG Info tab, civitai and others read: plain text
+METADATA_KEY = "dreambooth"  # ours: every generation parameter as JSON
+# A1111's display names of the samplers, whose infotext other tools parse.
+SAMPLER_DISPLAY_NAMES = {"ddim": "DDIM", "plms": "PLMS", "euler": "Euler", "euler_a": "Euler a", "heun": "Heun",
+                         "lms": "LMS", "dpm2": "DPM2", "dpmpp_2m": "DPM++ 2M"}
+TEXT_COLOUR, STRIP_COLOUR = (255, 255, 255), (40, 40, 40)
+
+
+def to_pil(images: Tensor) -> list[Image.Image]:
+    """Decoded images in [-1, 1], [B, 3, H, W] -> 8-bit RGB PIL images."""
+    array = ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return [Image.fromarray(a) for a in array.permute(0, 2, 3, 1).cpu().numpy()]
+
+
+def make_grid(images: Sequence[Image.Image], per_row: int, padding: int = 2) -> Image.Image:
+    """Images tiled `per_row` to a row on a black background with `padding` pixels around each (as torchvision)."""
+    width, height = images[0].size
+    columns = min(per_row, len(images))
+    rows = -(-len(images) // columns)
+    grid = Image.new("RGB", (columns * (width + padding) + padding, rows * (height + padding) + padding))
+    for k, image in enumerate(images):
+        row, column = divmod(k, columns)
+        grid.paste(image, (padding + column * (width + padding), padding + row * (height + padding)))
+    return grid
+
+
+def _default_font() -> Optional[ImageFont.ImageFont]:
+    try:
+        return ImageFont.load_default()
+    except (OSError, ValueError, ImportError):  # a Pillow built without its fonts: draw the strips without text
+        logger.debug("no default font; grids are drawn without labels")
+        return None
+
+
+def _draw_text(draw: ImageDraw.ImageDraw, xy: tuple[int, int], text: str, width: int,
+               font: Optional[ImageFont.ImageFont]) -> None:
+    """`text`, cut with "..." to fit `width` pixels; nothing when there is no font or it cannot draw the text."""
+    if font is None:
+        return
+    try:
+        while text and draw.textlength(text, font=font) > width:
+            text = text[:-4] + "..." if len(text) > 4 else ""
+        draw.text(xy, text, fill=TEXT_COLOUR, font=font)
+    except (OSError, UnicodeEncodeError, ValueError):  # the bitmap fallback font knows Latin-1 only
+        logger.debug("could not draw %r on a grid", text)
+
+
+def labelled_grid(groups: Sequence[tuple[str, Sequence[Image.Image]]], per_row: int, title: str) -> Image.Image:
+    """Grids of each group stacked, each with its label in a strip on the left, under a strip with `title`."""
+    font = _default_font()
+    grids = [make_grid(images, per_row) for _, images in groups]
+    strip = 14 if font is None else max(14, font.getbbox("Ag")[3] + 6)
+    label_width = 8 if font is None else 8 + max(int(ImageDraw.Draw(grids[0]).textlength(label, font=font))
+                                                 for label, _ in groups)
+    width = label_width + max(g.width for g in grids)
+    canvas = Image.new("RGB", (width, strip + sum(g.height for g in grids)), STRIP_COLOUR)
+    draw = ImageDraw.Draw(canvas)
+    _draw_text(draw, (4, 3), title, width - 8, font)
+    top = strip
+    for (label, _), grid in zip(groups, grids):
+        canvas.paste(grid, (label_width, top))
+        _draw_text(draw, (4, top + 4), label, label_width - 4, font)
+        top += grid.height
+    return canvas
+
+
+def _quote(value: Any) -> str:
+    """An infotext value; text with a comma, colon or newline in JSON quotes, as A1111 writes it."""
+    text = str(value)
+    return json.dumps(text, ensure_ascii=False) if any(c in text for c in ",:\n") else text
+
+
+def infotext(metadata: Mapping[str, Any], size: tuple[int, int]) -> str:
+    """A1111's `parameters` text: the prompt, a `Negative prompt:` line when there is one, then `Key: value, ...`."""
+    seeds = metadata.get("seeds") or [None]
+    sampler = metadata.get("sampler")
+    if sampler is not None:
+        sampler = SAMPLER_DISPLAY_NAMES.get(sampler, sampler) + (" Karras" if metadata.get("karras") else "")
+    fields = {
+        "Steps": metadata.get("steps"),
+        "Sampler": sampler,
+        "CFG scale": metadata.get("scale"),
+        "Seed": metadata.get("seed", seeds[0]),
+        "Size": f"{metadata.get('width', size[0])}x{metadata.get('height', size[1])}",
+        "Model hash": (metadata.get("checkpoint_sha256") or "")[:10] or None,
+        "Model": Path(metadata["checkpoint"]).stem if metadata.get("checkpoint") else None,
+        "Denoising strength": metadata.get("strength"),
+        "Eta": metadata.get("eta"),
+        "Training step": metadata.get("step"),
+    }
+    lines = [str(metadata.get("prompt", ""))]
+    if metadata.get("negative_prompt"):
+        lines.append(f"Negative prompt: {metadata['negative_prompt']}")
+    lines.append(", ".join(f"{key}: {_quote(value)}" for key, value in fields.items() if value is not None))
+    return "\n".join(lines)
+
+
+def save_image(image: Image.Image, path: Path, metadata: dict[str, Any]) -> None:
+    """Write a PNG atomically (never a partial file), with infotext when it has a prompt and the JSON metadata."""
+    info = PngInfo()
+    if "prompt" in metadata:
+        info.add_text(INFOTEXT_KEY, infotext(metadata, image.size))
+    info.add_text(METADATA_KEY, json.dumps(metadata, sort_keys=True))
+    raw = image.width * image.height * len(image.getbands())  # a PNG is rarely larger than its raw pixels
+    atomic_write(path, lambda tmp: image.save(tmp, format="PNG", pnginfo=info), raw + (1 << 16))
+
+
+def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
+    """The generation parameters stored by `save_image` (or as JSON under `parameters`, by earlier versions)."""
+    with Image.open(path) as image:
+        return json.loads(image.text.get(METADATA_KEY) or image.text[INFOTEXT_KEY])
