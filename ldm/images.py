@@ -41,8 +41,11 @@ def make_grid(images: Sequence[Image.Image], per_row: int, padding: int = 2) -> 
     return grid
 
 
-def _default_font() -> Optional[ImageFont.ImageFont]:
+def default_font(size: Optional[int] = None) -> Optional[ImageFont.ImageFont]:
+    """Pillow's built-in font, at `size` pixels where Pillow can scale it; None when Pillow has no font."""
     try:
+        return ImageFont.load_default() if size is None else ImageFont.load_default(size=size)
+    except TypeError:  # Pillow < 10.1: only the small bitmap font
         return ImageFont.load_default()
     except (OSError, ValueError, ImportError):  # a Pillow built without its fonts: draw the strips without text
         logger.debug("no default font; grids are drawn without labels")
@@ -64,7 +67,7 @@ def _draw_text(draw: ImageDraw.ImageDraw, xy: tuple[int, int], text: str, width:
 
 def labelled_grid(groups: Sequence[tuple[str, Sequence[Image.Image]]], per_row: int, title: str) -> Image.Image:
     """Grids of each group stacked, each with its label in a strip on the left, under a strip with `title`."""
-    font = _default_font()
+    font = default_font()
     grids = [make_grid(images, per_row) for _, images in groups]
     strip = 14 if font is None else max(14, font.getbbox("Ag")[3] + 6)
     label_width = 8 if font is None else 8 + max(int(ImageDraw.Draw(grids[0]).textlength(label, font=font))

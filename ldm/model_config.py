@@ -74,8 +74,12 @@ def size_multiple(config: DictConfig) -> int:
     return vae_factor(config) * 2 ** (len(config.model.params.unet_config.params.channel_mult) - 1)
 
 
-def latent_shape(config: DictConfig, height: int, width: int, channels: int, factor: int) -> tuple[int, int, int]:
-    """Latent (C, H/f, W/f) for an image size, checked against the autoencoder and UNet of `config`."""
+def latent_shape(config: DictConfig, height: int, width: int, channels: Optional[int] = None,
+                 factor: Optional[int] = None) -> tuple[int, int, int]:
+    """Latent (C, H/f, W/f) for an image size, checked against the autoencoder and UNet of `config`; `channels` and
+    `factor` (--C, --f) default to the config's."""
+    channels = config.model.params.channels if channels is None else channels
+    factor = vae_factor(config) if factor is None else factor
     if factor != vae_factor(config):
         raise UserError(f"--f {factor} does not match the autoencoder of the config (f={vae_factor(config)}); drop --f")
     if channels != config.model.params.channels:

@@ -14,7 +14,7 @@ import torch  # noqa: E402
 from ldm.checkpoint import save_weights  # noqa: E402
 from ldm.inference import (USER_ERRORS, choose_device, load_model, make_generators, precision_scope,  # noqa: E402
                            sample_latents)
-from ldm.model_config import latent_shape, load_config, native_size, vae_factor  # noqa: E402
+from ldm.model_config import latent_shape, load_config, native_size  # noqa: E402
 from ldm.models.diffusion.sampling import randn  # noqa: E402
 from ldm.modules.encoders.modules import TOKENIZER_DIR, load_tokenizer  # noqa: E402
 from ldm.util import instantiate_from_config  # noqa: E402
@@ -92,7 +92,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         device, config = choose_device(opt.device), load_config(opt.config)
         height, width = opt.H or native_size(config), opt.W or native_size(config)
-        shape = latent_shape(config, height, width, config.model.params.channels, vae_factor(config))
+        shape = latent_shape(config, height, width)
         scope = precision_scope(opt.precision, device)
         with tempfile.TemporaryDirectory() as tmp:
             ckpt = opt.ckpt
