@@ -11,6 +11,7 @@ from torch import nn
 from ldm.modules.diffusionmodules.schedule import extract_into_tensor, make_beta_schedule, schedule_buffers
 from ldm.modules.ema import LitEma
 from ldm.modules.losses import PriorPreservationLoss, eps_mse_per_sample
+from ldm.optim import adamw
 from ldm.util import instantiate_from_config
 
 logger = logging.getLogger(__name__)
@@ -190,4 +191,4 @@ class LatentDiffusion(DDPM):
     def configure_optimizers(self) -> torch.optim.Optimizer:
         if self.learning_rate is None:
             raise ValueError("learning_rate is not set; main.py sets it from model.base_learning_rate")
-        return torch.optim.AdamW(self.trainable_parameters(), lr=self.learning_rate)
+        return adamw(self.trainable_parameters(), lr=self.learning_rate)
