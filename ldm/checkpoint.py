@@ -151,6 +151,17 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     return {k: v for k, v in content.items() if isinstance(v, torch.Tensor)}
 
 
+def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """A whole .ckpt (weights and training state such as optimizer moments), read as safely as any other file."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    content = _read_pickle(path)
+    if not isinstance(content, dict):
+        raise CheckpointError(f"{path}: holds a {type(content).__name__}, not a checkpoint dictionary")
+    return content
+
+
 def to_sd_layout(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Text-encoder keys in the SD layout (`...transformer.text_model.*`), whichever transformers wrote them."""
     result = {}

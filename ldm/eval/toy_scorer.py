@@ -1,0 +1,199 @@
+"""The toy world's scorer: for a 64x64 image, whether the DreamBooth subject is in it, and which object class, context
+and main colour it shows. A small CNN fitted on world renders, half of them passed through the toy VAE and all of
+them blurred, noised and jittered, so that it reads generated images as well as clean renders."""
+import logging
+import time
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import Tensor, nn
+
+from ldm.checkpoint import read_state_dict, save_weights
+from ldm.data.toy_world import (CLASSES, COLOURS, CONTEXTS, SUBJECT, Scene, is_subject, random_layout, random_scene,
+                                render, subject_scene)
+
+logger = logging.getLogger(__name__)
+
+LABELS = {"cls": CLASSES, "context": CONTEXTS, "colour": tuple(COLOURS)}
+SUBJECT_THRESHOLD = 0.5
+
+
+class ToyScorer(nn.Module):
+    """Four stride-2 conv stages to a 4x4 map, one hidden layer, then the class, context, colour and subject heads."""
+
+    def __init__(self, width: int = 32):
+        super().__init__()
+        channels = [3, width, 2 * width, 4 * width, 4 * width, 4 * width]
+        layers: list[nn.Module] = []
+        for index, (c_in, c_out) in enumerate(zip(channels, channels[1:])):
+            layers += [nn.Conv2d(c_in, c_out, 3, stride=1 if index == 0 else 2, padding=1), nn.GroupNorm(8, c_out),
+                       nn.SiLU()]
+        self.features = nn.Sequential(*layers, nn.Flatten(), nn.Linear(channels[-1] * 16, 256), nn.SiLU())
+        self.heads = nn.ModuleDict({name: nn.Linear(256, len(labels)) for name, labels in LABELS.items()})
+        self.heads["subject"] = nn.Linear(256, 1)
+
+    def forward(self, x: Tensor) -> dict[str, Tensor]:
+        """Logits of each head for images [B, 3, 64, 64] in [-1, 1]."""
+        h = self.features(x)
+        return {name: head(h) for name, head in self.heads.items()}
+
+    @torch.no_grad()
+    def predict(self, images: Tensor) -> list[dict]:
+        """Per image: `subject` (bool), `subject_prob`, and the `cls`, `context` and `colour` names."""
+        self.eval()
+        logits = self(images.float())
+        prob = torch.sigmoid(logits["subject"][:, 0])
+        names = {name: logits[name].argmax(1).tolist() for name in LABELS}
+        return [{"subject": bool(p > SUBJECT_THRESHOLD), "subject_prob": round(float(p), 4),
+                 **{name: LABELS[name][names[name][i]] for name in LABELS}} for i, p in enumerate(prob)]
+
+    def score_images(self, images: Sequence[Image.Image]) -> list[dict]:
+        """`predict` for PIL images (any size; resized to 64x64)."""
+        arrays = [np.asarray(image.convert("RGB").resize((64, 64), Image.Resampling.BICUBIC)) for image in images]
+        return self.predict(torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float() / 127.5 - 1.0)
+
+
+def load_scorer(path: str | Path) -> ToyScorer:
+    """The scorer with the weights of `path` (strict: every tensor must be there)."""
+    scorer = ToyScorer()
+    scorer.load_state_dict(read_state_dict(path))
+    return scorer.eval()
+
+
+def save_scorer(scorer: ToyScorer, path: str | Path) -> None:
+    save_weights(scorer.state_dict(), path)
+
+
+def near_misses(rng: np.random.Generator) -> Scene:
+    """Objects close to the subject that are not it: other yellow/blue balls, and the subject's look on other classes."""
+    first, second = SUBJECT.colours
+    others = [c for c in COLOURS if c not in SUBJECT.colours]
+    looks = [("ball", (second, first), "two-tone"), ("ball", (first, second), "striped"),
+             ("ball", (second, first), "striped"), ("ball", (first, others[rng.integers(len(others))]), "two-tone"),
+             ("ball", (others[rng.integers(len(others))], second), "two-tone"), ("ball", (first, first), "plain"),
+             ("box", SUBJECT.colours, "two-tone"), ("flower", SUBJECT.colours, "two-tone")]
+    cls, colours, pattern = looks[rng.integers(len(looks))]
+    return Scene(cls, colours, pattern, CONTEXTS[rng.integers(len(CONTEXTS))], **random_layout(rng))
+
+
+def scorer_scene(rng: np.random.Generator) -> Scene:
+    """The scorer's training mix: 30 % the subject, 20 % near misses, 50 % pretraining scenes."""
+    draw = rng.random()
+    if draw < 0.3:
+        return subject_scene(CONTEXTS[rng.integers(len(CONTEXTS))], **random_layout(rng))
+    return near_misses(rng) if draw < 0.5 else random_scene(rng)
+
+
+def labels_of(scenes: Sequence[Scene]) -> dict[str, Tensor]:
+    return {**{name: torch.tensor([labels.index(getattr(s, name) if name != "colour" else s.colours[0])
+                                   for s in scenes]) for name, labels in LABELS.items()},
+            "subject": torch.tensor([float(is_subject(s)) for s in scenes])}
+
+
+def render_scenes(scenes: Sequence[Scene]) -> Tensor:
+    return torch.from_numpy(np.stack([render(s) for s in scenes])).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+
+
+def blur(x: Tensor, sigma: Tensor) -> Tensor:
+    """Gaussian blur with one sigma (pixels) per image."""
+    offsets = torch.arange(-3, 4, dtype=x.dtype)
+    kernel = torch.exp(-offsets[None] ** 2 / (2 * sigma[:, None].clamp(min=1e-3) ** 2))
+    kernel = kernel / kernel.sum(1, keepdim=True)
+    b, c, h, w = x.shape
+    rows = F.conv2d(F.pad(x.reshape(1, b * c, h, w), (3, 3, 0, 0), mode="replicate"),
+                    kernel.repeat_interleave(c, 0)[:, None, None, :], groups=b * c)
+    cols = F.conv2d(F.pad(rows, (0, 0, 3, 3), mode="replicate"), kernel.repeat_interleave(c, 0)[:, None, :, None],
+                    groups=b * c)
+    return cols.reshape(b, c, h, w)
+
+
+def vae_roundtrip(images: Tensor, vae: nn.Module, generator: torch.Generator, batch_size: int = 128) -> Tensor:
+    """Images encoded and decoded by the VAE (a posterior sample), as generated images are decoded."""
+    out = []
+    with torch.no_grad():
+        for start in range(0, len(images), batch_size):
+            posterior = vae.encode(images[start:start + batch_size])
+            z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=generator)
+            out.append(vae.decode(z).clamp(-1, 1))
+    return torch.cat(out)
+
+
+def augment(x: Tensor, generator: torch.Generator) -> Tensor:
+    """What generation does to pictures besides the VAE: blur, noise, colour shifts; and flips."""
+    n = x.shape[0]
+    u = lambda *shape: torch.rand(*shape, generator=generator)  # noqa: E731
+    x = blur(x, u(n) * 1.2)
+    x = x * (0.85 + 0.3 * u(n, 1, 1, 1)) + 0.16 * (u(n, 3, 1, 1) - 0.5)
+    x = x + torch.randn(x.shape, generator=generator) * u(n, 1, 1, 1) * 0.1
+    flip = u(n) < 0.5
+    x[flip] = x[flip].flip(-1)
+    return x.clamp(-1, 1)
+
+
+def fit_scorer(steps: int = 3000, pool: int = 16000, batch_size: int = 64, vae: Optional[nn.Module] = None,
+               seed: int = 0, log_every: int = 500) -> ToyScorer:
+    """Fit the scorer on a pool of rendered scenes (the scorer's mix; half of them once through the VAE), augmented
+    afresh at every step."""
+    rng, generator = np.random.default_rng(seed), torch.Generator().manual_seed(seed)
+    scenes = [scorer_scene(rng) for _ in range(pool)]
+    images, labels = render_scenes(scenes), labels_of(scenes)
+    if vae is not None:
+        images[pool // 2:] = vae_roundtrip(images[pool // 2:], vae, generator)
+    scorer = ToyScorer().train()
+    optimizer = torch.optim.AdamW(scorer.parameters(), lr=1e-3, weight_decay=1e-4)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=1e-3, total_steps=steps, pct_start=0.1)
+    started = time.monotonic()
+    for step in range(steps):
+        index = torch.randint(0, pool, (batch_size,), generator=generator)
+        logits = scorer(augment(images[index], generator))
+        loss = F.binary_cross_entropy_with_logits(logits["subject"][:, 0], labels["subject"][index])
+        loss = loss + sum(F.cross_entropy(logits[name], labels[name][index]) for name in LABELS)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        if (step + 1) % log_every == 0:
+            logger.info("scorer step %d/%d: loss %.4f, %.2f s/step", step + 1, steps, loss.item(),
+                        (time.monotonic() - started) / (step + 1))
+    return scorer.eval()
+
+
+def validate_scorer(scorer: ToyScorer, vae: Optional[nn.Module] = None, per_context: int = 100,
+                    seed: int = 12345) -> dict[str, float]:
+    """The scorer's rates on renders it was not fitted on (a seed of their own), clean or through the VAE:
+    subject recall (per context and overall), false positives on other balls and on near misses, and the accuracy
+    of the context, class and colour heads."""
+    rng = np.random.default_rng(seed)
+    subjects = [subject_scene(c, **random_layout(rng)) for c in CONTEXTS for _ in range(per_context)]
+    balls = [random_scene(rng, cls="ball", context=c) for c in CONTEXTS for _ in range(per_context)]
+    misses = [s for s in (near_misses(rng) for _ in range(6 * per_context)) if s.cls == "ball"]
+    others = [random_scene(rng, context=c) for c in CONTEXTS for _ in range(per_context)]
+    result = {}
+    for name, roundtrip in (("render", None), ("vae", vae)):
+        if name == "vae" and vae is None:
+            continue
+
+        def predict(scenes: list[Scene]) -> list[dict]:
+            x = render_scenes(scenes)
+            if roundtrip is not None:
+                with torch.no_grad():
+                    x = roundtrip.decode(roundtrip.encode(x).mode()).clamp(-1, 1)
+            return scorer.predict(x)
+
+        found = predict(subjects)
+        for context in CONTEXTS:
+            hits = [p["subject"] for p, s in zip(found, subjects) if s.context == context]
+            result[f"{name}/subject_recall/{context}"] = float(np.mean(hits))
+        result[f"{name}/subject_recall"] = float(np.mean([p["subject"] for p in found]))
+        result[f"{name}/false_positive/other_balls"] = float(np.mean([p["subject"] for p in predict(balls)]))
+        result[f"{name}/false_positive/near_miss_balls"] = float(np.mean([p["subject"] for p in predict(misses)]))
+        scenes = others + balls
+        predicted = predict(scenes)
+        for head in ("context", "cls", "colour"):
+            truth = [getattr(s, head) if head != "colour" else s.colours[0] for s in scenes]
+            result[f"{name}/{head}_accuracy"] = float(np.mean([p[head] == t for p, t in zip(predicted, truth)]))
+    return result

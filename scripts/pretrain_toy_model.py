@@ -1,0 +1,172 @@
+"""Pretrain the toy world's base model (configs/toy/v1-inference.yaml) and its scorer, seeded, in stages:
+
+    vae        the autoencoder on random crops of world renders; measures the latents' scale factor
+    scorer     the toy scorer on renders (half through the VAE), then its validation on fresh renders
+    latents    render and encode the pretraining scenes once (cached in --workdir)
+    diffusion  the UNet and the text encoder on the cached latents with random captions; resumable
+    all        all four in order
+
+    python scripts/pretrain_toy_model.py --stage all
+
+Intermediate files go to --workdir (outputs/toy-pretrain); the results are data/toy/toy-v1.safetensors (the base
+model, fp16, EMA weights), data/toy/scorer.safetensors and data/toy/pretraining.json (settings and measurements).
+"""
+import argparse
+import json
+import logging
+import re
+import sys
+import time
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+from omegaconf import OmegaConf
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from ldm.checkpoint import load_model_weights, read_checkpoint, read_state_dict, save_checkpoint, save_weights  # noqa: E402
+from ldm.eval.toy_metrics import prompt_following  # noqa: E402
+from ldm.eval.toy_scorer import fit_scorer, load_scorer, save_scorer, validate_scorer  # noqa: E402
+from ldm.pretraining import DiffusionPretraining, SceneLatents, psnr, random_scenes, render_all, train_vae  # noqa: E402
+from ldm.util import instantiate_from_config  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+CONFIGS = [REPO / "configs" / "toy" / "v1-inference.yaml", REPO / "configs" / "toy" / "v1-finetune_unfrozen.yaml"]
+DATA = REPO / "data" / "toy"
+logger = logging.getLogger("pretrain_toy_model")
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add = parser.add_argument
+    add("--stage", choices=["vae", "scorer", "latents", "diffusion", "all"], default="all")
+    add("--workdir", default="outputs/toy-pretrain", help="intermediate files (VAE, latents, resumable state)")
+    add("--data_dir", default=str(DATA), help="where the results go: toy-v1.safetensors, scorer.safetensors, "
+        "pretraining.json")
+    add("--configs", nargs="+", default=[str(p) for p in CONFIGS],
+        help="the model config (first) and the configs that get the measured scale factor")
+    add("--seed", type=int, default=0)
+    add("--threads", type=int, default=1, help="torch threads (1 is fastest when the machine is shared)")
+    add("--vae_steps", type=int, default=4000)
+    add("--vae_pool", type=int, default=6000, help="rendered scenes the VAE crops from")
+    add("--scorer_steps", type=int, default=3000)
+    add("--scorer_pool", type=int, default=16000, help="rendered scenes the scorer is fitted on")
+    add("--scorer_validation", type=int, default=100, help="held-out renders per context and kind for the scorer")
+    add("--scenes", type=int, default=40000, help="pretraining scenes (latents cached once)")
+    add("--steps", type=int, default=20000, help="diffusion steps in all (a resumed run goes on to this)")
+    add("--batch_size", type=int, default=32)
+    add("--lr", type=float, default=3e-4)
+    add("--interval", type=int, default=2000, help="save, and measure prompt following, every this many steps")
+    add("--eval_samples", type=int, default=8, help="samples per prompt when measuring prompt following (0: skip)")
+    return parser.parse_args(argv)
+
+
+def write_scale_factor(paths: Sequence[str], value: float) -> None:
+    """Put the measured scale factor into the configs, keeping their comments."""
+    for path in map(Path, paths):
+        text = re.sub(r"(\n\s+scale_factor: )[0-9.e+-]+", rf"\g<1>{value:.5f}", path.read_text(), count=1)
+        path.write_text(text)
+
+
+def vae_stage(opt: argparse.Namespace, workdir: Path, record: dict) -> None:
+    vae = instantiate_from_config(OmegaConf.load(opt.configs[0]).model.params.first_stage_config)
+    torch.manual_seed(opt.seed)
+    images = render_all(random_scenes(opt.vae_pool, seed=opt.seed))
+    started = time.monotonic()
+    train_vae(vae, images, opt.vae_steps, seed=opt.seed)
+    held_out = render_all(random_scenes(max(8, opt.vae_pool // 12), seed=opt.seed + 1))  # 500 by default
+    latents = SceneLatents.encode(vae, random_scenes(max(8, opt.vae_pool // 3), seed=opt.seed + 2))
+    scale = 1.0 / latents.latent_std()
+    record["vae"] = {"steps": opt.vae_steps, "minutes": round((time.monotonic() - started) / 60, 1),
+                     "held_out_psnr_db": round(psnr(vae, held_out), 2), "scale_factor": round(scale, 5)}
+    logger.info("vae: %s", record["vae"])
+    save_weights(vae.state_dict(), workdir / "vae.safetensors")
+    write_scale_factor(opt.configs, scale)
+
+
+def load_vae(opt: argparse.Namespace, workdir: Path) -> torch.nn.Module:
+    vae = instantiate_from_config(OmegaConf.load(opt.configs[0]).model.params.first_stage_config)
+    vae.load_state_dict(read_state_dict(workdir / "vae.safetensors"))
+    return vae.eval().requires_grad_(False)
+
+
+def scorer_stage(opt: argparse.Namespace, workdir: Path, record: dict) -> None:
+    vae = load_vae(opt, workdir)
+    started = time.monotonic()
+    scorer = fit_scorer(opt.scorer_steps, pool=opt.scorer_pool, vae=vae, seed=opt.seed)
+    validation = validate_scorer(scorer, vae, per_context=opt.scorer_validation)
+    record["scorer"] = {"steps": opt.scorer_steps, "minutes": round((time.monotonic() - started) / 60, 1),
+                        "validation": {k: round(v, 4) for k, v in validation.items()}}
+    logger.info("scorer validation: %s", json.dumps(record["scorer"]["validation"], indent=1))
+    save_scorer(scorer, Path(opt.data_dir) / "scorer.safetensors")
+
+
+def latents_stage(opt: argparse.Namespace, workdir: Path, record: dict) -> None:
+    started = time.monotonic()
+    latents = SceneLatents.encode(load_vae(opt, workdir), random_scenes(opt.scenes, seed=opt.seed + 3))
+    np.savez(workdir / "latents.npz", **latents.to_arrays())
+    (workdir / "scenes.json").write_text(json.dumps(latents.scene_dicts()))
+    record["latents"] = {"scenes": opt.scenes, "minutes": round((time.monotonic() - started) / 60, 1)}
+    logger.info("latents: %s", record["latents"])
+
+
+def diffusion_stage(opt: argparse.Namespace, workdir: Path, record: dict) -> None:
+    model = instantiate_from_config(OmegaConf.load(opt.configs[0]).model)
+    model.first_stage_model.load_state_dict(load_vae(opt, workdir).state_dict())
+    arrays = dict(np.load(workdir / "latents.npz"))
+    latents = SceneLatents.from_arrays(arrays, json.loads((workdir / "scenes.json").read_text()))
+    trainer = DiffusionPretraining(model, latents, lr=opt.lr, batch_size=opt.batch_size, seed=opt.seed)
+    state_path = workdir / "state.ckpt"
+    if state_path.is_file():
+        trainer.load_state(read_checkpoint(state_path))
+        logger.info("resumed the diffusion stage at step %d from %s", trainer.step, state_path)
+    out = Path(opt.data_dir) / "toy-v1.safetensors"
+    history = record.setdefault("diffusion", {}).setdefault("history", [])
+    started = time.monotonic() - record["diffusion"].get("seconds", 0)
+
+    def checkpoint(step: int) -> None:
+        save_checkpoint(trainer.state(), state_path)
+        save_weights(trainer.ema_state_dict(), out, half=True)
+        following = {}
+        if opt.eval_samples:
+            evaluated = instantiate_from_config(OmegaConf.load(opt.configs[0]).model)
+            load_model_weights(evaluated, out)
+            scorer = load_scorer(Path(opt.data_dir) / "scorer.safetensors")
+            following = prompt_following(evaluated.eval(), scorer, samples=opt.eval_samples)
+        record["diffusion"].update(steps=step, seconds=round(time.monotonic() - started), batch_size=opt.batch_size,
+                                   lr=opt.lr, scenes=len(latents.scenes))
+        history.append({"step": step, "minutes": round((time.monotonic() - started) / 60, 1), **following})
+        logger.info("step %d: prompt following %s; saved %s", step, following, out)
+        save_record(opt, record)
+
+    trainer.run(opt.steps, on_interval=checkpoint, interval=opt.interval)
+
+
+STAGES = {"vae": vae_stage, "scorer": scorer_stage, "latents": latents_stage, "diffusion": diffusion_stage}
+
+
+def save_record(opt: argparse.Namespace, record: dict) -> None:
+    (Path(opt.data_dir) / "pretraining.json").write_text(json.dumps(record, indent=1) + "\n")
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    opt = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s: %(message)s")
+    torch.set_num_threads(opt.threads)
+    workdir = Path(opt.workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    Path(opt.data_dir).mkdir(parents=True, exist_ok=True)
+    record_path = Path(opt.data_dir) / "pretraining.json"
+    record = json.loads(record_path.read_text()) if record_path.is_file() else {}
+    record["machine"] = f"{torch.get_num_threads()} torch thread(s), torch {torch.__version__}"
+    stages = ["vae", "scorer", "latents", "diffusion"] if opt.stage == "all" else [opt.stage]
+    for stage in stages:
+        STAGES[stage](opt, workdir, record)
+        save_record(opt, record)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
