@@ -2,6 +2,7 @@
 bar on a terminal, and the Lightning lines that are silenced."""
 import io
 import logging
+import warnings
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -86,4 +87,9 @@ def test_lightning_noise_is_silenced_and_its_other_lines_kept():
 
     assert not shown("💡 Tip: For seamless cloud logging and experiment tracking, try installing [litlogger]")
     assert not shown("GPU available: False, used: False") and not shown("`Trainer.fit` stopped: `max_steps=4` reached.")
+    assert not shown("You are using a CUDA device ('NVIDIA A10G') that has Tensor Cores. To properly utilize them, "
+                     "you should set `torch.set_float32_matmul_precision('medium' | 'high')`")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.warn("The 'train_dataloader' does not have many workers which may be a bottleneck.")
+    assert not caught
     assert shown("Restoring states from the checkpoint path at logs/x/checkpoints/last.ckpt")

@@ -23,14 +23,17 @@ from ldm.util import format_bytes
 logger = logging.getLogger(__name__)
 
 # Lightning's lines that a DreamBooth user cannot act on: an advertisement, device lines (our start line names the
-# device), the stop reason (our summary follows), the CUDA_VISIBLE_DEVICES echo.
-NOISE_LINES = re.compile(r"💡 Tip|GPU available|TPU available|HPU available|`Trainer.fit` stopped|LOCAL_RANK: ")
+# device), the stop reason (our summary follows), the CUDA_VISIBLE_DEVICES echo, the Tensor Cores hint (main.py
+# sets the float32 matmul precision itself).
+NOISE_LINES = re.compile(r"💡 Tip|GPU available|TPU available|HPU available|`Trainer.fit` stopped|LOCAL_RANK: "
+                         r"|You are using a CUDA device .* that has Tensor Cores")
 NOISY_LOGGERS = ("pytorch_lightning.utilities.rank_zero", "lightning_fabric.utilities.rank_zero",
                  "pytorch_lightning.accelerators.cuda")
 NOISE_WARNINGS = (
     r"`isinstance\(treespec, LeafSpec\)` is deprecated",  # inside Lightning, with torch >= 2.10
     r"Found \d+ module\(s\) in eval mode",  # LatentDiffusion keeps the frozen VAE (and text encoder) in eval mode
     r"You're resuming from a checkpoint that ended before the epoch ended",  # batches are random draws anyway
+    r"The '\w+_dataloader' does not have many workers",  # the tiny and toy configs load a few small images in-process
 )
 
 
