@@ -152,14 +152,14 @@ class DiffusionPretraining:
         self.optimizer = adamw(self.trained.parameters(), lr=lr, weight_decay=0.01)
         self.ema = LitEma(self.trained, decay=ema_decay)
         self.lr, self.batch_size, self.warmup, self.snr_gamma = lr, batch_size, warmup, snr_gamma
-        self.step = 0
+        self.step = self.warmup_start = 0
         self.rng = np.random.default_rng(seed)
         self.generator = torch.Generator().manual_seed(seed)
 
     def train_step(self) -> float:
         model = self.model
         for group in self.optimizer.param_groups:
-            group["lr"] = self.lr * min(1.0, (self.step + 1) / self.warmup)
+            group["lr"] = self.lr * min(1.0, (self.step - self.warmup_start + 1) / self.warmup)
         z, captions = self.latents.batch(self.batch_size, self.rng, self.generator)
         z = z * model.scale_factor
         t = torch.randint(0, model.num_timesteps, (z.shape[0],), generator=self.generator)
@@ -201,12 +201,21 @@ class DiffusionPretraining:
         """Everything needed to go on later: weights, EMA, optimizer and step."""
         return {"state_dict": self.model.state_dict(), "ema": self.ema.state_dict(),
                 "optimizer": self.optimizer.state_dict(), "step": self.step,
+                "warmup": (self.warmup_start, self.warmup),
                 "torch_rng": self.generator.get_state(), "numpy_rng": self.rng.bit_generator.state}
+
+    def restart_at(self, step: int, seed: int, warmup: int = 200) -> None:
+        """Go on from loaded weights at `step` with the fresh optimizer warming up again and new random streams."""
+        self.step = self.warmup_start = step
+        self.warmup = warmup
+        self.rng = np.random.default_rng(seed)
+        self.generator = torch.Generator().manual_seed(seed)
 
     def load_state(self, state: dict) -> None:
         self.model.load_state_dict(state["state_dict"])
         self.ema.load_state_dict(state["ema"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.step = int(state["step"])
+        self.warmup_start, self.warmup = state.get("warmup", (0, self.warmup))
         self.generator.set_state(state["torch_rng"])
         self.rng.bit_generator.state = state["numpy_rng"]

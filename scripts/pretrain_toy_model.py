@@ -58,6 +58,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     add("--steps", type=int, default=20000, help="diffusion steps in all (a resumed run goes on to this)")
     add("--batch_size", type=int, default=32)
     add("--lr", type=float, default=3e-4)
+    add("--init", help="start the diffusion stage (and take the VAE) from these weights, e.g. an earlier "
+        "data/toy/toy-v1.safetensors, when its resumable state is gone; the step count goes on from pretraining.json")
     add("--interval", type=int, default=2000, help="save, and measure prompt following, every this many steps")
     add("--eval_samples", type=int, default=8, help="samples per prompt when measuring prompt following (0: skip)")
     return parser.parse_args(argv)
@@ -87,8 +89,15 @@ def vae_stage(opt: argparse.Namespace, workdir: Path, record: dict) -> None:
 
 
 def load_vae(opt: argparse.Namespace, workdir: Path) -> torch.nn.Module:
+    """The VAE of the vae stage, or that of the --init weights when the stage's file is not there."""
     vae = instantiate_from_config(OmegaConf.load(opt.configs[0]).model.params.first_stage_config)
-    vae.load_state_dict(read_state_dict(workdir / "vae.safetensors"))
+    path = workdir / "vae.safetensors"
+    if path.is_file() or not opt.init:
+        vae.load_state_dict(read_state_dict(path))
+    else:
+        prefix = "first_stage_model."
+        vae.load_state_dict({k[len(prefix):]: v.float() for k, v in read_state_dict(opt.init).items()
+                             if k.startswith(prefix)})
     return vae.eval().requires_grad_(False)
 
 
@@ -115,13 +124,18 @@ def latents_stage(opt: argparse.Namespace, workdir: Path, record: dict) -> None:
 def diffusion_stage(opt: argparse.Namespace, workdir: Path, record: dict) -> None:
     model = instantiate_from_config(OmegaConf.load(opt.configs[0]).model)
     model.first_stage_model.load_state_dict(load_vae(opt, workdir).state_dict())
+    state_path = workdir / "state.ckpt"
+    if opt.init and not state_path.is_file():
+        load_model_weights(model, opt.init)
     arrays = dict(np.load(workdir / "latents.npz"))
     latents = SceneLatents.from_arrays(arrays, json.loads((workdir / "scenes.json").read_text()))
     trainer = DiffusionPretraining(model, latents, lr=opt.lr, batch_size=opt.batch_size, seed=opt.seed)
-    state_path = workdir / "state.ckpt"
     if state_path.is_file():
         trainer.load_state(read_checkpoint(state_path))
         logger.info("resumed the diffusion stage at step %d from %s", trainer.step, state_path)
+    elif opt.init:
+        trainer.restart_at(record.get("diffusion", {}).get("steps", 0), seed=opt.seed + 1)
+        logger.info("went on from %s at step %d with a fresh optimizer", opt.init, trainer.step)
     out = Path(opt.data_dir) / "toy-v1.safetensors"
     history = record.setdefault("diffusion", {}).setdefault("history", [])
     started = time.monotonic() - record["diffusion"].get("seconds", 0)

@@ -11,7 +11,7 @@ import torch
 from omegaconf import OmegaConf
 
 from conftest import REPO
-from ldm.checkpoint import load_model_weights, read_checkpoint, save_checkpoint
+from ldm.checkpoint import load_model_weights, read_checkpoint, read_state_dict, save_checkpoint
 from ldm.data.toy_world import CONTEXTS, random_layout, random_scene, subject_scene
 from ldm.eval.toy_scorer import ToyScorer, fit_scorer, load_scorer, render_scenes
 from ldm.pretraining import DiffusionPretraining, SceneLatents, random_scenes, render_all, train_vae
@@ -93,13 +93,17 @@ def test_pretraining_script_runs_every_stage_and_records_them(tmp_path):
     for path in configs:
         path.write_text((TOY / path.name).read_text())
     data = tmp_path / "data"
-    proc = subprocess.run(
-        [sys.executable, "scripts/pretrain_toy_model.py", "--stage", "all", "--workdir", str(tmp_path / "work"),
-         "--data_dir", str(data), "--configs", *map(str, configs), "--vae_steps", "2", "--vae_pool", "24",
-         "--scorer_steps", "2", "--scorer_pool", "16", "--scorer_validation", "2", "--scenes", "16", "--steps", "2",
-         "--interval", "2", "--batch_size", "4", "--eval_samples", "0"],
-        cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+
+    def pretrain(stage: str, workdir: str, steps: int, *extra: str) -> None:
+        proc = subprocess.run(
+            [sys.executable, "scripts/pretrain_toy_model.py", "--stage", stage, "--workdir", str(tmp_path / workdir),
+             "--data_dir", str(data), "--configs", *map(str, configs), "--vae_steps", "2", "--vae_pool", "24",
+             "--scorer_steps", "2", "--scorer_pool", "16", "--scorer_validation", "2", "--scenes", "16", "--steps",
+             str(steps), "--interval", "2", "--batch_size", "4", "--eval_samples", "0", *extra],
+            cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+
+    pretrain("all", "work", 2)
     record = json.loads((data / "pretraining.json").read_text())
     assert set(record) >= {"vae", "scorer", "latents", "diffusion"} and record["diffusion"]["steps"] == 2
     scale = record["vae"]["scale_factor"]
@@ -107,3 +111,16 @@ def test_pretraining_script_runs_every_stage_and_records_them(tmp_path):
     model = instantiate_from_config(OmegaConf.load(configs[0]).model)
     assert load_model_weights(model, data / "toy-v1.safetensors").loaded["UNet"]
     assert load_scorer(data / "scorer.safetensors") is not None
+
+    # The intermediate files are gone: --init goes on from the committed weights, at the recorded step.
+    init = tmp_path / "toy-v1-step2.safetensors"
+    init.write_bytes((data / "toy-v1.safetensors").read_bytes())
+    pretrain("latents", "fresh", 4, "--init", str(init))
+    pretrain("diffusion", "fresh", 4, "--init", str(init))
+    record = json.loads((data / "pretraining.json").read_text())
+    assert record["diffusion"]["steps"] == 4 and [h["step"] for h in record["diffusion"]["history"]] == [2, 4]
+    went_on, started = read_state_dict(data / "toy-v1.safetensors"), read_state_dict(init)
+    assert went_on.keys() == started.keys()
+    assert not torch.equal(went_on["model.diffusion_model.out.2.weight"], started["model.diffusion_model.out.2.weight"])
+    assert torch.equal(went_on["first_stage_model.decoder.conv_out.weight"],
+                       started["first_stage_model.decoder.conv_out.weight"])  # the VAE came from --init
