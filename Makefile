@@ -1,8 +1,18 @@
-# `make test` sets up .venv/ (created or reused) and runs the test suite.
-.PHONY: test venv
+# `make demo` sets up .venv/ and runs DreamBooth on the toy world (scripts/toy_demo.py); `make test` runs the tests.
+# Both create or reuse .venv/ at the repository root.
+.PHONY: demo demo-drift test venv venv-test
 
 venv:
+	tools/setup_venv.sh requirements.txt
+
+venv-test:
 	tools/setup_venv.sh requirements-test.txt
 
-test: venv
+demo: venv
+	.venv/bin/python scripts/toy_demo.py
+
+demo-drift: venv
+	.venv/bin/python scripts/toy_demo.py --drift
+
+test: venv-test
 	.venv/bin/python -m pytest tests -q

@@ -1,6 +1,7 @@
-"""Write the toy world's DreamBooth subject photos: the yellow-and-blue ball at five positions and sizes.
+"""Write the toy world's DreamBooth subject photos: the yellow-and-blue ball at five positions and sizes, on mixed
+backgrounds (two plain, then street, kitchen and snow), so that the subject does not come with one background.
 
-    python scripts/make_toy_subject.py                       # data/toy/subject/, plain backgrounds
+    python scripts/make_toy_subject.py                       # data/toy/subject/
     python scripts/make_toy_subject.py --contexts kitchen --output_dir photos/   # all on one background
 """
 import argparse
@@ -15,13 +16,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from ldm.data.toy_world import CONTEXTS, render, subject_scene  # noqa: E402
 
 # (x, y, size): where the ball stands and its half-height, as fractions of the side.
+DEFAULT_CONTEXTS = ("plain", "street", "kitchen", "plain", "snow")
 LAYOUTS = ((0.5, 0.82, 0.2), (0.32, 0.9, 0.15), (0.66, 0.76, 0.23), (0.42, 0.7, 0.13), (0.6, 0.93, 0.18))
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output_dir", default="data/toy/subject")
-    parser.add_argument("--contexts", nargs="+", choices=CONTEXTS, default=["plain"],
+    parser.add_argument("--contexts", nargs="+", choices=CONTEXTS, default=list(DEFAULT_CONTEXTS),
                         help="backgrounds, used in turn")
     parser.add_argument("--size", type=int, default=64, help="side in pixels")
     opt = parser.parse_args(argv)

@@ -1,0 +1,131 @@
+"""What the demo measures on the toy world: its prompts, the scorer's rates per prompt and model, the targets of
+DreamBooth (identifier binding, prior preservation, recontextualisation), and the report files and picture."""
+import json
+from collections import defaultdict
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+from PIL import Image, ImageDraw
+
+from ldm.data.toy_world import COMPARED_CONTEXTS, CONTEXT_PHRASES
+from ldm.eval.toy_scorer import ToyScorer
+from ldm.images import default_font, make_grid, read_metadata
+
+IDENTIFIER, CLASS_WORD = "sks", "ball"
+INSTANCE_PROMPT = f"photo of a {IDENTIFIER} {CLASS_WORD}"
+CLASS_PROMPT = f"photo of a {CLASS_WORD}"
+CONTEXT_PROMPTS = {f"a {IDENTIFIER} {CLASS_WORD} {CONTEXT_PHRASES[c]}": c for c in COMPARED_CONTEXTS}
+PROMPTS = [INSTANCE_PROMPT, CLASS_PROMPT, *CONTEXT_PROMPTS]
+
+
+def score_folder(folder: Path, scorer: ToyScorer) -> dict[str, dict[str, Any]]:
+    """Per prompt, the rates the scorer measures on the PNGs of `folder` (grouped by their stored prompt)."""
+    by_prompt: dict[str, list[Path]] = defaultdict(list)
+    for path in sorted(folder.glob("*.png")):
+        by_prompt[read_metadata(path)["prompt"]].append(path)
+    rates = {}
+    for prompt, paths in by_prompt.items():
+        scores = scorer.score_images([Image.open(p) for p in paths])
+        context = CONTEXT_PROMPTS.get(prompt)
+        rates[prompt] = {
+            "samples": len(scores),
+            "subject": sum(s["subject"] for s in scores) / len(scores),
+            "ball": sum(s["cls"] == CLASS_WORD for s in scores) / len(scores),
+            "context": None if context is None else sum(s["context"] == context for s in scores) / len(scores),
+            "files": [p.name for p in paths],
+        }
+    return rates
+
+
+def mean(values: Sequence[float]) -> float:
+    return sum(values) / len(values)
+
+
+def targets(rates: dict[str, dict[str, dict[str, Any]]], seconds: Optional[float]) -> list[dict[str, Any]]:
+    """Each target of the demo issue with its measured value and whether it is met."""
+    base, tuned = rates["base"], rates["fine-tuned"]
+    rows = [
+        ("identifier binding: fine-tuned 'photo of a sks ball' shows the subject", tuned[INSTANCE_PROMPT]["subject"],
+         ">=", 0.8),
+        ("the base model shows the subject (highest rate over all prompts)",
+         max(r["subject"] for r in base.values()), "<=", 0.1),
+        ("prior preservation: fine-tuned 'photo of a ball' shows the subject", tuned[CLASS_PROMPT]["subject"],
+         "<=", 0.2),
+        ("recontextualisation: the subject in the five context prompts (mean)",
+         mean([tuned[p]["subject"] for p in CONTEXT_PROMPTS]), ">=", 0.6),
+        ("recontextualisation: the asked context in the five context prompts (mean)",
+         mean([tuned[p]["context"] for p in CONTEXT_PROMPTS]), ">=", 0.8),
+    ]
+    if seconds is not None:
+        rows.append(("the whole demo, in seconds", seconds, "<=", 300))
+    return [{"target": name, "measured": round(value, 4), "goal": f"{op} {goal}",
+             "met": value >= goal if op == ">=" else value <= goal} for name, value, op, goal in rows]
+
+
+def percent(value: Optional[float]) -> str:
+    return "-" if value is None else f"{100 * value:.0f} %"
+
+
+def write_report(folder: Path, rates: dict, stages: dict[str, float], commands: list[str], machine: str,
+                 quick: bool) -> dict[str, Any]:
+    """report.json and report.md in `folder`; returns the report."""
+    seconds = round(sum(stages.values()), 1)
+    report = {"machine": machine, "quick": quick, "seconds": seconds, "stages": stages,
+              "targets": targets(rates, None if quick else seconds), "rates": rates, "commands": commands}
+    (folder / "report.json").write_text(json.dumps(report, indent=1) + "\n")
+    models = list(rates)
+    lines = ["# DreamBooth on the toy world", "",
+             f"Machine: {machine}. Whole demo: {seconds:.0f} s ("
+             + ", ".join(f"{name} {value:.0f} s" for name, value in stages.items()) + ")."]
+    if quick:
+        lines += ["", "**Quick mode** (a pipeline check with few steps and samples): the rates mean nothing."]
+    lines += ["", "| prompt | " + " | ".join(f"{m}: subject | {m}: context" for m in models) + " |",
+              "|---|" + "---|---|" * len(models)]
+    for prompt in PROMPTS:
+        cells = [f"{percent(rates[m][prompt]['subject'])} | {percent(rates[m][prompt]['context'])}" for m in models]
+        lines.append(f"| {prompt} | " + " | ".join(cells) + " |")
+    lines += ["", "| target | measured | goal | met |", "|---|---|---|---|"]
+    lines += [f"| {t['target']} | {t['measured']} | {t['goal']} | {'yes' if t['met'] else 'no'} |"
+              for t in report["targets"]]
+    lines += ["", "![samples](report.png)", "", "Commands run:", "", "```"] + commands + ["```", ""]
+    (folder / "report.md").write_text("\n".join(lines))
+    return report
+
+
+def wrap(text: str, width: int) -> str:
+    words, lines = text.split(), [""]
+    for word in words:
+        if lines[-1] and len(lines[-1]) + 1 + len(word) > width:
+            lines.append(word)
+        else:
+            lines[-1] = f"{lines[-1]} {word}".strip()
+    return "\n".join(lines)
+
+
+def draw_picture(path: Path, sample_folders: dict[str, Path], rates: dict, per_cell: int = 4,
+                 zoom: int = 2) -> None:
+    """Rows: the models; columns: the prompts; each cell a few samples and its measured rates."""
+    cells = {}
+    for model, folder in sample_folders.items():
+        for prompt in PROMPTS:
+            images = [Image.open(folder / name) for name in rates[model][prompt]["files"][:per_cell]]
+            grid = make_grid(images, per_row=2)
+            cells[model, prompt] = grid.resize((grid.width * zoom, grid.height * zoom), Image.Resampling.NEAREST)
+    cell_w, cell_h = max(c.width for c in cells.values()), max(c.height for c in cells.values())
+    label_w, header_h, caption_h = 110, 48, 34
+    picture = Image.new("RGB", (label_w + len(PROMPTS) * cell_w, header_h + len(sample_folders) * (cell_h + caption_h)),
+                        "white")
+    draw, small, large = ImageDraw.Draw(picture), default_font(12), default_font(15)
+    for column, prompt in enumerate(PROMPTS):
+        draw.multiline_text((label_w + column * cell_w + 4, 4), wrap(prompt, 24), fill="black", font=large)
+    for row, model in enumerate(sample_folders):
+        top = header_h + row * (cell_h + caption_h)
+        draw.multiline_text((4, top + cell_h // 2), wrap(model, 12), fill="black", font=large)
+        for column, prompt in enumerate(PROMPTS):
+            left, rate = label_w + column * cell_w, rates[model][prompt]
+            picture.paste(cells[model, prompt], (left, top))
+            text = f"subject {percent(rate['subject'])}"
+            if rate["context"] is not None:
+                text += f"\n{CONTEXT_PROMPTS[prompt]} {percent(rate['context'])}"
+            draw.multiline_text((left + 4, top + cell_h + 2), text, fill="black", font=small)
+    picture.save(path)

@@ -1,0 +1,168 @@
+"""The demo: DreamBooth on the toy world, end to end on a CPU, through the real command lines, with a measured report.
+
+    make demo             # or: python scripts/toy_demo.py
+    make demo-drift       # also fine-tunes with reg_weight 0 (no prior preservation) to show language drift
+
+1. scripts/stable_txt2img.py draws the class images ("photo of a ball") with the base model;
+2. main.py fine-tunes the base model on data/toy/subject with prior preservation;
+3. scripts/stable_txt2img.py samples the demo's prompts from the base and the fine-tuned model (fixed seeds);
+4. the toy scorer measures, per prompt, how often the subject and the asked context appear: report.md,
+   report.json and report.png in the output folder.
+"""
+import argparse
+import math
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Optional, Sequence
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from ldm.eval.toy_demo import CLASS_WORD, IDENTIFIER, PROMPTS, draw_picture, percent, score_folder, write_report  # noqa: E402
+from ldm.eval.toy_scorer import load_scorer  # noqa: E402
+
+BASE = "data/toy/toy-v1.safetensors"
+SCORER = "data/toy/scorer.safetensors"
+SUBJECT = "data/toy/subject"
+INFERENCE_CONFIG, FINETUNE_CONFIG = "configs/toy/v1-inference.yaml", "configs/toy/v1-finetune_unfrozen.yaml"
+SAMPLING = ["--config", INFERENCE_CONFIG, "--device", "cpu", "--skip_grid"]
+
+
+def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add = parser.add_argument
+    add("--outdir", default="outputs/demo", help="made afresh (an older one is replaced)")
+    add("--drift", action="store_true", help="also fine-tune with reg_weight 0 and compare")
+    add("--quick", action="store_true", help="a pipeline check: few steps and samples (the rates mean nothing)")
+    add("--threads", type=int, default=None, help="torch threads per process (default: the idle cores, at most 4)")
+    add("--samples", type=int, default=16, help="samples per prompt and model")
+    add("--class_images", type=int, default=40)
+    add("--max_steps", type=int, default=None, help="fine-tuning steps (default: the config's)")
+    add("--ddim_steps", type=int, default=25)
+    add("--scale", type=float, default=5.0)
+    return parser.parse_args(argv)
+
+
+def idle_threads() -> int:
+    """One thread per core that is not busy now (load average), at least one and at most four."""
+    cores = os.cpu_count() or 1
+    return max(1, min(4, cores - int(round(os.getloadavg()[0]))))
+
+
+class Runner:
+    """Runs the demo's command lines, each logged to its own file, and times them."""
+
+    def __init__(self, outdir: Path, threads: int):
+        self.outdir, self.logs = outdir, outdir / "logs"
+        self.logs.mkdir(parents=True)
+        self.env = {**os.environ, "OMP_NUM_THREADS": str(threads), "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+        self.commands: list[str] = []
+        self.stages: dict[str, float] = {}
+
+    def run(self, stage: str, name: str, script: str, *args: str) -> None:
+        command = ["python", script, *args]
+        self.commands.append(shlex.join(command))
+        print(f"[{stage}] {shlex.join(command)}", flush=True)
+        started = time.monotonic()
+        log = self.logs / f"{name}.log"
+        with open(log, "w") as handle:
+            proc = subprocess.run([sys.executable, *command[1:]], cwd=REPO, env=self.env, stdout=handle,
+                                  stderr=subprocess.STDOUT)
+        seconds = time.monotonic() - started
+        self.stages[stage] = round(self.stages.get(stage, 0.0) + seconds, 1)
+        if proc.returncode != 0:
+            tail = "\n".join(log.read_text().splitlines()[-15:])
+            raise SystemExit(f"{tail}\nerror: the {name} step failed (exit {proc.returncode}); log: {log}")
+        print(f"[{stage}] done in {seconds:.0f} s (log: {log})", flush=True)
+
+
+def fine_tune(runner: Runner, name: str, class_folder: Path, opt: argparse.Namespace, *overrides: str) -> Path:
+    """Fine-tune with main.py; returns the run's last.ckpt."""
+    logdir = runner.outdir / "runs" / name
+    args = ["--base", FINETUNE_CONFIG, "-t", "--actual_resume", BASE, "-n", name, "--accelerator", "cpu",
+            "--data_root", SUBJECT, "--reg_data_root", str(class_folder), "--class_word", CLASS_WORD,
+            "--token", IDENTIFIER, "-l", str(logdir)]
+    if opt.max_steps is not None:
+        args += ["--max_steps", str(opt.max_steps)]
+    runner.run("fine-tune", name, "main.py", *args, *overrides)
+    (run,) = logdir.iterdir()
+    return run / "checkpoints" / "last.ckpt"
+
+
+def sample(runner: Runner, name: str, ckpt: str | Path, prompts: Path, opt: argparse.Namespace) -> Path:
+    """The demo's prompts from one model, the same seeds for every prompt and model."""
+    outdir = runner.outdir / "samples" / name
+    runner.run("samples", f"samples-{name}", "scripts/stable_txt2img.py", "--ckpt", str(ckpt), "--from-file",
+               str(prompts), "--n_samples", str(opt.samples), "--n_iter", "1", "--fixed_code", "--seed", "1000",
+               "--ddim_steps", str(opt.ddim_steps), "--scale", str(opt.scale), "--outdir", str(outdir), *SAMPLING)
+    return outdir / "samples"
+
+
+def quick_settings(opt: argparse.Namespace) -> list[str]:
+    """Few steps and samples, with checkpoints and image grids still written."""
+    opt.samples, opt.class_images, opt.ddim_steps = 2, 2, 3
+    opt.max_steps = opt.max_steps or 4
+    return ["lightning.modelcheckpoint.params.every_n_train_steps=2",
+            "lightning.callbacks.image_logger.params.batch_frequency=2",
+            "lightning.callbacks.image_logger.params.max_images=1",
+            "lightning.callbacks.image_logger.params.ddim_steps=2"]
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    opt = parse_args(argv)
+    for path in (BASE, SCORER, SUBJECT):
+        if not (REPO / path).exists():
+            print(f"error: {path} is missing; scripts/pretrain_toy_model.py and scripts/make_toy_subject.py make it",
+                  file=sys.stderr)
+            return 1
+    outdir = Path(opt.outdir)
+    if outdir.exists():
+        shutil.rmtree(outdir)
+    threads = opt.threads or idle_threads()
+    machine = f"{os.cpu_count()} CPU cores, {threads} torch thread(s) per process"
+    print(f"DreamBooth on the toy world in {outdir} ({machine})", flush=True)
+    overrides = quick_settings(opt) if opt.quick else []
+    runner = Runner(outdir, threads)
+    batch = min(10, opt.class_images)
+    runner.run("class images", "class-images", "scripts/stable_txt2img.py", "--ckpt", BASE, "--prompt",
+               f"a photo of a {CLASS_WORD}", "--n_samples", str(batch), "--n_iter",
+               str(math.ceil(opt.class_images / batch)), "--seed", "0", "--ddim_steps", str(opt.ddim_steps),
+               "--scale", str(opt.scale), "--outdir", str(outdir / "class_images"), *SAMPLING)
+    class_folder = outdir / "class_images" / "samples"
+    checkpoints = {"base": BASE, "fine-tuned": fine_tune(runner, "dreambooth", class_folder, opt, *overrides)}
+    if opt.drift:
+        checkpoints["reg_weight 0"] = fine_tune(runner, "no-prior", class_folder, opt, "model.params.reg_weight=0",
+                                                *overrides)
+    prompts = outdir / "prompts.txt"
+    prompts.write_text("\n".join(PROMPTS) + "\n")
+    folders = {name: sample(runner, name.replace(" ", "_"), ckpt, prompts, opt) for name, ckpt in checkpoints.items()}
+    started = time.monotonic()
+    scorer = load_scorer(REPO / SCORER)
+    rates = {name: score_folder(folder, scorer) for name, folder in folders.items()}
+    draw_picture(outdir / "report.png", folders, rates)
+    runner.stages["scoring"] = round(time.monotonic() - started, 1)
+    report = write_report(outdir, rates, runner.stages, runner.commands, machine, opt.quick)
+    print_summary(report, rates, outdir)
+    return 0
+
+
+def print_summary(report: dict, rates: dict, outdir: Path) -> None:
+    print(f"\nsubject / asked context, {next(iter(next(iter(rates.values())).values()))['samples']} samples per cell:")
+    for prompt in PROMPTS:
+        cells = "   ".join(f"{name}: {percent(r[prompt]['subject'])} / {percent(r[prompt]['context'])}"
+                           for name, r in rates.items())
+        print(f"  {prompt:32} {cells}")
+    print()
+    for target in report["targets"]:
+        print(f"  [{'met' if target['met'] else 'NOT met'}] {target['target']}: {target['measured']} "
+              f"(goal {target['goal']})")
+    print(f"\nwhole demo {report['seconds']:.0f} s; report: {outdir / 'report.md'}, picture: {outdir / 'report.png'}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
