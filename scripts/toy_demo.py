@@ -48,10 +48,26 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def busy_cores(seconds: float = 0.5) -> float:
+    """How many cores other work keeps busy: measured over `seconds` from /proc/stat on Linux (the load average
+    lags a minute behind), else the load average."""
+    def busy_and_total() -> tuple[int, int]:
+        fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+        idle = fields[3] + fields[4]  # idle + iowait
+        return sum(fields) - idle, sum(fields)
+
+    try:
+        busy0, total0 = busy_and_total()
+        time.sleep(seconds)
+        busy1, total1 = busy_and_total()
+    except (OSError, ValueError, IndexError):
+        return os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    return (os.cpu_count() or 1) * (busy1 - busy0) / max(1, total1 - total0)
+
+
 def idle_threads() -> int:
-    """One thread per core that is not busy now (load average), at least one and at most four."""
-    cores = os.cpu_count() or 1
-    return max(1, min(4, cores - int(round(os.getloadavg()[0]))))
+    """One thread per core that is not busy now, at least one and at most four."""
+    return max(1, min(4, (os.cpu_count() or 1) - int(round(busy_cores()))))
 
 
 class Runner:

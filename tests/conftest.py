@@ -1,4 +1,5 @@
 """Shared fixtures: the tiny config, a seeded tiny model, and a tiny SD v1 checkpoint written by the tests."""
+import importlib.util
 import os
 from pathlib import Path
 
@@ -10,6 +11,14 @@ from ldm.checkpoint import save_weights
 from ldm.util import instantiate_from_config
 
 REPO = Path(__file__).resolve().parent.parent
+
+
+def load_script(name: str):
+    """scripts/<name>.py as a module, for testing its functions."""
+    spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 TINY_CONFIG = REPO / "configs" / "tiny" / "v1-inference.yaml"
 FULL_CONFIG = REPO / "configs" / "stable-diffusion" / "v1-inference.yaml"
 SPEC = REPO / "tests" / "data" / "sd-v1-state-dict.tsv"  # a copy of the project's shared spec

@@ -5,12 +5,13 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 from omegaconf import OmegaConf
 from PIL import Image
 
-from conftest import REPO
+from conftest import REPO, load_script
 from ldm.checkpoint import load_model_weights
 from ldm.eval.toy_demo import PROMPTS
 from ldm.inference import read_metadata
@@ -38,6 +39,18 @@ def test_base_model_samples_at_its_native_size_without_size_flags(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     samples = sorted((tmp_path / "samples").glob("*.png"))
     assert len(samples) == 2 and Image.open(samples[0]).size == (64, 64)
+
+
+def test_the_demo_counts_busy_cores_now_not_a_minute_ago():
+    toy_demo = load_script("toy_demo")
+    spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        time.sleep(0.3)
+        assert 0.5 <= toy_demo.busy_cores(0.5) <= os.cpu_count()
+    finally:
+        spinner.kill()
+        spinner.wait()
+    assert 1 <= toy_demo.idle_threads() <= 4
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,6 @@
 """scripts/stable_txt2img.py and scripts/img2img.py end to end on a tiny SD v1 checkpoint written here."""
 import errno
 import hashlib
-import importlib.util
 import logging
 import re
 import shutil
@@ -16,7 +15,7 @@ import torch
 from omegaconf import OmegaConf
 from PIL import Image
 
-from conftest import FULL_CONFIG, REPO, TINY_CONFIG, build_tiny_model
+from conftest import FULL_CONFIG, REPO, TINY_CONFIG, build_tiny_model, load_script
 from ldm.checkpoint import save_weights
 from ldm.images import SAMPLER_DISPLAY_NAMES
 from ldm.inference import SAMPLER_NAMES, read_metadata
@@ -25,13 +24,6 @@ from other_tools import parse_infotext
 
 COMMON = ["--config", str(TINY_CONFIG), "--device", "cpu", "--n_iter", "1", "--n_samples", "2", "--ddim_steps", "3"]
 TINY = [*COMMON, "--H", "64", "--W", "64"]
-
-
-def load_script(name: str):
-    spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 txt2img, img2img = load_script("stable_txt2img"), load_script("img2img")
