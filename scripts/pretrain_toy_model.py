@@ -123,10 +123,11 @@ def latents_stage(opt: argparse.Namespace, workdir: Path, record: dict) -> None:
 
 def diffusion_stage(opt: argparse.Namespace, workdir: Path, record: dict) -> None:
     model = instantiate_from_config(OmegaConf.load(opt.configs[0]).model)
-    model.first_stage_model.load_state_dict(load_vae(opt, workdir).state_dict())
     state_path = workdir / "state.ckpt"
     if opt.init and not state_path.is_file():
         load_model_weights(model, opt.init)
+    elif not state_path.is_file():
+        model.first_stage_model.load_state_dict(load_vae(opt, workdir).state_dict())  # a resumed state holds it
     arrays = dict(np.load(workdir / "latents.npz"))
     latents = SceneLatents.from_arrays(arrays, json.loads((workdir / "scenes.json").read_text()))
     trainer = DiffusionPretraining(model, latents, lr=opt.lr, batch_size=opt.batch_size, seed=opt.seed)

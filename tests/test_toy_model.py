@@ -124,3 +124,5 @@ def test_pretraining_script_runs_every_stage_and_records_them(tmp_path):
     assert not torch.equal(went_on["model.diffusion_model.out.2.weight"], started["model.diffusion_model.out.2.weight"])
     assert torch.equal(went_on["first_stage_model.decoder.conv_out.weight"],
                        started["first_stage_model.decoder.conv_out.weight"])  # the VAE came from --init
+    pretrain("diffusion", "fresh", 6)  # resumes from the state it wrote, which holds the VAE too
+    assert json.loads((data / "pretraining.json").read_text())["diffusion"]["steps"] == 6
