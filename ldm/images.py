@@ -19,7 +19,9 @@ INFOTEXT_KEY = "parameters"  # what AUTOMATIC1111's PNG Info tab, civitai and ot
 METADATA_KEY = "dreambooth"  # ours: every generation parameter as JSON
 # A1111's display names of the samplers, whose infotext other tools parse.
 SAMPLER_DISPLAY_NAMES = {"ddim": "DDIM", "plms": "PLMS", "euler": "Euler", "euler_a": "Euler a", "heun": "Heun",
-                         "lms": "LMS", "dpm2": "DPM2", "dpmpp_2m": "DPM++ 2M"}
+                         "lms": "LMS", "dpm2": "DPM2", "dpm2_a": "DPM2 a", "dpmpp_2m": "DPM++ 2M",
+                         "dpm_fast": "DPM fast", "dpm_adaptive": "DPM adaptive", "dpmpp_2s_a": "DPM++ 2S a",
+                         "dpmpp_sde": "DPM++ SDE", "dpmpp_2m_sde": "DPM++ 2M SDE", "unipc": "UniPC"}
 TEXT_COLOUR, STRIP_COLOUR = (255, 255, 255), (40, 40, 40)
 
 

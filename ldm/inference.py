@@ -23,13 +23,14 @@ from ldm.models.diffusion.ddim import DDIMSampler
 from ldm.models.diffusion.guidance import CompVisDenoiser
 from ldm.models.diffusion.plms import PLMSSampler
 from ldm.models.diffusion.sampling import SAMPLERS as K_SAMPLERS
-from ldm.models.diffusion.sampling import Generator, randn
+from ldm.models.diffusion.sampling import STOCHASTIC, Generator, randn
 from ldm.util import DiskFullError, UserError, ensure_writable_dir, instantiate_from_config
 
 logger = logging.getLogger(__name__)
 
 SAMPLER_NAMES = ("ddim", "plms", *K_SAMPLERS)
-STOCHASTIC_K_SAMPLERS = ("euler_a",)
+NO_SCHEDULE = ("ddim", "plms", "dpm_fast", "dpm_adaptive")  # --karras does not apply to them
+ADAPTIVE_TOLERANCES = (0.05, 0.0078)  # k-diffusion's rtol, atol
 
 
 USER_ERRORS = (UserError, CheckpointError)
@@ -48,6 +49,10 @@ def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
     add("--plms", action="store_true", help="use PLMS sampling (same as --sampler plms)")
     add("--sampler", choices=SAMPLER_NAMES, default=None, help="sampler (default ddim, or plms with --plms)")
     add("--karras", action="store_true", help="Karras et al. sigma spacing for the k-samplers")
+    add("--rtol", type=float, default=None,
+        help=f"dpm_adaptive: relative error tolerance (default {ADAPTIVE_TOLERANCES[0]}); it replaces --ddim_steps")
+    add("--atol", type=float, default=None,
+        help=f"dpm_adaptive: absolute error tolerance (default {ADAPTIVE_TOLERANCES[1]})")
     add("--fixed_code", action="store_true", help="the same starting noise (seeds) for every batch")
     add("--ddim_eta", type=float, default=0.0, help="DDIM eta (eta=0.0 is deterministic)")
     add("--n_iter", type=int, default=2, help="batches per prompt")
@@ -71,8 +76,14 @@ def resolve_sampler(opt: argparse.Namespace) -> str:
     sampler = opt.sampler or ("plms" if opt.plms else "ddim")
     if opt.plms and sampler != "plms":
         raise UserError(f"--plms conflicts with --sampler {sampler}; pass only one of them")
-    if opt.karras and sampler in ("ddim", "plms"):
-        raise UserError(f"--karras applies to the k-samplers ({', '.join(K_SAMPLERS)}), not to {sampler}")
+    if opt.karras and sampler in NO_SCHEDULE:
+        raise UserError(f"--karras applies to the samplers that follow a sigma schedule "
+                        f"({', '.join(s for s in K_SAMPLERS if s not in NO_SCHEDULE)}), not to {sampler}")
+    if sampler != "dpm_adaptive" and (opt.rtol is not None or opt.atol is not None):
+        raise UserError(f"--rtol and --atol apply to the dpm_adaptive sampler only; drop them for {sampler}")
+    for name in ("rtol", "atol"):
+        if getattr(opt, name) is not None and getattr(opt, name) <= 0:
+            raise UserError(f"--{name} must be above 0, got {getattr(opt, name)}")
     if opt.ddim_eta != 0 and sampler != "ddim":
         raise UserError(f"--ddim_eta applies to the ddim sampler only; drop it for {sampler}")
     if opt.ddim_steps < 1 or opt.n_iter < 1 or opt.n_samples < 1:
@@ -169,8 +180,10 @@ def img2img_steps(steps: int, strength: float) -> int:
 
 def sample_latents(model: nn.Module, sampler: str, steps: int, cond: Tensor, uncond: Optional[Tensor], scale: float,
                    noise: Tensor, generator: Generator = None, eta: float = 0.0, karras: bool = False,
-                   init_latent: Optional[Tensor] = None, strength: float = 1.0, progress: bool = True) -> Tensor:
-    """Latents from `noise` (txt2img) or from `init_latent` noised to `strength` (img2img) with any sampler."""
+                   init_latent: Optional[Tensor] = None, strength: float = 1.0, progress: bool = True,
+                   tolerances: tuple[float, float] = ADAPTIVE_TOLERANCES) -> Tensor:
+    """Latents from `noise` (txt2img) or from `init_latent` noised to `strength` (img2img) with any sampler;
+    dpm_adaptive takes `tolerances` (rtol, atol) and logs how many model calls it used."""
     if sampler in ("ddim", "plms"):
         ddim = DDIMSampler(model) if sampler == "ddim" else PLMSSampler(model)
         if init_latent is None:
@@ -188,9 +201,16 @@ def sample_latents(model: nn.Module, sampler: str, steps: int, cond: Tensor, unc
     else:
         sigmas = sigmas[steps - img2img_steps(steps, strength):]
         x = init_latent + noise * sigmas[0]
-    extra = {"generator": generator} if sampler in STOCHASTIC_K_SAMPLERS else {}
-    return K_SAMPLERS[sampler](denoiser, x, sigmas, {"cond": cond, "uncond": uncond, "cond_scale": scale},
-                               disable=not progress, **extra)
+    extra: dict = {"generator": generator} if sampler in STOCHASTIC else {}
+    if sampler == "dpm_adaptive":
+        extra.update(rtol=tolerances[0], atol=tolerances[1], info={})
+    z = K_SAMPLERS[sampler](denoiser, x, sigmas, {"cond": cond, "uncond": uncond, "cond_scale": scale},
+                            disable=not progress, **extra)
+    if sampler == "dpm_adaptive":
+        info = extra["info"]
+        logger.info("dpm_adaptive: %d model calls for %d image(s) (%d steps accepted, %d rejected)",
+                    info["model_calls"], x.shape[0], info["accepted"], info["rejected"])
+    return z
 
 
 @torch.no_grad()
@@ -258,11 +278,15 @@ def generate(opt: argparse.Namespace, init_img: Optional[str] = None) -> list[Pa
         img2img_steps(opt.ddim_steps, strength)
     scope = precision_scope(opt.precision, device)
     model = load_model(config, opt.ckpt, device)
+    tolerances = (ADAPTIVE_TOLERANCES[0] if opt.rtol is None else opt.rtol,
+                  ADAPTIVE_TOLERANCES[1] if opt.atol is None else opt.atol)
     params = {"sampler": sampler, "karras": opt.karras, "steps": opt.ddim_steps, "scale": opt.scale,
               "eta": opt.ddim_eta, "width": width, "height": height, "negative_prompt": opt.negative_prompt,
               "checkpoint": Path(opt.ckpt).name, "checkpoint_sha256": file_sha256(opt.ckpt)}
     if init is not None:
         params.update(init_image=Path(init_img).name, strength=strength)
+    if sampler == "dpm_adaptive":
+        params.update(rtol=tolerances[0], atol=tolerances[1])
     outdir, n = Path(opt.outdir), opt.n_samples
     sample_dir = outdir / "samples"
     sample_dir.mkdir(parents=True, exist_ok=True)
@@ -281,7 +305,8 @@ def generate(opt: argparse.Namespace, init_img: Optional[str] = None) -> list[Pa
                 generators = make_generators(seeds)
                 z = sample_latents(model, sampler, opt.ddim_steps, cond, uncond, opt.scale,
                                    randn((n, *shape), generators, device), generators, opt.ddim_eta, opt.karras,
-                                   None if init_latent is None else init_latent.repeat(n, 1, 1, 1), strength)
+                                   None if init_latent is None else init_latent.repeat(n, 1, 1, 1), strength,
+                                   tolerances=tolerances)
                 batch = to_pil(model.decode_first_stage(z))
                 if not opt.skip_save:
                     for image, seed in zip(batch, seeds):

@@ -179,6 +179,8 @@ PIPELINE_CASES = [
     ("heun", "scheduling_heun_discrete.HeunDiscreteScheduler", {"timestep_spacing": "linspace"}, 0.0),
     ("lms", LMS, {"timestep_spacing": "linspace"}, 0.0),
     ("dpm2", "scheduling_k_dpm_2_discrete.KDPM2DiscreteScheduler", {"timestep_spacing": "linspace"}, 0.0),
+    ("dpm2_a", "scheduling_k_dpm_2_ancestral_discrete.KDPM2AncestralDiscreteScheduler",
+     {"timestep_spacing": "linspace"}, 0.0),
 ]
 
 
@@ -190,7 +192,7 @@ def test_tiny_model_matches_diffusers_pipeline(tiny_pair, monkeypatch, name, sch
     fake_scipy_quad(monkeypatch)
     model, pipe, sd_scheduler_config, cond, uncond = tiny_pair
     pipe.scheduler = scheduler_class(scheduler).from_config(sd_scheduler_config, **options)
-    steps, stochastic = 10, name == "euler_a" or eta > 0
+    steps, stochastic = 10, name in sampling.STOCHASTIC or eta > 0
     expected = pipe(prompt_embeds=cond, negative_prompt_embeds=uncond, latents=noise(), num_inference_steps=steps,
                     guidance_scale=SCALE, eta=eta, generator=torch.Generator().manual_seed(9) if stochastic else None,
                     height=64, width=64, output_type="latent").images
@@ -202,16 +204,61 @@ def test_tiny_model_matches_diffusers_pipeline(tiny_pair, monkeypatch, name, sch
     assert error < RELATIVE_TOLERANCE
 
 
-def test_tiny_model_dpmpp_2m_matches_diffusers_pipeline(tiny_pair):
-    """DPM++ 2M on diffusers' own (rounded) timesteps; it starts from unit-variance noise in VP form."""
+MULTISTEP_CASES = [
+    ("dpmpp_2m", "DPMSolverMultistepScheduler", {}),
+    ("dpmpp_2m_sde", "DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++"}),
+    ("unipc", "UniPCMultistepScheduler", {}),
+]
+
+
+@pytest.mark.parametrize("name,scheduler,options", MULTISTEP_CASES)
+def test_tiny_model_multistep_matches_diffusers_pipeline(tiny_pair, name, scheduler, options):
+    """The multistep solvers on diffusers' own (rounded) timesteps; they start from unit-variance noise in VP form."""
     model, pipe, sd_scheduler_config, cond, uncond = tiny_pair
-    pipe.scheduler = diffusers.DPMSolverMultistepScheduler.from_config(sd_scheduler_config)
+    pipe.scheduler = getattr(diffusers, scheduler).from_config(sd_scheduler_config, **options)
+    stochastic = name in sampling.STOCHASTIC
     expected = pipe(prompt_embeds=cond, negative_prompt_embeds=uncond, latents=noise(), num_inference_steps=10,
-                    guidance_scale=SCALE, height=64, width=64, output_type="latent").images
+                    guidance_scale=SCALE, height=64, width=64, output_type="latent",
+                    generator=torch.Generator().manual_seed(9) if stochastic else None).images
     sigmas = pipe.scheduler.sigmas.clone()
     x = noise() * (1 + sigmas[0] ** 2).sqrt()
-    ours = sampling.sample_dpmpp_2m(CompVisDenoiser(model), x, sigmas,
-                                    {"cond": cond, "uncond": uncond, "cond_scale": SCALE}, disable=True)
+    extra = {"generator": torch.Generator().manual_seed(9)} if stochastic else {}
+    ours = sampling.SAMPLERS[name](CompVisDenoiser(model), x, sigmas,
+                                   {"cond": cond, "uncond": uncond, "cond_scale": SCALE}, disable=True, **extra)
     error = relative_error(ours, expected)
-    print(f"dpmpp_2m: max |ours - diffusers| / max |diffusers| = {error:.1e}")
+    print(f"{name} {options}: max |ours - diffusers| / max |diffusers| = {error:.1e}")
+    assert error < RELATIVE_TOLERANCE
+
+
+def run_singlestep(denoiser, x, sigmas, extra_args):
+    """diffusers' DPM-Solver++(2S) (singlestep, order 2, midpoint) stepping through the given VE sigmas, the model
+    called through our denoiser at each sigma: it checks the solver's algebra, not the timestep tables."""
+    scheduler = diffusers.DPMSolverSinglestepScheduler(**SD_SCHEDULE, lower_order_final=False,
+                                                       final_sigmas_type="sigma_min")
+    scheduler.set_timesteps(len(sigmas) - 1)
+    assert scheduler.order_list == [1, 2] * ((len(sigmas) - 1) // 2)
+    scheduler.sigmas = sigmas.clone()
+    x_vp = x / (1 + sigmas[0] ** 2).sqrt()
+    for k, t in enumerate(scheduler.timesteps):
+        sigma = sigmas[k]
+        x_ve = x_vp * (1 + sigma ** 2).sqrt()
+        eps = (x_ve - denoiser(x_ve, sigma.reshape(1).expand(x.shape[0]), **extra_args)) / sigma
+        x_vp = scheduler.step(eps, t, x_vp).prev_sample
+    return x_vp * (1 + sigmas[-1] ** 2).sqrt()
+
+
+@pytest.mark.parametrize("name", ["dpmpp_2s_a", "dpmpp_sde"])
+def test_two_stage_solvers_without_noise_are_dpmpp_2s(tiny_pair, name):
+    """With eta 0, DPM++ 2S a and DPM++ SDE are DPM-Solver++(2S) with its midpoint at r = 1/2 in log sigma: diffusers'
+    singlestep solver on a schedule whose odd points are those midpoints gives the same latents."""
+    model, _, _, cond, uncond = tiny_pair
+    denoiser, extra_args = CompVisDenoiser(model), {"cond": cond, "uncond": uncond, "cond_scale": SCALE}
+    sigmas = denoiser.get_sigmas(6)[:-1]  # to the smallest sigma: the last step to 0 is Euler in both of ours
+    midpoints = (sigmas[:-1] * sigmas[1:]).sqrt()
+    interleaved = torch.stack([sigmas[:-1], midpoints], dim=1).flatten()
+    x = noise() * sigmas[0]
+    expected = run_singlestep(denoiser, x, torch.cat([interleaved, sigmas[-1:]]), extra_args)
+    ours = sampling.SAMPLERS[name](denoiser, x, sigmas, extra_args, disable=True, eta=0.0)
+    error = relative_error(ours, expected)
+    print(f"{name} eta=0: max |ours - diffusers singlestep| / max |diffusers| = {error:.1e}")
     assert error < RELATIVE_TOLERANCE

@@ -20,6 +20,7 @@ from ldm.checkpoint import save_weights
 from ldm.images import SAMPLER_DISPLAY_NAMES
 from ldm.inference import SAMPLER_NAMES, read_metadata
 from ldm.model_config import load_config, native_size
+from ldm.models.diffusion.sampling import STOCHASTIC
 from other_tools import parse_infotext
 
 COMMON = ["--config", str(TINY_CONFIG), "--device", "cpu", "--n_iter", "1", "--n_samples", "2", "--ddim_steps", "3"]
@@ -62,9 +63,11 @@ def test_every_sampler_writes_samples_grid_and_metadata(tmp_path, capsys, ckpt, 
     assert Image.open(tmp_path / "samples" / "00001.png").size == (64, 64)
     assert Image.open(tmp_path / "grid-0000.png").size == (2 * 66 + 2, 66 + 2)
     meta = read_metadata(tmp_path / "samples" / "00001.png")
+    tolerances = {"rtol": 0.05, "atol": 0.0078} if sampler == "dpm_adaptive" else {}
     assert meta == {"prompt": "a photo of sks dog", "negative_prompt": "blurry", "seed": 6, "sampler": sampler,
                     "karras": bool(extra), "steps": 3, "scale": 7.5, "eta": 0.0, "width": 64, "height": 64,
-                    "checkpoint": ckpt.name, "checkpoint_sha256": hashlib.sha256(ckpt.read_bytes()).hexdigest()}
+                    "checkpoint": ckpt.name, "checkpoint_sha256": hashlib.sha256(ckpt.read_bytes()).hexdigest(),
+                    **tolerances}
     assert read_metadata(tmp_path / "grid-0000.png")["seeds"] == [5, 6]
     assert (pixels(tmp_path / "samples" / "00000.png") != pixels(tmp_path / "samples" / "00001.png")).any()
     info = parse_infotext(Image.open(tmp_path / "samples" / "00001.png").text["parameters"])  # as A1111 reads it
@@ -89,8 +92,10 @@ def test_numbering_continues_and_prompts_from_file_get_a_grid_each(tmp_path, cap
     assert Image.open(out / "grid-0001.png").size == (66 + 2, 2 * 66 + 2)
 
 
-def test_same_seed_same_images_and_one_image_regenerates_alone(tmp_path, capsys, ckpt):
-    common = ["--ckpt", str(ckpt), "--sampler", "euler_a", "--n_samples", "3", "--skip_grid", "--seed", "11"]
+@pytest.mark.parametrize("sampler", [*STOCHASTIC, "dpm_adaptive"])
+def test_same_seed_same_images_and_one_image_regenerates_alone(tmp_path, capsys, ckpt, sampler):
+    """The stochastic samplers draw their noise from each image's seed; dpm_adaptive picks each image's steps."""
+    common = ["--ckpt", str(ckpt), "--sampler", sampler, "--n_samples", "3", "--skip_grid", "--seed", "11"]
     assert run(txt2img, capsys, *common, "--outdir", str(tmp_path / "a"))[0] == 0
     assert run(txt2img, capsys, *common, "--outdir", str(tmp_path / "b"))[0] == 0
     for name in ["00000.png", "00001.png", "00002.png"]:
@@ -152,7 +157,14 @@ BAD_INPUTS = {
                               "--H 60 must be a positive multiple of 16"),
     "W fine for the VAE, not the UNet": (lambda tmp, ckpt: ["--ckpt", str(ckpt), "--W", "72"], "try 64 or 80"),
     "empty prompt file": (lambda tmp, ckpt: ["--ckpt", str(ckpt), "--from-file", str(empty(tmp))], "holds no prompts"),
-    "karras with ddim": (lambda tmp, ckpt: ["--ckpt", str(ckpt), "--karras"], "--karras applies to the k-samplers"),
+    "karras with ddim": (lambda tmp, ckpt: ["--ckpt", str(ckpt), "--karras"],
+                         "--karras applies to the samplers that follow a sigma schedule"),
+    "karras with dpm_fast": (lambda tmp, ckpt: ["--ckpt", str(ckpt), "--sampler", "dpm_fast", "--karras"],
+                             "not to dpm_fast"),
+    "tolerance for euler": (lambda tmp, ckpt: ["--ckpt", str(ckpt), "--sampler", "euler", "--rtol", "0.1"],
+                            "--rtol and --atol apply to the dpm_adaptive sampler only"),
+    "tolerance of 0": (lambda tmp, ckpt: ["--ckpt", str(ckpt), "--sampler", "dpm_adaptive", "--atol", "0"],
+                       "--atol must be above 0"),
 }
 
 
