@@ -81,6 +81,8 @@ def get_parser() -> argparse.ArgumentParser:
     add("--devices", default=None, help="number of devices, or indices such as 0,1")
     add("--precision", default=None, help="32-true (default), 16-mixed, bf16-mixed, ...")
     add("--freeze_text_encoder", action="store_true", help="train the UNet only (less memory)")
+    add("--text_encoder_lr", type=float, default=None,
+        help="the text encoder's base learning rate (model.params.cond_stage_lr; default: base_learning_rate)")
     add("--safetensors", action="store_true", help="also save fp16 .safetensors weights next to each checkpoint")
     return parser
 
@@ -157,6 +159,8 @@ def apply_flags(config: DictConfig, opt: argparse.Namespace) -> None:
         data.num_class_images = opt.num_class_images
     if opt.freeze_text_encoder:
         config.model.params.cond_stage_trainable = False
+    if opt.text_encoder_lr is not None:
+        config.model.params.cond_stage_lr = opt.text_encoder_lr
     lightning = config.setdefault("lightning", {})
     if opt.max_steps is not None:
         lightning.setdefault("trainer", {})["max_steps"] = opt.max_steps
@@ -265,16 +269,22 @@ def prepare_data(config: DictConfig, resuming: bool):
 
 
 def set_learning_rate(model: pl.LightningModule, config: DictConfig, trainer: pl.Trainer, scale_lr: bool) -> None:
-    """base_learning_rate, or with --scale_lr that times devices x batch size x gradient accumulation."""
+    """base_learning_rate, or with --scale_lr that times devices x batch size x gradient accumulation; the text
+    encoder's own cond_stage_lr, when set, is scaled by the same factor."""
     base_lr, batch_size = config.model.base_learning_rate, config.data.params.batch_size
-    if not scale_lr:
-        model.learning_rate = base_lr
-        say(f"learning rate {base_lr:.2e} (base_learning_rate, not scaled)")
-        return
-    accumulate, n_devices = trainer.accumulate_grad_batches, trainer.num_devices * trainer.num_nodes
-    model.learning_rate = accumulate * n_devices * batch_size * base_lr
-    say(f"learning rate {model.learning_rate:.2e} = {accumulate} (accumulate_grad_batches) x {n_devices} (devices) "
-        f"x {batch_size} (batch size) x {base_lr:.2e} (base_learning_rate)")
+    factor, why = 1.0, "base_learning_rate, not scaled"
+    if scale_lr:
+        accumulate, n_devices = trainer.accumulate_grad_batches, trainer.num_devices * trainer.num_nodes
+        factor = accumulate * n_devices * batch_size
+        why = (f"{accumulate} (accumulate_grad_batches) x {n_devices} (devices) x {batch_size} (batch size) "
+               f"x {base_lr:.2e} (base_learning_rate)")
+    model.learning_rate = factor * base_lr
+    say(f"learning rate {model.learning_rate:.2e} ({why})" if not scale_lr
+        else f"learning rate {model.learning_rate:.2e} = {why}")
+    if getattr(model, "cond_stage_lr", None) is not None:
+        model.cond_stage_lr = factor * config.model.params.cond_stage_lr
+        say(f"text encoder learning rate {model.cond_stage_lr:.2e} (cond_stage_lr"
+            + (f" x {factor:g})" if scale_lr else ")"))
 
 
 def fit(trainer: pl.Trainer, model: pl.LightningModule, data: pl.LightningDataModule, run: Run) -> int:

@@ -37,6 +37,9 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add = parser.add_argument
     add("--outdir", default="outputs/demo", help="made afresh (an older one is replaced)")
+    add("--base", default=BASE, help="the base model (default: the committed toy model)")
+    add("--set", nargs="+", default=[], metavar="KEY=VALUE",
+        help="config overrides for the fine-tune, as main.py takes them, e.g. model.base_learning_rate=1e-4")
     add("--drift", action="store_true", help="also fine-tune with reg_weight 0 and compare")
     add("--quick", action="store_true", help="a pipeline check: few steps and samples (the rates mean nothing)")
     add("--threads", type=int, default=None, help="torch threads per process (default: the idle cores, at most 4)")
@@ -100,12 +103,12 @@ class Runner:
 def fine_tune(runner: Runner, name: str, class_folder: Path, opt: argparse.Namespace, *overrides: str) -> Path:
     """Fine-tune with main.py; returns the run's last.ckpt."""
     logdir = runner.outdir / "runs" / name
-    args = ["--base", FINETUNE_CONFIG, "-t", "--actual_resume", BASE, "-n", name, "--accelerator", "cpu",
+    args = ["--base", FINETUNE_CONFIG, "-t", "--actual_resume", opt.base, "-n", name, "--accelerator", "cpu",
             "--data_root", SUBJECT, "--reg_data_root", str(class_folder), "--class_word", CLASS_WORD,
             "--token", IDENTIFIER, "-l", str(logdir)]
     if opt.max_steps is not None:
         args += ["--max_steps", str(opt.max_steps)]
-    runner.run("fine-tune", name, "main.py", *args, *overrides)
+    runner.run("fine-tune", name, "main.py", *args, *opt.set, *overrides)
     (run,) = logdir.iterdir()
     return run / "checkpoints" / "last.ckpt"
 
@@ -131,7 +134,7 @@ def quick_settings(opt: argparse.Namespace) -> list[str]:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     opt = parse_args(argv)
-    for path in (BASE, SCORER, SUBJECT):
+    for path in (opt.base, SCORER, SUBJECT):
         if not (REPO / path).exists():
             print(f"error: {path} is missing; scripts/pretrain_toy_model.py and scripts/make_toy_subject.py make it",
                   file=sys.stderr)
@@ -145,12 +148,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     overrides = quick_settings(opt) if opt.quick else []
     runner = Runner(outdir, threads)
     batch = min(10, opt.class_images)
-    runner.run("class images", "class-images", "scripts/stable_txt2img.py", "--ckpt", BASE, "--prompt",
+    runner.run("class images", "class-images", "scripts/stable_txt2img.py", "--ckpt", opt.base, "--prompt",
                f"a photo of a {CLASS_WORD}", "--n_samples", str(batch), "--n_iter",
                str(math.ceil(opt.class_images / batch)), "--seed", "0", "--ddim_steps", str(opt.ddim_steps),
                "--scale", str(opt.scale), "--outdir", str(outdir / "class_images"), *SAMPLING)
     class_folder = outdir / "class_images" / "samples"
-    checkpoints = {"base": BASE, "fine-tuned": fine_tune(runner, "dreambooth", class_folder, opt, *overrides)}
+    checkpoints = {"base": opt.base, "fine-tuned": fine_tune(runner, "dreambooth", class_folder, opt, *overrides)}
     if opt.drift:
         checkpoints["reg_weight 0"] = fine_tune(runner, "no-prior", class_folder, opt, "model.params.reg_weight=0",
                                                 *overrides)

@@ -57,7 +57,8 @@ def test_the_demo_counts_busy_cores_now_not_a_minute_ago():
 def demo(tmp_path_factory):
     outdir = tmp_path_factory.mktemp("demo") / "demo"
     proc = subprocess.run([sys.executable, "scripts/toy_demo.py", "--quick", "--drift", "--threads", "1",
-                           "--outdir", str(outdir)], cwd=REPO, env=ENV, capture_output=True, text=True, timeout=600)
+                           "--outdir", str(outdir), "--set", "model.params.reg_weight=0.9"],
+                          cwd=REPO, env=ENV, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return outdir, proc.stdout
 
@@ -66,9 +67,11 @@ def test_every_stage_writes_its_files(demo):
     outdir, _ = demo
     class_images = sorted((outdir / "class_images" / "samples").glob("*.png"))
     assert len(class_images) == 2 and read_metadata(class_images[0])["prompt"] == "a photo of a ball"
-    for name in ("dreambooth", "no-prior"):
+    for name, reg_weight in (("dreambooth", 0.9), ("no-prior", 0)):  # --set applies, the drift run's 0 after it
         (run,) = (outdir / "runs" / name).iterdir()
         assert {p.name for p in (run / "checkpoints").iterdir()} >= {"step_2.ckpt", "step_4.ckpt", "last.ckpt"}
+        (config,) = (run / "configs").glob("*-project.yaml")
+        assert OmegaConf.load(config).model.params.reg_weight == reg_weight
         assert any((run / "images" / "train").glob("samples_instance_*.png"))
     for model in ("base", "fine-tuned", "reg_weight_0"):
         samples = sorted((outdir / "samples" / model / "samples").glob("*.png"))

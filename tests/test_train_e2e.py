@@ -335,6 +335,7 @@ def bad_checkpoint(tmp_path: Path, kind: str, good: Path) -> Path:
     ({"args": ["--max_steps", "-1"]}, "--max_steps -1: the number of training steps must be at least 1"),
     ({"args": ["--class_word", ""]}, "--class_word is empty: the captions need it (e.g. --class_word dog)"),
     ({"args": ["--token", " "]}, "--token/--identifier is empty"),
+    ({"args": ["--freeze_text_encoder", "--text_encoder_lr", "1e-5"]}, "is set but the text encoder is frozen"),
     ({"logdir": "under_a_file"}, "is a file, not a folder"),
     ({"logdir": "read_only"}, "is on a read-only file system; choose another folder"),
 ])

@@ -1,7 +1,7 @@
 """DDPM and LatentDiffusion (Ho et al. 2020; Rombach et al. 2022) as Stable Diffusion v1 and DreamBooth need them."""
 import logging
 from contextlib import contextmanager
-from typing import Any, Iterator, Mapping
+from typing import Any, Iterator, Mapping, Optional
 
 import pytorch_lightning as pl
 import torch
@@ -12,7 +12,7 @@ from ldm.modules.diffusionmodules.schedule import extract_into_tensor, make_beta
 from ldm.modules.ema import LitEma
 from ldm.modules.losses import PriorPreservationLoss, eps_mse_per_sample
 from ldm.optim import adamw
-from ldm.util import instantiate_from_config
+from ldm.util import UserError, instantiate_from_config
 
 logger = logging.getLogger(__name__)
 
@@ -109,10 +109,15 @@ class LatentDiffusion(DDPM):
     """Diffusion in the VAE's latent space, conditioned on CLIP text embeddings through cross-attention."""
 
     def __init__(self, first_stage_config: Mapping, cond_stage_config: Mapping, cond_stage_key: str = "caption",
-                 cond_stage_trainable: bool = False, scale_factor: float = 1.0, **kwargs: Any):
+                 cond_stage_trainable: bool = False, scale_factor: float = 1.0, cond_stage_lr: Optional[float] = None,
+                 **kwargs: Any):
         super().__init__(**kwargs)
+        if cond_stage_lr is not None and not cond_stage_trainable:
+            raise UserError(f"cond_stage_lr {cond_stage_lr} (--text_encoder_lr) is set but the text encoder is frozen "
+                            "(cond_stage_trainable false, or --freeze_text_encoder): drop one of them")
         self.cond_stage_key = cond_stage_key
         self.cond_stage_trainable = cond_stage_trainable
+        self.cond_stage_lr = cond_stage_lr  # main.py scales it as it scales base_learning_rate
         self.scale_factor = scale_factor
         self.first_stage_model = instantiate_from_config(first_stage_config)
         self.first_stage_model.requires_grad_(False)
@@ -191,4 +196,8 @@ class LatentDiffusion(DDPM):
     def configure_optimizers(self) -> torch.optim.Optimizer:
         if self.learning_rate is None:
             raise ValueError("learning_rate is not set; main.py sets it from model.base_learning_rate")
-        return adamw(self.trainable_parameters(), lr=self.learning_rate)
+        if self.cond_stage_lr is None:
+            return adamw(self.trainable_parameters(), lr=self.learning_rate)
+        return adamw([{"params": list(self.model.parameters())},
+                      {"params": list(self.cond_stage_model.parameters()), "lr": self.cond_stage_lr}],
+                     lr=self.learning_rate)
