@@ -47,7 +47,7 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     add("--class_images", type=int, default=40)
     add("--max_steps", type=int, default=None, help="fine-tuning steps (default: the config's)")
     add("--ddim_steps", type=int, default=25)
-    add("--scale", type=float, default=5.0)
+    add("--scale", type=float, default=7.5, help="guidance scale of the class images and the samples")
     return parser.parse_args(argv)
 
 
