@@ -42,35 +42,14 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
         help="config overrides for the fine-tune, as main.py takes them, e.g. model.base_learning_rate=1e-4")
     add("--drift", action="store_true", help="also fine-tune with reg_weight 0 and compare")
     add("--quick", action="store_true", help="a pipeline check: few steps and samples (the rates mean nothing)")
-    add("--threads", type=int, default=None, help="torch threads per process (default: the idle cores, at most 4)")
+    add("--threads", type=int, default=1, help="torch threads per process (1, the fastest for this tiny model: "
+        "see the README)")
     add("--samples", type=int, default=16, help="samples per prompt and model")
     add("--class_images", type=int, default=40)
     add("--max_steps", type=int, default=None, help="fine-tuning steps (default: the config's)")
     add("--ddim_steps", type=int, default=25)
     add("--scale", type=float, default=7.5, help="guidance scale of the class images and the samples")
     return parser.parse_args(argv)
-
-
-def busy_cores(seconds: float = 0.5) -> float:
-    """How many cores other work keeps busy: measured over `seconds` from /proc/stat on Linux (the load average
-    lags a minute behind), else the load average."""
-    def busy_and_total() -> tuple[int, int]:
-        fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-        idle = fields[3] + fields[4]  # idle + iowait
-        return sum(fields) - idle, sum(fields)
-
-    try:
-        busy0, total0 = busy_and_total()
-        time.sleep(seconds)
-        busy1, total1 = busy_and_total()
-    except (OSError, ValueError, IndexError):
-        return os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
-    return (os.cpu_count() or 1) * (busy1 - busy0) / max(1, total1 - total0)
-
-
-def idle_threads() -> int:
-    """One thread per core that is not busy now, at least one and at most four."""
-    return max(1, min(4, (os.cpu_count() or 1) - int(round(busy_cores()))))
 
 
 class Runner:
@@ -142,11 +121,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     outdir = Path(opt.outdir)
     if outdir.exists():
         shutil.rmtree(outdir)
-    threads = opt.threads or idle_threads()
-    machine = f"{os.cpu_count()} CPU cores, {threads} torch thread(s) per process"
+    machine = f"{os.cpu_count()} CPU cores, {opt.threads} torch thread(s) per process"
     print(f"DreamBooth on the toy world in {outdir} ({machine})", flush=True)
     overrides = quick_settings(opt) if opt.quick else []
-    runner = Runner(outdir, threads)
+    runner = Runner(outdir, opt.threads)
     batch = min(10, opt.class_images)
     runner.run("class images", "class-images", "scripts/stable_txt2img.py", "--ckpt", opt.base, "--prompt",
                f"a photo of a {CLASS_WORD}", "--n_samples", str(batch), "--n_iter",

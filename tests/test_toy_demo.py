@@ -5,13 +5,12 @@ import json
 import os
 import subprocess
 import sys
-import time
 
 import pytest
 from omegaconf import OmegaConf
 from PIL import Image
 
-from conftest import REPO, load_script
+from conftest import REPO
 from ldm.checkpoint import load_model_weights
 from ldm.eval.toy_demo import PROMPTS
 from ldm.inference import read_metadata
@@ -39,18 +38,6 @@ def test_base_model_samples_at_its_native_size_without_size_flags(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     samples = sorted((tmp_path / "samples").glob("*.png"))
     assert len(samples) == 2 and Image.open(samples[0]).size == (64, 64)
-
-
-def test_the_demo_counts_busy_cores_now_not_a_minute_ago():
-    toy_demo = load_script("toy_demo")
-    spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
-    try:
-        time.sleep(0.3)
-        assert 0.5 <= toy_demo.busy_cores(0.5) <= os.cpu_count()
-    finally:
-        spinner.kill()
-        spinner.wait()
-    assert 1 <= toy_demo.idle_threads() <= 4
 
 
 @pytest.fixture(scope="module")
@@ -92,7 +79,8 @@ def test_report_parses_and_names_every_prompt_model_and_target(demo):
         assert all(0 <= r["subject"] <= 1 and r["samples"] == 2 for r in rates.values())
     assert len(report["targets"]) == 5 and all(isinstance(t["met"], bool) for t in report["targets"])
     assert set(report["stages"]) == {"class images", "fine-tune", "samples", "scoring"}
-    assert any(c.startswith("python main.py --base configs/toy/v1-finetune_unfrozen.yaml -t") for c in report["commands"])
+    fine_tune = "python main.py --base configs/toy/v1-finetune_unfrozen.yaml -t"
+    assert any(c.startswith(fine_tune) for c in report["commands"])
     markdown = (outdir / "report.md").read_text()
     assert "Quick mode" in markdown and all(prompt in markdown for prompt in PROMPTS)
     with Image.open(outdir / "report.png") as picture:
