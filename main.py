@@ -80,6 +80,12 @@ def get_parser() -> argparse.ArgumentParser:
     add("--accelerator", default=None, help="cpu, gpu, mps or auto (default: auto)")
     add("--devices", default=None, help="number of devices, or indices such as 0,1")
     add("--precision", default=None, help="32-true (default), 16-mixed, bf16-mixed, ...")
+    add("--lr_scheduler", default=None, help="learning-rate schedule: constant (default), constant_with_warmup, "
+        "linear, cosine, cosine_with_restarts, polynomial (model.params.lr_schedule.name)")
+    add("--lr_warmup_steps", type=float, default=None,
+        help="linear warmup steps of the schedule, or a fraction of max_steps below 1")
+    add("--stop_text_encoder_training", type=float, default=None, metavar="N",
+        help="freeze the text encoder from step N (a fraction of max_steps below 1; model.params.cond_stage_stop_step)")
     add("--freeze_text_encoder", action="store_true", help="train the UNet only (less memory)")
     add("--text_encoder_lr", type=float, default=None,
         help="the text encoder's base learning rate (model.params.cond_stage_lr; default: base_learning_rate)")
@@ -164,6 +170,18 @@ def apply_flags(config: DictConfig, opt: argparse.Namespace) -> None:
     lightning = config.setdefault("lightning", {})
     if opt.max_steps is not None:
         lightning.setdefault("trainer", {})["max_steps"] = opt.max_steps
+    if opt.lr_scheduler is not None or opt.lr_warmup_steps is not None:
+        if config.model.params.get("lr_schedule") is None:
+            config.model.params.lr_schedule = {}
+        schedule = config.model.params.lr_schedule
+        if opt.lr_scheduler is not None:
+            schedule.name = opt.lr_scheduler
+        if opt.lr_warmup_steps is not None:
+            schedule.warmup_steps = opt.lr_warmup_steps
+            if "name" not in schedule:
+                schedule.name = "constant_with_warmup"
+    if opt.stop_text_encoder_training is not None:
+        config.model.params.cond_stage_stop_step = opt.stop_text_encoder_training
     if opt.safetensors:
         lightning.setdefault("modelcheckpoint", {}).setdefault("params", {})["safetensors"] = True
 

@@ -1,16 +1,17 @@
 """DDPM and LatentDiffusion (Ho et al. 2020; Rombach et al. 2022) as Stable Diffusion v1 and DreamBooth need them."""
 import logging
 from contextlib import contextmanager
-from typing import Any, Iterator, Mapping, Optional
+from typing import Any, Iterator, Mapping, Optional, Sequence
 
 import pytorch_lightning as pl
 import torch
 from einops import rearrange
 from torch import nn
 
+from ldm.lr_scheduler import LRSchedule, lr_lambda
 from ldm.modules.diffusionmodules.schedule import extract_into_tensor, make_beta_schedule, schedule_buffers
 from ldm.modules.ema import LitEma
-from ldm.modules.losses import PriorPreservationLoss, eps_mse_per_sample
+from ldm.modules.losses import NoiseObjective, PriorPreservationLoss
 from ldm.optim import adamw
 from ldm.util import UserError, instantiate_from_config
 
@@ -37,7 +38,10 @@ class DDPM(pl.LightningModule):
                  linear_start: float = 1e-4, linear_end: float = 2e-2, image_size: int = 64, channels: int = 4,
                  first_stage_key: str = "image", conditioning_key: str = "crossattn", parameterization: str = "eps",
                  use_ema: bool = False, reg_weight: float = 1.0, log_every_t: int = 100,
-                 monitor: str | None = None, num_timesteps_cond: int = 1):
+                 monitor: str | None = None, num_timesteps_cond: int = 1, offset_noise: float = 0.0,
+                 input_perturbation: float = 0.0, timestep_range: Optional[Sequence[int]] = None,
+                 loss_weighting: str = "none", snr_gamma: float = 5.0, p2_k: float = 1.0, p2_gamma: float = 1.0,
+                 loss_type: str = "l2", huber_c: float = 0.1, huber_schedule: str = "constant"):
         super().__init__()
         if parameterization != "eps":
             raise ValueError(f"parameterization {parameterization!r} is not supported; SD v1 predicts 'eps'")
@@ -56,6 +60,9 @@ class DDPM(pl.LightningModule):
             self.model_ema = LitEma(self.model)
         self.loss_fn = PriorPreservationLoss(reg_weight)
         self.num_timesteps = int(timesteps)
+        self.objective = NoiseObjective(offset_noise, input_perturbation, timestep_range, loss_weighting, snr_gamma,
+                                        p2_k, p2_gamma, loss_type, huber_c, huber_schedule)
+        self.objective.check(self.num_timesteps)
         betas = make_beta_schedule(beta_schedule, self.num_timesteps, linear_start, linear_end)
         for name, value in schedule_buffers(betas).items():
             self.register_buffer(name, value)
@@ -95,10 +102,12 @@ class DDPM(pl.LightningModule):
 
     def p_losses(self, x_start: torch.Tensor, cond: torch.Tensor, t: torch.Tensor,
                  noise: torch.Tensor | None = None) -> torch.Tensor:
-        """Per-sample simple loss ||eps - eps_theta(x_t, t, c)||^2 (Ho et al. 2020, eq. 14)."""
-        noise = torch.randn_like(x_start) if noise is None else noise
-        x_noisy = self.q_sample(x_start, t, noise)
-        return eps_mse_per_sample(self.apply_model(x_noisy, t, cond), noise)
+        """Per-sample simple loss ||eps - eps_theta(x_t, t, c)||^2 (Ho et al. 2020, eq. 14), with the objective's
+        options (offset noise when `noise` is not given, input perturbation, loss type and timestep weighting)."""
+        noise = self.objective.sample_noise(x_start) if noise is None else noise
+        x_noisy = self.q_sample(x_start, t, self.objective.model_input_noise(noise))
+        prediction = self.apply_model(x_noisy, t, cond)
+        return self.objective.per_sample(prediction, noise, t, self.alphas_cumprod, self.num_timesteps)
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         if self.use_ema:
@@ -110,20 +119,43 @@ class LatentDiffusion(DDPM):
 
     def __init__(self, first_stage_config: Mapping, cond_stage_config: Mapping, cond_stage_key: str = "caption",
                  cond_stage_trainable: bool = False, scale_factor: float = 1.0, cond_stage_lr: Optional[float] = None,
-                 **kwargs: Any):
+                 cond_stage_stop_step: Optional[float] = None, lr_schedule: Optional[Mapping] = None,
+                 scheduler_config: Optional[Mapping] = None, **kwargs: Any):
         super().__init__(**kwargs)
-        if cond_stage_lr is not None and not cond_stage_trainable:
-            raise UserError(f"cond_stage_lr {cond_stage_lr} (--text_encoder_lr) is set but the text encoder is frozen "
-                            "(cond_stage_trainable false, or --freeze_text_encoder): drop one of them")
+        for key, flag, value in (("cond_stage_lr", "--text_encoder_lr", cond_stage_lr),
+                                 ("cond_stage_stop_step", "--stop_text_encoder_training", cond_stage_stop_step)):
+            if value is not None and not cond_stage_trainable:
+                raise UserError(f"{key} {value} ({flag}) is set but the text encoder is frozen "
+                                "(cond_stage_trainable false, or --freeze_text_encoder): drop one of them")
+        if cond_stage_stop_step is not None and cond_stage_stop_step <= 0:
+            raise UserError(f"--stop_text_encoder_training {cond_stage_stop_step}: expected a step, or a fraction of "
+                            "max_steps below 1, above 0 (to train the UNet only, use --freeze_text_encoder)")
         self.cond_stage_key = cond_stage_key
         self.cond_stage_trainable = cond_stage_trainable
         self.cond_stage_lr = cond_stage_lr  # main.py scales it as it scales base_learning_rate
+        self.cond_stage_stop_step = cond_stage_stop_step
+        if lr_schedule and scheduler_config:
+            raise UserError("model.params.lr_schedule (--lr_scheduler) and model.params.scheduler_config are both "
+                            "set: keep one")
+        self.lr_schedule = self._lr_schedule(lr_schedule)
+        self.compvis_schedule = instantiate_from_config(scheduler_config).schedule if scheduler_config else None
         self.scale_factor = scale_factor
         self.first_stage_model = instantiate_from_config(first_stage_config)
         self.first_stage_model.requires_grad_(False)
         self.cond_stage_model = instantiate_from_config(cond_stage_config)
         self.cond_stage_model.requires_grad_(cond_stage_trainable)
         self.train(False)
+
+    @staticmethod
+    def _lr_schedule(options: Optional[Mapping]) -> Optional[LRSchedule]:
+        if not options:
+            return None
+        try:
+            schedule = LRSchedule(**options)
+        except TypeError as err:
+            raise UserError(f"model.params.lr_schedule: {err}") from None
+        schedule.check()
+        return None if schedule.name == "constant" else schedule  # the constant rate needs no scheduler
 
     def train(self, mode: bool = True) -> "LatentDiffusion":
         """Switch modes, keeping the frozen VAE (and a frozen text encoder) in eval mode."""
@@ -172,7 +204,7 @@ class LatentDiffusion(DDPM):
         z, captions, n_instance = self.get_input(batch)
         cond = self.get_learned_conditioning(captions)
         if t is None:
-            t = torch.randint(0, self.num_timesteps, (z.shape[0],), device=z.device)
+            t = self.objective.sample_timesteps(z.shape[0], self.num_timesteps, z.device)
         return self.loss_fn(self.p_losses(z, cond, t, noise), n_instance)
 
     def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> torch.Tensor:
@@ -183,7 +215,10 @@ class LatentDiffusion(DDPM):
                 "is kept; try a lower learning rate or full precision.")
         self.log_dict({f"train/{k}": v for k, v in losses.items()}, on_step=True, on_epoch=False)
         self.log("loss", losses["loss"], prog_bar=True, logger=False, on_step=True, on_epoch=False)
-        self.log("train/lr", self.optimizers().param_groups[0]["lr"], on_step=True, on_epoch=False)
+        groups = self.optimizers().param_groups
+        self.log("train/lr", groups[0]["lr"], on_step=True, on_epoch=False)
+        if len(groups) > 1:
+            self.log("train/lr_text_encoder", groups[1]["lr"], on_step=True, on_epoch=False)
         return losses["loss"]
 
     def trainable_parameters(self) -> list[nn.Parameter]:
@@ -193,11 +228,41 @@ class LatentDiffusion(DDPM):
             params += list(self.cond_stage_model.parameters())
         return params
 
-    def configure_optimizers(self) -> torch.optim.Optimizer:
+    def text_encoder_stop_step(self) -> Optional[int]:
+        """The step from which the text encoder is frozen (cond_stage_stop_step, a fraction of max_steps below 1)."""
+        stop = self.cond_stage_stop_step
+        if stop is None:
+            return None
+        return round(stop * self.trainer.max_steps) if stop < 1 else int(stop)
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        stop = self.text_encoder_stop_step()
+        if stop is not None and self.cond_stage_trainable and self.global_step >= stop:
+            self.stop_text_encoder_training(stop)
+
+    def stop_text_encoder_training(self, stop: int) -> None:
+        """Freeze the text encoder and drop its optimizer state; its parameter group stays (empty of gradients), so
+        that a resumed run's optimizer state still matches the groups."""
+        self.cond_stage_trainable = False
+        self.cond_stage_model.requires_grad_(False).train(False)
+        for optimizer in self.trainer.optimizers:
+            for param in self.cond_stage_model.parameters():
+                param.grad = None
+                optimizer.state.pop(param, None)
+        logger.info("step %d: the text encoder is frozen from step %d on (stop_text_encoder_training); the UNet "
+                    "trains on", self.global_step, stop)
+
+    def configure_optimizers(self) -> Any:
         if self.learning_rate is None:
             raise ValueError("learning_rate is not set; main.py sets it from model.base_learning_rate")
         if self.cond_stage_lr is None:
-            return adamw(self.trainable_parameters(), lr=self.learning_rate)
-        return adamw([{"params": list(self.model.parameters())},
-                      {"params": list(self.cond_stage_model.parameters()), "lr": self.cond_stage_lr}],
-                     lr=self.learning_rate)
+            optimizer = adamw(self.trainable_parameters(), lr=self.learning_rate)
+        else:
+            optimizer = adamw([{"params": list(self.model.parameters())},
+                               {"params": list(self.cond_stage_model.parameters()), "lr": self.cond_stage_lr}],
+                              lr=self.learning_rate)
+        if self.lr_schedule is None and self.compvis_schedule is None:
+            return optimizer
+        factor = lr_lambda(self.lr_schedule, self.compvis_schedule, self.trainer.max_steps)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1}}

@@ -1,3 +1,4 @@
+from ldm.modules.losses.noise_objective import NoiseObjective
 from ldm.modules.losses.prior_preservation import PriorPreservationLoss, eps_mse_per_sample
 
-__all__ = ["PriorPreservationLoss", "eps_mse_per_sample"]
+__all__ = ["NoiseObjective", "PriorPreservationLoss", "eps_mse_per_sample"]

@@ -1,0 +1,85 @@
+"""End to end: --stop_text_encoder_training and a warmup schedule across resumes, before and past the stop step."""
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from conftest import build_tiny_model
+from ldm.util import UserError
+from test_train_e2e import REPO, TINY, fresh_run_args, load_script, make_class_images, make_photos, metrics, run_main
+
+TEXT = "cond_stage_model."
+
+
+def weights(path: Path, prefix: str) -> dict[str, torch.Tensor]:
+    return {k: v for k, v in torch.load(path, map_location="cpu")["state_dict"].items() if k.startswith(prefix)}
+
+
+def same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def text_encoder_states(last: Path) -> int:
+    """How many of the text encoder's parameters hold optimizer state (they come after the UNet's in the group)."""
+    checkpoint = torch.load(last, map_location="cpu")
+    n_unet = sum(1 for k in checkpoint["state_dict"] if k.startswith("model.diffusion_model."))
+    return sum(1 for index in checkpoint["optimizer_states"][0]["state"] if index >= n_unet)
+
+
+@pytest.fixture(scope="module")
+def stopped_run(tmp_path_factory, tiny_ckpt) -> Path:
+    """2 steps, then resumed to 4 across the stop step 3, then resumed past it to 5; a checkpoint every step."""
+    root = tmp_path_factory.mktemp("recipe")
+    photos, reg = make_photos(root / "photos"), make_class_images(root / "class", 2)
+    proc = run_main(*fresh_run_args(tiny_ckpt, photos, reg, root / "logs", "--max_steps", "2",
+                                    "--stop_text_encoder_training", "3", "--lr_scheduler", "constant_with_warmup",
+                                    "--lr_warmup_steps", "4", "lightning.modelcheckpoint.params.every_n_train_steps=1"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (run,) = (root / "logs").iterdir()
+    for max_steps in ("4", "5"):
+        proc = run_main("-r", str(run), "--max_steps", max_steps)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert f"step {int(max_steps) - 1}: the text encoder is frozen from step 3 on" in proc.stderr
+    return run
+
+
+def test_the_text_encoder_trains_until_the_stop_step_and_never_after(stopped_run):
+    folder = stopped_run / "checkpoints"
+    text = {step: weights(folder / f"step_{step}.ckpt", TEXT) for step in (1, 2, 3, 4, 5)}
+    unet = {step: weights(folder / f"step_{step}.ckpt", "model.diffusion_model.") for step in (3, 4, 5)}
+    assert not same(text[1], text[2]) and not same(text[2], text[3])  # trained in steps 1 and 2, across a resume
+    assert same(text[3], text[4]) and same(text[4], text[5])  # frozen from step 3, also after a resume past it
+    assert not same(unet[3], unet[4]) and not same(unet[4], unet[5])  # the UNet goes on
+    assert text_encoder_states(folder / "last.ckpt") == 0
+
+
+def test_the_warmup_goes_on_where_the_resume_left_it(stopped_run):
+    rates = {int(row["step"]): float(row["train/lr"]) for row in metrics(stopped_run) if row.get("train/lr")}
+    assert sorted(rates) == [0, 1, 2, 3, 4]
+    assert [rates[step] for step in range(5)] == pytest.approx([0.0, 2.5e-5, 5e-5, 7.5e-5, 1e-4], rel=1e-5)
+
+
+def test_the_recipe_flags_go_into_the_config_that_the_run_saves():
+    main = load_script("dreambooth_main_recipe", REPO / "main.py")
+    config = main.load_config([str(REPO / TINY)], [])
+    opt = main.get_parser().parse_args(["--base", TINY, "-t", "--stop_text_encoder_training", "0.5",
+                                        "--lr_warmup_steps", "0.1"])
+    main.apply_flags(config, opt)
+    assert config.model.params.cond_stage_stop_step == 0.5
+    assert dict(config.model.params.lr_schedule) == {"warmup_steps": 0.1, "name": "constant_with_warmup"}
+    opt = main.get_parser().parse_args(["--base", TINY, "-t", "--lr_scheduler", "cosine"])
+    config = main.load_config([str(REPO / TINY)], [])
+    main.apply_flags(config, opt)
+    assert dict(config.model.params.lr_schedule) == {"name": "cosine"}
+
+
+def test_a_stop_below_one_is_a_fraction_of_max_steps_and_needs_a_trained_text_encoder():
+    model = build_tiny_model(cond_stage_trainable=True, cond_stage_stop_step=0.5)
+    model.trainer = SimpleNamespace(max_steps=10)
+    assert model.text_encoder_stop_step() == 5
+    with pytest.raises(UserError, match=r"cond_stage_stop_step 3 \(--stop_text_encoder_training\) is set but the text "
+                                        "encoder is frozen"):
+        build_tiny_model(cond_stage_trainable=False, cond_stage_stop_step=3)
+    with pytest.raises(UserError, match="--stop_text_encoder_training 0: expected a step"):
+        build_tiny_model(cond_stage_trainable=True, cond_stage_stop_step=0)
