@@ -87,6 +87,9 @@ def get_parser() -> argparse.ArgumentParser:
     add("--stop_text_encoder_training", type=float, default=None, metavar="N",
         help="freeze the text encoder from step N (a fraction of max_steps below 1; model.params.cond_stage_stop_step)")
     add("--freeze_text_encoder", action="store_true", help="train the UNet only (less memory)")
+    add("--clip_skip", type=int, default=None, metavar="N",
+        help="condition on the N-th text encoder layer from the end, as A1111 and kohya: 1 the last (default), "
+             "2 the penultimate (model.params.cond_stage_config.params.clip_skip; sampling from the run uses it)")
     add("--text_encoder_lr", type=float, default=None,
         help="the text encoder's base learning rate (model.params.cond_stage_lr; default: base_learning_rate)")
     add("--safetensors", action="store_true", help="also save fp16 .safetensors weights next to each checkpoint")
@@ -167,6 +170,8 @@ def apply_flags(config: DictConfig, opt: argparse.Namespace) -> None:
         config.model.params.cond_stage_trainable = False
     if opt.text_encoder_lr is not None:
         config.model.params.cond_stage_lr = opt.text_encoder_lr
+    if opt.clip_skip is not None:
+        OmegaConf.update(config, "model.params.cond_stage_config.params.clip_skip", opt.clip_skip, merge=True)
     lightning = config.setdefault("lightning", {})
     if opt.max_steps is not None:
         lightning.setdefault("trainer", {})["max_steps"] = opt.max_steps

@@ -107,6 +107,7 @@ def infotext(metadata: Mapping[str, Any], size: tuple[int, int]) -> str:
         "Model hash": (metadata.get("checkpoint_sha256") or "")[:10] or None,
         "Model": Path(metadata["checkpoint"]).stem if metadata.get("checkpoint") else None,
         "Denoising strength": metadata.get("strength"),
+        "Clip skip": None if metadata.get("clip_skip", 1) == 1 else metadata["clip_skip"],  # A1111 omits 1
         "Eta": metadata.get("eta"),
         "Training step": metadata.get("step"),
     }

@@ -11,7 +11,7 @@ from typing import ContextManager, Optional, Sequence
 
 import numpy as np
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 from torch import Tensor, nn
 
@@ -31,6 +31,7 @@ logger = logging.getLogger(__name__)
 SAMPLER_NAMES = ("ddim", "plms", *K_SAMPLERS)
 NO_SCHEDULE = ("ddim", "plms", "dpm_fast", "dpm_adaptive")  # --karras does not apply to them
 ADAPTIVE_TOLERANCES = (0.05, 0.0078)  # k-diffusion's rtol, atol
+CLIP_SKIP_KEY = "model.params.cond_stage_config.params.clip_skip"  # what --clip_skip sets
 
 
 USER_ERRORS = (UserError, CheckpointError)
@@ -57,7 +58,8 @@ def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
     add("--ddim_eta", type=float, default=0.0, help="DDIM eta (eta=0.0 is deterministic)")
     add("--n_iter", type=int, default=2, help="batches per prompt")
     add("--C", type=int, default=None, help="latent channels (default: the config's, 4 for SD v1)")
-    add("--f", type=int, default=None, help="downsampling factor of the autoencoder (default: the config's, 8 for SD v1)")
+    add("--f", type=int, default=None,
+        help="downsampling factor of the autoencoder (default: the config's, 8 for SD v1)")
     add("--n_samples", type=int, default=3, help="images per batch (batch size)")
     add("--n_rows", type=int, default=0, help="images per grid row (default: n_samples)")
     add("--scale", type=float, default=7.5, help="classifier-free guidance scale")
@@ -69,6 +71,9 @@ def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
     add("--precision", choices=["autocast", "full", "bf16"], default="autocast",
         help="autocast: fp16 mixed precision on a GPU (full on CPU); bf16: bfloat16 mixed precision; full: fp32")
     add("--device", choices=["auto", "cuda", "mps", "cpu"], default="auto", help="auto picks cuda, then mps, then cpu")
+    add("--clip_skip", type=int, default=None, metavar="N",
+        help="condition on the N-th text encoder layer from the end, as A1111: 1 the last, 2 the penultimate "
+             "(default: the config's, so what the run of --ckpt trained with, else 1)")
 
 
 def resolve_sampler(opt: argparse.Namespace) -> str:
@@ -267,6 +272,8 @@ def generate(opt: argparse.Namespace, init_img: Optional[str] = None) -> list[Pa
     check_checkpoint(opt.ckpt)
     ensure_writable_dir(opt.outdir, "--outdir")
     config = load_config(choose_config(opt.config, opt.ckpt))
+    if opt.clip_skip is not None:
+        OmegaConf.update(config, CLIP_SKIP_KEY, opt.clip_skip, merge=True)
     prompts = read_prompts(opt.prompt, opt.from_file)
     init = None if init_img is None else load_init_image(init_img, size_multiple(config))
     native = native_size(config)
@@ -287,6 +294,8 @@ def generate(opt: argparse.Namespace, init_img: Optional[str] = None) -> list[Pa
         params.update(init_image=Path(init_img).name, strength=strength)
     if sampler == "dpm_adaptive":
         params.update(rtol=tolerances[0], atol=tolerances[1])
+    if model.cond_stage_model.clip_skip != 1:  # recorded only when set, as A1111's infotext does
+        params.update(clip_skip=model.cond_stage_model.clip_skip)
     outdir, n = Path(opt.outdir), opt.n_samples
     sample_dir = outdir / "samples"
     sample_dir.mkdir(parents=True, exist_ok=True)

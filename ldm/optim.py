@@ -1,9 +1,27 @@
-"""Optimizers of a training run."""
-from typing import Iterable, Union
+"""Optimizers of a training run: fused AdamW by default, or the one that `model.params.optimizer` names."""
+import importlib
+import inspect
+import logging
+from contextlib import contextmanager
+from typing import Any, Iterable, Iterator, Mapping, Optional, Union
 
 import torch
+from omegaconf import DictConfig, OmegaConf
+
+from ldm.util import UserError, get_obj_from_str
+
+logger = logging.getLogger(__name__)
 
 Params = Iterable[Union[torch.nn.Parameter, dict]]  # parameters, or param groups with options of their own
+
+# name: (module, class, pip package) of the optional optimizers
+OPTIONAL = {
+    "prodigy": ("prodigyopt", "Prodigy", "prodigyopt"),
+    "lion": ("lion_pytorch", "Lion", "lion-pytorch"),
+    "schedulefree_adamw": ("schedulefree", "AdamWScheduleFree", "schedulefree"),
+}
+NAMES = ("adamw", *OPTIONAL)
+PRODIGY_LR_RANGE = (0.1, 10.0)  # Prodigy estimates the step size itself; its lr is a multiplier, usually 1.0
 
 
 def adamw(params: Params, lr: float, **kwargs) -> torch.optim.AdamW:
@@ -14,3 +32,127 @@ def adamw(params: Params, lr: float, **kwargs) -> torch.optim.AdamW:
         return torch.optim.AdamW(params, lr=lr, fused=True, **kwargs)
     except (RuntimeError, ValueError):  # an older torch, or a device without the fused kernel
         return torch.optim.AdamW(params, lr=lr, **kwargs)
+
+
+def make_optimizer(spec: Optional[Mapping], params: Params, lr: float) -> torch.optim.Optimizer:
+    """The optimizer that `model.params.optimizer` ({target: name or dotted class path, params: {...}}) names, at
+    learning rate `lr`; None is fused AdamW with torch's defaults."""
+    if spec is None:
+        return adamw(params, lr)
+    target, kwargs = _parse(spec)
+    params = list(params)
+    if target == "adamw":
+        _check_keywords(target, torch.optim.AdamW, kwargs, reserved=("fused",))
+        return _build(target, adamw, params, lr, kwargs)
+    cls = _import_class(target)
+    _check_keywords(target, cls, kwargs)
+    if cls.__module__.split(".")[0] == "prodigyopt":  # by name or by dotted path
+        _check_prodigy(params, lr)
+    optimizer = _build(target, cls, params, lr, kwargs)
+    if is_schedule_free(optimizer):
+        optimizer.train()  # its step() refuses to run in eval mode, the mode it is created in
+    return optimizer
+
+
+def is_schedule_free(optimizer: Any) -> bool:
+    """Whether an optimizer keeps two sets of weights and switches between them with train() and eval()."""
+    return callable(getattr(optimizer, "train", None)) and callable(getattr(optimizer, "eval", None))
+
+
+@contextmanager
+def optimizer_eval_mode(optimizers: Union[torch.optim.Optimizer, Iterable[torch.optim.Optimizer]]) -> Iterator[None]:
+    """Put the eval weights of schedule-free optimizers into the model for the block (to sample or save them), and
+    the training weights back on exit; optimizers without train() and eval() are left alone."""
+    if isinstance(optimizers, torch.optim.Optimizer):
+        optimizers = [optimizers]
+    training = [opt for opt in optimizers if is_schedule_free(opt) and _in_train_mode(opt)]
+    for optimizer in training:
+        optimizer.eval()
+    try:
+        yield
+    finally:
+        for optimizer in training:
+            optimizer.train()
+
+
+def _in_train_mode(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether a schedule-free optimizer holds its training weights (assumed so when it has no train_mode flag)."""
+    return any(group.get("train_mode", True) for group in optimizer.param_groups)
+
+
+def _parse(spec: Mapping) -> tuple[str, dict]:
+    """The target and keyword arguments of an optimizer spec, checked for stray keys."""
+    if isinstance(spec, DictConfig):
+        spec = OmegaConf.to_container(spec, resolve=True)
+    if not isinstance(spec, Mapping):
+        raise UserError(f"model.params.optimizer: expected {{target: NAME, params: {{...}}}}, got {spec!r}")
+    unknown = sorted(set(spec) - {"target", "params"})
+    if unknown:
+        raise UserError(f"model.params.optimizer has unknown keys {unknown}; expected 'target' and 'params'")
+    target = spec.get("target")
+    if not isinstance(target, str) or not target:
+        raise UserError(f"model.params.optimizer.target is missing; one of {', '.join(NAMES)} or a dotted class path")
+    kwargs = spec.get("params") or {}
+    if not isinstance(kwargs, Mapping):
+        raise UserError(f"model.params.optimizer.params: expected a mapping of keyword arguments, got {kwargs!r}")
+    return target, dict(kwargs)
+
+
+def _import_class(target: str) -> type:
+    """The optimizer class of a known name (its optional package imported here) or of a dotted path."""
+    if target in OPTIONAL:
+        module, name, package = OPTIONAL[target]
+        try:
+            return getattr(importlib.import_module(module), name)
+        except ImportError:
+            raise UserError(f"model.params.optimizer {target} needs the {package} package: "
+                            f"pip install {package}") from None
+    if "." not in target:
+        raise UserError(f"model.params.optimizer: unknown optimizer {target!r}; known names are {', '.join(NAMES)}, "
+                        "or give a dotted class path such as torch.optim.SGD")
+    try:
+        cls = get_obj_from_str(target)
+    except (ImportError, AttributeError) as err:
+        raise UserError(f"model.params.optimizer {target}: cannot import it ({err})") from None
+    if not (isinstance(cls, type) and issubclass(cls, torch.optim.Optimizer)):
+        raise UserError(f"model.params.optimizer {target} is not a torch.optim.Optimizer class")
+    return cls
+
+
+def _check_keywords(target: str, cls: type, kwargs: Mapping, reserved: tuple[str, ...] = ()) -> None:
+    """A clear error for a keyword that the optimizer does not take, or that is set elsewhere."""
+    if "lr" in kwargs:
+        raise UserError(f"model.params.optimizer {target}: set the learning rate with model.base_learning_rate, "
+                        "not model.params.optimizer.params.lr")
+    try:
+        parameters = inspect.signature(cls).parameters
+    except (TypeError, ValueError):  # a class whose signature Python cannot read: let it check its own arguments
+        return
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
+        return
+    accepted = set(parameters) - {"params", "lr", *reserved}
+    unknown = sorted(set(kwargs) - accepted)
+    if unknown:
+        raise UserError(f"model.params.optimizer {target} has no option {', '.join(unknown)}; "
+                        f"it takes {', '.join(sorted(accepted))}")
+
+
+def _check_prodigy(params: list, lr: float) -> None:
+    """Prodigy takes one learning rate for all parameter groups (0 freezes a group), and is usually run at lr 1.0."""
+    for i, group in enumerate(params):
+        if isinstance(group, dict) and group.get("lr", lr) not in (lr, 0.0):
+            raise UserError(f"model.params.optimizer prodigy: parameter group {i} has lr {group['lr']:g} but Prodigy "
+                            f"takes one learning rate ({lr:g}) for all groups, or 0 to freeze one; leave "
+                            "model.params.cond_stage_lr (--text_encoder_lr) unset")
+    low, high = PRODIGY_LR_RANGE
+    if not low <= lr <= high:
+        logger.warning("model.params.optimizer prodigy at learning rate %g: Prodigy finds the step size itself and "
+                       "lr ~1.0 is usual (model.base_learning_rate=1.0, without --scale_lr)", lr)
+
+
+def _build(target: str, factory: Any, params: list, lr: float, kwargs: Mapping) -> torch.optim.Optimizer:
+    """Call the optimizer's constructor, turning a bad option value into a UserError."""
+    try:
+        return factory(params, lr=lr, **kwargs)
+    except (TypeError, ValueError) as err:
+        raise UserError(f"model.params.optimizer {target}: {err}") from err

@@ -4,11 +4,11 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import pytorch_lightning as pl
-import torch
 from pytorch_lightning.callbacks import Callback
 
 from ldm.images import labelled_grid, save_image, to_pil
 from ldm.inference import sample_images, sampling_mode
+from ldm.optim import optimizer_eval_mode
 
 logger = logging.getLogger(__name__)
 
@@ -54,7 +54,8 @@ class ImageLogger(Callback):
         save_image(labelled_grid(inputs, self.images_per_row, f"training inputs, step {step}"),
                    folder / f"inputs_{suffix}", {"step": step})
         seeds = list(range(self.seed, self.seed + self.max_images))
-        with sampling_mode(pl_module), trainer.precision_plugin.forward_context():
+        with optimizer_eval_mode(trainer.optimizers), sampling_mode(pl_module), \
+                trainer.precision_plugin.forward_context():
             for kind, prefix in kinds.items():
                 prompt = batch[f"{prefix}{caption_key}"][0]
                 images = sample_images(pl_module, prompt, seeds, self.ddim_steps, self.scale)

@@ -12,7 +12,7 @@ from ldm.lr_scheduler import LRSchedule, lr_lambda
 from ldm.modules.diffusionmodules.schedule import extract_into_tensor, make_beta_schedule, schedule_buffers
 from ldm.modules.ema import LitEma
 from ldm.modules.losses import NoiseObjective, PriorPreservationLoss
-from ldm.optim import adamw
+from ldm.optim import is_schedule_free, make_optimizer
 from ldm.util import UserError, instantiate_from_config
 
 logger = logging.getLogger(__name__)
@@ -120,7 +120,7 @@ class LatentDiffusion(DDPM):
     def __init__(self, first_stage_config: Mapping, cond_stage_config: Mapping, cond_stage_key: str = "caption",
                  cond_stage_trainable: bool = False, scale_factor: float = 1.0, cond_stage_lr: Optional[float] = None,
                  cond_stage_stop_step: Optional[float] = None, lr_schedule: Optional[Mapping] = None,
-                 scheduler_config: Optional[Mapping] = None, **kwargs: Any):
+                 scheduler_config: Optional[Mapping] = None, optimizer: Optional[Mapping] = None, **kwargs: Any):
         super().__init__(**kwargs)
         for key, flag, value in (("cond_stage_lr", "--text_encoder_lr", cond_stage_lr),
                                  ("cond_stage_stop_step", "--stop_text_encoder_training", cond_stage_stop_step)):
@@ -139,6 +139,7 @@ class LatentDiffusion(DDPM):
                             "set: keep one")
         self.lr_schedule = self._lr_schedule(lr_schedule)
         self.compvis_schedule = instantiate_from_config(scheduler_config).schedule if scheduler_config else None
+        self.optimizer_config = optimizer
         self.scale_factor = scale_factor
         self.first_stage_model = instantiate_from_config(first_stage_config)
         self.first_stage_model.requires_grad_(False)
@@ -235,6 +236,11 @@ class LatentDiffusion(DDPM):
             return None
         return round(stop * self.trainer.max_steps) if stop < 1 else int(stop)
 
+    def on_train_start(self) -> None:
+        for optimizer in self.trainer.optimizers:  # a resumed schedule-free optimizer comes back in eval mode
+            if is_schedule_free(optimizer):
+                optimizer.train()
+
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         stop = self.text_encoder_stop_step()
         if stop is not None and self.cond_stage_trainable and self.global_step >= stop:
@@ -255,14 +261,14 @@ class LatentDiffusion(DDPM):
     def configure_optimizers(self) -> Any:
         if self.learning_rate is None:
             raise ValueError("learning_rate is not set; main.py sets it from model.base_learning_rate")
-        if self.cond_stage_lr is None:
-            optimizer = adamw(self.trainable_parameters(), lr=self.learning_rate)
-        else:
-            optimizer = adamw([{"params": list(self.model.parameters())},
-                               {"params": list(self.cond_stage_model.parameters()), "lr": self.cond_stage_lr}],
-                              lr=self.learning_rate)
+        params = self.trainable_parameters() if self.cond_stage_lr is None else [
+            {"params": list(self.model.parameters())},
+            {"params": list(self.cond_stage_model.parameters()), "lr": self.cond_stage_lr}]
+        optimizer = make_optimizer(self.optimizer_config, params, self.learning_rate)
         if self.lr_schedule is None and self.compvis_schedule is None:
             return optimizer
+        if is_schedule_free(optimizer):
+            logger.warning("a learning-rate schedule with a schedule-free optimizer: it is meant to run without one")
         factor = lr_lambda(self.lr_schedule, self.compvis_schedule, self.trainer.max_steps)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1}}

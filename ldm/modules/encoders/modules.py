@@ -8,6 +8,8 @@ import torch
 from torch import nn
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
+from ldm.util import UserError
+
 logger = logging.getLogger(__name__)
 
 TOKENIZER_DIR = Path(__file__).resolve().parent / "clip_tokenizer"
@@ -37,13 +39,17 @@ class TextTransformer(nn.Module):
         super().__init__()
         self.text_model = text_model
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """Token ids [B, T] -> final-layer-normed hidden states [B, T, hidden]."""
-        return self.text_model(input_ids=input_ids).last_hidden_state
+    def forward(self, input_ids: torch.Tensor, clip_skip: int = 1) -> torch.Tensor:
+        """Token ids [B, T] -> final-layer-normed output [B, T, hidden] of the `clip_skip`-th layer from the end."""
+        # A1111 and kohya's convention: 1 is the last layer (last_hidden_state, no other states kept), 2 the one before.
+        if clip_skip == 1:
+            return self.text_model(input_ids=input_ids).last_hidden_state
+        hidden_states = self.text_model(input_ids=input_ids, output_hidden_states=True).hidden_states
+        return self.text_model.final_layer_norm(hidden_states[-clip_skip])
 
 
 class FrozenCLIPEmbedder(nn.Module):
-    """Prompts -> CLIP last hidden states [B, max_length, hidden], the cross-attention context of the UNet."""
+    """Prompts -> CLIP hidden states [B, max_length, hidden] `clip_skip` layers from the end, the UNet's context."""
 
     def __init__(
         self,
@@ -52,6 +58,7 @@ class FrozenCLIPEmbedder(nn.Module):
         text_config: Mapping[str, Any] | None = None,
         freeze: bool = True,
         device: Any = None,
+        clip_skip: int = 1,
     ):
         super().__init__()
         del device  # accepted so CompVis configs that set it still load; the device comes from the parameters
@@ -68,9 +75,19 @@ class FrozenCLIPEmbedder(nn.Module):
         if max_length > text_model.config.max_position_embeddings:
             raise ValueError(f"max_length {max_length} > {text_model.config.max_position_embeddings} positions")
         self.max_length = max_length
+        self.clip_skip = check_clip_skip(clip_skip, text_model.config.num_hidden_layers)
         self.transformer = TextTransformer(text_model)
         if freeze:
             self.freeze()
+        else:
+            self.requires_grad_(True)  # which keeps the layers after the clip_skip one frozen
+
+    def requires_grad_(self, requires_grad: bool = True) -> "FrozenCLIPEmbedder":
+        """As nn.Module's, but the layers after the `clip_skip` one stay frozen (no gradient reaches them; DDP errs)."""
+        super().requires_grad_(requires_grad)
+        layers = self.transformer.text_model.encoder.layers
+        layers[len(layers) - self.clip_skip + 1:].requires_grad_(False)
+        return self
 
     def freeze(self) -> None:
         """Put the encoder in eval mode and stop its gradients."""
@@ -104,13 +121,21 @@ class FrozenCLIPEmbedder(nn.Module):
         return text.replace("</w>", " ").strip()
 
     def forward(self, text: list[str]) -> torch.Tensor:
-        """Prompts -> last_hidden_state [B, max_length, hidden]."""
+        """Prompts -> hidden states of the `clip_skip`-th layer from the end [B, max_length, hidden]."""
         tokens = self.tokenize(text).to(self.transformer.text_model.embeddings.token_embedding.weight.device)
-        return self.transformer(tokens)
+        return self.transformer(tokens, self.clip_skip)
 
     def encode(self, text: list[str]) -> torch.Tensor:
         """Same as forward (the CompVis conditioning API)."""
         return self(text)
+
+
+def check_clip_skip(clip_skip: Any, n_layers: int) -> int:
+    """`clip_skip` if it is an integer from 1 to `n_layers`, else a UserError saying what fits."""
+    if isinstance(clip_skip, bool) or not isinstance(clip_skip, int) or not 1 <= clip_skip <= n_layers:
+        raise UserError(f"clip_skip {clip_skip!r} (--clip_skip, model.params.cond_stage_config.params.clip_skip): "
+                        f"expected an integer from 1 (the last layer) to {n_layers} (the text encoder's layers)")
+    return clip_skip
 
 
 def build_text_config(overrides: Mapping[str, Any] | None) -> CLIPTextConfig:
