@@ -93,6 +93,9 @@ def get_parser() -> argparse.ArgumentParser:
     add("--text_encoder_lr", type=float, default=None,
         help="the text encoder's base learning rate (model.params.cond_stage_lr; default: base_learning_rate)")
     add("--safetensors", action="store_true", help="also save fp16 .safetensors weights next to each checkpoint")
+    add("--save_precision", default=None, metavar="fp16|bf16|fp32",
+        help="precision of the weights-only step_N.ckpt files and the .safetensors copies (default: step files as "
+             "trained, copies fp16); last.ckpt keeps full precision (lightning.modelcheckpoint.params.save_precision)")
     return parser
 
 
@@ -189,6 +192,8 @@ def apply_flags(config: DictConfig, opt: argparse.Namespace) -> None:
         config.model.params.cond_stage_stop_step = opt.stop_text_encoder_training
     if opt.safetensors:
         lightning.setdefault("modelcheckpoint", {}).setdefault("params", {})["safetensors"] = True
+    if opt.save_precision is not None:
+        lightning.setdefault("modelcheckpoint", {}).setdefault("params", {})["save_precision"] = opt.save_precision
 
 
 def trainer_options(trainer_config: DictConfig, opt: argparse.Namespace) -> dict[str, Any]:

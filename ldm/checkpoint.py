@@ -1,4 +1,5 @@
-"""The only place that reads or writes weight files: safe .ckpt unpickling, .safetensors, SD-layout keys, atomic writes."""
+"""The only place that reads or writes weight files: safe .ckpt unpickling, .safetensors, SD-layout keys, atomic
+writes."""
 import logging
 import os
 import pickle
@@ -15,7 +16,7 @@ import torch
 from torch import nn
 
 from ldm.modules.diffusionmodules.schedule import SCHEDULE_BUFFERS
-from ldm.util import atomic_write
+from ldm.util import UserError, atomic_write
 
 logger = logging.getLogger(__name__)
 
@@ -121,8 +122,9 @@ def _read_pickle(path: Path) -> Any:
         lines = [line.strip() for line in str(err).splitlines()]
         reason = next((line for line in lines if "GLOBAL" in line or line.startswith("Unsupported global")), None)
         if reason is None:
-            raise CheckpointError(f"{path}: not a checkpoint that can be read safely (not PyTorch's format, or damaged); "
-                                  "is the download complete? If you trust the file, convert it to .safetensors") from None
+            raise CheckpointError(f"{path}: not a checkpoint that can be read safely (not PyTorch's format, or "
+                                  "damaged); is the download complete? If you trust the file, convert it to "
+                                  ".safetensors") from None
         raise CheckpointError(
             f"{path}: refused to load, the file holds more than plain tensors ({reason}). Loading it would run "
             "code from the file. If you trust it, convert it once to .safetensors and use that file.") from None
@@ -138,17 +140,23 @@ def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"{path}: not a readable .safetensors file ({err})") from None
 
 
-def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """The tensors of a .ckpt/.pt/.pth (under `state_dict` or flat) or .safetensors file, on the CPU."""
+def _read_weights(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """The tensors of a weight file, and the names of the other entries beside its `state_dict` (training state)."""
     path = check_checkpoint_file(path)
     if path.suffix == ".safetensors":
-        return _read_safetensors(path)
-    content = _read_pickle(path)
+        return _read_safetensors(path), []
+    content, others = _read_pickle(path), []
     if isinstance(content, Mapping) and isinstance(content.get("state_dict"), Mapping):
+        others = [str(k) for k in content if k != "state_dict"]
         content = content["state_dict"]
     if not isinstance(content, Mapping):
         raise CheckpointError(f"{path}: holds a {type(content).__name__}, not a state dict")
-    return {k: v for k, v in content.items() if isinstance(v, torch.Tensor)}
+    return {k: v for k, v in content.items() if isinstance(v, torch.Tensor)}, others
+
+
+def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The tensors of a .ckpt/.pt/.pth (under `state_dict` or flat) or .safetensors file, on the CPU."""
+    return _read_weights(path)[0]
 
 
 def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
@@ -340,15 +348,47 @@ def save_checkpoint(checkpoint: Mapping[str, Any], path: str | os.PathLike) -> N
     atomic_write(path, lambda tmp: _torch_save_zip(dict(checkpoint), tmp), tensor_bytes(checkpoint) + (1 << 20))
 
 
-def save_weights(state_dict: Mapping[str, torch.Tensor], path: str | os.PathLike, half: bool = False,
-                 metadata: Mapping[str, str] | None = None) -> None:
-    """Write weights only, as .safetensors or as a .ckpt with a `state_dict`; `half` stores model weights in fp16."""
+PRECISIONS = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+def precision_dtype(name: str | None, what: str = "precision") -> torch.dtype | None:
+    """The dtype of a precision name (fp16, bf16, fp32); None keeps each tensor's own dtype."""
+    if name is None:
+        return None
+    if name not in PRECISIONS:
+        raise UserError(f"{what} {name!r} is not a precision: use one of {', '.join(PRECISIONS)}")
+    return PRECISIONS[name]
+
+
+def precision_names(state_dict: Mapping[str, torch.Tensor]) -> str:
+    """The precisions of a state dict's model weights (the noise schedule aside): "fp16", or "fp16 40, fp32 2"."""
+    names = {dtype: name for name, dtype in PRECISIONS.items()}
+    counts = Counter(names.get(v.dtype, str(v.dtype).replace("torch.", "")) for k, v in state_dict.items()
+                     if v.is_floating_point() and group_of(k) != "noise schedule")
+    if len(counts) == 1:
+        return next(iter(counts))
+    return ", ".join(f"{name} {n}" for name, n in counts.most_common())
+
+
+def cast_weights(state_dict: Mapping[str, torch.Tensor], dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
+    """Contiguous CPU copies of the tensors, the floating-point ones cast to `dtype` (None: kept as they are); the
+    noise schedule keeps its precision (in fp16, 1 - alphas_cumprod near t=0 would be ~15% off)."""
     tensors = {}
     for key, value in state_dict.items():
         value = value.detach().to("cpu").contiguous()
-        if half and value.is_floating_point() and group_of(key) != "noise schedule":
-            value = value.half()
+        if dtype is not None and value.is_floating_point() and group_of(key) != "noise schedule":
+            value = value.to(dtype)
         tensors[key] = value
+    return tensors
+
+
+def save_weights(state_dict: Mapping[str, torch.Tensor], path: str | os.PathLike, half: bool = False,
+                 metadata: Mapping[str, str] | None = None, dtype: torch.dtype | None = None) -> None:
+    """Write weights only, as .safetensors or as a .ckpt with a `state_dict`; `dtype` casts the floating-point model
+    weights (see cast_weights), and `half` is short for dtype=torch.float16."""
+    if half and dtype not in (None, torch.float16):
+        raise ValueError(f"half=True and dtype={dtype} contradict each other")
+    tensors = cast_weights(state_dict, torch.float16 if half else dtype)
     path = Path(path)
     if path.suffix == ".safetensors":
         from safetensors.torch import save_file
@@ -356,3 +396,52 @@ def save_weights(state_dict: Mapping[str, torch.Tensor], path: str | os.PathLike
                      tensor_bytes(tensors) + (1 << 20))
     else:
         save_checkpoint({"state_dict": tensors}, path)
+
+
+@dataclass
+class ExportReport:
+    """What `export_weights` wrote and what it left out."""
+
+    path: Path
+    tensors: int
+    size: int
+    precision: str
+    ema: bool
+    ema_left_out: int = 0
+    training_state: list[str] = field(default_factory=list)
+
+    def summary(self) -> str:
+        """One line: "wrote out.ckpt: 2132.4 MB, 1142 tensors, fp16 (left out 686 EMA tensors)"."""
+        left_out = [f"{self.ema_left_out} EMA tensors"] if self.ema_left_out else []
+        if self.training_state:
+            left_out.append(f"the training state ({', '.join(self.training_state)})")
+        notes = ["UNet from the EMA weights"] if self.ema else []
+        notes += ["left out " + " and ".join(left_out)] if left_out else []
+        details = f" ({'; '.join(notes)})" if notes else ""
+        return f"wrote {self.path}: {self.size / 1e6:.1f} MB, {self.tensors} tensors, {self.precision}{details}"
+
+
+WEIGHT_SUFFIXES = (".ckpt", ".safetensors")
+
+
+def export_weights(source: str | os.PathLike, dest: str | os.PathLike, dtype: torch.dtype | None = None,
+                   use_ema: bool = False) -> ExportReport:
+    """Write the weights of any SD v1 file (resumable, full-EMA, weights-only) as a weights-only SD v1 file in
+    `dtype` (None: as stored), with the EMA UNet in place of the UNet's if `use_ema`; EMA copies are left out."""
+    source, dest = Path(source), Path(dest)
+    if dest.suffix not in WEIGHT_SUFFIXES:
+        raise UserError(f"{dest}: the output must end in .ckpt or .safetensors (it chooses the format)")
+    if dest.exists() and dest.resolve() == source.resolve():
+        raise UserError(f"{dest} is the input file; write the pruned weights to another file")
+    state, training_state = _read_weights(source)
+    state = to_sd_layout(state)
+    for group, prefix in GROUPS:
+        if group in REQUIRED_GROUPS and not any(k.startswith(prefix) for k in state):
+            raise CheckpointError(f"{source} has no {group} weights ({prefix}*); is it a full SD v1 checkpoint?")
+    state = select_unet_weights(state, use_ema)
+    weights = {k: v for k, v in state.items() if group_of(k) != "EMA"}
+    check_finite(weights, str(source))
+    tensors = cast_weights(weights, dtype)
+    save_weights(tensors, dest)
+    return ExportReport(path=dest, tensors=len(tensors), size=dest.stat().st_size, precision=precision_names(tensors),
+                        ema=use_ema, ema_left_out=len(state) - len(weights), training_state=training_state)

@@ -6,6 +6,9 @@ import pytest
 import torch
 
 from conftest import build_tiny_model
+from ldm.callbacks import StepCheckpoint
+from ldm.checkpoint import read_state_dict
+from ldm.optim import make_optimizer, optimizer_eval_mode
 from ldm.util import UserError
 from test_train_e2e import REPO, TINY, fresh_run_args, load_script, make_class_images, make_photos, metrics, run_main
 
@@ -83,3 +86,33 @@ def test_a_stop_below_one_is_a_fraction_of_max_steps_and_needs_a_trained_text_en
         build_tiny_model(cond_stage_trainable=False, cond_stage_stop_step=3)
     with pytest.raises(UserError, match="--stop_text_encoder_training 0: expected a step"):
         build_tiny_model(cond_stage_trainable=True, cond_stage_stop_step=0)
+
+
+def test_the_model_builds_the_optimizer_its_config_names():
+    pytest.importorskip("lion_pytorch", reason="lion-pytorch is not installed (pip install lion-pytorch)")
+    model = build_tiny_model(optimizer={"target": "lion", "params": {"betas": [0.9, 0.98]}})
+    model.learning_rate = 1e-4
+    optimizer = model.configure_optimizers()
+    assert type(optimizer).__name__ == "Lion" and optimizer.param_groups[0]["betas"] == [0.9, 0.98]
+    assert len(optimizer.param_groups[0]["params"]) == len(model.trainable_parameters())
+
+
+def test_checkpoints_hold_a_schedule_free_optimizers_evaluation_weights(tmp_path):
+    pytest.importorskip("schedulefree", reason="schedulefree is not installed (pip install schedulefree)")
+    torch.manual_seed(0)
+    module = torch.nn.Linear(4, 4)
+    optimizer = make_optimizer({"target": "schedulefree_adamw"}, module.parameters(), 0.1)
+    for _ in range(3):
+        module(torch.randn(8, 4)).square().mean().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    training = {k: v.clone() for k, v in module.state_dict().items()}
+    with optimizer_eval_mode(optimizer):
+        evaluation = {k: v.clone() for k, v in module.state_dict().items()}
+    assert not torch.equal(training["weight"], evaluation["weight"])
+    trainer = SimpleNamespace(optimizers=[optimizer], is_global_zero=True, global_step=3)
+    StepCheckpoint(dirpath=str(tmp_path)).save_weights(trainer, module, tmp_path / "step_3.ckpt")
+    saved = read_state_dict(tmp_path / "step_3.ckpt")
+    assert all(torch.equal(saved[k], evaluation[k]) for k in evaluation)
+    for key, value in module.state_dict().items():  # the training weights are back (up to the round trip's rounding)
+        torch.testing.assert_close(value, training[key], rtol=0, atol=1e-6)

@@ -11,7 +11,9 @@ import torch
 from pytorch_lightning.callbacks import Callback
 from pytorch_lightning.plugins import TorchCheckpointIO
 
-from ldm.checkpoint import CheckpointError, check_finite, remove_stale_temp_files, save_checkpoint, save_weights
+from ldm.checkpoint import (CheckpointError, check_finite, precision_dtype, remove_stale_temp_files, save_checkpoint,
+                            save_weights)
+from ldm.optim import optimizer_eval_mode
 
 logger = logging.getLogger(__name__)
 
@@ -59,11 +61,14 @@ class StepCheckpoint(Callback):
 
     A press of Ctrl-C stops after the current step; a second one quits at once without saving. Weights that are not
     finite are never written, so the previous checkpoint stays the last good one. `keep_last_n` keeps only the newest
-    n step files (default: all). `safetensors` also writes fp16 `.safetensors` copies of the weights, for sharing.
+    n step files (default: all). `safetensors` also writes `.safetensors` copies of the weights, for sharing.
+    `save_precision` (fp16, bf16 or fp32) is the precision of the step files and the `.safetensors` copies (default:
+    step files as the model holds its weights, copies fp16); `last.ckpt` always keeps the model's own precision.
     """
 
     def __init__(self, dirpath: str, every_n_train_steps: int = 500, safetensors: bool = False,
-                 save_last_every_n_steps: Optional[int] = None, keep_last_n: Optional[int] = None):
+                 save_last_every_n_steps: Optional[int] = None, keep_last_n: Optional[int] = None,
+                 save_precision: Optional[str] = None):
         super().__init__()
         bad_keep = keep_last_n is not None and keep_last_n < 1
         if every_n_train_steps < 0 or (save_last_every_n_steps or 0) < 0 or bad_keep:
@@ -76,6 +81,8 @@ class StepCheckpoint(Callback):
                                         else save_last_every_n_steps)
         self.keep_last_n = keep_last_n
         self.safetensors = safetensors
+        self.weights_dtype = precision_dtype(save_precision, "save_precision")
+        self.shared_dtype = self.weights_dtype or torch.float16
         self.last_good: Optional[Path] = None
         self.stop_reason: Optional[str] = None
         self._sigint_requested = False
@@ -153,25 +160,30 @@ class StepCheckpoint(Callback):
                                      f"was not written; {kept}. Try a lower learning rate or full precision.")
 
     def save_weights(self, trainer: pl.Trainer, pl_module: pl.LightningModule, path: Path) -> None:
-        """Write the model's weights only (no optimizer state) as an SD v1 `.ckpt`, and `.safetensors` if asked."""
-        self._check_finite(pl_module, path)
-        if trainer.is_global_zero:
-            state = pl_module.state_dict()
-            save_weights(state, path)
-            if self.safetensors:
-                save_weights(state, path.with_suffix(".safetensors"), half=True)
-            logger.info("step %d: saved %s", trainer.global_step, path)
+        """Write the model's weights only (no optimizer state) as an SD v1 `.ckpt`, and `.safetensors` if asked; a
+        schedule-free optimizer's evaluation weights."""
+        with optimizer_eval_mode(trainer.optimizers):
+            self._check_finite(pl_module, path)
+            if trainer.is_global_zero:
+                state = pl_module.state_dict()
+                save_weights(state, path, dtype=self.weights_dtype)
+                if self.safetensors:
+                    save_weights(state, path.with_suffix(".safetensors"), dtype=self.shared_dtype)
+                logger.info("step %d: saved %s", trainer.global_step, path)
         self.last_good = path
 
     def save_last(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Write the resumable `last.ckpt` (weights, optimizer state, loop progress) through the trainer."""
-        self._check_finite(pl_module, self.last_path)
-        self._last_step = trainer.global_step
-        trainer.save_checkpoint(self.last_path, weights_only=False)
-        if trainer.is_global_zero:
-            if self.safetensors:
-                save_weights(pl_module.state_dict(), self.last_path.with_suffix(".safetensors"), half=True)
-            logger.info("step %d: saved %s", trainer.global_step, self.last_path)
+        """Write the resumable `last.ckpt` (weights, optimizer state, loop progress) through the trainer; with a
+        schedule-free optimizer, its evaluation weights (its train() on resume goes back to the training ones)."""
+        with optimizer_eval_mode(trainer.optimizers):
+            self._check_finite(pl_module, self.last_path)
+            self._last_step = trainer.global_step
+            trainer.save_checkpoint(self.last_path, weights_only=False)
+            if trainer.is_global_zero:
+                if self.safetensors:
+                    save_weights(pl_module.state_dict(), self.last_path.with_suffix(".safetensors"),
+                                 dtype=self.shared_dtype)
+                logger.info("step %d: saved %s", trainer.global_step, self.last_path)
         self.last_good = self.last_path
 
 
