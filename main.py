@@ -171,6 +171,7 @@ def apply_flags(config: DictConfig, opt: argparse.Namespace) -> None:
         data.num_class_images = opt.num_class_images
     if opt.freeze_text_encoder:
         config.model.params.cond_stage_trainable = False
+        config.model.params.cond_stage_stop_step = None  # a config's stop step is moot (the flag with one is an error)
     if opt.text_encoder_lr is not None:
         config.model.params.cond_stage_lr = opt.text_encoder_lr
     if opt.clip_skip is not None:

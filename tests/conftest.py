@@ -37,6 +37,17 @@ def build_tiny_model(seed: int = 0, **overrides):
     return instantiate_from_config(config.model)
 
 
+def randomise_zero_init(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Give the UNet's zero-initialised layers random values, so that eps (and guidance, and the image) depend on
+    x, t and the conditioning."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in model.model.parameters():
+            if not param.any():
+                param.normal_(0.0, 0.05, generator=g)
+    return model
+
+
 def read_spec() -> dict[str, tuple[int, ...]]:
     """Key -> shape of a Stable Diffusion v1 checkpoint, from the spec kept in tests/data."""
     spec = {}

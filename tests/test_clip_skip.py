@@ -13,7 +13,7 @@ from omegaconf import OmegaConf
 from PIL import Image
 from transformers import CLIPTextConfig, CLIPTextModel
 
-from conftest import REPO, TINY_CONFIG, build_tiny_model, load_script
+from conftest import REPO, TINY_CONFIG, build_tiny_model, load_script, randomise_zero_init
 from ldm.checkpoint import save_weights
 from ldm.images import read_metadata
 from ldm.modules.encoders.modules import FrozenCLIPEmbedder
@@ -159,12 +159,7 @@ def test_main_clip_skip_is_saved_trained_with_and_sampled_with(tmp_path, capsys,
 @pytest.fixture(scope="module")
 def busy_ckpt(tmp_path_factory) -> Path:
     """Tiny weights with the zero-initialised UNet layers made random, so that the conditioning shows in the image."""
-    model = build_tiny_model(seed=5)
-    g = torch.Generator().manual_seed(5)
-    with torch.no_grad():
-        for param in model.model.parameters():
-            if not param.any():
-                param.normal_(0.0, 0.05, generator=g)
+    model = randomise_zero_init(build_tiny_model(seed=5), seed=5)
     path = tmp_path_factory.mktemp("clip_skip") / "tiny-busy.ckpt"
     save_weights(model.state_dict(), path)
     return path

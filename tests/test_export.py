@@ -13,7 +13,7 @@ import torch
 from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
-from conftest import REPO, TINY_CONFIG, build_tiny_model, load_script
+from conftest import REPO, TINY_CONFIG, build_tiny_model, load_script, randomise_zero_init
 from ldm.callbacks import StepCheckpoint
 from ldm.checkpoint import (UNET_PREFIX, ema_key, export_weights, group_of, load_model_weights, read_state_dict,
                             save_checkpoint, save_weights)
@@ -36,16 +36,6 @@ def assert_precision(state: dict[str, torch.Tensor], reference: dict[str, torch.
     for key, value in reference.items():
         expected = value.to(dtype) if is_weight(key, value) else value
         assert state[key].dtype == expected.dtype and torch.equal(state[key], expected), key
-
-
-def randomised(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    """The model with its zero-initialised UNet layers made random, so that its samples depend on every weight."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for param in model.model.parameters():
-            if not param.any():
-                param.normal_(0.0, 0.05, generator=g)
-    return model
 
 
 @pytest.fixture(scope="module")
@@ -111,7 +101,7 @@ def test_run_with_save_precision_fp16_writes_fp16_step_files_and_a_full_precisio
 def fp32_and_fp16(tmp_path_factory) -> tuple[Path, Path, Path]:
     """One set of weights as fp32 .ckpt, and exported from it as fp16 .ckpt and .safetensors."""
     folder = tmp_path_factory.mktemp("precisions")
-    save_weights(randomised(build_tiny_model()).state_dict(), folder / "fp32.ckpt")
+    save_weights(randomise_zero_init(build_tiny_model()).state_dict(), folder / "fp32.ckpt")
     for name in ("fp16.ckpt", "fp16.safetensors"):
         export_weights(folder / "fp32.ckpt", folder / name, torch.float16)
     return folder / "fp32.ckpt", folder / "fp16.ckpt", folder / "fp16.safetensors"

@@ -75,6 +75,9 @@ def test_the_recipe_flags_go_into_the_config_that_the_run_saves():
     config = main.load_config([str(REPO / TINY)], [])
     main.apply_flags(config, opt)
     assert dict(config.model.params.lr_schedule) == {"name": "cosine"}
+    toy = main.load_config([str(REPO / "configs/toy/v1-finetune_unfrozen.yaml")], [])
+    main.apply_flags(toy, main.get_parser().parse_args(["--base", TINY, "-t", "--freeze_text_encoder"]))
+    assert toy.model.params.cond_stage_stop_step is None  # the toy recipe's stop step gives way to the flag
 
 
 def test_a_stop_below_one_is_a_fraction_of_max_steps_and_needs_a_trained_text_encoder():

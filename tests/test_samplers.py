@@ -134,20 +134,10 @@ def fake_scipy_quad(monkeypatch):
 LMS = "scheduling_lms_discrete.LMSDiscreteScheduler"
 
 
-def randomise_zero_init(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    """Give the UNet's zero-initialised layers random values, so that eps (and guidance) depend on x, t and c."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for param in model.model.parameters():
-            if not param.any():
-                param.normal_(0.0, 0.05, generator=g)
-    return model
-
-
 @pytest.fixture(scope="module")
 def tiny_pair(tmp_path_factory):
     """Our tiny LatentDiffusion and diffusers' StableDiffusionPipeline, both from one SD v1 file written here."""
-    from conftest import TINY_CONFIG, build_tiny_model
+    from conftest import TINY_CONFIG, build_tiny_model, randomise_zero_init
 
     from ldm.checkpoint import save_weights
     from ldm.inference import load_model

@@ -375,7 +375,7 @@ def test_weights_only_files_cannot_resume(tmp_path, tiny_model):
 def test_weights_that_are_not_finite_are_never_written(tmp_path):
     model = build_tiny_model()
     callback = StepCheckpoint(str(tmp_path), every_n_train_steps=1)
-    trainer = SimpleNamespace(is_global_zero=True, global_step=3)
+    trainer = SimpleNamespace(is_global_zero=True, global_step=3, optimizers=[])
     callback.save_weights(trainer, model, tmp_path / "step_3.ckpt")
     with torch.no_grad():
         next(model.model.parameters())[0] = float("nan")

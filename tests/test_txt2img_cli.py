@@ -15,7 +15,7 @@ import torch
 from omegaconf import OmegaConf
 from PIL import Image
 
-from conftest import FULL_CONFIG, REPO, TINY_CONFIG, build_tiny_model, load_script
+from conftest import FULL_CONFIG, REPO, TINY_CONFIG, build_tiny_model, load_script, randomise_zero_init
 from ldm.checkpoint import save_weights
 from ldm.images import SAMPLER_DISPLAY_NAMES
 from ldm.inference import SAMPLER_NAMES, read_metadata
@@ -33,12 +33,7 @@ txt2img, img2img = load_script("stable_txt2img"), load_script("img2img")
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
     """Tiny weights with the zero-initialised UNet layers made random, so that every sampler has work to do."""
-    model = build_tiny_model(seed=3)
-    g = torch.Generator().manual_seed(3)
-    with torch.no_grad():
-        for param in model.model.parameters():
-            if not param.any():
-                param.normal_(0.0, 0.05, generator=g)
+    model = randomise_zero_init(build_tiny_model(seed=3), seed=3)
     path = tmp_path_factory.mktemp("cli") / "tiny-sd.ckpt"
     save_weights(model.state_dict(), path)
     return path
