@@ -382,13 +382,11 @@ def cast_weights(state_dict: Mapping[str, torch.Tensor], dtype: torch.dtype | No
     return tensors
 
 
-def save_weights(state_dict: Mapping[str, torch.Tensor], path: str | os.PathLike, half: bool = False,
+def save_weights(state_dict: Mapping[str, torch.Tensor], path: str | os.PathLike,
                  metadata: Mapping[str, str] | None = None, dtype: torch.dtype | None = None) -> None:
     """Write weights only, as .safetensors or as a .ckpt with a `state_dict`; `dtype` casts the floating-point model
-    weights (see cast_weights), and `half` is short for dtype=torch.float16."""
-    if half and dtype not in (None, torch.float16):
-        raise ValueError(f"half=True and dtype={dtype} contradict each other")
-    tensors = cast_weights(state_dict, torch.float16 if half else dtype)
+    weights (see cast_weights)."""
+    tensors = cast_weights(state_dict, dtype)
     path = Path(path)
     if path.suffix == ".safetensors":
         from safetensors.torch import save_file

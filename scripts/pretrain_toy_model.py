@@ -143,7 +143,7 @@ def diffusion_stage(opt: argparse.Namespace, workdir: Path, record: dict) -> Non
 
     def checkpoint(step: int) -> None:
         save_checkpoint(trainer.state(), state_path)
-        save_weights(trainer.ema_state_dict(), out, half=True)
+        save_weights(trainer.ema_state_dict(), out, dtype=torch.float16)
         following = {}
         if opt.eval_samples:
             evaluated = instantiate_from_config(OmegaConf.load(opt.configs[0]).model)

@@ -134,7 +134,7 @@ def test_missing_and_damaged_files(tmp_path):
 
 def test_half_safetensors_and_atomic_write(tmp_path, tiny_model):
     path = tmp_path / "out" / "weights.safetensors"
-    save_weights(tiny_model.state_dict(), path, half=True)
+    save_weights(tiny_model.state_dict(), path, dtype=torch.float16)
     state = read_state_dict(path)
     assert state["model.diffusion_model.out.2.weight"].dtype == torch.float16
     assert state["alphas_cumprod"].dtype == torch.float32
@@ -209,7 +209,7 @@ def test_every_ckpt_we_write_passes_a1111_and_loads_with_mmap(tmp_path, tiny_mod
 
 @pytest.mark.parametrize("name", ["w.safetensors", "w.ckpt"])
 def test_files_for_sharing_get_ordinary_permissions(tmp_path, tiny_model, name):
-    save_weights(tiny_model.state_dict(), tmp_path / name, half=True)
+    save_weights(tiny_model.state_dict(), tmp_path / name, dtype=torch.float16)
     assert stat.S_IMODE((tmp_path / name).stat().st_mode) == 0o666 & ~umask()
 
 
