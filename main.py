@@ -26,7 +26,7 @@ from pytorch_lightning.utilities.exceptions import SIGTERMException
 from pytorch_lightning.utilities.rank_zero import rank_zero_only
 
 from ldm.callbacks import AtomicCheckpointIO, SetupCallback, StartAtStep, StepCheckpoint, StepProgress, quiet_lightning
-from ldm.checkpoint import CheckpointError, check_checkpoint_file, load_model_weights
+from ldm.checkpoint import CheckpointError, check_checkpoint_file, load_model_weights, parameters_on_meta
 from ldm.class_images import generate_class_images
 from ldm.runs import Run, new_run, resumed_run, warn_fresh_optimizer
 from ldm.util import DiskFullError, UserError, ensure_writable_dir, instantiate_from_config
@@ -92,6 +92,14 @@ def get_parser() -> argparse.ArgumentParser:
              "2 the penultimate (model.params.cond_stage_config.params.clip_skip; sampling from the run uses it)")
     add("--text_encoder_lr", type=float, default=None,
         help="the text encoder's base learning rate (model.params.cond_stage_lr; default: base_learning_rate)")
+    add("--gradient_checkpointing", **flag, help="recompute activations in backward, for the UNet and a training "
+        "text encoder: less memory, slower steps (unet_config.params.use_checkpoint, "
+        "cond_stage_config.params.gradient_checkpointing)")
+    add("--optimizer", default=None, metavar="NAME", help="adamw (default), adamw8bit, adafactor, prodigy, lion, "
+        "schedulefree_adamw or a dotted class path (model.params.optimizer.target)")
+    add("--fused_backward", **flag, help="step the optimizer inside the backward pass, one parameter at a time, so "
+        "that the full set of gradients is never held (model.params.optimizer.fused_backward)")
+    add("--compile", **flag, help="torch.compile the UNet (model.params.compile_unet)")
     add("--safetensors", action="store_true", help="also save fp16 .safetensors weights next to each checkpoint")
     add("--save_precision", default=None, metavar="fp16|bf16|fp32",
         help="precision of the weights-only step_N.ckpt files and the .safetensors copies (default: step files as "
@@ -176,6 +184,7 @@ def apply_flags(config: DictConfig, opt: argparse.Namespace) -> None:
         config.model.params.cond_stage_lr = opt.text_encoder_lr
     if opt.clip_skip is not None:
         OmegaConf.update(config, "model.params.cond_stage_config.params.clip_skip", opt.clip_skip, merge=True)
+    apply_saver_flags(config, opt)
     lightning = config.setdefault("lightning", {})
     if opt.max_steps is not None:
         lightning.setdefault("trainer", {})["max_steps"] = opt.max_steps
@@ -195,6 +204,26 @@ def apply_flags(config: DictConfig, opt: argparse.Namespace) -> None:
         lightning.setdefault("modelcheckpoint", {}).setdefault("params", {})["safetensors"] = True
     if opt.save_precision is not None:
         lightning.setdefault("modelcheckpoint", {}).setdefault("params", {})["save_precision"] = opt.save_precision
+
+
+def apply_saver_flags(config: DictConfig, opt: argparse.Namespace) -> None:
+    """The memory and speed flags, written into the model config (`--gradient_checkpointing` wins over a config's
+    false; leaving a flag out keeps the config's value)."""
+    params = config.model.params
+    if opt.gradient_checkpointing:
+        OmegaConf.update(config, "model.params.unet_config.params.use_checkpoint", True, merge=True)
+        OmegaConf.update(config, "model.params.cond_stage_config.params.gradient_checkpointing", True, merge=True)
+    if opt.optimizer is not None or opt.fused_backward:
+        if params.get("optimizer") is None:
+            params.optimizer = {}
+        if opt.optimizer is not None:
+            if params.optimizer.get("target") not in (None, opt.optimizer):
+                params.optimizer.params = {}  # the config's options were for its own optimizer
+            params.optimizer.target = opt.optimizer
+        if opt.fused_backward:
+            params.optimizer.fused_backward = True
+    if opt.compile:
+        params.compile_unet = True
 
 
 def trainer_options(trainer_config: DictConfig, opt: argparse.Namespace) -> dict[str, Any]:
@@ -364,7 +393,10 @@ def train(opt: argparse.Namespace, overrides: list[str]) -> int:
     pl.seed_everything(opt.seed, workers=True)
     data, missing = prepare_data(config, resuming=run.checkpoint is not None or run.weights is not None)
 
-    model = build(config.model, "model").train()
+    # Weights that load before fit are built on the meta device: no random init, one copy of them in memory; a
+    # resumed last.ckpt is loaded by Lightning into a model built as usual.
+    with parameters_on_meta() if run.checkpoint is None else contextlib.nullcontext():
+        model = build(config.model, "model").train()
     quiet_lightning()
     torch.set_float32_matmul_precision("high")  # TF32 matmuls on GPUs that have them: faster, and fine for training
     if run.checkpoint is None:

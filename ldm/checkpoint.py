@@ -7,9 +7,10 @@ import re
 import struct
 import zipfile
 from collections import Counter
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO, Mapping
+from typing import Any, BinaryIO, Iterator, Mapping
 
 import numpy as np
 import torch
@@ -114,10 +115,21 @@ def check_finite(state: Mapping[str, torch.Tensor], source: str) -> None:
                                   "file comes from a run that diverged, or is damaged: use an earlier checkpoint")
 
 
+def _load_pickle(path: Path) -> Any:
+    """torch.load with the allow-list, memory-mapped where the file's format allows it: tensors that are never used
+    (the EMA copy of a full-EMA file, optimizer state) are then never read into memory."""
+    with torch.serialization.safe_globals(_SAFE_GLOBALS):
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as err:
+            if "mmap" not in str(err):
+                raise
+            return torch.load(path, map_location="cpu", weights_only=True)  # a legacy (pre-zip) file
+
+
 def _read_pickle(path: Path) -> Any:
     try:
-        with torch.serialization.safe_globals(_SAFE_GLOBALS):
-            return torch.load(path, map_location="cpu", weights_only=True)
+        return _load_pickle(path)
     except pickle.UnpicklingError as err:
         lines = [line.strip() for line in str(err).splitlines()]
         reason = next((line for line in lines if "GLOBAL" in line or line.startswith("Unsupported global")), None)
@@ -248,20 +260,54 @@ def check_compatible(model_state: Mapping[str, torch.Tensor], file_state: Mappin
                       unexpected=Counter(group_of(k) for k in extra), examples=examples)
 
 
+@contextmanager
+def parameters_on_meta() -> Iterator[None]:
+    """Build modules whose parameters live on the `meta` device: no memory and no random initialisation, for a model
+    that `load_model_weights` fills from a file at once (buffers stay real: they are small, and some are computed)."""
+    register = nn.Module.register_parameter
+
+    def register_on_meta(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
+        register(module, name, param)
+        if param is not None and param.device.type != "meta":
+            module._parameters[name] = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+
+    nn.Module.register_parameter = register_on_meta
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = register
+
+
+def on_meta(model: nn.Module) -> list[str]:
+    """The names of the parameters and buffers of `model` that have no data yet (on the `meta` device)."""
+    return [name for name, tensor in (*model.named_parameters(), *model.named_buffers()) if tensor.is_meta]
+
+
 def load_model_weights(model: nn.Module, path: str | os.PathLike, use_ema: bool = False) -> LoadReport:
-    """Load an SD v1 file into a LatentDiffusion; every UNet, VAE and text-encoder tensor must come from the file."""
+    """Load an SD v1 file into a LatentDiffusion; every UNet, VAE and text-encoder tensor must come from the file.
+
+    A model built under `parameters_on_meta` takes the file's tensors themselves (cast to the model's dtypes), so
+    that one copy of the weights is held, not two."""
     file_state = select_unet_weights(to_sd_layout(read_state_dict(path)), use_ema)
     model_state = model.state_dict()
     report = check_compatible(model_state, file_state, str(path))
     state = {k: v for k, v in file_state.items() if k in model_state}
+    del file_state
     check_finite(state, str(path))
     ema_sources = {ema_key(k): k for k in model_state if k.startswith(UNET_PREFIX)}
     for key, unet_key in ema_sources.items():
-        if key in model_state and key not in state:  # a fresh EMA starts from the loaded weights
-            state[key] = state[unet_key]
+        if key in model_state and key not in state:  # a fresh EMA starts from the loaded weights, in its own memory
+            state[key] = state[unet_key].clone()
             report.filled.append(key)
     missing = [k for k in model_state if k not in state]
-    model.load_state_dict(state, strict=False)
+    assign = bool(on_meta(model))
+    if assign:
+        state = {k: v.to(model_state[k].dtype) for k, v in state.items()}
+    model.load_state_dict(state, strict=False, assign=assign)
+    empty = on_meta(model)
+    if empty:
+        raise CheckpointError(f"{path} has no values for {len(empty)} tensors of the model (e.g. {empty[0]}), which "
+                              "would stay empty; is it a full SD v1 checkpoint for this config?")
     if missing:
         logger.info("%s: kept the config's values for %d buffers (%s)", path, len(missing), ", ".join(missing[:3]))
     if report.unexpected:

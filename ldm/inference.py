@@ -15,7 +15,8 @@ from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 from torch import Tensor, nn
 
-from ldm.checkpoint import CheckpointError, ShapeMismatchError, check_checkpoint_file, load_model_weights
+from ldm.checkpoint import (CheckpointError, ShapeMismatchError, check_checkpoint_file, load_model_weights,
+                            parameters_on_meta)
 from ldm.data.personalized import open_image
 from ldm.images import make_grid, read_metadata, save_image, to_pil  # noqa: F401 (read_metadata: for callers)
 from ldm.model_config import choose_config, fitting_config, latent_shape, load_config, native_size, size_multiple
@@ -124,7 +125,8 @@ def load_model(config: DictConfig, ckpt_path: str, device: torch.device, use_ema
     """A LatentDiffusion built from `config`, with the weights of `ckpt_path`, in eval mode on `device`."""
     check_checkpoint(ckpt_path)
     try:
-        model = instantiate_from_config(config.model)
+        with parameters_on_meta():  # the file fills them: no random init, one copy of the weights
+            model = instantiate_from_config(config.model)
     except (KeyError, TypeError, ValueError, ImportError) as err:
         raise UserError(f"cannot build the model from the config: {err}") from None
     try:

@@ -38,6 +38,7 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     add = parser.add_argument
     add("--outdir", default="outputs/demo", help="made afresh (an older one is replaced)")
     add("--base", default=BASE, help="the base model (default: the committed toy model)")
+    add("--config", default=FINETUNE_CONFIG, help="the fine-tune config, e.g. configs/toy/v1-finetune_lowmem.yaml")
     add("--set", nargs="+", default=[], metavar="KEY=VALUE",
         help="config overrides for the fine-tune, as main.py takes them, e.g. model.base_learning_rate=1e-4")
     add("--drift", action="store_true", help="also fine-tune with reg_weight 0 and compare")
@@ -82,7 +83,7 @@ class Runner:
 def fine_tune(runner: Runner, name: str, class_folder: Path, opt: argparse.Namespace, *overrides: str) -> Path:
     """Fine-tune with main.py; returns the run's last.ckpt."""
     logdir = runner.outdir / "runs" / name
-    args = ["--base", FINETUNE_CONFIG, "-t", "--actual_resume", opt.base, "-n", name, "--accelerator", "cpu",
+    args = ["--base", opt.config, "-t", "--actual_resume", opt.base, "-n", name, "--accelerator", "cpu",
             "--data_root", SUBJECT, "--reg_data_root", str(class_folder), "--class_word", CLASS_WORD,
             "--token", IDENTIFIER, "-l", str(logdir)]
     if opt.max_steps is not None:

@@ -1,7 +1,7 @@
 """DDPM and LatentDiffusion (Ho et al. 2020; Rombach et al. 2022) as Stable Diffusion v1 and DreamBooth need them."""
 import logging
 from contextlib import contextmanager
-from typing import Any, Iterator, Mapping, Optional, Sequence
+from typing import Any, Iterator, Mapping, Optional, Sequence, Union
 
 import pytorch_lightning as pl
 import torch
@@ -9,13 +9,16 @@ from einops import rearrange
 from torch import nn
 
 from ldm.lr_scheduler import LRSchedule, lr_lambda
-from ldm.modules.diffusionmodules.schedule import extract_into_tensor, make_beta_schedule, schedule_buffers
+from ldm.modules.diffusionmodules.schedule import (SCHEDULE_BUFFERS, extract_into_tensor, make_beta_schedule,
+                                                   schedule_buffers)
 from ldm.modules.ema import LitEma
 from ldm.modules.losses import NoiseObjective, PriorPreservationLoss
 from ldm.optim import is_schedule_free, make_optimizer
 from ldm.util import UserError, instantiate_from_config
 
 logger = logging.getLogger(__name__)
+
+FROZEN_PRECISIONS = ("auto", "fp32", "fp16", "bf16")  # auto: half under 16-mixed or bf16-mixed, else as loaded
 
 
 class DiffusionWrapper(nn.Module):
@@ -97,8 +100,27 @@ class DDPM(pl.LightningModule):
                 - extract_into_tensor(self.sqrt_recipm1_alphas_cumprod, t, x_t.shape) * noise)
 
     def apply_model(self, x_noisy: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-        """The denoiser's eps prediction for x_t at timesteps t under text conditioning `cond`."""
-        return self.model(x_noisy, t, context=cond)
+        """The denoiser's eps prediction for x_t at timesteps t under text conditioning `cond`, in float32 (inputs go
+        in at the UNet's own dtype, so that a UNet held in bf16 takes float32 latents)."""
+        dtype = self.unet_dtype
+        return self.model(x_noisy.to(dtype), t, context=cond.to(dtype)).float()
+
+    @property
+    def unet_dtype(self) -> torch.dtype:
+        """The dtype the UNet holds its weights in (float32 unless trained with --precision bf16-true)."""
+        return self.model.diffusion_model.out[-1].weight.dtype
+
+    def setup(self, stage: str) -> None:
+        """Before Lightning casts the model for a `*-true` precision, keep the noise schedule's float32 values."""
+        precision = str(self.trainer.precision) if self._trainer is not None else "32-true"
+        if precision.endswith("-true") and not precision.startswith(("32", "64")):
+            self._schedule_fp32 = {name: buffer.detach().clone() for name, buffer in self.named_buffers()
+                                   if name in SCHEDULE_BUFFERS}
+
+    def on_fit_start(self) -> None:
+        """Put the float32 noise schedule back after a half-precision cast of the whole model."""
+        for name, value in getattr(self, "_schedule_fp32", {}).items():
+            setattr(self, name, value.to(getattr(self, name).device))
 
     def p_losses(self, x_start: torch.Tensor, cond: torch.Tensor, t: torch.Tensor,
                  noise: torch.Tensor | None = None) -> torch.Tensor:
@@ -120,8 +142,14 @@ class LatentDiffusion(DDPM):
     def __init__(self, first_stage_config: Mapping, cond_stage_config: Mapping, cond_stage_key: str = "caption",
                  cond_stage_trainable: bool = False, scale_factor: float = 1.0, cond_stage_lr: Optional[float] = None,
                  cond_stage_stop_step: Optional[float] = None, lr_schedule: Optional[Mapping] = None,
-                 scheduler_config: Optional[Mapping] = None, optimizer: Optional[Mapping] = None, **kwargs: Any):
+                 scheduler_config: Optional[Mapping] = None, optimizer: Optional[Mapping] = None,
+                 frozen_precision: str = "auto", compile_unet: Union[bool, Mapping] = False, **kwargs: Any):
         super().__init__(**kwargs)
+        if frozen_precision not in FROZEN_PRECISIONS:
+            raise UserError(f"model.params.frozen_precision {frozen_precision!r}: expected one of "
+                            f"{', '.join(FROZEN_PRECISIONS)}")
+        self.frozen_precision = frozen_precision
+        self.compile_unet = compile_unet
         for key, flag, value in (("cond_stage_lr", "--text_encoder_lr", cond_stage_lr),
                                  ("cond_stage_stop_step", "--stop_text_encoder_training", cond_stage_stop_step)):
             if value is not None and not cond_stage_trainable:
@@ -158,6 +186,38 @@ class LatentDiffusion(DDPM):
         schedule.check()
         return None if schedule.name == "constant" else schedule  # the constant rate needs no scheduler
 
+    def setup(self, stage: str) -> None:
+        """Store the frozen parts (the VAE, and the text encoder when it does not train) in half precision under a
+        mixed-precision run, or as `frozen_precision` says; they compute under autocast as before."""
+        super().setup(stage)
+        if self.compile_unet:
+            self.compile_diffusion_model()
+        dtype = self.frozen_dtype(str(self.trainer.precision) if self._trainer is not None else "32-true")
+        if dtype is None:
+            return
+        frozen = [self.first_stage_model] + ([] if self.cond_stage_trainable else [self.cond_stage_model])
+        for part in frozen:
+            part.to(dtype)
+        logger.info("frozen parts (%s) stored in %s", " and ".join(type(p).__name__ for p in frozen),
+                    str(dtype).removeprefix("torch."))
+
+    def compile_diffusion_model(self) -> None:
+        """`torch.compile` the UNet in place (its state-dict keys stay as they are); `compile_unet` is true or a
+        mapping of torch.compile options, e.g. {mode: max-autotune}."""
+        options = dict(self.compile_unet) if isinstance(self.compile_unet, Mapping) else {}
+        try:
+            self.model.diffusion_model.compile(**options)
+        except TypeError as err:
+            raise UserError(f"model.params.compile_unet {options}: {err}") from None
+        logger.info("the UNet is compiled with torch.compile%s; the first steps are slow while it compiles",
+                    f" ({options})" if options else "")
+
+    def frozen_dtype(self, precision: str) -> Optional[torch.dtype]:
+        """The dtype for the frozen parts under a trainer precision, or None to leave them as they are."""
+        if self.frozen_precision == "auto":
+            return {"16-mixed": torch.float16, "bf16-mixed": torch.bfloat16}.get(precision)
+        return {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}[self.frozen_precision]
+
     def train(self, mode: bool = True) -> "LatentDiffusion":
         """Switch modes, keeping the frozen VAE (and a frozen text encoder) in eval mode."""
         super().train(mode)
@@ -168,19 +228,20 @@ class LatentDiffusion(DDPM):
 
     def get_learned_conditioning(self, captions: list[str]) -> torch.Tensor:
         """CLIP text embeddings [B, 77, context_dim] for a list of prompts."""
-        return self.cond_stage_model.encode(list(captions))
+        return self.cond_stage_model.encode(list(captions)).float()
 
     def encode_first_stage(self, x: torch.Tensor):
         """VAE posterior of images in [-1, 1], shape [B, 3, H, W]."""
-        return self.first_stage_model.encode(x)
+        return self.first_stage_model.encode(x.to(self.first_stage_model.encoder.conv_in.weight.dtype))
 
     def get_first_stage_encoding(self, posterior) -> torch.Tensor:
         """A latent sample of the posterior, scaled to unit variance by `scale_factor`."""
-        return self.scale_factor * posterior.sample()
+        return self.scale_factor * posterior.sample().float()
 
     def decode_first_stage(self, z: torch.Tensor) -> torch.Tensor:
         """Images in about [-1, 1] from scaled latents."""
-        return self.first_stage_model.decode(z / self.scale_factor)
+        dtype = self.first_stage_model.decoder.conv_out.weight.dtype
+        return self.first_stage_model.decode((z / self.scale_factor).to(dtype)).float()
 
     def get_input(self, batch: Mapping[str, Any]) -> tuple[torch.Tensor, list[str], int]:
         """Latents and captions of the instance examples, followed by the class examples when the batch has them.

@@ -59,6 +59,7 @@ class FrozenCLIPEmbedder(nn.Module):
         freeze: bool = True,
         device: Any = None,
         clip_skip: int = 1,
+        gradient_checkpointing: bool = False,
     ):
         super().__init__()
         del device  # accepted so CompVis configs that set it still load; the device comes from the parameters
@@ -77,6 +78,12 @@ class FrozenCLIPEmbedder(nn.Module):
         self.max_length = max_length
         self.clip_skip = check_clip_skip(clip_skip, text_model.config.num_hidden_layers)
         self.transformer = TextTransformer(text_model)
+        if gradient_checkpointing:  # recompute each layer's activations in backward; acts while the encoder trains
+            enable = getattr(text_model, "activation_checkpointing_enable", None)  # transformers 5.x's new name
+            if enable is not None:
+                enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            else:
+                text_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if freeze:
             self.freeze()
         else:
