@@ -28,6 +28,7 @@ from pytorch_lightning.utilities.rank_zero import rank_zero_only
 from ldm.callbacks import AtomicCheckpointIO, SetupCallback, StartAtStep, StepCheckpoint, StepProgress, quiet_lightning
 from ldm.checkpoint import CheckpointError, check_checkpoint_file, load_model_weights, parameters_on_meta
 from ldm.class_images import generate_class_images
+from ldm.latent_cache import cache_latents
 from ldm.runs import Run, new_run, resumed_run, warn_fresh_optimizer
 from ldm.util import DiskFullError, UserError, ensure_writable_dir, instantiate_from_config
 
@@ -87,19 +88,22 @@ def get_parser() -> argparse.ArgumentParser:
     add("--stop_text_encoder_training", type=float, default=None, metavar="N",
         help="freeze the text encoder from step N (a fraction of max_steps below 1; model.params.cond_stage_stop_step)")
     add("--freeze_text_encoder", action="store_true", help="train the UNet only (less memory)")
+    add("--cache_latents", action="store_true", help="encode the training images once with the VAE, and each caption "
+        "once with a frozen text encoder, so that a step runs the UNet only (data.params.cache_latents, "
+        "model.params.cache_text_embeddings; the cache is kept in <run>/cache)")
     add("--clip_skip", type=int, default=None, metavar="N",
         help="condition on the N-th text encoder layer from the end, as A1111 and kohya: 1 the last (default), "
              "2 the penultimate (model.params.cond_stage_config.params.clip_skip; sampling from the run uses it)")
     add("--text_encoder_lr", type=float, default=None,
         help="the text encoder's base learning rate (model.params.cond_stage_lr; default: base_learning_rate)")
-    add("--gradient_checkpointing", **flag, help="recompute activations in backward, for the UNet and a training "
-        "text encoder: less memory, slower steps (unet_config.params.use_checkpoint, "
+    add("--gradient_checkpointing", action="store_true", help="recompute activations in backward, for the UNet and "
+        "a training text encoder: less memory, slower steps (unet_config.params.use_checkpoint, "
         "cond_stage_config.params.gradient_checkpointing)")
     add("--optimizer", default=None, metavar="NAME", help="adamw (default), adamw8bit, adafactor, prodigy, lion, "
         "schedulefree_adamw or a dotted class path (model.params.optimizer.target)")
-    add("--fused_backward", **flag, help="step the optimizer inside the backward pass, one parameter at a time, so "
-        "that the full set of gradients is never held (model.params.optimizer.fused_backward)")
-    add("--compile", **flag, help="torch.compile the UNet (model.params.compile_unet)")
+    add("--fused_backward", action="store_true", help="step the optimizer inside the backward pass, one parameter "
+        "at a time, so that the full set of gradients is never held (model.params.optimizer.fused_backward)")
+    add("--compile", action="store_true", help="torch.compile the UNet (model.params.compile_unet)")
     add("--safetensors", action="store_true", help="also save fp16 .safetensors weights next to each checkpoint")
     add("--save_precision", default=None, metavar="fp16|bf16|fp32",
         help="precision of the weights-only step_N.ckpt files and the .safetensors copies (default: step files as "
@@ -177,6 +181,8 @@ def apply_flags(config: DictConfig, opt: argparse.Namespace) -> None:
                 params[name] = value
     if opt.num_class_images is not None:
         data.num_class_images = opt.num_class_images
+    if opt.cache_latents:
+        data.cache_latents = config.model.params.cache_text_embeddings = True
     if opt.freeze_text_encoder:
         config.model.params.cond_stage_trainable = False
         config.model.params.cond_stage_stop_step = None  # a config's stop step is moot (the flag with one is an error)
@@ -416,6 +422,8 @@ def train(opt: argparse.Namespace, overrides: list[str]) -> int:
             generate_class_images(model.to(trainer.strategy.root_device), data.class_folder, data.class_word,
                                   missing, seed=opt.seed)
         data.setup("fit")
+    if data.cache_latents:
+        cache_latents(model, data, run.logdir / "cache", trainer.strategy.root_device, run.checkpoint)
     return fit(trainer, model, data, run)
 
 

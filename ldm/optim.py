@@ -1,26 +1,33 @@
-"""Optimizers of a training run: fused AdamW by default, or the one that `model.params.optimizer` names."""
+"""Optimizers of a training run: fused AdamW by default, or the one that `model.params.optimizer` names, stepped
+per parameter when the spec asks for fused backward or when bf16 weights are rounded stochastically."""
 import importlib
 import inspect
 import logging
 from contextlib import contextmanager
-from typing import Any, Iterable, Iterator, Mapping, Optional, Union
+from functools import partial
+from typing import Any, Callable, Iterable, Iterator, Mapping, Optional, Union
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from ldm.per_param_optim import Params, PerParameterOptimizer, as_param_groups
 from ldm.util import UserError, get_obj_from_str
 
 logger = logging.getLogger(__name__)
-
-Params = Iterable[Union[torch.nn.Parameter, dict]]  # parameters, or param groups with options of their own
 
 # name: (module, class, pip package) of the optional optimizers
 OPTIONAL = {
     "prodigy": ("prodigyopt", "Prodigy", "prodigyopt"),
     "lion": ("lion_pytorch", "Lion", "lion-pytorch"),
     "schedulefree_adamw": ("schedulefree", "AdamWScheduleFree", "schedulefree"),
+    "adamw8bit": ("bitsandbytes.optim", "AdamW8bit", "bitsandbytes"),
 }
-NAMES = ("adamw", *OPTIONAL)
+BUILTIN = {"adafactor": torch.optim.Adafactor}
+NAMES = ("adamw", *BUILTIN, *OPTIONAL)
+SPEC_KEYS = ("target", "params", "fused_backward", "stochastic_rounding")
+# optimizers that cannot step one parameter alone, by the package that they come from
+WHOLE_MODEL = {"prodigyopt": "Prodigy estimates one step size from all parameters together",
+               "schedulefree": "a schedule-free optimizer switches all weights together between train() and eval()"}
 PRODIGY_LR_RANGE = (0.1, 10.0)  # Prodigy estimates the step size itself; its lr is a multiplier, usually 1.0
 
 
@@ -35,23 +42,51 @@ def adamw(params: Params, lr: float, **kwargs) -> torch.optim.AdamW:
 
 
 def make_optimizer(spec: Optional[Mapping], params: Params, lr: float) -> torch.optim.Optimizer:
-    """The optimizer that `model.params.optimizer` ({target: name or dotted class path, params: {...}}) names, at
-    learning rate `lr`; None is fused AdamW with torch's defaults."""
-    if spec is None:
-        return adamw(params, lr)
-    target, kwargs = _parse(spec)
-    params = list(params)
-    if target == "adamw":
-        _check_keywords(target, torch.optim.AdamW, kwargs, reserved=("fused",))
-        return _build(target, adamw, params, lr, kwargs)
-    cls = _import_class(target)
-    _check_keywords(target, cls, kwargs)
-    if cls.__module__.split(".")[0] == "prodigyopt":  # by name or by dotted path
+    """The optimizer that `model.params.optimizer` ({target: name or dotted class path, params: {...},
+    fused_backward: false, stochastic_rounding: true}) names, at learning rate `lr`; None is fused AdamW with torch's
+    defaults. It is a PerParameterOptimizer for fused backward, or to round trainable bf16 weights stochastically."""
+    target, kwargs, fused_backward, rounding = _parse(spec)
+    params = as_param_groups(params)
+    factory = _factory(target, kwargs)
+    package = factory.__module__.split(".")[0]  # the optimizer's, by name or by dotted path
+    if package == "prodigyopt":
         _check_prodigy(params, lr)
-    optimizer = _build(target, cls, params, lr, kwargs)
+    build = partial(factory, lr=lr, **kwargs)
+    if _per_parameter(target, package, params, fused_backward, rounding):
+        return _build(target, lambda: PerParameterOptimizer(params, build, fused_backward=fused_backward,
+                                                            stochastic_rounding=rounding is not False))
+    optimizer = _build(target, lambda: build(params))
     if is_schedule_free(optimizer):
         optimizer.train()  # its step() refuses to run in eval mode, the mode it is created in
     return optimizer
+
+
+def uses_fused_backward(optimizer: Any) -> bool:
+    """Whether an optimizer (or Lightning's wrapper of one) steps the parameters in their gradient hooks during
+    backward, so that no gradient is left after backward (no gradient accumulation, clipping or scaling)."""
+    return isinstance(optimizer, PerParameterOptimizer) and optimizer.fused_backward
+
+
+def _per_parameter(target: str, package: str, groups: list[dict], fused_backward: bool,
+                   rounding: Optional[bool]) -> bool:
+    """Whether the optimizer steps each parameter alone: for fused backward, or to round trainable bf16 weights
+    stochastically (`rounding` None: by default, which an optimizer of the whole model turns off with a warning)."""
+    bf16 = rounding is not False and any(p.requires_grad and p.dtype == torch.bfloat16
+                                         for group in groups for p in group["params"])
+    if not (fused_backward or bf16):
+        return False
+    reason = WHOLE_MODEL.get(package)
+    if reason is None:
+        return True
+    if fused_backward:
+        raise UserError(f"model.params.optimizer {target}: fused_backward steps each parameter alone during "
+                        f"backward, but {reason}; set model.params.optimizer.fused_backward: false")
+    if rounding:
+        raise UserError(f"model.params.optimizer {target}: stochastic_rounding steps each bf16 parameter alone, but "
+                        f"{reason}; set model.params.optimizer.stochastic_rounding: false")
+    logger.warning("model.params.optimizer %s: the bf16 weights are rounded to nearest, not stochastically, since "
+                   "%s", target, reason)
+    return False
 
 
 def is_schedule_free(optimizer: Any) -> bool:
@@ -80,26 +115,47 @@ def _in_train_mode(optimizer: torch.optim.Optimizer) -> bool:
     return any(group.get("train_mode", True) for group in optimizer.param_groups)
 
 
-def _parse(spec: Mapping) -> tuple[str, dict]:
-    """The target and keyword arguments of an optimizer spec, checked for stray keys."""
+def _parse(spec: Optional[Mapping]) -> tuple[str, dict, bool, Optional[bool]]:
+    """The target, keyword arguments, fused_backward and stochastic_rounding (None when unset) of an optimizer
+    spec, checked for stray keys; without target or params (or without a spec), the target is adamw."""
+    if spec is None:
+        return "adamw", {}, False, None
     if isinstance(spec, DictConfig):
         spec = OmegaConf.to_container(spec, resolve=True)
     if not isinstance(spec, Mapping):
         raise UserError(f"model.params.optimizer: expected {{target: NAME, params: {{...}}}}, got {spec!r}")
-    unknown = sorted(set(spec) - {"target", "params"})
+    unknown = sorted(set(spec) - set(SPEC_KEYS))
     if unknown:
-        raise UserError(f"model.params.optimizer has unknown keys {unknown}; expected 'target' and 'params'")
-    target = spec.get("target")
+        raise UserError(f"model.params.optimizer has unknown keys {unknown}; expected "
+                        f"{', '.join(repr(key) for key in SPEC_KEYS)}")
+    for key in ("fused_backward", "stochastic_rounding"):
+        if spec.get(key) is not None and not isinstance(spec[key], bool):
+            raise UserError(f"model.params.optimizer.{key}: expected true or false, got {spec[key]!r}")
+    flags = (bool(spec.get("fused_backward")), spec.get("stochastic_rounding"))
+    only_flags = bool(spec) and "params" not in spec  # {fused_backward: ..., stochastic_rounding: ...} alone
+    target = spec.get("target", "adamw" if only_flags else None)
     if not isinstance(target, str) or not target:
         raise UserError(f"model.params.optimizer.target is missing; one of {', '.join(NAMES)} or a dotted class path")
     kwargs = spec.get("params") or {}
     if not isinstance(kwargs, Mapping):
         raise UserError(f"model.params.optimizer.params: expected a mapping of keyword arguments, got {kwargs!r}")
-    return target, dict(kwargs)
+    return target, dict(kwargs), *flags
+
+
+def _factory(target: str, kwargs: Mapping) -> Callable[..., torch.optim.Optimizer]:
+    """The constructor that the target names, `factory(params, lr=..., **kwargs)`, its keywords checked."""
+    if target == "adamw":
+        _check_keywords(target, torch.optim.AdamW, kwargs, reserved=("fused",))
+        return adamw
+    cls = _import_class(target)
+    _check_keywords(target, cls, kwargs)
+    return cls
 
 
 def _import_class(target: str) -> type:
     """The optimizer class of a known name (its optional package imported here) or of a dotted path."""
+    if target in BUILTIN:
+        return BUILTIN[target]
     if target in OPTIONAL:
         module, name, package = OPTIONAL[target]
         try:
@@ -150,9 +206,9 @@ def _check_prodigy(params: list, lr: float) -> None:
                        "lr ~1.0 is usual (model.base_learning_rate=1.0, without --scale_lr)", lr)
 
 
-def _build(target: str, factory: Any, params: list, lr: float, kwargs: Mapping) -> torch.optim.Optimizer:
+def _build(target: str, construct: Callable[[], torch.optim.Optimizer]) -> torch.optim.Optimizer:
     """Call the optimizer's constructor, turning a bad option value into a UserError."""
     try:
-        return factory(params, lr=lr, **kwargs)
+        return construct()
     except (TypeError, ValueError) as err:
         raise UserError(f"model.params.optimizer {target}: {err}") from err

@@ -1,4 +1,5 @@
-"""The optimizer choice (model.params.optimizer): fused AdamW by default, Prodigy, Lion, schedule-free AdamW."""
+"""The optimizer choice (model.params.optimizer): fused AdamW by default, Adafactor, Prodigy, Lion, schedule-free
+AdamW, 8-bit AdamW; and the spec's fused_backward and stochastic_rounding keys."""
 import logging
 import sys
 
@@ -8,6 +9,7 @@ from omegaconf import OmegaConf
 from pytorch_lightning.core.optimizer import LightningOptimizer
 
 from ldm.optim import OPTIONAL, adamw, is_schedule_free, make_optimizer, optimizer_eval_mode
+from ldm.per_param_optim import PerParameterOptimizer
 from ldm.util import UserError
 
 
@@ -62,6 +64,8 @@ def test_adamw_by_name_is_the_same_fused_adamw():
 # name, base lr, the second (text-encoder-like) group's own lr, one option and its value
 CASES = [
     ("adamw", 5e-2, 1e-2, "weight_decay", 0.0),
+    ("adafactor", 5e-2, 1e-2, "beta2_decay", -0.5),
+    ("adamw8bit", 5e-2, 1e-2, "weight_decay", 0.0),
     ("prodigy", 1.0, 0.0, "d_coef", 0.5),  # Prodigy takes one lr for all groups, or 0
     ("lion", 3e-2, 1e-2, "weight_decay", 1e-3),
     ("schedulefree_adamw", 5e-2, 1e-2, "warmup_steps", 5),
@@ -96,8 +100,8 @@ def test_a_missing_package_names_the_pip_command(name, monkeypatch):
 
 
 def test_an_unknown_name_lists_the_known_ones():
-    with pytest.raises(UserError, match="unknown optimizer 'adam'; known names are adamw, prodigy, lion, "
-                                        "schedulefree_adamw, or give a dotted class path"):
+    with pytest.raises(UserError, match="unknown optimizer 'adam'; known names are adamw, adafactor, prodigy, lion, "
+                                        "schedulefree_adamw, adamw8bit, or give a dotted class path"):
         make_optimizer({"target": "adam"}, least_squares()[0].parameters(), 1e-3)
 
 
@@ -107,8 +111,16 @@ def test_an_unknown_name_lists_the_known_ones():
     ({"target": "torch.optim.SGD", "params": {"moment": 0.9}}, "torch.optim.SGD has no option moment"),
     ({"target": "adamw", "params": {"lr": 1e-4}}, "set the learning rate with model.base_learning_rate"),
     ({"target": "adamw", "params": {"eps": -1.0}}, "adamw: Invalid epsilon value"),
-    ({"target": "adamw", "lr": 1e-4}, r"unknown keys \['lr'\]"),
+    ({"target": "adamw", "lr": 1e-4}, r"unknown keys \['lr'\]; expected 'target', 'params', 'fused_backward', "
+                                      "'stochastic_rounding'"),
+    ({"fused_backwards": True}, r"unknown keys \['fused_backwards'\]"),
+    ({"fused_backward": "yes"}, "fused_backward: expected true or false, got 'yes'"),
+    ({"stochastic_rounding": 1}, "stochastic_rounding: expected true or false, got 1"),
+    ({"fused_backward": True, "params": {"lr": 1e-4}}, "target is missing"),  # options belong to a named optimizer
+    ({"fused_backward": True, "target": "adamw", "params": {"lr": 1e-4}}, "set the learning rate with"),
+    ({"fused_backward": True, "target": "adamw", "params": {"beta": 0.9}}, "adamw has no option beta"),
     ({"params": {}}, "target is missing"),
+    ({}, "target is missing"),
     ({"target": "torch.optim.Adamw"}, "torch.optim.Adamw: cannot import it"),
     ({"target": "torch.nn.Linear"}, "torch.nn.Linear is not a torch.optim.Optimizer class"),
 ])
@@ -176,3 +188,63 @@ def test_eval_mode_leaves_adamw_alone():
     with optimizer_eval_mode([optimizer]):
         assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
+
+
+def state_bytes(optimizer: torch.optim.Optimizer, param: torch.Tensor) -> int:
+    """The memory of one parameter's optimizer state."""
+    return sum(v.numel() * v.element_size() for v in optimizer.state[param].values() if torch.is_tensor(v))
+
+
+def test_adamw8bit_keeps_8bit_state_a_third_of_adamws():
+    needs("adamw8bit")
+    sizes = {}
+    for name in ("adamw", "adamw8bit"):
+        torch.manual_seed(0)
+        layer = torch.nn.Linear(64, 128)  # 8192 weights: above bitsandbytes' min_8bit_size
+        optimizer = make_optimizer({"target": name}, layer.parameters(), 1e-3)
+        layer(torch.ones(2, 64)).square().mean().backward()
+        optimizer.step()
+        sizes[name] = state_bytes(optimizer, layer.weight)
+    state = optimizer.state[layer.weight]
+    assert type(optimizer).__name__ == "AdamW8bit" and state["state1"].dtype == state["state2"].dtype == torch.uint8
+    assert sizes["adamw"] >= 2 * 4 * 8192 and sizes["adamw8bit"] < sizes["adamw"] / 3  # two fp32 moments
+
+
+def test_adafactor_is_torchs():
+    optimizer = make_optimizer({"target": "adafactor"}, least_squares()[0].parameters(), 1e-2)
+    assert type(optimizer) is torch.optim.Adafactor
+
+
+def test_a_spec_of_the_new_keys_alone_is_adamw_stepped_per_parameter():
+    model, x, y = least_squares()
+    optimizer = make_optimizer(OmegaConf.create({"fused_backward": True, "stochastic_rounding": False}),
+                               model.parameters(), 5e-2)
+    assert isinstance(optimizer, PerParameterOptimizer) and optimizer.fused_backward
+    assert not optimizer.stochastic_rounding and optimizer.defaults == adamw(model.parameters(), 5e-2).defaults
+    before = mse(model, x, y)
+    train(model, optimizer, x, y, 30)
+    assert mse(model, x, y) < 0.5 * before
+    assert type(make_optimizer({"stochastic_rounding": True}, model.parameters(), 1e-2)) is torch.optim.AdamW  # fp32
+
+
+@pytest.mark.parametrize("name, reason", [("prodigy", "Prodigy estimates one step size from all parameters"),
+                                          ("schedulefree_adamw", "a schedule-free optimizer switches all weights")])
+def test_an_optimizer_of_the_whole_model_refuses_to_step_per_parameter(name, reason, caplog):
+    needs(name)
+    bf16 = torch.nn.Linear(4, 1).bfloat16()
+    with pytest.raises(UserError, match=f"optimizer {name}: fused_backward steps each parameter alone during "
+                                        f"backward, but {reason}.*; set model.params.optimizer.fused_backward: false"):
+        make_optimizer({"target": name, "fused_backward": True}, least_squares()[0].parameters(), 1.0)
+    with pytest.raises(UserError, match=f"optimizer {name}: stochastic_rounding steps each bf16 parameter alone, "
+                                        f"but {reason}.*; set model.params.optimizer.stochastic_rounding: false"):
+        make_optimizer({"target": name, "stochastic_rounding": True}, bf16.parameters(), 1.0)
+    with caplog.at_level(logging.WARNING, logger="ldm.optim"):  # by default: rounded to nearest, with a warning
+        optimizer = make_optimizer({"target": name}, bf16.parameters(), 1.0)
+    assert not isinstance(optimizer, PerParameterOptimizer)
+    assert f"optimizer {name}: the bf16 weights are rounded to nearest, not stochastically" in caplog.text
+    assert type(make_optimizer({"target": name, "stochastic_rounding": False}, bf16.parameters(), 1.0)) is type(
+        optimizer)
+
+
+def test_no_spec_rounds_bf16_weights_stochastically_too():
+    assert isinstance(make_optimizer(None, torch.nn.Linear(4, 1).bfloat16().parameters(), 1e-2), PerParameterOptimizer)

@@ -48,14 +48,15 @@ class ImageLogger(Callback):
         folder = Path(trainer.default_root_dir) / "images" / "train"
         folder.mkdir(parents=True, exist_ok=True)
         suffix = f"gs-{step:06}_e-{trainer.current_epoch:06}_b-{batch_idx:06}.png"
-        image_key, caption_key = pl_module.first_stage_key, pl_module.cond_stage_key
-        kinds = {"instance": ""} | ({"class": "class_"} if f"class_{image_key}" in batch else {})
-        inputs = [(kind, to_pil(batch[f"{prefix}{image_key}"].permute(0, 3, 1, 2))) for kind, prefix in kinds.items()]
-        save_image(labelled_grid(inputs, self.images_per_row, f"training inputs, step {step}"),
-                   folder / f"inputs_{suffix}", {"step": step})
+        caption_key = pl_module.cond_stage_key
+        kinds = {"instance": ""} | ({"class": "class_"} if f"class_{caption_key}" in batch else {})
+        decoded = "" if pl_module.first_stage_key in batch else " (decoded from the cached latents)"
         seeds = list(range(self.seed, self.seed + self.max_images))
-        with optimizer_eval_mode(trainer.optimizers), sampling_mode(pl_module), \
+        with optimizer_eval_mode(trainer.optimizers), sampling_mode(pl_module), pl_module.encoders_on_device(), \
                 trainer.precision_plugin.forward_context():
+            inputs = [(kind, to_pil(pl_module.input_images(batch, prefix))) for kind, prefix in kinds.items()]
+            save_image(labelled_grid(inputs, self.images_per_row, f"training inputs, step {step}{decoded}"),
+                       folder / f"inputs_{suffix}", {"step": step})
             for kind, prefix in kinds.items():
                 prompt = batch[f"{prefix}{caption_key}"][0]
                 images = sample_images(pl_module, prompt, seeds, self.ddim_steps, self.scale)

@@ -18,10 +18,11 @@ def count_images(folder: str | Path | None) -> int:
 
 
 class DataModuleFromConfig(pl.LightningDataModule):
-    """Pairs every instance example with a class example; `num_class_images` > 0 asks for that many class images."""
+    """Pairs every instance example with a class example; `num_class_images` > 0 asks for that many class images;
+    `cache_latents` means that the datasets yield cached VAE moments (ldm/latent_cache.py gives them before fit)."""
 
     def __init__(self, batch_size: int, train: Mapping, reg: Mapping | None = None, num_workers: int = 0,
-                 num_class_images: int = 0):
+                 num_class_images: int = 0, cache_latents: bool = False):
         super().__init__()
         if batch_size < 1 or num_workers < 0 or num_class_images < 0:
             raise ValueError(f"need batch_size >= 1, num_workers >= 0, num_class_images >= 0, "
@@ -29,6 +30,11 @@ class DataModuleFromConfig(pl.LightningDataModule):
         self.batch_size = batch_size
         self.num_workers = num_workers
         self.num_class_images = num_class_images
+        self.cache_latents = cache_latents
+        for name, config in (("train", train), ("reg", reg or {})):
+            if cache_latents and (config.get("params") or {}).get("crop") == "random":
+                raise DataError(f"data.params.{name}.params.crop is random, which cannot be cached (the crop changes "
+                                "every step): use crop center or none with --cache_latents (data.params.cache_latents)")
         self.train_config, self.reg_config = train, reg
         self.instance: Dataset | None = None
         self.class_prior: Dataset | None = None
@@ -61,10 +67,18 @@ class DataModuleFromConfig(pl.LightningDataModule):
         if self.reg_config is not None and self.class_prior is None and not self.missing_class_images():
             self.class_prior = instantiate_from_config(self.reg_config)
 
+    def datasets(self) -> dict[str, Dataset]:
+        """The datasets built so far by their config key: `train`, and `reg` once no class image is missing."""
+        return {name: dataset for name, dataset in (("train", self.instance), ("reg", self.class_prior))
+                if dataset is not None}
+
     def train_dataloader(self) -> DataLoader:
         self.setup()
         if self.reg_config is not None and self.class_prior is None:
             raise RuntimeError(f"{self.missing_class_images()} class images are still missing in {self.class_folder}")
+        if self.cache_latents and any(dataset.moments is None for dataset in self.datasets().values()):
+            raise RuntimeError("cache_latents is set but the datasets have no cached moments: call "
+                               "ldm.latent_cache.cache_latents before fit")
         dataset = self.instance if self.class_prior is None else InstanceClassPairs(self.instance, self.class_prior)
         return DataLoader(dataset, batch_size=self.batch_size, shuffle=True, num_workers=self.num_workers,
                           persistent_workers=self.num_workers > 0, drop_last=False)

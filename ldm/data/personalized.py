@@ -25,6 +25,7 @@ INTERPOLATIONS = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resamp
 IMAGE_SUFFIXES = frozenset(ext for ext, fmt in Image.registered_extensions().items() if fmt in Image.OPEN)
 SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
 ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
+MOMENTS_KEY = "moments"  # cached VAE posterior parameters (mean and logvar), yielded instead of `image`
 
 
 class DataError(UserError):
@@ -123,7 +124,8 @@ def square_box(width: int, height: int, crop: str) -> tuple[int, int, int, int]:
 
 
 class PersonalizedBase(Dataset):
-    """The images of one folder as `image` ([H, W, 3] float in [-1, 1]) and `caption`, each repeated `repeats` times.
+    """The images of one folder as `image` ([H, W, 3] float in [-1, 1]) and `caption`, each repeated `repeats` times;
+    once `use_moments` gave it their cached VAE posteriors, as `moments` ([2 * z_channels, h, w]) instead of `image`.
 
     Captions come from `template` (the instance template, or with `reg` the class template) unless a `name.txt`
     sits beside `name.jpg`; both may use `{identifier}` and `{class_word}`. Every image is decoded once here, so a
@@ -147,7 +149,8 @@ class PersonalizedBase(Dataset):
             if not str(word).strip():
                 raise DataError(f"{flag} is empty: the captions need it (e.g. {flag.split('/')[0]} {example})")
         self.size, self.repeats, self.flip_p, self.crop = size, repeats, flip_p, crop
-        self.resample = INTERPOLATIONS[interpolation]
+        self.interpolation, self.resample = interpolation, INTERPOLATIONS[interpolation]
+        self.moments: torch.Tensor | None = None
         self.identifier, self.class_word = identifier, class_word
         self.template = template or (CLASS_TEMPLATE if reg else INSTANCE_TEMPLATE)
         self.paths = list_images(data_root)
@@ -167,14 +170,34 @@ class PersonalizedBase(Dataset):
     def __len__(self) -> int:
         return len(self.paths) * self.repeats
 
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        path = self.paths[index % len(self.paths)]
-        image = load_rgb(path)
+    @property
+    def flips(self) -> tuple[bool, ...]:
+        """The mirrorings an example can have: none, or with `flip_p` > 0 both."""
+        return (False, True) if self.flip_p > 0 else (False,)
+
+    def use_moments(self, moments: torch.Tensor) -> None:
+        """Yield `moments[k, flip]` ([N images, len(flips), 2 * z_channels, h, w]) instead of decoding image k."""
+        expected = (len(self.paths), len(self.flips))
+        if tuple(moments.shape[:2]) != expected:
+            raise ValueError(f"moments of shape {tuple(moments.shape)} for {expected[0]} images in {expected[1]} flips")
+        self.moments = moments
+
+    def image(self, k: int, flip: bool | None = None) -> torch.Tensor:
+        """Image k cropped and resized, as [H, W, 3] in [-1, 1]; mirrored as `flip` says, or with probability flip_p."""
+        image = load_rgb(self.paths[k])
         image = image.resize((self.size, self.size), self.resample, box=square_box(*image.size, self.crop))
-        if torch.rand(()) < self.flip_p:
+        if flip is None:
+            flip = bool(torch.rand(()) < self.flip_p)
+        if flip:
             image = ImageOps.mirror(image)
-        pixels = torch.from_numpy(np.asarray(image, dtype=np.float32) / 127.5 - 1.0)
-        return {"image": pixels, "caption": self.captions[index % len(self.paths)]}
+        return torch.from_numpy(np.asarray(image, dtype=np.float32) / 127.5 - 1.0)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        k = index % len(self.paths)
+        if self.moments is None:
+            return {"image": self.image(k), "caption": self.captions[k]}
+        flip = bool(torch.rand(()) < self.flip_p)  # the same draw as for an image, so flips follow the same seeds
+        return {MOMENTS_KEY: self.moments[k, self.flips.index(flip)], "caption": self.captions[k]}
 
 
 class InstanceClassPairs(Dataset):

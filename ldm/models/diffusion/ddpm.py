@@ -8,12 +8,14 @@ import torch
 from einops import rearrange
 from torch import nn
 
+from ldm.data.personalized import MOMENTS_KEY
 from ldm.lr_scheduler import LRSchedule, lr_lambda
 from ldm.modules.diffusionmodules.schedule import (SCHEDULE_BUFFERS, extract_into_tensor, make_beta_schedule,
                                                    schedule_buffers)
+from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
 from ldm.modules.ema import LitEma
 from ldm.modules.losses import NoiseObjective, PriorPreservationLoss
-from ldm.optim import is_schedule_free, make_optimizer
+from ldm.optim import is_schedule_free, make_optimizer, uses_fused_backward
 from ldm.util import UserError, instantiate_from_config
 
 logger = logging.getLogger(__name__)
@@ -143,7 +145,8 @@ class LatentDiffusion(DDPM):
                  cond_stage_trainable: bool = False, scale_factor: float = 1.0, cond_stage_lr: Optional[float] = None,
                  cond_stage_stop_step: Optional[float] = None, lr_schedule: Optional[Mapping] = None,
                  scheduler_config: Optional[Mapping] = None, optimizer: Optional[Mapping] = None,
-                 frozen_precision: str = "auto", compile_unet: Union[bool, Mapping] = False, **kwargs: Any):
+                 frozen_precision: str = "auto", compile_unet: Union[bool, Mapping] = False,
+                 cache_text_embeddings: bool = False, **kwargs: Any):
         super().__init__(**kwargs)
         if frozen_precision not in FROZEN_PRECISIONS:
             raise UserError(f"model.params.frozen_precision {frozen_precision!r}: expected one of "
@@ -173,6 +176,13 @@ class LatentDiffusion(DDPM):
         self.first_stage_model.requires_grad_(False)
         self.cond_stage_model = instantiate_from_config(cond_stage_config)
         self.cond_stage_model.requires_grad_(cond_stage_trainable)
+        self.cache_text_embeddings = cache_text_embeddings
+        self.text_embeddings: dict[str, torch.Tensor] = {}
+        self.latents_cached = False  # set by ldm.latent_cache once the batches carry cached VAE moments
+        self.offloaded: list[nn.Module] = []
+        if cache_text_embeddings and cond_stage_trainable:
+            logger.info("cache_text_embeddings: no effect while the text encoder trains (its embeddings change every "
+                        "step); it applies once the text encoder is frozen")
         self.train(False)
 
     @staticmethod
@@ -227,8 +237,15 @@ class LatentDiffusion(DDPM):
         return self
 
     def get_learned_conditioning(self, captions: list[str]) -> torch.Tensor:
-        """CLIP text embeddings [B, 77, context_dim] for a list of prompts."""
-        return self.cond_stage_model.encode(list(captions)).float()
+        """CLIP text embeddings [B, 77, context_dim] for a list of prompts; with `cache_text_embeddings` and a frozen
+        text encoder each distinct prompt is encoded once and kept in memory."""
+        if not self.cache_text_embeddings or self.cond_stage_trainable:
+            return self.cond_stage_model.encode(list(captions)).float()
+        new = list(dict.fromkeys(caption for caption in captions if caption not in self.text_embeddings))
+        if new:
+            with torch.no_grad():
+                self.text_embeddings.update(zip(new, self.cond_stage_model.encode(new).float().to(self.device)))
+        return torch.stack([self.text_embeddings[caption] for caption in captions]).to(self.device)
 
     def encode_first_stage(self, x: torch.Tensor):
         """VAE posterior of images in [-1, 1], shape [B, 3, H, W]."""
@@ -246,19 +263,30 @@ class LatentDiffusion(DDPM):
     def get_input(self, batch: Mapping[str, Any]) -> tuple[torch.Tensor, list[str], int]:
         """Latents and captions of the instance examples, followed by the class examples when the batch has them.
 
-        Images come as [B, H, W, C] in [-1, 1] (the CompVis layout); class examples under `class_<key>`.
+        Images come as [B, H, W, C] in [-1, 1] (the CompVis layout), or as the cached moments of their VAE posterior
+        (`moments`, from ldm/latent_cache.py), which the latents are drawn from alike; class examples come under
+        `class_<key>`.
         """
-        images = [batch[self.first_stage_key]]
-        captions = list(batch[self.cond_stage_key])
-        n_instance = images[0].shape[0]
-        class_key = f"class_{self.first_stage_key}"
-        if class_key in batch:
-            images.append(batch[class_key])
-            captions += list(batch[f"class_{self.cond_stage_key}"])
-        x = rearrange(torch.cat(images), "b h w c -> b c h w").to(memory_format=torch.contiguous_format).float()
+        prefixes = [""] + (["class_"] if f"class_{self.cond_stage_key}" in batch else [])
+        captions = [caption for prefix in prefixes for caption in batch[f"{prefix}{self.cond_stage_key}"]]
+        n_instance = len(batch[self.cond_stage_key])
         with torch.no_grad():
-            z = self.get_first_stage_encoding(self.encode_first_stage(x))
+            if MOMENTS_KEY in batch:
+                posterior = DiagonalGaussianDistribution(torch.cat([batch[f"{p}{MOMENTS_KEY}"] for p in prefixes]))
+            else:
+                images = torch.cat([batch[f"{p}{self.first_stage_key}"] for p in prefixes])
+                x = rearrange(images, "b h w c -> b c h w").to(memory_format=torch.contiguous_format).float()
+                posterior = self.encode_first_stage(x)
+            z = self.get_first_stage_encoding(posterior)
         return z, captions, n_instance
+
+    @torch.no_grad()
+    def input_images(self, batch: Mapping[str, Any], prefix: str = "") -> torch.Tensor:
+        """A batch's images [B, 3, H, W] in [-1, 1], for showing: its pixels, or its cached moments' means decoded."""
+        if f"{prefix}{self.first_stage_key}" in batch:
+            return batch[f"{prefix}{self.first_stage_key}"].permute(0, 3, 1, 2)
+        mean = batch[f"{prefix}{MOMENTS_KEY}"].chunk(2, dim=1)[0]
+        return self.decode_first_stage(self.scale_factor * mean.float().to(self.device))
 
     def shared_step(self, batch: Mapping[str, Any], t: torch.Tensor | None = None,
                     noise: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
@@ -297,10 +325,46 @@ class LatentDiffusion(DDPM):
             return None
         return round(stop * self.trainer.max_steps) if stop < 1 else int(stop)
 
+    def on_fit_start(self) -> None:
+        super().on_fit_start()
+        self.text_embeddings.clear()  # Lightning may have restored other text encoder weights since they were made
+
     def on_train_start(self) -> None:
         for optimizer in self.trainer.optimizers:  # a resumed schedule-free optimizer comes back in eval mode
             if is_schedule_free(optimizer):
                 optimizer.train()
+        if self.device.type != "cpu" and self.trainer.world_size == 1:  # DDP would broadcast the CPU buffers
+            self.offloaded = self.idle_encoders()
+            for part in self.offloaded:
+                part.to("cpu")
+            if self.offloaded:
+                logger.info("%s on the CPU while training (their outputs are cached)",
+                            "the VAE encoder and the text encoder wait" if self.cond_stage_model in self.offloaded
+                            else "the VAE encoder waits")
+
+    def on_train_end(self) -> None:
+        for part in self.offloaded:
+            part.to(self.device)
+        self.offloaded = []
+
+    def idle_encoders(self) -> list[nn.Module]:
+        """What a training step does not run: the VAE encoder with cached latents, and a frozen text encoder whose
+        embeddings are cached."""
+        if not self.latents_cached:
+            return []
+        text = [self.cond_stage_model] if self.cache_text_embeddings and not self.cond_stage_trainable else []
+        return [self.first_stage_model.encoder, self.first_stage_model.quant_conv] + text
+
+    @contextmanager
+    def encoders_on_device(self) -> Iterator[None]:
+        """The encoders that wait on the CPU while training, on the model's device for the block (image logging)."""
+        for part in self.offloaded:
+            part.to(self.device)
+        try:
+            yield
+        finally:
+            for part in self.offloaded:
+                part.to("cpu")
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         stop = self.text_encoder_stop_step()
@@ -319,6 +383,22 @@ class LatentDiffusion(DDPM):
         logger.info("step %d: the text encoder is frozen from step %d on (stop_text_encoder_training); the UNet "
                     "trains on", self.global_step, stop)
 
+    def check_fused_backward(self) -> None:
+        """Refuse the trainer settings that need the full set of gradients, which a fused backward never holds."""
+        trainer = self.trainer
+        problems = [(trainer.accumulate_grad_batches > 1, f"accumulate_grad_batches {trainer.accumulate_grad_batches} "
+                     "(the gradients of several batches must be summed before the step)"),
+                    (bool(trainer.gradient_clip_val), f"gradient_clip_val {trainer.gradient_clip_val} (clipping "
+                     "needs the norm of all gradients)"),
+                    (str(trainer.precision) == "16-mixed", "precision 16-mixed (its loss scaler unscales all "
+                     "gradients before the step; use bf16-mixed or bf16-true)"),
+                    (trainer.world_size > 1, f"{trainer.world_size} processes (each parameter would step before its "
+                     "gradient is averaged across them)")]
+        for problem, why in problems:
+            if problem:
+                raise UserError(f"model.params.optimizer.fused_backward (--fused_backward) does not work with {why}; "
+                                "drop one of them")
+
     def configure_optimizers(self) -> Any:
         if self.learning_rate is None:
             raise ValueError("learning_rate is not set; main.py sets it from model.base_learning_rate")
@@ -326,6 +406,8 @@ class LatentDiffusion(DDPM):
             {"params": list(self.model.parameters())},
             {"params": list(self.cond_stage_model.parameters()), "lr": self.cond_stage_lr}]
         optimizer = make_optimizer(self.optimizer_config, params, self.learning_rate)
+        if uses_fused_backward(optimizer):
+            self.check_fused_backward()
         if self.lr_schedule is None and self.compvis_schedule is None:
             return optimizer
         if is_schedule_free(optimizer):
