@@ -489,3 +489,58 @@ def export_weights(source: str | os.PathLike, dest: str | os.PathLike, dtype: to
     save_weights(tensors, dest)
     return ExportReport(path=dest, tensors=len(tensors), size=dest.stat().st_size, precision=precision_names(tensors),
                         ema=use_ema, ema_left_out=len(state) - len(weights), training_state=training_state)
+
+
+LORA_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")  # kohya's; te1/te2 are SDXL's
+
+
+def _lora_dim(tensors: Mapping[str, torch.Tensor], suffix: str) -> str:
+    """kohya's metadata value for the rank (`lora_down.weight` rows) or alpha: one number, or "Dynamic" if mixed."""
+    values = {float(v) if suffix == "alpha" else v.shape[0] for k, v in tensors.items() if k.endswith("." + suffix)}
+    if not values and suffix == "alpha":  # no alphas: each is its module's rank
+        return _lora_dim(tensors, "lora_down.weight")
+    return str(values.pop()) if len(values) == 1 else "Dynamic"
+
+
+def save_lora(tensors: Mapping[str, torch.Tensor], path: str | os.PathLike, base_hash: str,
+              metadata: Mapping[str, str] | None = None, dtype: torch.dtype | None = None) -> None:
+    """Write kohya-format LoRA tensors as .safetensors (atomically), with kohya's metadata (`ss_network_module`,
+    `ss_network_dim`, `ss_network_alpha`) and the SHA-256 of the base checkpoint (`ss_new_sd_model_hash`)."""
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        raise UserError(f"{path}: a LoRA file is written as .safetensors (what other SD tools read)")
+    bad = next((k for k in tensors if not k.startswith(LORA_PREFIXES)), None)
+    if bad or not tensors:
+        raise ValueError(f"not kohya LoRA tensors (e.g. {bad!r}): names start with {', '.join(LORA_PREFIXES)}")
+    info = {**(metadata or {}), "ss_network_module": "networks.lora", "ss_new_sd_model_hash": base_hash,
+            "ss_network_dim": _lora_dim(tensors, "lora_down.weight"), "ss_network_alpha": _lora_dim(tensors, "alpha")}
+    save_weights(tensors, path, metadata=info, dtype=dtype)
+
+
+def _safetensors_metadata(path: Path) -> dict[str, str]:
+    from safetensors import safe_open
+    with safe_open(str(path), framework="pt") as handle:
+        return dict(handle.metadata() or {})
+
+
+def _not_a_lora(path: Path, tensors: Mapping[str, torch.Tensor]) -> str:
+    """Why a file whose tensors have no kohya LoRA name is not a LoRA file, for the user."""
+    groups = {group_of(k) for k in tensors}
+    if set(REQUIRED_GROUPS) <= groups:
+        return f"{path} is a full SD v1 checkpoint, not a LoRA file: pass it as the base checkpoint (--ckpt)"
+    example = next(iter(tensors), None)
+    if example and "lora" in example.lower():
+        return (f"{path} is a LoRA in another format (keys like {example}); this tool reads kohya-format files "
+                "(keys lora_unet_*, lora_te_*), which A1111, ComfyUI and kohya's sd-scripts write")
+    return f"{path} is not a LoRA file: none of its {len(tensors)} tensors is named lora_unet_* or lora_te_*"
+
+
+def read_lora(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The tensors (as stored: fp32, fp16 or bf16) and metadata of a kohya-format LoRA file (.safetensors, or an
+    old .pt/.ckpt read by the safe unpickler, which has no metadata)."""
+    path = check_checkpoint_file(path)
+    tensors = _read_weights(path)[0]
+    if not any(k.startswith(LORA_PREFIXES) for k in tensors):
+        raise CheckpointError(_not_a_lora(path, tensors))
+    check_finite(tensors, str(path))
+    return tensors, _safetensors_metadata(path) if path.suffix == ".safetensors" else {}

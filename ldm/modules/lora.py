@@ -1,0 +1,212 @@
+"""LoRA (Hu et al. 2021, arXiv:2106.09685) on a LatentDiffusion: peft injection for training, kohya tensors in and
+out, and a plain weight merge (W += up @ down * alpha / r * scale) for sampling and merged checkpoints.
+
+peft wraps each target module in a LoRA layer that holds the original module as `base_layer`, so an injected model's
+`state_dict()` reads `...to_q.base_layer.weight` and `...to_q.lora_A.default.weight`: the SD v1 keys of the base
+weights change. We therefore never save an injected model's state dict as is: `base_state_dict` gives the base
+weights under their SD v1 keys, and `lora_tensors`/`load_lora_tensors` move the LoRA weights in and out in kohya's
+format through peft's `get_peft_model_state_dict`/`set_peft_model_state_dict`. Load base weights before injecting.
+Sampling needs no peft: `merge_lora` folds one file into plain weights; call it once per file."""
+import logging
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Mapping, MutableMapping
+
+import torch
+from torch import nn
+
+from ldm.checkpoint import CheckpointError
+from ldm.lora_names import LoraNames
+from ldm.util import UserError
+
+logger = logging.getLogger(__name__)
+
+ADAPTER = "default"
+DOWN, UP, ALPHA = "lora_down.weight", "lora_up.weight", "alpha"
+# Keys of module kinds we do not apply, by the start of their suffix (LyCORIS and others).
+OTHER_KINDS = {"lora_mid": "LoCon Tucker (lora_mid)", "hada_": "LoHa (hada_)", "lokr_": "LoKr (lokr_)",
+               "oft_": "OFT (oft_)", "diff": "full diff (diff)", "dora_scale": "DoRA (dora_scale)",
+               "w_norm": "norm (w_norm)", "a1.": "GLoRA (a1/a2/b1/b2)"}
+
+
+def _peft():
+    try:
+        import peft
+    except ImportError:
+        raise UserError("LoRA training needs peft: pip install 'peft>=0.13'") from None
+    return peft
+
+
+@dataclass
+class LoraReport:
+    """What a LoRA file applied and what it holds that we do not apply, counted by module."""
+
+    source: str
+    unet: int = 0
+    text: int = 0
+    skipped: Counter = field(default_factory=Counter)
+
+    def summary(self) -> str:
+        """One line: "a.safetensors: applied 140 modules (128 UNet, 12 text encoder); not applied: 36 LoCon ..."."""
+        text = f"{self.source}: applied {self.unet + self.text} modules ({self.unet} UNet, {self.text} text encoder)"
+        if self.skipped:
+            text += "; not applied: " + ", ".join(f"{n} {kind}" for kind, n in sorted(self.skipped.items()))
+        return text
+
+
+def group_modules(tensors: Mapping[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
+    """A LoRA file's tensors by module: `{name: {"lora_down.weight": ..., "lora_up.weight": ..., "alpha": ...}}`."""
+    modules: dict[str, dict[str, torch.Tensor]] = {}
+    for key, value in tensors.items():
+        name, _, suffix = key.partition(".")
+        modules.setdefault(name, {})[suffix] = value
+    return modules
+
+
+def _kind(parts: Mapping[str, torch.Tensor], known: bool) -> str | None:
+    """Why a file's module is not applied (its kind), or None for a plain LoRA on a module we have."""
+    other = next((kind for start, kind in OTHER_KINDS.items() for suffix in parts if suffix.startswith(start)), None)
+    if other:
+        return other
+    if DOWN not in parts or UP not in parts:
+        return "other (" + ", ".join(sorted(parts)) + ")"
+    if parts[DOWN].ndim == 4 and parts[DOWN].shape[2:] != (1, 1):
+        return "LoCon convs (3x3)"
+    return None if known else "LoRA on modules outside the UNet's transformers and the text encoder"
+
+
+def _split(tensors: Mapping[str, torch.Tensor], lookup: Mapping[str, str],
+           source: str) -> tuple[dict[str, dict[str, torch.Tensor]], LoraReport]:
+    """The file's modules we apply (by our module name), and a report that counts them and the others."""
+    report, applied = LoraReport(source), {}
+    for name, parts in group_modules(tensors).items():
+        kind = _kind(parts, name in lookup)
+        if kind:
+            report.skipped[kind] += 1
+            continue
+        ours = lookup[name]
+        if ours in applied:
+            raise CheckpointError(f"{source}: names module {ours} twice (e.g. as {name}); which one to use is unclear")
+        applied[ours] = parts
+        if ours.startswith("model."):
+            report.unet += 1
+        else:
+            report.text += 1
+    if not applied:
+        raise CheckpointError(f"{source} changes no module of this model ({report.summary().split('; ')[-1]}); "
+                              "is it a LoRA for Stable Diffusion v1?")
+    return applied, report
+
+
+def _log(report: LoraReport) -> None:
+    """The report's line: a warning when the file holds modules we do not apply, so that none goes unnoticed."""
+    (logger.warning if report.skipped else logger.info)("%s", report.summary())
+
+
+def _rank_alpha(parts: Mapping[str, torch.Tensor], name: str, source: str) -> tuple[int, float]:
+    """A module's rank (checked to agree between down and up) and alpha (the rank when the file has none)."""
+    rank = parts[DOWN].shape[0]
+    if parts[UP].shape[1] != rank:
+        raise CheckpointError(f"{source}: {name} has lora_down {tuple(parts[DOWN].shape)} and lora_up "
+                              f"{tuple(parts[UP].shape)}, whose ranks differ; the file is damaged")
+    return rank, float(parts[ALPHA]) if ALPHA in parts else float(rank)
+
+
+def lora_delta(parts: Mapping[str, torch.Tensor], shape: torch.Size, name: str, source: str) -> torch.Tensor:
+    """up @ down * alpha / r in float32, in the shape of the weight [out, in] or [out, in, 1, 1] it adds to."""
+    rank, alpha = _rank_alpha(parts, name, source)
+    delta = parts[UP].float().flatten(1) @ parts[DOWN].float().flatten(1) * (alpha / rank)
+    if delta.numel() != shape.numel():
+        raise CheckpointError(f"{source}: {name} changes a {tuple(delta.shape)} weight but the model's is "
+                              f"{tuple(shape)}; is it a LoRA for another model (SD 2, SDXL)?")
+    return delta.reshape(shape)
+
+
+def merge_lora(state: MutableMapping[str, torch.Tensor], tensors: Mapping[str, torch.Tensor], names: LoraNames,
+               scale: float = 1.0, source: str = "LoRA") -> LoraReport:
+    """Fold one kohya-format file into plain SD v1 weights in place (W += up @ down * alpha / r * scale): a
+    model's `state_dict()` (which shares the parameters' memory) or a checkpoint's tensors; never an injected model."""
+    if any(".base_layer." in k for k in state):
+        raise ValueError("merge_lora needs plain weights, not a model with peft LoRA layers (use set_lora_scale)")
+    weights = {k[:-len(".weight")]: k for k in state if k.endswith(".weight")}
+    applied, report = _split(tensors, names.lookup(weights), source)
+    with torch.no_grad():
+        for name, parts in applied.items():
+            weight = state[weights[name]]
+            delta = lora_delta(parts, weight.shape, name, source).to(weight.device)
+            weight.copy_(weight.float() + delta * scale)
+    _log(report)
+    return report
+
+
+def inject_lora(model: nn.Module, names: LoraNames, rank: int = 4, alpha: float | None = None,
+                targets: str = "transformer", text_encoder: bool = False) -> list[str]:
+    """Wrap the target modules of a LatentDiffusion in peft LoRA layers and return their names; only the LoRA
+    weights then train. Initialised as kohya's (down Kaiming-uniform, up zero), so the model is unchanged at first."""
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+        raise UserError(f"LoRA rank {rank!r}: expected a positive integer (4, 8 and 16 are usual)")
+    module_names = names.targets((n for n, _ in model.named_modules()), targets, text_encoder)
+    if not module_names:
+        raise UserError("no module to put LoRA on: the model is not a LatentDiffusion with SD v1 transformers")
+    peft = _peft()
+    config = peft.LoraConfig(r=rank, lora_alpha=rank if alpha is None else alpha, target_modules=module_names,
+                             lora_dropout=0.0, init_lora_weights=True, bias="none")
+    peft.inject_adapter_in_model(config, model, adapter_name=ADAPTER)
+    return module_names
+
+
+def lora_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """The peft LoRA layers of an injected model, by our module name."""
+    layer = _peft().tuners.lora.LoraLayer
+    return {name: module for name, module in model.named_modules() if isinstance(module, layer)}
+
+
+def lora_tensors(model: nn.Module, names: LoraNames) -> dict[str, torch.Tensor]:
+    """The injected LoRA as kohya tensors: `<name>.lora_down.weight` [r, in(, 1, 1)], `.lora_up.weight`
+    [out, r(, 1, 1)], and a scalar `.alpha` per module."""
+    state = _peft().get_peft_model_state_dict(model, adapter_name=ADAPTER)
+    tensors = {}
+    for name, layer in lora_layers(model).items():
+        kohya = names.kohya(name)
+        tensors[f"{kohya}.{DOWN}"] = state[f"{name}.lora_A.weight"].detach().cpu().contiguous()
+        tensors[f"{kohya}.{UP}"] = state[f"{name}.lora_B.weight"].detach().cpu().contiguous()
+        tensors[f"{kohya}.{ALPHA}"] = torch.tensor(float(layer.lora_alpha[ADAPTER]))
+    return tensors
+
+
+def load_lora_tensors(model: nn.Module, tensors: Mapping[str, torch.Tensor], names: LoraNames,
+                      source: str = "LoRA") -> LoraReport:
+    """Load a kohya-format file into an injected model: every injected module must be in it with the same rank;
+    each module keeps the file's alpha. Modules of the file that we do not apply are counted in the report."""
+    layers = lora_layers(model)
+    applied, report = _split(tensors, names.lookup(layers), source)
+    missing = sorted(set(layers) - set(applied))
+    if missing:
+        raise CheckpointError(f"{source} has no LoRA for {len(missing)} of the {len(layers)} injected modules "
+                              f"(e.g. {names.kohya(missing[0])}); were other --lora_targets used for it?")
+    state = {}
+    for name, parts in applied.items():
+        rank, alpha = _rank_alpha(parts, name, source)
+        if rank != layers[name].r[ADAPTER]:
+            raise CheckpointError(f"{source}: {names.kohya(name)} has rank {rank}, the model's LoRA rank "
+                                  f"{layers[name].r[ADAPTER]}: use --rank {rank}")
+        layers[name].lora_alpha[ADAPTER] = alpha
+        state[f"{name}.lora_A.weight"] = parts[DOWN].reshape(layers[name].lora_A[ADAPTER].weight.shape)
+        state[f"{name}.lora_B.weight"] = parts[UP].reshape(layers[name].lora_B[ADAPTER].weight.shape)
+    _peft().set_peft_model_state_dict(model, state, adapter_name=ADAPTER)
+    set_lora_scale(model, 1.0)
+    _log(report)
+    return report
+
+
+def set_lora_scale(model: nn.Module, scale: float) -> None:
+    """Scale every injected LoRA: delta = up @ down * alpha / r * scale (0: the base model exactly)."""
+    for layer in lora_layers(model).values():
+        layer.set_scale(ADAPTER, scale)
+
+
+def base_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """An injected model's base weights under their SD v1 keys (peft's `.base_layer` undone, LoRA weights left out)."""
+    return {key.replace(".base_layer.", "."): value for key, value in model.state_dict().items()
+            if ".lora_" not in key}
+
