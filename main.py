@@ -424,6 +424,8 @@ def train(opt: argparse.Namespace, overrides: list[str]) -> int:
         data.setup("fit")
     if data.cache_latents:
         cache_latents(model, data, run.logdir / "cache", trainer.strategy.root_device, run.checkpoint)
+    # the training stream starts from the seed, whatever building, loading and class-image generation drew before
+    pl.seed_everything(opt.seed, workers=True, verbose=False)
     return fit(trainer, model, data, run)
 
 

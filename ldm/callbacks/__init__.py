@@ -4,6 +4,7 @@ from ldm.callbacks.checkpointing import AtomicCheckpointIO, StartAtStep, StepChe
 from ldm.callbacks.image_logger import ImageLogger
 from ldm.callbacks.progress import StepProgress, quiet_lightning
 from ldm.callbacks.setup import SetupCallback
+from ldm.callbacks.timing import StepTimer
 
 __all__ = ["AtomicCheckpointIO", "ImageLogger", "SetupCallback", "StartAtStep", "StepCheckpoint", "StepProgress",
-           "quiet_lightning"]
+           "StepTimer", "quiet_lightning"]

@@ -1,0 +1,107 @@
+"""scripts/benchmark_train.py on the tiny config: main.py against diffusers' DreamBooth step, the UNets alone, and
+one-line errors."""
+import json
+import re
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from conftest import REPO, load_script
+from ldm.util import count_params, instantiate_from_config
+
+pytest.importorskip("diffusers", reason="the benchmark compares against diffusers' UNet and training step")
+benchmark = load_script("benchmark_train")
+TINY = str(REPO / "configs" / "tiny" / "v1-finetune_unfrozen.yaml")
+NUMBER = r"(\d+\.\d+)"
+# name, median s/step (min-max), memory GiB, start-up s, then the ratio to the reference or "-", then the settings
+ROW = re.compile(rf"^(\S+(?: bf16| fp16)?)\s+{NUMBER} \({NUMBER}-{NUMBER}\)\s+{NUMBER} GiB\s+{NUMBER} s\s+"
+                 rf"(?:{NUMBER}x time, {NUMBER}x memory|-)\s+(.+)$")
+
+
+def table(out: str) -> dict[str, re.Match]:
+    """The rows of the printed table by name (after the title and the header lines)."""
+    lines = out.strip().splitlines()
+    assert len(lines) >= 3, out
+    rows = {m.group(1): m for m in map(ROW.match, lines[2:]) if m}
+    assert len(rows) == len(lines) - 2, f"unparsed rows in:\n{out}"
+    return rows
+
+
+def check_row(row: re.Match, compared: bool) -> None:
+    median, low, high, memory, startup = (float(row.group(i)) for i in range(2, 7))
+    assert 0 < low <= median <= high and memory > 0.05 and startup > 0.1
+    assert (row.group(7) is not None) == compared
+    if compared:
+        assert float(row.group(7)) > 0 and float(row.group(8)) > 0
+
+
+def test_training_steps_against_diffusers(capsys, tmp_path):
+    code = benchmark.main(["--config", TINY, "--size", "64", "--steps", "3", "--set", "fp32=", "--reference",
+                           "diffusers", "--threads", "1", "--workdir", str(tmp_path)])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    assert "64x64, batch 1 instance + 1 class (prior preservation), text encoder frozen, 3 steps" in out
+    rows = table(out)
+    assert list(rows) == ["fp32", "diffusers"]
+    check_row(rows["fp32"], compared=True)
+    check_row(rows["diffusers"], compared=False)
+    assert "32-true, AdamW" in rows["fp32"].group(9) and "mixed_precision no" in rows["diffusers"].group(9)
+    assert "[1/2] fp32" in err and "[2/2] diffusers" in err
+    ours = json.loads((tmp_path / "measured" / "fp32-0.json").read_text())
+    assert len(ours["steps"]) == 3 and ours["torch_threads"] == 1 and ours["trainable_parameters"] > 0
+    assert not any((tmp_path / "runs").iterdir()), "the run folder (with its last.ckpt) was left behind"
+    assert len(list(tmp_path.glob("random-*.ckpt"))) == 1 and len(list(tmp_path.glob("diffusers-*"))) == 1
+
+
+def test_unet_only(capsys):
+    code = benchmark.main(["--config", TINY, "--size", "64", "--steps", "3", "--unet_only", "--threads", "1"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    assert "UNet alone, 64x64 (latents 8x8), batch 2, forward+backward" in out
+    rows = table(out)
+    assert list(rows) == ["ours", "diffusers"]
+    check_row(rows["ours"], compared=True)
+    check_row(rows["diffusers"], compared=False)
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--config", "configs/nope.yaml"], "error: config not found: configs/nope.yaml"),
+    (["--config", TINY, "--size", "60"], "error: --size 60: must be a positive multiple of 16"),
+    (["--config", TINY, "--set", "x"], "error: --set 'x': expected NAME="),
+    (["--config", TINY, "--reference_flags", "--xformers", "--reference", "diffusers"],
+     "error: --reference_flags: --xformers is not among"),
+])
+def test_errors_are_one_line(capsys, tmp_path, args, message):
+    assert benchmark.main([*args, "--workdir", str(tmp_path)]) == 1
+    out, err = capsys.readouterr()
+    assert out == "" and err.startswith(message) and err.count("\n") == 1, err
+
+
+def test_a_failed_run_ends_with_its_error(capsys, tmp_path):
+    args = ["--config", TINY, "--size", "64", "--steps", "2", "--set", "bad=--no_such_flag", "--threads", "1"]
+    assert benchmark.main([*args, "--workdir", str(tmp_path)]) == 1
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith("error: set bad: exited with status 2 without timings: ") and "--no_such_flag" in last
+
+
+def test_full_size_twin_has_sd_v1_sizes_on_meta():
+    config = OmegaConf.load(REPO / "configs" / "stable-diffusion" / "v1-finetune_unfrozen.yaml")
+    with torch.device("meta"):
+        theirs = benchmark.diffusers_parts(config)
+        ours = instantiate_from_config(config.model)
+    pairs = {"unet": ours.model.diffusion_model, "vae": ours.first_stage_model,
+             "text_encoder": ours.cond_stage_model.transformer.text_model}
+    counts = {name: (count_params(theirs[name]), count_params(part)) for name, part in pairs.items()}
+    assert counts["unet"] == (859_520_964, 859_520_964)
+    assert all(a == b for a, b in counts.values()), counts
+    assert list(theirs["unet"].config.block_out_channels) == [320, 640, 1280, 1280]
+    assert theirs["unet"].config.cross_attention_dim == 768 and theirs["unet"].config.attention_head_dim == 8
+
+
+@pytest.mark.parametrize("tokens,expected", [
+    ([], "no"), (["--precision", "bf16-mixed"], "bf16"), (["--precision=16-mixed"], "fp16"),
+    (["lightning.trainer.precision=bf16-true", "--optimizer", "adamw8bit"], "bf16"), (["--precision", "32"], "no"),
+])
+def test_reference_precision_follows_the_set(tokens, expected):
+    assert benchmark.mixed_precision(tokens) == expected
