@@ -32,6 +32,7 @@ sys.path.insert(0, str(REPO))
 # Nothing of Lightning at the top: each worker process imports what its own side needs, so that the reference's
 # start-up time holds no Lightning import (and ours holds what main.py imports).
 from ldm.util import UserError  # noqa: E402
+from ldm.convert import diffusers_unet_config  # noqa: E402
 
 DEFAULT_CONFIG = "configs/tiny/v1-finetune_unfrozen.yaml"
 PRECISIONS = {"no": None, "fp16": "float16", "bf16": "bfloat16"}  # train_dreambooth.py's --mixed_precision
@@ -177,22 +178,6 @@ def random_checkpoint(config, work: Path) -> Path:
     return path
 
 
-def diffusers_unet_kwargs(params: dict) -> dict:
-    """UNet2DConditionModel arguments for our UNetModel params (SD v1 conventions, as tests/test_unet.py)."""
-    mult = params["channel_mult"]
-    attn = [2 ** level in params["attention_resolutions"] for level in range(len(mult))]
-    return dict(sample_size=params["image_size"], in_channels=params["in_channels"],
-                out_channels=params["out_channels"],
-                down_block_types=["CrossAttnDownBlock2D" if a else "DownBlock2D" for a in attn],
-                up_block_types=["CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attn)],
-                block_out_channels=[params["model_channels"] * m for m in mult],
-                layers_per_block=params["num_res_blocks"],
-                transformer_layers_per_block=params.get("transformer_depth", 1),
-                cross_attention_dim=params["context_dim"],
-                attention_head_dim=params["num_heads"],  # SD v1 quirk: diffusers reads this as the number of heads
-                norm_num_groups=32, flip_sin_to_cos=True, freq_shift=0)
-
-
 def diffusers_parts(config) -> dict[str, Any]:
     """diffusers' UNet, VAE and scheduler and transformers' CLIP text model of the config's sizes (random weights)."""
     import diffusers
@@ -205,7 +190,7 @@ def diffusers_parts(config) -> dict[str, Any]:
         raise UserError("the config's VAE has attention outside its middle block, which diffusers cannot build")
     n = len(dd["ch_mult"])
     return {
-        "unet": diffusers.UNet2DConditionModel(**diffusers_unet_kwargs(params["unet_config"]["params"])),
+        "unet": diffusers.UNet2DConditionModel(**diffusers_unet_config(params["unet_config"]["params"])),
         "vae": diffusers.AutoencoderKL(
             in_channels=dd["in_channels"], out_channels=dd["out_ch"], down_block_types=("DownEncoderBlock2D",) * n,
             up_block_types=("UpDecoderBlock2D",) * n, block_out_channels=tuple(dd["ch"] * m for m in dd["ch_mult"]),
@@ -553,7 +538,7 @@ def unet_worker(spec: dict, ours: bool) -> dict:
         model = UNetModel(**params)
     else:
         from diffusers import UNet2DConditionModel
-        model = UNet2DConditionModel(**diffusers_unet_kwargs(params))
+        model = UNet2DConditionModel(**diffusers_unet_config(params))
         if params.get("use_checkpoint"):
             model.enable_gradient_checkpointing()
     model.to(device).train()

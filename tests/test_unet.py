@@ -6,6 +6,7 @@ import torch
 from omegaconf import OmegaConf
 
 from conftest import read_spec
+from ldm.convert import diffusers_unet_config
 from ldm.modules.diffusionmodules.openaimodel import UNetModel
 from ldm.modules.diffusionmodules.util import timestep_embedding
 from ldm.util import count_params, instantiate_from_config
@@ -62,23 +63,7 @@ def test_timestep_embedding_cos_first() -> None:
 def diffusers_twin(params: dict):
     """An equivalently configured diffusers UNet2DConditionModel (SD v1 conventions)."""
     diffusers = pytest.importorskip("diffusers", reason="diffusers is needed for the parity test")
-    mult = params["channel_mult"]
-    attn = [2**level in params["attention_resolutions"] for level in range(len(mult))]
-    return diffusers.UNet2DConditionModel(
-        sample_size=params["image_size"],
-        in_channels=params["in_channels"],
-        out_channels=params["out_channels"],
-        down_block_types=["CrossAttnDownBlock2D" if a else "DownBlock2D" for a in attn],
-        up_block_types=["CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attn)],
-        block_out_channels=[params["model_channels"] * m for m in mult],
-        layers_per_block=params["num_res_blocks"],
-        transformer_layers_per_block=params.get("transformer_depth", 1),
-        cross_attention_dim=params["context_dim"],
-        attention_head_dim=params["num_heads"],  # SD v1 quirk: diffusers reads this as the number of heads
-        norm_num_groups=32,
-        flip_sin_to_cos=True,
-        freq_shift=0,
-    )
+    return diffusers.UNet2DConditionModel(**diffusers_unet_config(params))
 
 
 SECOND_CONFIG = dict(
