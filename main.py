@@ -104,6 +104,15 @@ def get_parser() -> argparse.ArgumentParser:
     add("--fused_backward", action="store_true", help="step the optimizer inside the backward pass, one parameter "
         "at a time, so that the full set of gradients is never held (model.params.optimizer.fused_backward)")
     add("--compile", action="store_true", help="torch.compile the UNet (model.params.compile_unet)")
+    add("--rank", type=int, default=None, metavar="N", help="train LoRA of rank N (4, 8 and 16 are usual) instead "
+        "of the whole model; the base stays frozen (model.params.lora.rank; configs/*/v1-finetune_lora.yaml)")
+    add("--lora_alpha", type=float, default=None, help="LoRA alpha: the update is scaled by alpha / rank "
+        "(default: the rank; model.params.lora.alpha)")
+    add("--lora_targets", choices=("transformer", "attention"), default=None,
+        help="transformer (default, kohya's): every Linear and 1x1 conv of the UNet's transformer blocks; attention "
+             "(diffusers'): the attention q, k, v and out projections (model.params.lora.targets)")
+    add("--lora_text_encoder", action="store_true",
+        help="also train LoRA on the text encoder's attention and MLP (model.params.lora.text_encoder)")
     add("--safetensors", action="store_true", help="also save fp16 .safetensors weights next to each checkpoint")
     add("--save_precision", default=None, metavar="fp16|bf16|fp32",
         help="precision of the weights-only step_N.ckpt files and the .safetensors copies (default: step files as "
@@ -191,6 +200,7 @@ def apply_flags(config: DictConfig, opt: argparse.Namespace) -> None:
     if opt.clip_skip is not None:
         OmegaConf.update(config, "model.params.cond_stage_config.params.clip_skip", opt.clip_skip, merge=True)
     apply_saver_flags(config, opt)
+    apply_lora_flags(config, opt)
     lightning = config.setdefault("lightning", {})
     if opt.max_steps is not None:
         lightning.setdefault("trainer", {})["max_steps"] = opt.max_steps
@@ -230,6 +240,27 @@ def apply_saver_flags(config: DictConfig, opt: argparse.Namespace) -> None:
             params.optimizer.fused_backward = True
     if opt.compile:
         params.compile_unet = True
+
+
+def apply_lora_flags(config: DictConfig, opt: argparse.Namespace) -> None:
+    """`--rank` and the LoRA options into `model.params.lora`, and a new LoRA run's base checkpoint (which a resumed
+    run loads again before its LoRA weights)."""
+    params = config.model.params
+    options = {"rank": opt.rank, "alpha": opt.lora_alpha, "targets": opt.lora_targets,
+               "text_encoder": opt.lora_text_encoder or None}
+    given = {key: value for key, value in options.items() if value is not None}
+    if given and not params.get("lora") and opt.rank is None:
+        flags = {"alpha": "--lora_alpha", "targets": "--lora_targets", "text_encoder": "--lora_text_encoder"}
+        raise UserError(f"{' and '.join(flags[key] for key in given)}: LoRA options; add --rank N, or use "
+                        "configs/stable-diffusion/v1-finetune_lora.yaml")
+    if given:
+        if params.get("lora") is None:
+            params.lora = {}
+        params.lora.update(given)
+        params.cond_stage_trainable = bool(params.lora.get("text_encoder", False))
+        params.cond_stage_stop_step = None if not params.cond_stage_trainable else params.get("cond_stage_stop_step")
+    if params.get("lora") and not opt.resume:
+        params.lora.base_checkpoint, params.lora.base_ema = opt.actual_resume, opt.use_ema_weights
 
 
 def trainer_options(trainer_config: DictConfig, opt: argparse.Namespace) -> dict[str, Any]:
@@ -399,14 +430,9 @@ def train(opt: argparse.Namespace, overrides: list[str]) -> int:
     pl.seed_everything(opt.seed, workers=True)
     data, missing = prepare_data(config, resuming=run.checkpoint is not None or run.weights is not None)
 
-    # Weights that load before fit are built on the meta device: no random init, one copy of them in memory; a
-    # resumed last.ckpt is loaded by Lightning into a model built as usual.
-    with parameters_on_meta() if run.checkpoint is None else contextlib.nullcontext():
-        model = build(config.model, "model").train()
+    model = load_model(config, run, opt)
     quiet_lightning()
     torch.set_float32_matmul_precision("high")  # TF32 matmuls on GPUs that have them: faster, and fine for training
-    if run.checkpoint is None:
-        load_model_weights(model, run.weights or opt.actual_resume, use_ema=opt.use_ema_weights and not run.weights)
     if opt.resume and opt.actual_resume:
         say(f"resuming: the weights come from {run.checkpoint or run.weights}, not --actual_resume {opt.actual_resume}")
     try:
@@ -427,6 +453,28 @@ def train(opt: argparse.Namespace, overrides: list[str]) -> int:
     # the training stream starts from the seed, whatever building, loading and class-image generation drew before
     pl.seed_everything(opt.seed, workers=True, verbose=False)
     return fit(trainer, model, data, run)
+
+
+def load_model(config: DictConfig, run: Run, opt: argparse.Namespace) -> pl.LightningModule:
+    """The model with the weights it starts from. Weights that load before fit are built on the meta device (no
+    random init, one copy of them in memory); a resumed last.ckpt is loaded by Lightning into a model built as usual.
+    A LoRA run loads its base checkpoint, injects LoRA, then its step file's LoRA (Lightning loads last.ckpt's)."""
+    lora = config.model.params.get("lora")
+    with parameters_on_meta() if run.checkpoint is None or lora else contextlib.nullcontext():
+        model = build(config.model, "model").train()
+    if lora:
+        base = lora.get("base_checkpoint")
+        if not base:
+            raise UserError("the LoRA run's config names no base checkpoint (model.params.lora.base_checkpoint)")
+        check_checkpoint_file(base, "the base checkpoint of this LoRA run (model.params.lora.base_checkpoint); "
+                              "restore it or point the key at a copy")
+        load_model_weights(model, base, use_ema=lora.get("base_ema", False))
+        model.inject_lora(model.unet_params)
+        if run.weights:
+            model.load_lora_file(run.weights)
+    elif run.checkpoint is None:
+        load_model_weights(model, run.weights or opt.actual_resume, use_ema=opt.use_ema_weights and not run.weights)
+    return model
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

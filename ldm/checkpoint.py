@@ -28,6 +28,7 @@ EMA_PREFIX = "model_ema."
 GROUPS = (("UNet", UNET_PREFIX), ("VAE", "first_stage_model."), ("text encoder", "cond_stage_model."),
           ("EMA", EMA_PREFIX))
 REQUIRED_GROUPS = ("UNet", "VAE", "text encoder")
+LORA_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")  # kohya's; te1/te2 are SDXL's
 IGNORED_KEYS = ("cond_stage_model.transformer.text_model.embeddings.position_ids",)
 
 
@@ -249,6 +250,11 @@ def check_compatible(model_state: Mapping[str, torch.Tensor], file_state: Mappin
                                  + "; ".join(shapes[:3]), {k: tuple(v.shape) for k, v in file_state.items()})
     missing = Counter(group_of(k) for k in model_state if k not in file_state)
     expected = Counter(group_of(k) for k in model_state)
+    lora = any(k.startswith(LORA_PREFIXES) or ".lora_A." in k for k in file_state)
+    if lora and any(missing[group] for group in REQUIRED_GROUPS):
+        raise CheckpointError(f"{source} is a LoRA file (or a LoRA run's last.ckpt), not a full SD v1 checkpoint: pass "
+                              "the base model as the checkpoint and this file with --lora (sampling), or resume its "
+                              "run with -r <run folder> (training)")
     for group in REQUIRED_GROUPS:
         if missing[group]:
             which = "has no" if missing[group] == expected[group] else f"lacks {missing[group]} of {expected[group]}"
@@ -489,9 +495,6 @@ def export_weights(source: str | os.PathLike, dest: str | os.PathLike, dtype: to
     save_weights(tensors, dest)
     return ExportReport(path=dest, tensors=len(tensors), size=dest.stat().st_size, precision=precision_names(tensors),
                         ema=use_ema, ema_left_out=len(state) - len(weights), training_state=training_state)
-
-
-LORA_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")  # kohya's; te1/te2 are SDXL's
 
 
 def _lora_dim(tensors: Mapping[str, torch.Tensor], suffix: str) -> str:

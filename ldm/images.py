@@ -110,6 +110,8 @@ def infotext(metadata: Mapping[str, Any], size: tuple[int, int]) -> str:
         "Clip skip": None if metadata.get("clip_skip", 1) == 1 else metadata["clip_skip"],  # A1111 omits 1
         "Eta": metadata.get("eta"),
         "Training step": metadata.get("step"),
+        "Lora hashes": ", ".join(f"{Path(r['file']).stem}: {r['sha256'][:10]}" for r in metadata["loras"])
+        if metadata.get("loras") else None,
     }
     lines = [str(metadata.get("prompt", ""))]
     if metadata.get("negative_prompt"):

@@ -1,10 +1,7 @@
 """What every sampling script shares: devices, model loading, seeds, prompts, sampler choice, images with metadata."""
 import argparse
 import contextlib
-import functools
-import hashlib
 import logging
-import os
 import re
 from pathlib import Path
 from typing import ContextManager, Optional, Sequence
@@ -19,13 +16,14 @@ from ldm.checkpoint import (CheckpointError, ShapeMismatchError, check_checkpoin
                             parameters_on_meta)
 from ldm.data.personalized import open_image
 from ldm.images import make_grid, read_metadata, save_image, to_pil  # noqa: F401 (read_metadata: for callers)
+from ldm.lora_files import apply_lora_files, check_lora_specs
 from ldm.model_config import choose_config, fitting_config, latent_shape, load_config, native_size, size_multiple
 from ldm.models.diffusion.ddim import DDIMSampler
 from ldm.models.diffusion.guidance import CompVisDenoiser
 from ldm.models.diffusion.plms import PLMSSampler
 from ldm.models.diffusion.sampling import SAMPLERS as K_SAMPLERS
 from ldm.models.diffusion.sampling import STOCHASTIC, Generator, randn
-from ldm.util import DiskFullError, UserError, ensure_writable_dir, instantiate_from_config
+from ldm.util import DiskFullError, UserError, ensure_writable_dir, file_sha256, instantiate_from_config
 
 logger = logging.getLogger(__name__)
 
@@ -75,6 +73,9 @@ def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
     add("--clip_skip", type=int, default=None, metavar="N",
         help="condition on the N-th text encoder layer from the end, as A1111: 1 the last, 2 the penultimate "
              "(default: the config's, so what the run of --ckpt trained with, else 1)")
+    add("--lora", action="append", default=[], metavar="FILE[:SCALE]",
+        help="a kohya-format LoRA file (ours, kohya's, A1111's, civitai's) folded into --ckpt at SCALE (default 1); "
+             "repeatable, the files add up")
 
 
 def resolve_sampler(opt: argparse.Namespace) -> str:
@@ -140,21 +141,6 @@ def load_model(config: DictConfig, ckpt_path: str, device: torch.device, use_ema
 def check_checkpoint(ckpt_path: str) -> None:
     """Refuse a --ckpt that is missing, unreadable, a folder or not a weight file, before any model is built."""
     check_checkpoint_file(ckpt_path, "pass --ckpt path/to/sd-v1-x.ckpt or .safetensors")
-
-
-@functools.lru_cache(maxsize=8)
-def _sha256(path: str, size: int, mtime_ns: int) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 24), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def file_sha256(path: str) -> str:
-    """SHA-256 of a file, computed once per file version in a run."""
-    stat = os.stat(path)
-    return _sha256(os.path.realpath(path), stat.st_size, stat.st_mtime_ns)
 
 
 def read_prompts(prompt: Optional[str], from_file: Optional[str]) -> list[str]:
@@ -272,6 +258,7 @@ def generate(opt: argparse.Namespace, init_img: Optional[str] = None) -> list[Pa
     """Check the flags, load the model, then sample, decode and save every prompt's images and grid."""
     sampler, device = resolve_sampler(opt), choose_device(opt.device)
     check_checkpoint(opt.ckpt)
+    check_lora_specs(opt.lora)
     ensure_writable_dir(opt.outdir, "--outdir")
     config = load_config(choose_config(opt.config, opt.ckpt))
     if opt.clip_skip is not None:
@@ -287,11 +274,14 @@ def generate(opt: argparse.Namespace, init_img: Optional[str] = None) -> list[Pa
         img2img_steps(opt.ddim_steps, strength)
     scope = precision_scope(opt.precision, device)
     model = load_model(config, opt.ckpt, device)
+    loras = apply_lora_files(model, config.model, opt.lora)
     tolerances = (ADAPTIVE_TOLERANCES[0] if opt.rtol is None else opt.rtol,
                   ADAPTIVE_TOLERANCES[1] if opt.atol is None else opt.atol)
     params = {"sampler": sampler, "karras": opt.karras, "steps": opt.ddim_steps, "scale": opt.scale,
               "eta": opt.ddim_eta, "width": width, "height": height, "negative_prompt": opt.negative_prompt,
               "checkpoint": Path(opt.ckpt).name, "checkpoint_sha256": file_sha256(opt.ckpt)}
+    if loras:
+        params.update(loras=loras)
     if init is not None:
         params.update(init_image=Path(init_img).name, strength=strength)
     if sampler == "dpm_adaptive":

@@ -1,5 +1,7 @@
 """Small helpers shared by the whole package: the config factory, parameter counting, safe file writes."""
 import errno
+import functools
+import hashlib
 import importlib
 import math
 import os
@@ -105,3 +107,18 @@ def ensure_writable_dir(path: str | os.PathLike, flag: str) -> None:
     except OSError as err:
         reason = "is on a read-only file system" if err.errno == errno.EROFS else f"is not writable ({err.strerror})"
         raise UserError(f"{flag} {path}: {existing} {reason}; choose another folder") from None
+
+
+@functools.lru_cache(maxsize=8)
+def _sha256(path: str, size: int, mtime_ns: int) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 24), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def file_sha256(path: str) -> str:
+    """SHA-256 of a file, computed once per file version in a run."""
+    stat = os.stat(path)
+    return _sha256(os.path.realpath(path), stat.st_size, stat.st_mtime_ns)

@@ -20,6 +20,8 @@ import time
 from pathlib import Path
 from typing import Optional, Sequence
 
+from omegaconf import OmegaConf
+
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
@@ -80,8 +82,9 @@ class Runner:
         print(f"[{stage}] done in {seconds:.0f} s (log: {log})", flush=True)
 
 
-def fine_tune(runner: Runner, name: str, class_folder: Path, opt: argparse.Namespace, *overrides: str) -> Path:
-    """Fine-tune with main.py; returns the run's last.ckpt."""
+def fine_tune(runner: Runner, name: str, class_folder: Path, opt: argparse.Namespace, *overrides: str) -> list[str]:
+    """Fine-tune with main.py; returns the sampling flags of the result: its last.ckpt, or a LoRA run's base and
+    LoRA file."""
     logdir = runner.outdir / "runs" / name
     args = ["--base", opt.config, "-t", "--actual_resume", opt.base, "-n", name, "--accelerator", "cpu",
             "--data_root", SUBJECT, "--reg_data_root", str(class_folder), "--class_word", CLASS_WORD,
@@ -90,13 +93,16 @@ def fine_tune(runner: Runner, name: str, class_folder: Path, opt: argparse.Names
         args += ["--max_steps", str(opt.max_steps)]
     runner.run("fine-tune", name, "main.py", *args, *opt.set, *overrides)
     (run,) = logdir.iterdir()
-    return run / "checkpoints" / "last.ckpt"
+    (config,) = (run / "configs").glob("*-project.yaml")
+    if OmegaConf.load(config).model.params.get("lora"):
+        return ["--ckpt", opt.base, "--lora", str(run / "checkpoints" / "last.safetensors")]
+    return ["--ckpt", str(run / "checkpoints" / "last.ckpt")]
 
 
-def sample(runner: Runner, name: str, ckpt: str | Path, prompts: Path, opt: argparse.Namespace) -> Path:
-    """The demo's prompts from one model, the same seeds for every prompt and model."""
+def sample(runner: Runner, name: str, model: list[str], prompts: Path, opt: argparse.Namespace) -> Path:
+    """The demo's prompts from one model (its sampling flags), the same seeds for every prompt and model."""
     outdir = runner.outdir / "samples" / name
-    runner.run("samples", f"samples-{name}", "scripts/stable_txt2img.py", "--ckpt", str(ckpt), "--from-file",
+    runner.run("samples", f"samples-{name}", "scripts/stable_txt2img.py", *model, "--from-file",
                str(prompts), "--n_samples", str(opt.samples), "--n_iter", "1", "--fixed_code", "--seed", "1000",
                "--ddim_steps", str(opt.ddim_steps), "--scale", str(opt.scale), "--outdir", str(outdir), *SAMPLING)
     return outdir / "samples"
@@ -132,13 +138,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                str(math.ceil(opt.class_images / batch)), "--seed", "0", "--ddim_steps", str(opt.ddim_steps),
                "--scale", str(opt.scale), "--outdir", str(outdir / "class_images"), *SAMPLING)
     class_folder = outdir / "class_images" / "samples"
-    checkpoints = {"base": opt.base, "fine-tuned": fine_tune(runner, "dreambooth", class_folder, opt, *overrides)}
+    models = {"base": ["--ckpt", opt.base],
+              "fine-tuned": fine_tune(runner, "dreambooth", class_folder, opt, *overrides)}
     if opt.drift:
-        checkpoints["reg_weight 0"] = fine_tune(runner, "no-prior", class_folder, opt, "model.params.reg_weight=0",
+        models["reg_weight 0"] = fine_tune(runner, "no-prior", class_folder, opt, "model.params.reg_weight=0",
                                                 *overrides)
     prompts = outdir / "prompts.txt"
     prompts.write_text("\n".join(PROMPTS) + "\n")
-    folders = {name: sample(runner, name.replace(" ", "_"), ckpt, prompts, opt) for name, ckpt in checkpoints.items()}
+    folders = {name: sample(runner, name.replace(" ", "_"), model, prompts, opt) for name, model in models.items()}
     started = time.monotonic()
     scorer = load_scorer(REPO / SCORER)
     rates = {name: score_folder(folder, scorer) for name, folder in folders.items()}

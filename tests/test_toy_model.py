@@ -30,7 +30,7 @@ def test_both_toy_configs_have_the_keys_of_the_sd_v1_configs():
         return {prefix + k for k in node} | {x for k, v in node.items() if isinstance(v, dict)
                                             for x in keys(v, f"{prefix}{k}.")}
     for toy, full in (("v1-inference.yaml", "v1-inference.yaml"), *((name, name) for name in (
-            "v1-finetune_unfrozen.yaml", "v1-finetune_lowmem.yaml"))):
+            "v1-finetune_unfrozen.yaml", "v1-finetune_lowmem.yaml", "v1-finetune_lora.yaml"))):
         toy_keys = keys(OmegaConf.to_container(OmegaConf.load(TOY / toy)))
         full_keys = keys(OmegaConf.to_container(OmegaConf.load(REPO / "configs" / "stable-diffusion" / full)))
         text_keys = {k for k in toy_keys if ".text_config" in k}  # the toy text encoder is smaller than ViT-L/14

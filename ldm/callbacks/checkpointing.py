@@ -46,12 +46,23 @@ def weights_are_finite(module: torch.nn.Module) -> bool:
     return bool(torch.stack(flags).all()) if flags else True
 
 
-STEP_FILE = re.compile(r"step_(\d+)\.ckpt")
+STEP_FILE = re.compile(r"step_(\d+)\.(ckpt|safetensors)")
 
 
 def step_files(folder: Path) -> list[tuple[int, Path]]:
-    """The weights-only `step_<N>.ckpt` files of a checkpoint folder, oldest first, with their steps."""
-    return sorted((int(m.group(1)), p) for p in folder.glob("step_*.ckpt") if (m := STEP_FILE.fullmatch(p.name)))
+    """The weights-only step files of a checkpoint folder, oldest first, with their steps: `step_<N>.ckpt`, or a
+    LoRA run's `step_<N>.safetensors` (beside a .ckpt, a .safetensors is its shareable copy)."""
+    found: dict[int, Path] = {}
+    for path in sorted(folder.glob("step_*"), key=lambda p: p.suffix != ".ckpt"):
+        match = STEP_FILE.fullmatch(path.name)
+        if match:
+            found.setdefault(int(match.group(1)), path)
+    return sorted(found.items())
+
+
+def is_lora_run(pl_module: pl.LightningModule) -> bool:
+    """Whether the module trains LoRA (its step files are kohya-format LoRA files)."""
+    return getattr(pl_module, "lora_names", None) is not None
 
 
 class StepCheckpoint(Callback):
@@ -64,6 +75,7 @@ class StepCheckpoint(Callback):
     n step files (default: all). `safetensors` also writes `.safetensors` copies of the weights, for sharing.
     `save_precision` (fp16, bf16 or fp32) is the precision of the step files and the `.safetensors` copies (default:
     step files as the model holds its weights, copies fp16); `last.ckpt` always keeps the model's own precision.
+    A LoRA run writes `step_<N>.safetensors` LoRA files instead, and `last.safetensors` with every `last.ckpt`.
     """
 
     def __init__(self, dirpath: str, every_n_train_steps: int = 500, safetensors: bool = False,
@@ -163,8 +175,13 @@ class StepCheckpoint(Callback):
         """Write the model's weights only (no optimizer state) as an SD v1 `.ckpt`, and `.safetensors` if asked; a
         schedule-free optimizer's evaluation weights."""
         with optimizer_eval_mode(trainer.optimizers):
+            if is_lora_run(pl_module):
+                path = path.with_suffix(".safetensors")
             self._check_finite(pl_module, path)
-            if trainer.is_global_zero:
+            if trainer.is_global_zero and is_lora_run(pl_module):
+                pl_module.save_lora_file(path, self.weights_dtype)
+                logger.info("step %d: saved %s", trainer.global_step, path)
+            elif trainer.is_global_zero:
                 state = pl_module.state_dict()
                 save_weights(state, path, dtype=self.weights_dtype)
                 if self.safetensors:
@@ -180,7 +197,9 @@ class StepCheckpoint(Callback):
             self._last_step = trainer.global_step
             trainer.save_checkpoint(self.last_path, weights_only=False)
             if trainer.is_global_zero:
-                if self.safetensors:
+                if is_lora_run(pl_module):  # the LoRA file to sample with and share
+                    pl_module.save_lora_file(self.last_path.with_suffix(".safetensors"), self.weights_dtype)
+                elif self.safetensors:
                     save_weights(pl_module.state_dict(), self.last_path.with_suffix(".safetensors"),
                                  dtype=self.shared_dtype)
                 logger.info("step %d: saved %s", trainer.global_step, self.last_path)

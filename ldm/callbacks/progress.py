@@ -1,6 +1,7 @@
 """What a training run shows: progress in steps (a bar on a terminal, a line every N steps in a log file), an
 end-of-run summary with the command that samples from the result, and none of Lightning's noise."""
 import contextlib
+import json
 import logging
 import re
 import shlex
@@ -18,9 +19,11 @@ from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from ldm.data.personalized import INSTANCE_TEMPLATE
-from ldm.util import format_bytes
+from ldm.util import atomic_write, format_bytes
 
 logger = logging.getLogger(__name__)
+
+SUMMARY_FILE = "summary.json"  # in the run folder, written at the end of each training session
 
 # Lightning's lines that a DreamBooth user cannot act on: an advertisement, device lines (our start line names the
 # device), the stop reason (our summary follows), the CUDA_VISIBLE_DEVICES echo, the Tensor Cores hint (main.py
@@ -61,16 +64,23 @@ def clock(seconds: float) -> str:
     return f"{hours}:{minutes:02}:{secs:02}" if hours else f"{minutes}:{secs:02}"
 
 
-def peak_memory(device: torch.device) -> str:
-    """Peak CUDA memory allocated on a GPU, else the process's peak resident memory."""
+def peak_memory_bytes(device: torch.device) -> tuple[Optional[int], str]:
+    """Peak CUDA memory allocated on a GPU, else the process's peak resident memory (None where unknown), and
+    what it measures."""
     if device.type == "cuda":
-        return f"{format_bytes(torch.cuda.max_memory_allocated(device))} (CUDA, allocated)"
+        return torch.cuda.max_memory_allocated(device), "CUDA, allocated"
     try:
         import resource
     except ImportError:  # Windows
-        return "unknown"
+        return None, "unknown"
     scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss is in bytes on macOS, kilobytes on Linux
-    return f"{format_bytes(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale)} (process peak RSS)"
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale, "process peak RSS"
+
+
+def peak_memory(device: torch.device) -> str:
+    """The peak memory as text: `5.2 GiB (CUDA, allocated)`."""
+    peak, what = peak_memory_bytes(device)
+    return "unknown" if peak is None else f"{format_bytes(peak)} ({what})"
 
 
 def shell_quote(text: str) -> str:
@@ -144,6 +154,21 @@ class StepProgress(Callback):
         if trainer.is_global_zero:
             for text in self.summary(trainer, pl_module):
                 logger.info(text)
+            self.write_summary(trainer, pl_module)
+
+    def write_summary(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """`<run>/summary.json`, what scripts/compare.py reads: steps, s/step, peak memory, trainable parameters."""
+        done = trainer.global_step - self._start_step
+        if not done:
+            return
+        peak, what = peak_memory_bytes(pl_module.device)
+        summary = {"steps": trainer.global_step, "seconds_per_step": (time.monotonic() - self._started) / done,
+                   "peak_memory_bytes": peak, "peak_memory": peak_memory(pl_module.device),
+                   "trainable_parameters": sum(p.numel() for p in pl_module.trainable_parameters())
+                   if hasattr(pl_module, "trainable_parameters") else None}
+        text = json.dumps(summary, indent=2) + "\n"
+        atomic_write(Path(trainer.default_root_dir) / SUMMARY_FILE, lambda tmp: Path(tmp).write_text(text),
+                     len(text))
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._exit.close()
@@ -158,7 +183,9 @@ class StepProgress(Callback):
         run = Path(trainer.default_root_dir)
         folder = run / "checkpoints"
         last = folder / "last.ckpt"
-        names = sorted((p.name for p in folder.glob("*.ckpt") if p != last), key=lambda n: (len(n), n))
+        lora = getattr(pl_module, "lora_names", None) is not None
+        step_suffix = ".safetensors" if lora else ".ckpt"
+        names = sorted((p.name for p in folder.glob("step_*" + step_suffix)), key=lambda n: (len(n), n))
         if last.is_file() or names:
             lines.append(f"checkpoints: {', '.join(([f'{last} (resumable)'] if last.is_file() else []) + names)}")
         grids = sorted((run / "images" / "train").glob("samples_*.png"), key=lambda p: (_grid_step(p), p.name))
@@ -169,7 +196,10 @@ class StepProgress(Callback):
         instance = getattr(trainer.datamodule, "instance", None)
         if last.is_file() and configs and instance is not None:
             prompt = INSTANCE_TEMPLATE.format(identifier=instance.identifier, class_word=instance.class_word)
-            lines.append(f"sample from it: python scripts/stable_txt2img.py --ckpt {shlex.quote(str(last))} "
+            model = (f"--ckpt {shlex.quote(str(pl_module.lora.base_checkpoint))} --lora "
+                     f"{shlex.quote(str(last.with_suffix('.safetensors')))}" if lora
+                     else f"--ckpt {shlex.quote(str(last))}")
+            lines.append(f"sample from it: python scripts/stable_txt2img.py {model} "
                          f"--config {shlex.quote(str(configs[-1]))} --prompt {shell_quote(prompt)}")
         return lines
 

@@ -9,14 +9,14 @@ format through peft's `get_peft_model_state_dict`/`set_peft_model_state_dict`. L
 Sampling needs no peft: `merge_lora` folds one file into plain weights; call it once per file."""
 import logging
 from collections import Counter
-from dataclasses import dataclass, field
-from typing import Mapping, MutableMapping
+from dataclasses import dataclass, field, fields
+from typing import Any, Mapping, MutableMapping, Optional
 
 import torch
 from torch import nn
 
 from ldm.checkpoint import CheckpointError
-from ldm.lora_names import LoraNames
+from ldm.lora_names import TARGETS, LoraNames
 from ldm.util import UserError
 
 logger = logging.getLogger(__name__)
@@ -35,6 +35,41 @@ def _peft():
     except ImportError:
         raise UserError("LoRA training needs peft: pip install 'peft>=0.13'") from None
     return peft
+
+
+@dataclass
+class LoraOptions:
+    """A LoRA run's `model.params.lora`: the rank, alpha (default: the rank), the target set, whether the text
+    encoder gets LoRA too, and the base checkpoint that main.py loads before injecting (set from --actual_resume)."""
+
+    rank: int = 4
+    alpha: Optional[float] = None
+    targets: str = "transformer"
+    text_encoder: bool = False
+    base_checkpoint: Optional[str] = None
+    base_ema: bool = False  # whether the base's EMA UNet weights were loaded (--use_ema_weights)
+
+    @classmethod
+    def from_config(cls, options: Optional[Mapping[str, Any]]) -> Optional["LoraOptions"]:
+        """The options of a config's `lora` mapping (None or empty: no LoRA), checked."""
+        if not options:
+            return None
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(options) - known)
+        if unknown:
+            raise UserError(f"model.params.lora has unknown keys {unknown}; expected {', '.join(sorted(known))}")
+        lora = cls(**options)
+        if isinstance(lora.rank, bool) or not isinstance(lora.rank, int) or lora.rank < 1:
+            raise UserError(f"LoRA rank {lora.rank!r} (--rank): expected a positive integer (4, 8 and 16 are usual)")
+        if lora.alpha is not None and lora.alpha <= 0:
+            raise UserError(f"LoRA alpha {lora.alpha} (--lora_alpha): expected a number above 0 (default: the rank)")
+        if lora.targets not in TARGETS:
+            raise UserError(f"LoRA targets {lora.targets!r} (--lora_targets): use one of {', '.join(TARGETS)}")
+        return lora
+
+    def injection(self) -> dict[str, Any]:
+        """The keyword arguments of `inject_lora`."""
+        return {"rank": self.rank, "alpha": self.alpha, "targets": self.targets, "text_encoder": self.text_encoder}
 
 
 @dataclass
@@ -205,8 +240,13 @@ def set_lora_scale(model: nn.Module, scale: float) -> None:
         layer.set_scale(ADAPTER, scale)
 
 
+def is_lora_key(key: str) -> bool:
+    """Whether a state-dict key of an injected model names a LoRA weight (peft's `lora_A`/`lora_B`)."""
+    return ".lora_A." in key or ".lora_B." in key
+
+
 def base_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """An injected model's base weights under their SD v1 keys (peft's `.base_layer` undone, LoRA weights left out)."""
     return {key.replace(".base_layer.", "."): value for key, value in model.state_dict().items()
-            if ".lora_" not in key}
+            if not is_lora_key(key)}
 

@@ -14,6 +14,8 @@ from ldm.modules.diffusionmodules.schedule import (SCHEDULE_BUFFERS, extract_int
                                                    schedule_buffers)
 from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
 from ldm.modules.ema import LitEma
+from ldm.models.diffusion.lora_training import LoraTraining
+from ldm.modules.lora import LoraOptions
 from ldm.modules.losses import NoiseObjective, PriorPreservationLoss
 from ldm.optim import is_schedule_free, make_optimizer, uses_fused_backward
 from ldm.util import UserError, instantiate_from_config
@@ -59,6 +61,7 @@ class DDPM(pl.LightningModule):
         self.log_every_t = log_every_t
         self.monitor = monitor
         self.learning_rate: float | None = None  # set by main.py from base_learning_rate
+        self.unet_params = dict(unet_config.get("params") or {})
         self.model = DiffusionWrapper(unet_config, conditioning_key)
         self.use_ema = use_ema
         if use_ema:
@@ -138,16 +141,25 @@ class DDPM(pl.LightningModule):
             self.model_ema(self.model)
 
 
-class LatentDiffusion(DDPM):
-    """Diffusion in the VAE's latent space, conditioned on CLIP text embeddings through cross-attention."""
+class LatentDiffusion(LoraTraining, DDPM):
+    """Diffusion in the VAE's latent space, conditioned on CLIP text embeddings through cross-attention; with
+    `lora`, a LoRA run (ldm/models/diffusion/lora_training.py)."""
 
     def __init__(self, first_stage_config: Mapping, cond_stage_config: Mapping, cond_stage_key: str = "caption",
                  cond_stage_trainable: bool = False, scale_factor: float = 1.0, cond_stage_lr: Optional[float] = None,
                  cond_stage_stop_step: Optional[float] = None, lr_schedule: Optional[Mapping] = None,
                  scheduler_config: Optional[Mapping] = None, optimizer: Optional[Mapping] = None,
                  frozen_precision: str = "auto", compile_unet: Union[bool, Mapping] = False,
-                 cache_text_embeddings: bool = False, **kwargs: Any):
+                 cache_text_embeddings: bool = False, lora: Optional[Mapping] = None, **kwargs: Any):
         super().__init__(**kwargs)
+        self.lora = LoraOptions.from_config(lora)
+        if self.lora is not None:
+            if self.use_ema:
+                raise UserError("model.params.use_ema with LoRA is not supported: train LoRA without EMA")
+            if cond_stage_trainable and not self.lora.text_encoder:
+                raise UserError("LoRA keeps the base model frozen, but cond_stage_trainable is true: set it false, "
+                                "or train the text encoder's LoRA with lora.text_encoder (--lora_text_encoder)")
+            cond_stage_trainable = self.lora.text_encoder  # the text encoder's LoRA trains
         if frozen_precision not in FROZEN_PRECISIONS:
             raise UserError(f"model.params.frozen_precision {frozen_precision!r}: expected one of "
                             f"{', '.join(FROZEN_PRECISIONS)}")
@@ -312,10 +324,11 @@ class LatentDiffusion(DDPM):
         return losses["loss"]
 
     def trainable_parameters(self) -> list[nn.Parameter]:
-        """The UNet's parameters, plus the text encoder's when `cond_stage_trainable`."""
-        params = list(self.model.parameters())
+        """The UNet's parameters, plus the text encoder's when `cond_stage_trainable` (their LoRA weights in a LoRA
+        run)."""
+        params = self.trained_parameters(self.model)
         if self.cond_stage_trainable:
-            params += list(self.cond_stage_model.parameters())
+            params += self.trained_parameters(self.cond_stage_model)
         return params
 
     def text_encoder_stop_step(self) -> Optional[int]:
@@ -403,8 +416,8 @@ class LatentDiffusion(DDPM):
         if self.learning_rate is None:
             raise ValueError("learning_rate is not set; main.py sets it from model.base_learning_rate")
         params = self.trainable_parameters() if self.cond_stage_lr is None else [
-            {"params": list(self.model.parameters())},
-            {"params": list(self.cond_stage_model.parameters()), "lr": self.cond_stage_lr}]
+            {"params": self.trained_parameters(self.model)},
+            {"params": self.trained_parameters(self.cond_stage_model), "lr": self.cond_stage_lr}]
         optimizer = make_optimizer(self.optimizer_config, params, self.learning_rate)
         if uses_fused_backward(optimizer):
             self.check_fused_backward()

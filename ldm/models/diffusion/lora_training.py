@@ -1,0 +1,78 @@
+"""LoRA training of a LatentDiffusion: the peft injection after the base weights load, the trained parameters, the
+kohya-format files of the step checkpoints, and a `last.ckpt` that holds the LoRA weights only (with the optimizer
+and loop state), checked on resume against the injected model."""
+import logging
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from torch import nn
+
+from ldm.checkpoint import CheckpointError, read_lora, save_lora
+from ldm.lora_names import LoraNames
+from ldm.modules.lora import LoraOptions, inject_lora, is_lora_key, load_lora_tensors, lora_tensors
+from ldm.util import file_sha256
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT_KEY = "lora"  # a LoRA run's last.ckpt: its LoraOptions, beside the LoRA-only state_dict
+
+
+class LoraTraining:
+    """Mixed into LatentDiffusion; `self.lora` (LoraOptions or None) comes from `model.params.lora`."""
+
+    lora: Optional[LoraOptions]
+    lora_names: Optional[LoraNames] = None  # set once injected
+
+    def inject_lora(self, unet_params: dict) -> None:
+        """Wrap the target modules in LoRA layers (call after loading the base weights); only they train from now."""
+        self.lora_names = LoraNames.from_unet_config(unet_params)
+        modules = inject_lora(self, self.lora_names, **self.lora.injection())
+        self.strict_loading = False  # last.ckpt holds the LoRA weights only; on_load_checkpoint checks them
+        trained = sum(p.numel() for p in self.parameters() if p.requires_grad)
+        logger.info("LoRA rank %d (alpha %g, targets %s%s) on %d modules: %.2f M parameters train, the base stays "
+                    "frozen", self.lora.rank, self.lora.alpha or self.lora.rank, self.lora.targets,
+                    " and the text encoder" if self.lora.text_encoder else "", len(modules), trained / 1e6)
+
+    def trained_parameters(self, module: nn.Module) -> list[nn.Parameter]:
+        """What the optimizer updates in `module`: all its parameters, or its LoRA weights only in a LoRA run (by
+        name, so that a text encoder whose training stopped keeps its parameter group on resume)."""
+        return [p for name, p in module.named_parameters() if self.lora_names is None or is_lora_key(name)]
+
+    def load_lora_file(self, path: str | Path) -> None:
+        """Load a kohya-format file (a run's step_N.safetensors) into the injected LoRA layers."""
+        tensors, _ = read_lora(path)
+        load_lora_tensors(self, tensors, self.lora_names, source=str(path))
+
+    def save_lora_file(self, path: Path, dtype: Optional[torch.dtype] = None) -> None:
+        """Write the LoRA as a kohya-format .safetensors file with the base checkpoint's name and SHA-256."""
+        base = self.lora.base_checkpoint
+        known = base is not None and Path(base).is_file()
+        metadata = {"ss_base_model_version": "sd_v1", "ss_steps": str(self.global_step),
+                    "ss_sd_model_name": Path(base).name if base else ""}
+        save_lora(lora_tensors(self, self.lora_names), path, file_sha256(base) if known else "", metadata, dtype)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """A LoRA run's last.ckpt keeps the LoRA weights only (the base is the file of `lora.base_checkpoint`)."""
+        if self.lora_names is not None:
+            checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if is_lora_key(k)}
+            checkpoint[CHECKPOINT_KEY] = asdict(self.lora)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Refuse a last.ckpt of the other kind, or one whose LoRA modules differ from the injected ones."""
+        if self.lora_names is None:
+            if CHECKPOINT_KEY in checkpoint:
+                raise CheckpointError("this checkpoint holds a LoRA run's weights only, but the config trains the "
+                                      "whole model; resume it with its own run folder's configs")
+            return
+        if CHECKPOINT_KEY not in checkpoint:
+            raise CheckpointError("the config trains LoRA, but this checkpoint is a full fine-tune's; resume it "
+                                  "without the LoRA options")
+        expected = {k for k in self.state_dict() if is_lora_key(k)}
+        found = set(checkpoint["state_dict"])
+        if expected != found:
+            missing, extra = sorted(expected - found), sorted(found - expected)
+            raise CheckpointError(f"the checkpoint's LoRA does not fit the model: {len(missing)} LoRA weights missing"
+                                  f"{f' (e.g. {missing[0]})' if missing else ''}, {len(extra)} unexpected"
+                                  f"{f' (e.g. {extra[0]})' if extra else ''}; were other --lora_targets used?")

@@ -1,0 +1,82 @@
+"""Fold LoRA files into a Stable Diffusion v1 checkpoint, for tools that take one full model file:
+
+    python scripts/merge_lora.py sd-v1-5.safetensors logs/<run>/checkpoints/last.safetensors:0.8 -o merged.safetensors
+    python scripts/merge_lora.py base.ckpt style.safetensors:0.5 dog.safetensors -o merged.ckpt --half
+
+Each LoRA adds up @ down * alpha / rank * scale to its weights, one file after another (scale 1 by default). The
+output is a weights-only SD v1 file (.ckpt or .safetensors by its suffix); a full-EMA base is written without its
+EMA copy, which the LoRA does not change (--ema: its EMA UNet weights are the ones merged and kept).
+"""
+import argparse
+import logging
+import sys
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from ldm.checkpoint import (EMA_PREFIX, UNET_PREFIX, WEIGHT_SUFFIXES, CheckpointError, read_lora,  # noqa: E402
+                            read_state_dict, save_weights, select_unet_weights, to_sd_layout)
+from ldm.lora_files import check_lora_specs, lora_names, parse_lora_spec  # noqa: E402
+from ldm.model_config import DEFAULT_CONFIG, load_config, shown  # noqa: E402
+from ldm.modules.lora import merge_lora  # noqa: E402
+from ldm.util import UserError, format_bytes  # noqa: E402
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("base", help="the SD v1 checkpoint the LoRA files were trained on (.ckpt or .safetensors)")
+    parser.add_argument("loras", nargs="+", metavar="LORA[:SCALE]", help="kohya-format LoRA files, each at a scale")
+    parser.add_argument("-o", "--output", required=True, help="the merged checkpoint: .ckpt or .safetensors")
+    parser.add_argument("--config", default=shown(DEFAULT_CONFIG), help="the base's model config (its UNet's shape)")
+    parser.add_argument("--half", action="store_true", help="write fp16 weights (default: as the base stores them)")
+    parser.add_argument("--ema", action="store_true", help="merge into the base's EMA UNet weights and keep those")
+    return parser.parse_args(argv)
+
+
+def check_paths(opt: argparse.Namespace) -> Path:
+    """The output path, refused when it has no weight suffix or is one of the inputs."""
+    output = Path(opt.output)
+    if output.suffix not in WEIGHT_SUFFIXES:
+        raise UserError(f"{output}: the output must end in .ckpt or .safetensors (it chooses the format)")
+    inputs = [Path(opt.base), *(Path(parse_lora_spec(spec)[0]) for spec in opt.loras)]
+    if output.exists() and any(output.resolve() == path.resolve() for path in inputs if path.exists()):
+        raise UserError(f"{output} is one of the inputs; write the merged checkpoint to another file")
+    return output
+
+
+def merge(opt: argparse.Namespace) -> list[str]:
+    """Merge and write; one line per LoRA file and one for the output."""
+    output = check_paths(opt)
+    check_lora_specs(opt.loras)
+    names = lora_names(load_config(opt.config).model)
+    state = select_unet_weights(to_sd_layout(read_state_dict(opt.base)), opt.ema)
+    if not any(key.startswith(UNET_PREFIX) for key in state):
+        raise CheckpointError(f"{opt.base} has no UNet weights ({UNET_PREFIX}*); is it a full SD v1 checkpoint?")
+    state = {key: value for key, value in state.items() if not key.startswith(EMA_PREFIX)}
+    lines = []
+    for spec in opt.loras:
+        path, scale = parse_lora_spec(spec)
+        report = merge_lora(state, read_lora(path)[0], names, scale, source=Path(path).name)
+        lines.append(f"{report.summary()}, at scale {scale:g}")
+    save_weights(state, output, dtype=torch.float16 if opt.half else None)
+    lines.append(f"wrote {output} ({format_bytes(output.stat().st_size)}, {len(state)} tensors)")
+    return lines
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    opt = parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
+    try:
+        lines = merge(opt)
+    except (UserError, CheckpointError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
