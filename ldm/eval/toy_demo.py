@@ -5,11 +5,12 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from PIL import Image, ImageDraw
+from PIL import Image
 
 from ldm.data.toy_world import COMPARED_CONTEXTS, CONTEXT_PHRASES
 from ldm.eval.toy_scorer import ToyScorer
-from ldm.images import default_font, make_grid, read_metadata
+from ldm.eval.compare import draw_comparison
+from ldm.images import read_metadata
 
 IDENTIFIER, CLASS_WORD = "sks", "ball"
 INSTANCE_PROMPT = f"photo of a {IDENTIFIER} {CLASS_WORD}"
@@ -92,40 +93,15 @@ def write_report(folder: Path, rates: dict, stages: dict[str, float], commands: 
     return report
 
 
-def wrap(text: str, width: int) -> str:
-    words, lines = text.split(), [""]
-    for word in words:
-        if lines[-1] and len(lines[-1]) + 1 + len(word) > width:
-            lines.append(word)
-        else:
-            lines[-1] = f"{lines[-1]} {word}".strip()
-    return "\n".join(lines)
-
-
 def draw_picture(path: Path, sample_folders: dict[str, Path], rates: dict, per_cell: int = 4,
                  zoom: int = 2) -> None:
     """Rows: the models; columns: the prompts; each cell a few samples and its measured rates."""
-    cells = {}
-    for model, folder in sample_folders.items():
+    images = {model: {prompt: [Image.open(folder / name) for name in rates[model][prompt]["files"][:per_cell]]
+                      for prompt in PROMPTS} for model, folder in sample_folders.items()}
+    captions = {}
+    for model in sample_folders:
         for prompt in PROMPTS:
-            images = [Image.open(folder / name) for name in rates[model][prompt]["files"][:per_cell]]
-            grid = make_grid(images, per_row=2)
-            cells[model, prompt] = grid.resize((grid.width * zoom, grid.height * zoom), Image.Resampling.NEAREST)
-    cell_w, cell_h = max(c.width for c in cells.values()), max(c.height for c in cells.values())
-    label_w, header_h, caption_h = 110, 48, 34
-    picture = Image.new("RGB", (label_w + len(PROMPTS) * cell_w, header_h + len(sample_folders) * (cell_h + caption_h)),
-                        "white")
-    draw, small, large = ImageDraw.Draw(picture), default_font(12), default_font(15)
-    for column, prompt in enumerate(PROMPTS):
-        draw.multiline_text((label_w + column * cell_w + 4, 4), wrap(prompt, 24), fill="black", font=large)
-    for row, model in enumerate(sample_folders):
-        top = header_h + row * (cell_h + caption_h)
-        draw.multiline_text((4, top + cell_h // 2), wrap(model, 12), fill="black", font=large)
-        for column, prompt in enumerate(PROMPTS):
-            left, rate = label_w + column * cell_w, rates[model][prompt]
-            picture.paste(cells[model, prompt], (left, top))
-            text = f"subject {percent(rate['subject'])}"
-            if rate["context"] is not None:
-                text += f"\n{CONTEXT_PROMPTS[prompt]} {percent(rate['context'])}"
-            draw.multiline_text((left + 4, top + cell_h + 2), text, fill="black", font=small)
-    picture.save(path)
+            rate = rates[model][prompt]
+            captions[model, prompt] = f"subject {percent(rate['subject'])}" + (
+                "" if rate["context"] is None else f"\n{CONTEXT_PROMPTS[prompt]} {percent(rate['context'])}")
+    draw_comparison(images, PROMPTS, captions, zoom=zoom).save(path)

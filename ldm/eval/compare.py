@@ -1,0 +1,200 @@
+"""Models side by side (scripts/compare.py): the same prompts, seeds and sampler for each, one labelled picture,
+and a table of what each costs (trainable parameters, file size, s/step, peak memory) and, with a scorer, scores.
+
+A model is `[LABEL=]CKPT[+LORA[:SCALE]]...`: a checkpoint, with LoRA files folded in. A scorer takes a prompt's
+images and gives each image a subject and a prompt fidelity in [0, 1]; the toy world's is here, CLIP and DINO
+scorers plug into the same `Scorer` interface."""
+import csv
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Protocol, Sequence
+
+from PIL import Image, ImageDraw
+
+from ldm.images import default_font, make_grid
+from ldm.lora_files import parse_lora_spec
+from ldm.util import UserError
+
+SUMMARY_FILE = "summary.json"  # what a training run writes beside its checkpoints/ folder (ldm/callbacks/progress.py)
+SURROUNDINGS = ("in a forest", "in a kitchen", "on a street", "in the snow", "on the beach")
+
+
+@dataclass
+class ModelSpec:
+    """A model of the comparison: its label, checkpoint and LoRA specs (`file[:scale]`)."""
+
+    label: str
+    ckpt: str
+    loras: list[str] = field(default_factory=list)
+
+    @classmethod
+    def parse(cls, text: str) -> "ModelSpec":
+        """`[LABEL=]CKPT[+LORA[:SCALE]]...`; the label defaults to the stem of the last file."""
+        label, sep, files = text.partition("=")
+        if not sep:
+            label, files = "", text
+        ckpt, *loras = [part for part in files.split("+")]
+        if not ckpt or any(not lora for lora in loras):
+            raise UserError(f"--model {text}: expected [LABEL=]CKPT[+LORA[:SCALE]]..., e.g. r8=sd.ckpt+r8.safetensors")
+        for lora in loras:
+            parse_lora_spec(lora)
+        return cls(label or Path(parse_lora_spec(loras[-1])[0] if loras else ckpt).stem, ckpt, loras)
+
+    def files(self) -> list[Path]:
+        """What the model adds to its base: the LoRA files, or the checkpoint itself."""
+        return [Path(parse_lora_spec(lora)[0]) for lora in self.loras] or [Path(self.ckpt)]
+
+
+def unique_labels(specs: Sequence[ModelSpec]) -> None:
+    """Number repeated labels (`last`, `last-2`), so that every row can be told apart."""
+    seen: dict[str, int] = {}
+    for spec in specs:
+        seen[spec.label] = seen.get(spec.label, 0) + 1
+        if seen[spec.label] > 1:
+            spec.label = f"{spec.label}-{seen[spec.label]}"
+
+
+def default_prompts(identifier: str, class_word: str) -> list[str]:
+    """The subject in five surroundings, then the bare class prompt (does the class still look like itself?)."""
+    return [f"a photo of {identifier} {class_word} {where}" for where in SURROUNDINGS] + [f"a photo of a {class_word}"]
+
+
+def run_summary(path: Path) -> Optional[dict[str, Any]]:
+    """The training summary of the run whose `checkpoints/` folder holds `path`, or None."""
+    summary = path.parent.parent / SUMMARY_FILE
+    if path.parent.name != "checkpoints" or not summary.is_file():
+        return None
+    return json.loads(summary.read_text())
+
+
+def cost_row(spec: ModelSpec, lora_numel: Optional[int]) -> dict[str, Any]:
+    """Trainable parameters, file size and the training run's s/step and peak memory (None where unknown)."""
+    files = spec.files()
+    summary = next((s for s in map(run_summary, files) if s), None) or {}
+    return {"model": spec.label, "files": " + ".join(p.name for p in files),
+            "trainable_parameters": summary.get("trainable_parameters", lora_numel),
+            "file_mb": sum(p.stat().st_size for p in files) / 1e6,
+            "seconds_per_step": summary.get("seconds_per_step"), "peak_memory": summary.get("peak_memory")}
+
+
+class Scorer(Protocol):
+    """Per image of one prompt: `{"subject": s, "prompt": p}`, fidelities in [0, 1]."""
+
+    def __call__(self, images: Sequence[Image.Image], prompt: str) -> list[dict[str, float]]: ...
+
+
+class ToyPromptScorer:
+    """The toy world's scorer: subject = the scorer sees the DreamBooth subject; prompt = it sees the asked
+    context (for a prompt without one, the asked class)."""
+
+    def __init__(self, scorer, class_word: str):
+        from ldm.data.toy_world import CONTEXT_PHRASES
+        self.scorer, self.class_word = scorer, class_word
+        self.contexts = {phrase: context for context, phrase in CONTEXT_PHRASES.items() if phrase}
+
+    def asked_context(self, prompt: str) -> Optional[str]:
+        return next((c for phrase, c in self.contexts.items() if re.search(rf"\b{re.escape(phrase)}$", prompt)), None)
+
+    def __call__(self, images: Sequence[Image.Image], prompt: str) -> list[dict[str, float]]:
+        context = self.asked_context(prompt)
+        return [{"subject": float(s["subject"]),
+                 "prompt": float(s["context"] == context if context else s["cls"] == self.class_word)}
+                for s in self.scorer.score_images(list(images))]
+
+
+def mean(values: Sequence[float]) -> Optional[float]:
+    return sum(values) / len(values) if values else None
+
+
+def _text(draw: ImageDraw.ImageDraw, xy: tuple[int, int], text: str, font) -> None:
+    if font is not None:  # a Pillow without fonts: the picture without words
+        draw.multiline_text(xy, text, fill="black", font=font)
+
+
+def wrap(text: str, width: int) -> str:
+    """`text` broken into lines of at most about `width` characters, at spaces."""
+    lines = [""]
+    for word in text.split():
+        if lines[-1] and len(lines[-1]) + 1 + len(word) > width:
+            lines.append(word)
+        else:
+            lines[-1] = f"{lines[-1]} {word}".strip()
+    return "\n".join(lines)
+
+
+def draw_comparison(images: dict[str, dict[str, list[Image.Image]]], prompts: Sequence[str],
+                    captions: Optional[dict[tuple[str, str], str]] = None, per_row: int = 2,
+                    zoom: int = 1) -> Image.Image:
+    """Rows: the models (labels on the left); columns: the prompts (on top); each cell the model's images of the
+    prompt tiled `per_row` wide, with an optional caption under it."""
+    cells = {}
+    for label, by_prompt in images.items():
+        for prompt in prompts:
+            grid = make_grid(by_prompt[prompt], per_row)
+            cells[label, prompt] = grid.resize((grid.width * zoom, grid.height * zoom), Image.Resampling.NEAREST)
+    cell_w, cell_h = max(c.width for c in cells.values()), max(c.height for c in cells.values())
+    cell_w = max(cell_w, 150)
+    label_w, header_h, caption_h = 110, 48, 34 if captions else 4
+    picture = Image.new("RGB", (label_w + len(prompts) * cell_w, header_h + len(images) * (cell_h + caption_h)),
+                        "white")
+    draw, small, large = ImageDraw.Draw(picture), default_font(12), default_font(15)
+    for column, prompt in enumerate(prompts):
+        _text(draw, (label_w + column * cell_w + 4, 4), wrap(prompt, cell_w // 8), large)
+    for row, label in enumerate(images):
+        top = header_h + row * (cell_h + caption_h)
+        _text(draw, (4, top + cell_h // 2), wrap(label, 12), large)
+        for column, prompt in enumerate(prompts):
+            left = label_w + column * cell_w
+            picture.paste(cells[label, prompt], (left, top))
+            if captions and captions.get((label, prompt)):
+                _text(draw, (left + 4, top + cell_h + 2), captions[label, prompt], small)
+    return picture
+
+
+def percent(value: Optional[float]) -> str:
+    return "-" if value is None else f"{100 * value:.0f} %"
+
+
+def table_rows(costs: Sequence[dict], scores: dict[str, dict[str, list[dict]]], prompts: Sequence[str]) -> list[dict]:
+    """One row per model: its costs, and with scores the mean subject and prompt fidelity and each prompt's."""
+    rows = []
+    for cost in costs:
+        row = dict(cost)
+        by_prompt = scores.get(cost["model"])
+        if by_prompt:
+            cells = {p: (mean([s["subject"] for s in by_prompt[p]]), mean([s["prompt"] for s in by_prompt[p]]))
+                     for p in prompts}
+            subject_prompts = prompts[:-1] if len(prompts) > 1 else prompts  # the last is the bare class prompt
+            row["subject_fidelity"] = mean([cells[p][0] for p in subject_prompts])
+            row["prompt_fidelity"] = mean([cells[p][1] for p in prompts])
+            row.update({f"{p} (subject / prompt)": f"{percent(s)} / {percent(f)}" for p, (s, f) in cells.items()})
+        rows.append(row)
+    return rows
+
+
+def shown_value(key: str, value: Any) -> str:
+    if value is None:
+        return "-"
+    if key == "trainable_parameters":
+        return f"{value / 1e6:.3f} M"
+    if key in ("subject_fidelity", "prompt_fidelity"):
+        return percent(value)
+    if isinstance(value, float):
+        return f"{value:.2f}"
+    return str(value)
+
+
+def write_tables(rows: Sequence[dict], outdir: Path) -> str:
+    """`table.csv` (raw values) and `table.md`; returns the markdown."""
+    keys = list(dict.fromkeys(k for row in rows for k in row))
+    with open(outdir / "table.csv", "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=keys)
+        writer.writeheader()
+        writer.writerows(rows)
+    lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+    lines += ["| " + " | ".join(shown_value(k, row.get(k)) for k in keys) + " |" for row in rows]
+    markdown = "\n".join(lines) + "\n"
+    (outdir / "table.md").write_text(markdown)
+    return markdown

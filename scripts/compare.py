@@ -1,0 +1,138 @@
+"""Compare models fairly: the same prompts, seeds, batch and sampler for each; one labelled picture and one table.
+
+    python scripts/compare.py --model base=sd-v1-5.ckpt --model full=logs/<run1>/checkpoints/step_800.ckpt \\
+        --model r8=sd-v1-5.ckpt+logs/<run2>/checkpoints/last.safetensors --class_word dog
+    python scripts/compare.py --scorer toy --config configs/toy/v1-inference.yaml \\
+        --model base=data/toy/toy-v1.safetensors --model r8=data/toy/toy-v1.safetensors+<run>/last.safetensors
+
+A model is `[LABEL=]CKPT[+LORA[:SCALE]]...`. Writes to --outdir: grid.png (rows: models, columns: prompts),
+samples/<label>/ (every image with its metadata), table.md and table.csv (trainable parameters, file size, and the
+training run's s/step and peak memory from its summary.json; with --scorer, subject and prompt fidelity).
+"""
+import argparse
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from ldm.eval.compare import (ModelSpec, ToyPromptScorer, cost_row, default_prompts, draw_comparison,  # noqa: E402
+                              percent, table_rows, unique_labels, write_tables)
+from ldm.inference import (USER_ERRORS, check_checkpoint, choose_device, load_model, read_prompts,  # noqa: E402
+                           sample_images)
+from ldm.lora_files import apply_lora_files, check_lora_specs  # noqa: E402
+from ldm.model_config import choose_config, load_config  # noqa: E402
+from ldm.images import save_image  # noqa: E402
+from ldm.util import UserError, ensure_writable_dir, file_sha256  # noqa: E402
+
+logger = logging.getLogger("compare")
+TOY_SCORER = "data/toy/scorer.safetensors"
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add = parser.add_argument
+    add("--model", action="append", required=True, metavar="[LABEL=]CKPT[+LORA[:SCALE]]", help="a model (repeat)")
+    add("--prompts", default=None, help="a prompt file, one per line (default: the subject in five surroundings and "
+        "the bare class prompt; with --scorer toy, the toy world's)")
+    add("--identifier", default="sks")
+    add("--class_word", default=None, help="default: dog (ball with --scorer toy)")
+    add("--seed", type=int, default=1000, help="the first seed; image k of every prompt and model has seed + k")
+    add("--n", type=int, default=4, help="images per prompt and model")
+    add("--steps", type=int, default=25, help="DDIM steps")
+    add("--scale", type=float, default=7.5, help="classifier-free guidance scale")
+    add("--config", default=None, help="model config for every model (default: each checkpoint's run config, "
+        "else the SD v1 inference config)")
+    add("--device", choices=["auto", "cuda", "mps", "cpu"], default="auto")
+    add("--scorer", choices=["none", "toy"], default="none", help="toy: the toy world's scorer")
+    add("--scorer_path", default=TOY_SCORER, help="the toy scorer's weights")
+    add("--outdir", default="outputs/compare")
+    return parser.parse_args(argv)
+
+
+def prompts_of(opt: argparse.Namespace) -> list[str]:
+    if opt.prompts:
+        return read_prompts(None, opt.prompts)
+    if opt.scorer == "toy":
+        from ldm.eval.toy_demo import CLASS_PROMPT, CONTEXT_PROMPTS
+        return [*CONTEXT_PROMPTS, CLASS_PROMPT]
+    return default_prompts(opt.identifier, opt.class_word or "dog")
+
+
+def make_scorer(opt: argparse.Namespace):
+    if opt.scorer == "none":
+        return None
+    from ldm.eval.toy_scorer import load_scorer
+    if not Path(opt.scorer_path).is_file():
+        raise UserError(f"--scorer_path {opt.scorer_path}: not found (the toy scorer is data/toy/scorer.safetensors)")
+    return ToyPromptScorer(load_scorer(opt.scorer_path), opt.class_word or "ball")
+
+
+def sample_model(spec: ModelSpec, opt: argparse.Namespace, prompts: list[str], device: torch.device,
+                 outdir: Path) -> tuple[dict[str, list], Optional[int]]:
+    """One model's images of every prompt (saved with their metadata), and its LoRA parameter count."""
+    started = time.monotonic()
+    config = load_config(choose_config(opt.config, spec.ckpt))
+    model = load_model(config, spec.ckpt, device)
+    loras = apply_lora_files(model, config.model, spec.loras)
+    seeds = list(range(opt.seed, opt.seed + opt.n))
+    folder = outdir / "samples" / spec.label
+    folder.mkdir(parents=True, exist_ok=True)
+    images = {}
+    meta = {"sampler": "ddim", "steps": opt.steps, "scale": opt.scale, "checkpoint": Path(spec.ckpt).name,
+            "checkpoint_sha256": file_sha256(spec.ckpt), **({"loras": loras} if loras else {})}
+    with torch.no_grad(), model.ema_scope():
+        for k, prompt in enumerate(prompts):
+            images[prompt] = sample_images(model, prompt, seeds, opt.steps, opt.scale)
+            for image, seed in zip(images[prompt], seeds):
+                save_image(image, folder / f"{k:02}-{seed}.png", {**meta, "prompt": prompt, "seed": seed})
+    del model
+    logger.info("%s: %d images in %.0f s", spec.label, len(prompts) * len(seeds), time.monotonic() - started)
+    numel = None
+    if spec.loras:
+        from ldm.checkpoint import read_lora
+        numel = sum(v.numel() for p in spec.files() for k, v in read_lora(p)[0].items() if not k.endswith(".alpha"))
+    return images, numel
+
+
+def compare(opt: argparse.Namespace) -> str:
+    specs = [ModelSpec.parse(text) for text in opt.model]
+    unique_labels(specs)
+    for spec in specs:
+        check_checkpoint(spec.ckpt)
+        check_lora_specs(spec.loras)
+    if opt.n < 1 or opt.steps < 1:
+        raise UserError("--n and --steps must be at least 1")
+    ensure_writable_dir(opt.outdir, "--outdir")
+    outdir, prompts, device, scorer = Path(opt.outdir), prompts_of(opt), choose_device(opt.device), make_scorer(opt)
+    images, costs, scores = {}, [], {}
+    for spec in specs:
+        images[spec.label], numel = sample_model(spec, opt, prompts, device, outdir)
+        costs.append(cost_row(spec, numel))
+        if scorer is not None:
+            scores[spec.label] = {p: scorer(images[spec.label][p], p) for p in prompts}
+    captions = {(label, p): "subject {} · prompt {}".format(
+        *(percent(sum(s[key] for s in cell) / len(cell)) for key in ("subject", "prompt")))
+        for label, by_prompt in scores.items() for p, cell in by_prompt.items()}
+    draw_comparison(images, prompts, captions or None, zoom=2 if opt.scorer == "toy" else 1).save(outdir / "grid.png")
+    markdown = write_tables(table_rows(costs, scores, prompts), outdir)
+    return markdown + f"\npicture: {outdir / 'grid.png'}; tables: {outdir / 'table.md'}, {outdir / 'table.csv'}"
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    opt = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
+    try:
+        print(compare(opt))
+    except USER_ERRORS as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
