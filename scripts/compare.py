@@ -5,11 +5,13 @@
     python scripts/compare.py --scorer toy --config configs/toy/v1-inference.yaml \\
         --model base=data/toy/toy-v1.safetensors --model r8=data/toy/toy-v1.safetensors+<run>/last.safetensors
 
-A model is `[LABEL=]CKPT[+LORA[:SCALE]]...`. Writes to --outdir: grid.png (rows: models, columns: prompts),
-samples/<label>/ (every image with its metadata), table.md and table.csv (trainable parameters, file size, and the
-training run's s/step and peak memory from its summary.json; with --scorer, subject and prompt fidelity).
+A model is `[LABEL=]CKPT[+LORA[:SCALE]]...`. Writes to --outdir: grid.png (rows: models, columns: prompts, the first
+4 images of each cell), samples/<label>/ (every image with its metadata), table.md and table.csv (trainable
+parameters, file size, and the training run's s/step and peak memory from its summary.json; with --scorer, subject
+and prompt fidelity over all --n images).
 """
 import argparse
+import gc
 import logging
 import sys
 import time
@@ -17,20 +19,24 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
+from omegaconf import DictConfig
+from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from ldm.eval.compare import (ModelSpec, ToyPromptScorer, cost_row, default_prompts, draw_comparison,  # noqa: E402
-                              percent, table_rows, unique_labels, write_tables)
-from ldm.inference import (USER_ERRORS, check_checkpoint, choose_device, load_model, read_prompts,  # noqa: E402
-                           sample_images)
+from ldm.eval.compare import (ModelSpec, Scorer, ToyPromptScorer, cost_row, default_prompts,  # noqa: E402
+                              draw_comparison, mean, percent, table_rows, unique_labels, write_tables)
+from ldm.images import save_image, to_pil  # noqa: E402
+from ldm.inference import (USER_ERRORS, check_checkpoint, choose_device, load_model, make_generators,  # noqa: E402
+                           read_prompts, sample_latents)
 from ldm.lora_files import apply_lora_files, check_lora_specs  # noqa: E402
-from ldm.model_config import choose_config, load_config  # noqa: E402
-from ldm.images import save_image  # noqa: E402
+from ldm.model_config import choose_config, latent_shape, load_config, native_size  # noqa: E402
+from ldm.models.diffusion.sampling import randn  # noqa: E402
 from ldm.util import UserError, ensure_writable_dir, file_sha256  # noqa: E402
 
 logger = logging.getLogger("compare")
 TOY_SCORER = "data/toy/scorer.safetensors"
+PER_CELL = 4  # images of a cell in the picture (2 x 2); the scores count all --n
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
@@ -45,6 +51,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     add("--n", type=int, default=4, help="images per prompt and model")
     add("--steps", type=int, default=25, help="DDIM steps")
     add("--scale", type=float, default=7.5, help="classifier-free guidance scale")
+    add("--H", type=int, default=None, help="image height (default: the config's native size)")
+    add("--W", type=int, default=None, help="image width (default: the config's native size)")
     add("--config", default=None, help="model config for every model (default: each checkpoint's run config, "
         "else the SD v1 inference config)")
     add("--device", choices=["auto", "cuda", "mps", "cpu"], default="auto")
@@ -55,6 +63,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
 
 def prompts_of(opt: argparse.Namespace) -> list[str]:
+    """--prompts, else the toy world's prompts with --scorer toy, else the subject in five surroundings."""
     if opt.prompts:
         return read_prompts(None, opt.prompts)
     if opt.scorer == "toy":
@@ -63,7 +72,8 @@ def prompts_of(opt: argparse.Namespace) -> list[str]:
     return default_prompts(opt.identifier, opt.class_word or "dog")
 
 
-def make_scorer(opt: argparse.Namespace):
+def make_scorer(opt: argparse.Namespace) -> Optional[Scorer]:
+    """The scorer of --scorer, or None."""
     if opt.scorer == "none":
         return None
     from ldm.eval.toy_scorer import load_scorer
@@ -72,58 +82,85 @@ def make_scorer(opt: argparse.Namespace):
     return ToyPromptScorer(load_scorer(opt.scorer_path), opt.class_word or "ball")
 
 
-def sample_model(spec: ModelSpec, opt: argparse.Namespace, prompts: list[str], device: torch.device,
-                 outdir: Path) -> tuple[dict[str, list], Optional[int]]:
-    """One model's images of every prompt (saved with their metadata), and its LoRA parameter count."""
-    started = time.monotonic()
+def model_config(spec: ModelSpec, opt: argparse.Namespace) -> tuple[DictConfig, tuple[int, int], tuple[int, ...]]:
+    """The model's config, its image size (--H/--W, else the config's native size) and latent shape."""
     config = load_config(choose_config(opt.config, spec.ckpt))
+    height, width = (native_size(config) if size is None else size for size in (opt.H, opt.W))
+    return config, (height, width), latent_shape(config, height, width)
+
+
+@torch.no_grad()
+def sample_prompt(model: torch.nn.Module, prompt: str, seeds: list[int], steps: int, scale: float,
+                  shape: tuple[int, int, int]) -> list[Image.Image]:
+    """DDIM images of `prompt` with latents of `shape`, one per seed (an image depends on its seed only)."""
+    n = len(seeds)
+    cond = model.get_learned_conditioning([prompt] * n)
+    uncond = None if scale == 1.0 else model.get_learned_conditioning([""] * n)
+    generators = make_generators(seeds)
+    noise = randn((n, *shape), generators, model.alphas_cumprod.device)
+    latents = sample_latents(model, "ddim", steps, cond, uncond, scale, noise, generators, progress=False)
+    return to_pil(model.decode_first_stage(latents))
+
+
+def sample_model(spec: ModelSpec, opt: argparse.Namespace, prompts: list[str], device: torch.device,
+                 outdir: Path) -> dict[str, list[Image.Image]]:
+    """One model's images of every prompt, each saved with its metadata under samples/<label>/; the model is
+    freed before returning."""
+    started = time.monotonic()
+    config, (height, width), shape = model_config(spec, opt)
     model = load_model(config, spec.ckpt, device)
     loras = apply_lora_files(model, config.model, spec.loras)
+    loaded = time.monotonic()
     seeds = list(range(opt.seed, opt.seed + opt.n))
     folder = outdir / "samples" / spec.label
     folder.mkdir(parents=True, exist_ok=True)
+    meta = {"sampler": "ddim", "steps": opt.steps, "scale": opt.scale, "width": width, "height": height,
+            "checkpoint": Path(spec.ckpt).name, "checkpoint_sha256": file_sha256(spec.ckpt),
+            **({"loras": loras} if loras else {})}
     images = {}
-    meta = {"sampler": "ddim", "steps": opt.steps, "scale": opt.scale, "checkpoint": Path(spec.ckpt).name,
-            "checkpoint_sha256": file_sha256(spec.ckpt), **({"loras": loras} if loras else {})}
-    with torch.no_grad(), model.ema_scope():
+    with model.ema_scope():
         for k, prompt in enumerate(prompts):
-            images[prompt] = sample_images(model, prompt, seeds, opt.steps, opt.scale)
+            images[prompt] = sample_prompt(model, prompt, seeds, opt.steps, opt.scale, shape)
             for image, seed in zip(images[prompt], seeds):
                 save_image(image, folder / f"{k:02}-{seed}.png", {**meta, "prompt": prompt, "seed": seed})
     del model
-    logger.info("%s: %d images in %.0f s", spec.label, len(prompts) * len(seeds), time.monotonic() - started)
-    numel = None
-    if spec.loras:
-        from ldm.checkpoint import read_lora
-        numel = sum(v.numel() for p in spec.files() for k, v in read_lora(p)[0].items() if not k.endswith(".alpha"))
-    return images, numel
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    logger.info("%s: loaded in %.1f s, sampled %d images in %.1f s", spec.label, loaded - started,
+                len(prompts) * len(seeds), time.monotonic() - loaded)
+    return images
 
 
 def compare(opt: argparse.Namespace) -> str:
+    """Sample every model in turn, then write grid.png, table.md and table.csv; returns the markdown table."""
     specs = [ModelSpec.parse(text) for text in opt.model]
     unique_labels(specs)
     for spec in specs:
         check_checkpoint(spec.ckpt)
         check_lora_specs(spec.loras)
+        model_config(spec, opt)  # a bad config or size stops the run before any model is sampled
     if opt.n < 1 or opt.steps < 1:
         raise UserError("--n and --steps must be at least 1")
     ensure_writable_dir(opt.outdir, "--outdir")
     outdir, prompts, device, scorer = Path(opt.outdir), prompts_of(opt), choose_device(opt.device), make_scorer(opt)
     images, costs, scores = {}, [], {}
     for spec in specs:
-        images[spec.label], numel = sample_model(spec, opt, prompts, device, outdir)
-        costs.append(cost_row(spec, numel))
+        images[spec.label] = sample_model(spec, opt, prompts, device, outdir)
+        costs.append(cost_row(spec))
         if scorer is not None:
             scores[spec.label] = {p: scorer(images[spec.label][p], p) for p in prompts}
-    captions = {(label, p): "subject {} · prompt {}".format(
-        *(percent(sum(s[key] for s in cell) / len(cell)) for key in ("subject", "prompt")))
-        for label, by_prompt in scores.items() for p, cell in by_prompt.items()}
-    draw_comparison(images, prompts, captions or None, zoom=2 if opt.scorer == "toy" else 1).save(outdir / "grid.png")
-    markdown = write_tables(table_rows(costs, scores, prompts), outdir)
+    captions = {(label, p): "subject {} · prompt {}".format(*(percent(mean([s[key] for s in cell]))
+                                                               for key in ("subject", "prompt")))
+                for label, by_prompt in scores.items() for p, cell in by_prompt.items()}
+    shown = {label: {p: cell[:PER_CELL] for p, cell in by_prompt.items()} for label, by_prompt in images.items()}
+    draw_comparison(shown, prompts, captions or None, zoom=2 if opt.scorer == "toy" else 1).save(outdir / "grid.png")
+    markdown = write_tables(table_rows(costs, scores, prompts, opt.identifier), outdir)
     return markdown + f"\npicture: {outdir / 'grid.png'}; tables: {outdir / 'table.md'}, {outdir / 'table.csv'}"
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Run the comparison; a user error is one `error:` line and exit status 1."""
     opt = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
     try:

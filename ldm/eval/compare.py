@@ -6,6 +6,7 @@ images and gives each image a subject and a prompt fidelity in [0, 1]; the toy w
 scorers plug into the same `Scorer` interface."""
 import csv
 import json
+import logging
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,10 +14,12 @@ from typing import Any, Optional, Protocol, Sequence
 
 from PIL import Image, ImageDraw
 
+from ldm.checkpoint import read_lora
 from ldm.images import default_font, make_grid
 from ldm.lora_files import parse_lora_spec
 from ldm.util import UserError
 
+logger = logging.getLogger(__name__)
 SUMMARY_FILE = "summary.json"  # what a training run writes beside its checkpoints/ folder (ldm/callbacks/progress.py)
 SURROUNDINGS = ("in a forest", "in a kitchen", "on a street", "in the snow", "on the beach")
 
@@ -33,11 +36,13 @@ class ModelSpec:
     def parse(cls, text: str) -> "ModelSpec":
         """`[LABEL=]CKPT[+LORA[:SCALE]]...`; the label defaults to the stem of the last file."""
         label, sep, files = text.partition("=")
-        if not sep:
+        if not sep or re.search(r"[/\\]", label):  # an "=" inside a path (logs/lr=1e-6/...) is no label
             label, files = "", text
-        ckpt, *loras = [part for part in files.split("+")]
+        ckpt, *loras = files.split("+")
         if not ckpt or any(not lora for lora in loras):
             raise UserError(f"--model {text}: expected [LABEL=]CKPT[+LORA[:SCALE]]..., e.g. r8=sd.ckpt+r8.safetensors")
+        if label in (".", ".."):
+            raise UserError(f"--model {text}: the label names the folder samples/<label>/; choose another")
         for lora in loras:
             parse_lora_spec(lora)
         return cls(label or Path(parse_lora_spec(loras[-1])[0] if loras else ckpt).stem, ckpt, loras)
@@ -62,19 +67,33 @@ def default_prompts(identifier: str, class_word: str) -> list[str]:
 
 
 def run_summary(path: Path) -> Optional[dict[str, Any]]:
-    """The training summary of the run whose `checkpoints/` folder holds `path`, or None."""
+    """The training summary of the run whose `checkpoints/` folder holds `path`, or None (also when unreadable)."""
     summary = path.parent.parent / SUMMARY_FILE
     if path.parent.name != "checkpoints" or not summary.is_file():
         return None
-    return json.loads(summary.read_text())
+    try:
+        values = json.loads(summary.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as err:  # a run may be writing it right now
+        logger.warning("%s: not readable (%s); its columns show -", summary, err)
+        return None
+    return values if isinstance(values, dict) else None
 
 
-def cost_row(spec: ModelSpec, lora_numel: Optional[int]) -> dict[str, Any]:
+def lora_numel(spec: ModelSpec) -> Optional[int]:
+    """How many numbers the model's LoRA files hold (without the .alpha scalars); None for a full model."""
+    if not spec.loras:
+        return None
+    return sum(tensor.numel() for path in spec.files() for key, tensor in read_lora(path)[0].items()
+               if not key.endswith(".alpha"))
+
+
+def cost_row(spec: ModelSpec) -> dict[str, Any]:
     """Trainable parameters, file size and the training run's s/step and peak memory (None where unknown)."""
     files = spec.files()
     summary = next((s for s in map(run_summary, files) if s), None) or {}
+    trainable = summary.get("trainable_parameters")
     return {"model": spec.label, "files": " + ".join(p.name for p in files),
-            "trainable_parameters": summary.get("trainable_parameters", lora_numel),
+            "trainable_parameters": lora_numel(spec) if trainable is None else trainable,
             "file_mb": sum(p.stat().st_size for p in files) / 1e6,
             "seconds_per_step": summary.get("seconds_per_step"), "peak_memory": summary.get("peak_memory")}
 
@@ -95,6 +114,7 @@ class ToyPromptScorer:
         self.contexts = {phrase: context for context, phrase in CONTEXT_PHRASES.items() if phrase}
 
     def asked_context(self, prompt: str) -> Optional[str]:
+        """The toy context whose phrase ends `prompt`, or None."""
         return next((c for phrase, c in self.contexts.items() if re.search(rf"\b{re.escape(phrase)}$", prompt)), None)
 
     def __call__(self, images: Sequence[Image.Image], prompt: str) -> list[dict[str, float]]:
@@ -105,12 +125,24 @@ class ToyPromptScorer:
 
 
 def mean(values: Sequence[float]) -> Optional[float]:
+    """The mean, None for no values."""
     return sum(values) / len(values) if values else None
 
 
+def subject_prompts(prompts: Sequence[str], identifier: str) -> list[str]:
+    """The prompts that ask for the subject (they name the identifier); all of them when none does."""
+    named = [p for p in prompts if re.search(rf"\b{re.escape(identifier)}\b", p)]
+    return named or list(prompts)
+
+
 def _text(draw: ImageDraw.ImageDraw, xy: tuple[int, int], text: str, font) -> None:
-    if font is not None:  # a Pillow without fonts: the picture without words
+    """`text` at `xy`; nothing when Pillow has no font (the picture without words) or the font lacks a character."""
+    if font is None:
+        return
+    try:
         draw.multiline_text(xy, text, fill="black", font=font)
+    except (OSError, UnicodeEncodeError, ValueError):  # the bitmap fallback font knows Latin-1 only
+        logger.debug("could not draw %r", text)
 
 
 def wrap(text: str, width: int) -> str:
@@ -154,20 +186,22 @@ def draw_comparison(images: dict[str, dict[str, list[Image.Image]]], prompts: Se
 
 
 def percent(value: Optional[float]) -> str:
+    """0.5 as "50 %", None as "-"."""
     return "-" if value is None else f"{100 * value:.0f} %"
 
 
-def table_rows(costs: Sequence[dict], scores: dict[str, dict[str, list[dict]]], prompts: Sequence[str]) -> list[dict]:
-    """One row per model: its costs, and with scores the mean subject and prompt fidelity and each prompt's."""
-    rows = []
+def table_rows(costs: Sequence[dict], scores: dict[str, dict[str, list[dict]]], prompts: Sequence[str],
+               identifier: str = "sks") -> list[dict]:
+    """One row per model: its costs, and with scores the mean subject fidelity (over the prompts that name
+    `identifier`), the mean prompt fidelity (over all) and each prompt's pair."""
+    rows, asking = [], subject_prompts(prompts, identifier)
     for cost in costs:
         row = dict(cost)
         by_prompt = scores.get(cost["model"])
         if by_prompt:
             cells = {p: (mean([s["subject"] for s in by_prompt[p]]), mean([s["prompt"] for s in by_prompt[p]]))
                      for p in prompts}
-            subject_prompts = prompts[:-1] if len(prompts) > 1 else prompts  # the last is the bare class prompt
-            row["subject_fidelity"] = mean([cells[p][0] for p in subject_prompts])
+            row["subject_fidelity"] = mean([cells[p][0] for p in asking])
             row["prompt_fidelity"] = mean([cells[p][1] for p in prompts])
             row.update({f"{p} (subject / prompt)": f"{percent(s)} / {percent(f)}" for p, (s, f) in cells.items()})
         rows.append(row)
@@ -175,6 +209,7 @@ def table_rows(costs: Sequence[dict], scores: dict[str, dict[str, list[dict]]], 
 
 
 def shown_value(key: str, value: Any) -> str:
+    """A table value as the markdown table shows it."""
     if value is None:
         return "-"
     if key == "trainable_parameters":
