@@ -547,3 +547,55 @@ def read_lora(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[st
         raise CheckpointError(_not_a_lora(path, tensors))
     check_finite(tensors, str(path))
     return tensors, _safetensors_metadata(path) if path.suffix == ".safetensors" else {}
+
+
+CONTROL_PREFIX = "control_model."  # lllyasviel's files; some carry a whole SD model beside it
+
+
+def read_controlnet(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The tensors of an original-layout SD 1.5 ControlNet file (.pth/.ckpt read by the safe unpickler, or
+    .safetensors), keyed as the ControlNet module's state dict (without `control_model.`)."""
+    path = check_checkpoint_file(path, "pass --controlnet path/to/control_v11p_sd15_canny.pth or .safetensors")
+    tensors = _read_weights(path)[0]
+    if any(k.startswith(CONTROL_PREFIX) for k in tensors):
+        others = sum(not k.startswith(CONTROL_PREFIX) for k in tensors)
+        if others:
+            logger.info("%s: ignored %d tensors outside %s (the SD model it was trained on)", path, others,
+                        CONTROL_PREFIX)
+        tensors = {k[len(CONTROL_PREFIX):]: v for k, v in tensors.items() if k.startswith(CONTROL_PREFIX)}
+    if "controlnet_cond_embedding.conv_in.weight" in tensors:
+        raise CheckpointError(f"{path} is a diffusers-format ControlNet; this tool reads the original files "
+                              "(control_v11p_sd15_*.pth or their .safetensors, keys control_model.*)")
+    if "input_hint_block.0.weight" not in tensors:
+        if any(k.startswith(LORA_PREFIXES) for k in tensors) or set(REQUIRED_GROUPS) <= {group_of(k) for k in tensors}:
+            raise CheckpointError(f"{path} is not a ControlNet file but an SD model or a LoRA; pass it with --ckpt "
+                                  "or --lora, and a ControlNet with --controlnet")
+        raise CheckpointError(f"{path} is not a ControlNet file: it has no input_hint_block (keys like "
+                              f"{next(iter(tensors), 'none')})")
+    context = tensors.get("input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight")
+    if context is not None and context.shape[-1] == 1024:
+        raise CheckpointError(f"{path} is a ControlNet for Stable Diffusion 2 (context 1024); SD v1 models need an "
+                              "SD 1.5 ControlNet (context 768)")
+    check_finite(tensors, str(path))
+    return tensors
+
+
+def load_controlnet_weights(net: nn.Module, path: str | os.PathLike) -> None:
+    """Fill a ControlNet (built on the `meta` device or not) from an original-layout file; a missing part or a
+    shape that differs is an error, never a silently random part."""
+    tensors, expected = read_controlnet(path), net.state_dict()
+    missing = [k for k in expected if k not in tensors]
+    if missing:
+        parts = sorted({k.split(".")[0] for k in missing})
+        raise CheckpointError(f"{path} lacks {len(missing)} of the ControlNet's {len(expected)} tensors (in "
+                              f"{', '.join(parts)}; e.g. {missing[0]}); is it a complete SD 1.5 ControlNet?")
+    shapes = [f"{k}: file {tuple(tensors[k].shape)} vs model {tuple(v.shape)}"
+              for k, v in expected.items() if tensors[k].shape != v.shape]
+    if shapes:
+        raise CheckpointError(f"{path} does not fit this model's UNet in {len(shapes)} tensors (a ControlNet for "
+                              f"another model?), e.g. " + "; ".join(shapes[:2]))
+    extra = [k for k in tensors if k not in expected]
+    if extra:
+        raise CheckpointError(f"{path} has {len(extra)} tensors this model's ControlNet does not (e.g. {extra[0]}): "
+                              "a ControlNet for another UNet?")
+    net.load_state_dict({k: tensors[k].to(v.dtype) for k, v in expected.items()}, assign=bool(on_meta(net)))

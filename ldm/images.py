@@ -113,6 +113,10 @@ def infotext(metadata: Mapping[str, Any], size: tuple[int, int]) -> str:
         "Lora hashes": ", ".join(f"{Path(r['file']).stem}: {r['sha256'][:10]}" for r in metadata["loras"])
         if metadata.get("loras") else None,
     }
+    for i, net in enumerate(metadata.get("controlnets") or []):  # as A1111's ControlNet extension writes them
+        model = f"{Path(net['file']).stem} [{net['sha256'][:8]}]"
+        fields[f"ControlNet {i}"] = (f"Module: {net['control']}, Model: {model}, Weight: {net['strength']}, "
+                                     f"Guidance Start: {net['start']}, Guidance End: {net['end']}")
     lines = [str(metadata.get("prompt", ""))]
     if metadata.get("negative_prompt"):
         lines.append(f"Negative prompt: {metadata['negative_prompt']}")

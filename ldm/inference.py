@@ -14,15 +14,18 @@ from torch import Tensor, nn
 
 from ldm.checkpoint import (CheckpointError, ShapeMismatchError, check_checkpoint_file, load_model_weights,
                             parameters_on_meta)
+from ldm.controlnet import add_control_arguments, build_controls, check_control_options
 from ldm.data.personalized import open_image
 from ldm.images import make_grid, read_metadata, save_image, to_pil  # noqa: F401 (read_metadata: for callers)
 from ldm.lora_files import apply_lora_files, check_lora_specs
 from ldm.model_config import choose_config, fitting_config, latent_shape, load_config, native_size, size_multiple
+from ldm.models.diffusion.control import controlled
 from ldm.models.diffusion.ddim import DDIMSampler
 from ldm.models.diffusion.guidance import CompVisDenoiser
 from ldm.models.diffusion.plms import PLMSSampler
 from ldm.models.diffusion.sampling import SAMPLERS as K_SAMPLERS
 from ldm.models.diffusion.sampling import STOCHASTIC, Generator, randn
+from ldm.models.diffusion.sigmas import sigma_to_t
 from ldm.util import DiskFullError, UserError, ensure_writable_dir, file_sha256, instantiate_from_config
 
 logger = logging.getLogger(__name__)
@@ -76,6 +79,7 @@ def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
     add("--lora", action="append", default=[], metavar="FILE[:SCALE]",
         help="a kohya-format LoRA file (ours, kohya's, A1111's, civitai's) folded into --ckpt at SCALE (default 1); "
              "repeatable, the files add up")
+    add_control_arguments(parser)
 
 
 def resolve_sampler(opt: argparse.Namespace) -> str:
@@ -177,8 +181,13 @@ def sample_latents(model: nn.Module, sampler: str, steps: int, cond: Tensor, unc
                    tolerances: tuple[float, float] = ADAPTIVE_TOLERANCES) -> Tensor:
     """Latents from `noise` (txt2img) or from `init_latent` noised to `strength` (img2img) with any sampler;
     dpm_adaptive takes `tolerances` (rtol, atol) and logs how many model calls it used."""
+    control = getattr(model, "control", None)  # ControlNets act over a fraction of the steps run
     if sampler in ("ddim", "plms"):
         ddim = DDIMSampler(model) if sampler == "ddim" else PLMSSampler(model)
+        if control is not None:
+            ddim.make_schedule(steps, eta)
+            run = steps if init_latent is None else img2img_steps(steps, strength)
+            control.plan(ddim.ddim_timesteps[:run][::-1].copy())
         if init_latent is None:
             return ddim.sample(steps, noise.shape[0], noise.shape[1:], cond, eta=eta, x_T=noise, verbose=progress,
                                unconditional_guidance_scale=scale, unconditional_conditioning=uncond,
@@ -194,6 +203,8 @@ def sample_latents(model: nn.Module, sampler: str, steps: int, cond: Tensor, unc
     else:
         sigmas = sigmas[steps - img2img_steps(steps, strength):]
         x = init_latent + noise * sigmas[0]
+    if control is not None:
+        control.plan(sigma_to_t(sigmas[:-1].float(), denoiser.log_sigmas))
     extra: dict = {"generator": generator} if sampler in STOCHASTIC else {}
     if sampler == "dpm_adaptive":
         extra.update(rtol=tolerances[0], atol=tolerances[1], info={})
@@ -263,6 +274,7 @@ def generate(opt: argparse.Namespace, init_img: Optional[str] = None) -> list[Pa
     config = load_config(choose_config(opt.config, opt.ckpt))
     if opt.clip_skip is not None:
         OmegaConf.update(config, CLIP_SKIP_KEY, opt.clip_skip, merge=True)
+    control_settings = check_control_options(opt, config)
     prompts = read_prompts(opt.prompt, opt.from_file)
     init = None if init_img is None else load_init_image(init_img, size_multiple(config))
     native = native_size(config)
@@ -292,8 +304,13 @@ def generate(opt: argparse.Namespace, init_img: Optional[str] = None) -> list[Pa
     sample_dir = outdir / "samples"
     sample_dir.mkdir(parents=True, exist_ok=True)
     count, grid_count = next_index(sample_dir, r"(\d{5,})\.png"), next_index(outdir, r"grid-(\d{4,})\.png")
+    hint_stem = outdir / "hint-{:04}".format(next_index(outdir, r"hint-(\d{4,})-\d+\.png"))
+    control, controlnets = build_controls(opt, control_settings, config, (width, height), device, model.unet_dtype,
+                                          hint_stem)
+    if controlnets:
+        params.update(controlnets=controlnets, guess_mode=opt.guess_mode)
     written, batch_index = [], 0
-    with torch.no_grad(), scope, model.ema_scope():
+    with torch.no_grad(), scope, model.ema_scope(), controlled(model, control):
         # The posterior mean, so that an img2img result depends on its seed only.
         init_latent = None if init is None else model.scale_factor * model.encode_first_stage(init.to(device)).mode()
         for prompt in prompts:

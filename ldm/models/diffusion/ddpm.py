@@ -34,8 +34,9 @@ class DiffusionWrapper(nn.Module):
             raise ValueError(f"conditioning_key {conditioning_key!r} is not supported; SD v1 uses 'crossattn'")
         self.diffusion_model = instantiate_from_config(unet_config)
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        return self.diffusion_model(x, t, context=context)
+    def forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor,
+                control: Optional[Sequence[torch.Tensor]] = None) -> torch.Tensor:
+        return self.diffusion_model(x, t, context=context, control=control)
 
 
 class DDPM(pl.LightningModule):
@@ -104,11 +105,15 @@ class DDPM(pl.LightningModule):
         return (extract_into_tensor(self.sqrt_recip_alphas_cumprod, t, x_t.shape) * x_t
                 - extract_into_tensor(self.sqrt_recipm1_alphas_cumprod, t, x_t.shape) * noise)
 
-    def apply_model(self, x_noisy: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-        """The denoiser's eps prediction for x_t at timesteps t under text conditioning `cond`, in float32 (inputs go
-        in at the UNet's own dtype, so that a UNet held in bf16 takes float32 latents)."""
+    def apply_model(self, x_noisy: torch.Tensor, t: torch.Tensor, cond: torch.Tensor,
+                    control: Optional[Sequence[torch.Tensor]] = None) -> torch.Tensor:
+        """The denoiser's eps prediction for x_t at timesteps t under text conditioning `cond` (and a ControlNet's
+        residuals `control`), in float32 (inputs go in at the UNet's own dtype, so that a UNet held in bf16 takes
+        float32 latents)."""
         dtype = self.unet_dtype
-        return self.model(x_noisy.to(dtype), t, context=cond.to(dtype)).float()
+        if control is not None:
+            control = [residual.to(dtype) for residual in control]
+        return self.model(x_noisy.to(dtype), t, context=cond.to(dtype), control=control).float()
 
     @property
     def unet_dtype(self) -> torch.dtype:

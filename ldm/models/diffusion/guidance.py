@@ -9,10 +9,19 @@ from ldm.models.diffusion.sigmas import get_sigmas, sigma_to_t, sigmas_from_alph
 
 def guided_eps(model: nn.Module, x: Tensor, t: Tensor, cond: Tensor, uncond: Optional[Tensor] = None,
                scale: float = 1.0) -> Tensor:
-    """eps_u + s (eps_c - eps_u) from one batched `apply_model` call on [uncond, cond] (Ho & Salimans 2022, eq. 6)."""
-    if uncond is None or scale == 1.0:
-        return model.apply_model(x, t, cond).to(x.dtype)
-    e_u, e_c = model.apply_model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([uncond, cond])).to(x.dtype).chunk(2)
+    """eps_u + s (eps_c - eps_u) from one batched `apply_model` call on [uncond, cond] (Ho & Salimans 2022, eq. 6);
+    with ControlNets on the model (`model.control`, see control.py) their residuals go into that call."""
+    if uncond is not None and scale != 1.0:
+        x, t, context, n_uncond = torch.cat([x, x]), torch.cat([t, t]), torch.cat([uncond, cond]), x.shape[0]
+    else:
+        context, n_uncond = cond, 0
+    control = getattr(model, "control", None)
+    residuals = None if control is None else control.residuals(x, t, context, n_uncond)
+    extra = {} if residuals is None else {"control": residuals}
+    eps = model.apply_model(x, t, context, **extra).to(x.dtype)
+    if not n_uncond:
+        return eps
+    e_u, e_c = eps.chunk(2)
     return e_u + scale * (e_c - e_u)
 
 

@@ -82,16 +82,72 @@ class TimestepEmbedSequential(nn.Sequential):
         return x
 
 
-def _check_sd_v1_options(**options: object) -> None:
+SD_V1_OPTIONS = {
+    "conv_resample": True, "dims": 2, "num_classes": None, "use_fp16": False, "num_heads_upsample": -1,
+    "use_scale_shift_norm": False, "resblock_updown": False, "use_new_attention_order": False,
+    "use_spatial_transformer": True, "n_embed": None,
+}
+
+
+def check_sd_v1_options(**options: object) -> None:
     """Raise for CompVis UNet options that Stable Diffusion v1 never uses and this UNet does not build."""
-    supported = {
-        "conv_resample": True, "dims": 2, "num_classes": None, "use_fp16": False, "num_heads_upsample": -1,
-        "use_scale_shift_norm": False, "resblock_updown": False, "use_new_attention_order": False,
-        "use_spatial_transformer": True, "n_embed": None,
-    }
     for name, value in options.items():
-        if value != supported[name]:
-            raise ValueError(f"UNetModel: {name}={value!r} is not supported (SD v1 uses {supported[name]!r})")
+        if name not in SD_V1_OPTIONS:
+            raise ValueError(f"{name} is not an option of the SD v1 UNet")
+        if value != SD_V1_OPTIONS[name]:
+            raise ValueError(f"UNetModel: {name}={value!r} is not supported (SD v1 uses {SD_V1_OPTIONS[name]!r})")
+
+
+class UNetBlocks:
+    """The blocks of the UNet's encoder half for one set of options; UNetModel and ControlNet build theirs here."""
+
+    def __init__(self, model_channels: int, num_heads: int, num_head_channels: int, transformer_depth: int,
+                 context_dim: Optional[int], dropout: float, use_checkpoint: bool) -> None:
+        if (num_heads == -1) == (num_head_channels == -1):
+            raise ValueError("UNetModel: set exactly one of num_heads and num_head_channels")
+        if context_dim is None:
+            raise ValueError("UNetModel: the spatial transformer needs context_dim")
+        self.model_channels, self.time_embed_dim = model_channels, model_channels * 4
+        self.num_heads, self.num_head_channels = num_heads, num_head_channels
+        self.transformer_depth, self.context_dim = transformer_depth, context_dim
+        self.dropout, self.use_checkpoint = dropout, use_checkpoint
+
+    def attention(self, ch: int) -> SpatialTransformer:
+        heads = self.num_heads if self.num_head_channels == -1 else ch // self.num_head_channels
+        # Dropout reaches only the ResBlocks, as in SD v1 (kept on purpose).
+        return SpatialTransformer(ch, heads, ch // heads, depth=self.transformer_depth, context_dim=self.context_dim,
+                                  use_checkpoint=self.use_checkpoint)
+
+    def resblock(self, ch: int, out_ch: int) -> ResBlock:
+        return ResBlock(ch, self.time_embed_dim, self.dropout, out_channels=out_ch, use_checkpoint=self.use_checkpoint)
+
+    def time_embed(self) -> nn.Sequential:
+        return nn.Sequential(nn.Linear(self.model_channels, self.time_embed_dim), nn.SiLU(),
+                             nn.Linear(self.time_embed_dim, self.time_embed_dim))
+
+    def input_blocks(self, in_channels: int, num_res_blocks: int, attention_resolutions: Sequence[int],
+                     channel_mult: Sequence[int]) -> tuple[nn.ModuleList, list[int]]:
+        """The input blocks (conv, then ResBlocks with attention where the downsampling is in
+        `attention_resolutions`, and a Downsample between levels) and the channels of each one's output."""
+        blocks = nn.ModuleList([TimestepEmbedSequential(nn.Conv2d(in_channels, self.model_channels, 3, padding=1))])
+        skip_chans = [self.model_channels]
+        ch, ds = self.model_channels, 1
+        for level, mult in enumerate(channel_mult):
+            for _ in range(num_res_blocks):
+                layers: list[nn.Module] = [self.resblock(ch, mult * self.model_channels)]
+                ch = mult * self.model_channels
+                if ds in attention_resolutions:
+                    layers.append(self.attention(ch))
+                blocks.append(TimestepEmbedSequential(*layers))
+                skip_chans.append(ch)
+            if level != len(channel_mult) - 1:
+                blocks.append(TimestepEmbedSequential(Downsample(ch)))
+                skip_chans.append(ch)
+                ds *= 2
+        return blocks, skip_chans
+
+    def middle_block(self, ch: int) -> TimestepEmbedSequential:
+        return TimestepEmbedSequential(self.resblock(ch, ch), self.attention(ch), self.resblock(ch, ch))
 
 
 class UNetModel(nn.Module):
@@ -125,64 +181,32 @@ class UNetModel(nn.Module):
         legacy: bool = True,
     ) -> None:
         super().__init__()
-        _check_sd_v1_options(
+        check_sd_v1_options(
             conv_resample=conv_resample, dims=dims, num_classes=num_classes, use_fp16=use_fp16,
             num_heads_upsample=num_heads_upsample, use_scale_shift_norm=use_scale_shift_norm,
             resblock_updown=resblock_updown, use_new_attention_order=use_new_attention_order,
             use_spatial_transformer=use_spatial_transformer, n_embed=n_embed,
         )
-        if (num_heads == -1) == (num_head_channels == -1):
-            raise ValueError("UNetModel: set exactly one of num_heads and num_head_channels")
-        if context_dim is None:
-            raise ValueError("UNetModel: the spatial transformer needs context_dim")
         # `legacy` only changes head sizes of the non-spatial AttentionBlock, which SD v1 does not use; accepted as is.
+        blocks = UNetBlocks(model_channels, num_heads, num_head_channels, transformer_depth, context_dim, dropout,
+                            use_checkpoint)
         self.image_size = image_size
         self.in_channels = in_channels
         self.model_channels = model_channels
         self.out_channels = out_channels
-        time_embed_dim = model_channels * 4
-
-        def attention(ch: int) -> SpatialTransformer:
-            heads = num_heads if num_head_channels == -1 else ch // num_head_channels
-            # Dropout reaches only the ResBlocks, as in SD v1 (kept on purpose).
-            return SpatialTransformer(
-                ch, heads, ch // heads, depth=transformer_depth, context_dim=context_dim, use_checkpoint=use_checkpoint
-            )
-
-        def resblock(ch: int, out_ch: int) -> ResBlock:
-            return ResBlock(ch, time_embed_dim, dropout, out_channels=out_ch, use_checkpoint=use_checkpoint)
-
-        self.time_embed = nn.Sequential(
-            nn.Linear(model_channels, time_embed_dim), nn.SiLU(), nn.Linear(time_embed_dim, time_embed_dim)
-        )
-
-        self.input_blocks = nn.ModuleList(
-            [TimestepEmbedSequential(nn.Conv2d(in_channels, model_channels, 3, padding=1))]
-        )
-        skip_chans = [model_channels]
-        ch, ds = model_channels, 1
-        for level, mult in enumerate(channel_mult):
-            for _ in range(num_res_blocks):
-                layers: list[nn.Module] = [resblock(ch, mult * model_channels)]
-                ch = mult * model_channels
-                if ds in attention_resolutions:
-                    layers.append(attention(ch))
-                self.input_blocks.append(TimestepEmbedSequential(*layers))
-                skip_chans.append(ch)
-            if level != len(channel_mult) - 1:
-                self.input_blocks.append(TimestepEmbedSequential(Downsample(ch)))
-                skip_chans.append(ch)
-                ds *= 2
-
-        self.middle_block = TimestepEmbedSequential(resblock(ch, ch), attention(ch), resblock(ch, ch))
+        self.time_embed = blocks.time_embed()
+        self.input_blocks, skip_chans = blocks.input_blocks(in_channels, num_res_blocks, attention_resolutions,
+                                                            channel_mult)
+        ch, ds = skip_chans[-1], 2 ** (len(channel_mult) - 1)
+        self.middle_block = blocks.middle_block(ch)
 
         self.output_blocks = nn.ModuleList()
         for level, mult in reversed(list(enumerate(channel_mult))):
             for i in range(num_res_blocks + 1):
-                layers = [resblock(ch + skip_chans.pop(), mult * model_channels)]
+                layers = [blocks.resblock(ch + skip_chans.pop(), mult * model_channels)]
                 ch = mult * model_channels
                 if ds in attention_resolutions:
-                    layers.append(attention(ch))
+                    layers.append(blocks.attention(ch))
                 if level and i == num_res_blocks:
                     layers.append(Upsample(ch))
                     ds //= 2
@@ -192,8 +216,11 @@ class UNetModel(nn.Module):
             normalization(ch), nn.SiLU(), zero_module(nn.Conv2d(model_channels, out_channels, 3, padding=1))
         )
 
-    def forward(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        """Predict the noise in `x` [B, C, H, W] at `timesteps` [B] (integer or fractional) given `context` [B, L, context_dim]."""
+    def forward(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor,
+                control: Optional[Sequence[torch.Tensor]] = None) -> torch.Tensor:
+        """Predict the noise in `x` [B, C, H, W] at `timesteps` [B] (integer or fractional) given `context`
+        [B, L, context_dim]; `control` (a ControlNet's residuals: one per input block, then the middle block's) is
+        added to the skip connections and to the middle block's output."""
         emb = self.time_embed(timestep_embedding(timesteps, self.model_channels).to(x.dtype))
         skips = []
         h = x
@@ -201,6 +228,11 @@ class UNetModel(nn.Module):
             h = block(h, emb, context)
             skips.append(h)
         h = self.middle_block(h, emb, context)
+        if control is not None:
+            if len(control) != len(skips) + 1:
+                raise ValueError(f"UNetModel: {len(control)} control residuals for {len(skips)} skips + the middle")
+            skips = [skip + residual for skip, residual in zip(skips, control)]
+            h = h + control[-1]
         for block in self.output_blocks:
             h = block(torch.cat([h, skips.pop()], dim=1), emb, context)
         return self.out(h)
