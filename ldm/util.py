@@ -95,6 +95,12 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], None], size: i
         tmp.unlink(missing_ok=True)
 
 
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """`text` (UTF-8) written atomically to `path`."""
+    data = text.encode("utf-8")
+    atomic_write(path, lambda tmp: tmp.write_bytes(data), len(data))
+
+
 def ensure_writable_dir(path: str | os.PathLike, flag: str) -> None:
     """Refuse a folder that cannot be created or written, before any work; nothing is created here."""
     path = Path(path).absolute()

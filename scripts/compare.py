@@ -11,28 +11,19 @@ parameters, file size, and the training run's s/step and peak memory from its su
 and prompt fidelity over all --n images).
 """
 import argparse
-import gc
 import logging
 import sys
-import time
 from pathlib import Path
 from typing import Optional, Sequence
-
-import torch
-from omegaconf import DictConfig
-from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from ldm.eval.compare import (ModelSpec, Scorer, ToyPromptScorer, cost_row, default_prompts,  # noqa: E402
                               draw_comparison, mean, percent, table_rows, unique_labels, write_tables)
-from ldm.images import save_image, to_pil  # noqa: E402
-from ldm.inference import (USER_ERRORS, check_checkpoint, choose_device, load_model, make_generators,  # noqa: E402
-                           read_prompts, sample_latents)
-from ldm.lora_files import apply_lora_files, check_lora_specs  # noqa: E402
-from ldm.model_config import choose_config, latent_shape, load_config, native_size  # noqa: E402
-from ldm.models.diffusion.sampling import randn  # noqa: E402
-from ldm.util import UserError, ensure_writable_dir, file_sha256  # noqa: E402
+from ldm.eval.generation import SampleSettings, model_config, sample_model  # noqa: E402
+from ldm.inference import USER_ERRORS, check_checkpoint, choose_device, read_prompts  # noqa: E402
+from ldm.lora_files import check_lora_specs  # noqa: E402
+from ldm.util import UserError, ensure_writable_dir  # noqa: E402
 
 logger = logging.getLogger("compare")
 TOY_SCORER = "data/toy/scorer.safetensors"
@@ -82,54 +73,9 @@ def make_scorer(opt: argparse.Namespace) -> Optional[Scorer]:
     return ToyPromptScorer(load_scorer(opt.scorer_path), opt.class_word or "ball")
 
 
-def model_config(spec: ModelSpec, opt: argparse.Namespace) -> tuple[DictConfig, tuple[int, int], tuple[int, ...]]:
-    """The model's config, its image size (--H/--W, else the config's native size) and latent shape."""
-    config = load_config(choose_config(opt.config, spec.ckpt))
-    height, width = (native_size(config) if size is None else size for size in (opt.H, opt.W))
-    return config, (height, width), latent_shape(config, height, width)
-
-
-@torch.no_grad()
-def sample_prompt(model: torch.nn.Module, prompt: str, seeds: list[int], steps: int, scale: float,
-                  shape: tuple[int, int, int]) -> list[Image.Image]:
-    """DDIM images of `prompt` with latents of `shape`, one per seed (an image depends on its seed only)."""
-    n = len(seeds)
-    cond = model.get_learned_conditioning([prompt] * n)
-    uncond = None if scale == 1.0 else model.get_learned_conditioning([""] * n)
-    generators = make_generators(seeds)
-    noise = randn((n, *shape), generators, model.alphas_cumprod.device)
-    latents = sample_latents(model, "ddim", steps, cond, uncond, scale, noise, generators, progress=False)
-    return to_pil(model.decode_first_stage(latents))
-
-
-def sample_model(spec: ModelSpec, opt: argparse.Namespace, prompts: list[str], device: torch.device,
-                 outdir: Path) -> dict[str, list[Image.Image]]:
-    """One model's images of every prompt, each saved with its metadata under samples/<label>/; the model is
-    freed before returning."""
-    started = time.monotonic()
-    config, (height, width), shape = model_config(spec, opt)
-    model = load_model(config, spec.ckpt, device)
-    loras = apply_lora_files(model, config.model, spec.loras)
-    loaded = time.monotonic()
-    seeds = list(range(opt.seed, opt.seed + opt.n))
-    folder = outdir / "samples" / spec.label
-    folder.mkdir(parents=True, exist_ok=True)
-    meta = {"sampler": "ddim", "steps": opt.steps, "scale": opt.scale, "width": width, "height": height,
-            "checkpoint": Path(spec.ckpt).name, "checkpoint_sha256": file_sha256(spec.ckpt),
-            **({"loras": loras} if loras else {})}
-    images = {}
-    with model.ema_scope():
-        for k, prompt in enumerate(prompts):
-            images[prompt] = sample_prompt(model, prompt, seeds, opt.steps, opt.scale, shape)
-            for image, seed in zip(images[prompt], seeds):
-                save_image(image, folder / f"{k:02}-{seed}.png", {**meta, "prompt": prompt, "seed": seed})
-    del model
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-    logger.info("%s: loaded in %.1f s, sampled %d images in %.1f s", spec.label, loaded - started,
-                len(prompts) * len(seeds), time.monotonic() - loaded)
-    return images
+def settings_of(opt: argparse.Namespace) -> SampleSettings:
+    """The sampling settings every model shares."""
+    return SampleSettings(list(range(opt.seed, opt.seed + opt.n)), opt.steps, opt.scale, opt.H, opt.W, opt.config)
 
 
 def compare(opt: argparse.Namespace) -> str:
@@ -139,14 +85,14 @@ def compare(opt: argparse.Namespace) -> str:
     for spec in specs:
         check_checkpoint(spec.ckpt)
         check_lora_specs(spec.loras)
-        model_config(spec, opt)  # a bad config or size stops the run before any model is sampled
+        model_config(spec, settings_of(opt))  # a bad config or size stops the run before any model is sampled
     if opt.n < 1 or opt.steps < 1:
         raise UserError("--n and --steps must be at least 1")
     ensure_writable_dir(opt.outdir, "--outdir")
     outdir, prompts, device, scorer = Path(opt.outdir), prompts_of(opt), choose_device(opt.device), make_scorer(opt)
     images, costs, scores = {}, [], {}
     for spec in specs:
-        images[spec.label] = sample_model(spec, opt, prompts, device, outdir)
+        images[spec.label] = sample_model(spec, settings_of(opt), prompts, device, outdir / "samples" / spec.label)
         costs.append(cost_row(spec))
         if scorer is not None:
             scores[spec.label] = {p: scorer(images[spec.label][p], p) for p in prompts}

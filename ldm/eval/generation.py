@@ -1,0 +1,73 @@
+"""A model's samples of a list of prompts at fixed seeds and DDIM settings, saved with their metadata: what
+scripts/compare.py and scripts/evaluate.py share (a model is a checkpoint with LoRA files at their scales)."""
+import gc
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+from omegaconf import DictConfig
+from PIL import Image
+
+from ldm.eval.compare import ModelSpec
+from ldm.images import save_image
+from ldm.inference import load_model, sample_images
+from ldm.lora_files import apply_lora_files
+from ldm.model_config import choose_config, latent_shape, load_config, native_size
+from ldm.util import file_sha256
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class SampleSettings:
+    """Fixed for every model: the seeds of each prompt's images, DDIM steps, guidance, size (default: the config's
+    native size), the config (default: each checkpoint's run config, else SD v1's) and the batch size."""
+    seeds: list[int]
+    steps: int = 25
+    scale: float = 7.5
+    height: Optional[int] = None
+    width: Optional[int] = None
+    config: Optional[str] = None
+    batch: int = 8
+
+
+def model_config(spec: ModelSpec, settings: SampleSettings) -> tuple[DictConfig, tuple[int, int], tuple[int, ...]]:
+    """The model's config, its image size and latent shape (a size the model cannot take is a UserError)."""
+    config = load_config(choose_config(settings.config, spec.ckpt))
+    height, width = (native_size(config) if size is None else size for size in (settings.height, settings.width))
+    return config, (height, width), latent_shape(config, height, width)
+
+
+def sample_model(spec: ModelSpec, settings: SampleSettings, prompts: Sequence[str], device: torch.device,
+                 folder: Path) -> dict[str, list[Image.Image]]:
+    """The model's images of every prompt, each saved with its metadata as `folder/<prompt index>-<seed>.png`; the
+    model is freed before returning."""
+    started = time.monotonic()
+    config, (height, width), shape = model_config(spec, settings)
+    model = load_model(config, spec.ckpt, device)
+    loras = apply_lora_files(model, config.model, spec.loras)
+    loaded = time.monotonic()
+    folder.mkdir(parents=True, exist_ok=True)
+    meta = {"sampler": "ddim", "steps": settings.steps, "scale": settings.scale, "width": width, "height": height,
+            "checkpoint": Path(spec.ckpt).name, "checkpoint_sha256": file_sha256(spec.ckpt),
+            **({"loras": loras} if loras else {})}
+    images: dict[str, list[Image.Image]] = {}
+    with model.ema_scope():
+        for k, prompt in enumerate(prompts):
+            images[prompt] = []
+            for first in range(0, len(settings.seeds), settings.batch):
+                seeds = settings.seeds[first:first + settings.batch]
+                batch = sample_images(model, prompt, seeds, settings.steps, settings.scale, shape=shape)
+                for image, seed in zip(batch, seeds):
+                    save_image(image, folder / f"{k:02}-{seed}.png", {**meta, "prompt": prompt, "seed": seed})
+                images[prompt] += batch
+    del model
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    logger.info("%s: loaded in %.1f s, sampled %d images in %.1f s", spec.label, loaded - started,
+                len(prompts) * len(settings.seeds), time.monotonic() - loaded)
+    return images
