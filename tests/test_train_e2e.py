@@ -99,6 +99,11 @@ def metrics(run: Path) -> list[dict[str, str]]:
     return rows
 
 
+def test_the_run_ends_with_its_loss_plot(first_run):
+    plot = first_run.dir / "loss.png"
+    assert plot.is_file() and Image.open(plot).size == (960, 480)
+
+
 def test_checkpoints_at_the_configured_steps_and_at_the_end(first_run):
     folder = first_run.dir / "checkpoints"
     assert sorted(p.name for p in folder.iterdir()) == [

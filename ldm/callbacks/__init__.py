@@ -1,10 +1,11 @@
 """Lightning callbacks of a training run: run folder, checkpoints (with the atomic checkpoint I/O), sample images,
-progress and the end-of-run summary."""
+progress, the end-of-run summary and loss plot."""
 from ldm.callbacks.checkpointing import AtomicCheckpointIO, StartAtStep, StepCheckpoint
 from ldm.callbacks.image_logger import ImageLogger
+from ldm.callbacks.loss_plot import LossPlot
 from ldm.callbacks.progress import StepProgress, quiet_lightning
 from ldm.callbacks.setup import SetupCallback
 from ldm.callbacks.timing import StepTimer
 
-__all__ = ["AtomicCheckpointIO", "ImageLogger", "SetupCallback", "StartAtStep", "StepCheckpoint", "StepProgress",
-           "StepTimer", "quiet_lightning"]
+__all__ = ["AtomicCheckpointIO", "ImageLogger", "LossPlot", "SetupCallback", "StartAtStep", "StepCheckpoint",
+           "StepProgress", "StepTimer", "quiet_lightning"]

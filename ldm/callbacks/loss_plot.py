@@ -1,0 +1,116 @@
+"""`<run>/loss.png` at the end of a run (and after a crash or Ctrl-C): the training loss, instance and class apart,
+each as its raw points and an exponentially smoothed line, over every session of the run (read from its CSV logs)."""
+import csv
+import io
+import logging
+import math
+from pathlib import Path
+from typing import Optional
+
+import pytorch_lightning as pl
+from PIL import Image, ImageDraw
+
+from ldm.images import default_font
+from ldm.util import DiskFullError, atomic_write
+
+logger = logging.getLogger(__name__)
+SERIES = {"train/loss_instance": ("instance", (31, 119, 180)), "train/loss_class": ("class", (214, 39, 40)),
+          "val/loss": ("evaluation", (44, 160, 44))}
+SIZE, MARGIN = (960, 480), (70, 30, 20, 50)  # left, top, right, bottom
+
+
+def read_losses(run: Path) -> dict[str, list[tuple[int, float]]]:
+    """(step, value) of each series in the run's `csv/*/metrics.csv`; a later session's row for a step wins."""
+    values: dict[str, dict[int, float]] = {key: {} for key in SERIES}
+    for path in sorted(run.glob("csv/*/metrics.csv")):
+        with open(path, newline="") as handle:
+            for row in csv.DictReader(handle):
+                for key in SERIES:
+                    if row.get(key) not in (None, "") and row.get("step") not in (None, ""):
+                        values[key][int(float(row["step"]))] = float(row[key])
+    return {key: sorted(points.items()) for key, points in values.items() if points}
+
+
+def smoothed(values: list[float], smoothing: float) -> list[float]:
+    """An exponential moving average, debiased as TensorBoard's (the first points are not pulled to 0)."""
+    result, average = [], 0.0
+    for k, value in enumerate(values, start=1):
+        average = smoothing * average + (1 - smoothing) * value
+        result.append(average / (1 - smoothing ** k))
+    return result
+
+
+def draw_losses(series: dict[str, list[tuple[int, float]]], smoothing: float, title: str) -> Image.Image:
+    """The plot: steps across, loss up (linear), raw points faint, the smoothed lines strong, a legend."""
+    image = Image.new("RGB", SIZE, "white")
+    draw, font = ImageDraw.Draw(image), default_font()
+    left, top, right, bottom = MARGIN[0], MARGIN[1], SIZE[0] - MARGIN[2], SIZE[1] - MARGIN[3]
+    steps = [s for points in series.values() for s, _ in points]
+    losses = [v for points in series.values() for _, v in points if math.isfinite(v)]
+    s0, s1 = min(steps), max(max(steps), min(steps) + 1)
+    v0, v1 = min(losses), max(max(losses), min(losses) + 1e-6)
+
+    def xy(step: float, value: float) -> tuple[float, float]:
+        return (left + (step - s0) / (s1 - s0) * (right - left), bottom - (value - v0) / (v1 - v0) * (bottom - top))
+
+    draw.rectangle((left, top, right, bottom), outline="black")
+    for k in range(5):
+        value, step = v0 + (v1 - v0) * k / 4, s0 + (s1 - s0) * k / 4
+        y, x = xy(s0, value)[1], xy(step, v0)[0]
+        draw.line((left, y, right, y), fill=(230, 230, 230))
+        if font is not None:
+            draw.text((4, y - 6), f"{value:.4f}", fill="black", font=font)
+            draw.text((x - 10, bottom + 6), f"{step:.0f}", fill="black", font=font)
+    for k, (key, points) in enumerate(series.items()):
+        name, colour = SERIES[key]
+        faint = tuple(c + (255 - c) * 2 // 3 for c in colour)
+        for step, value in points:
+            x, y = xy(step, value)
+            draw.ellipse((x - 1.5, y - 1.5, x + 1.5, y + 1.5), fill=faint)
+        line = [xy(s, v) for (s, _), v in zip(points, smoothed([v for _, v in points], smoothing))]
+        if len(line) > 1:
+            draw.line(line, fill=colour, width=2)
+        if font is not None:  # the legend: a stroke of the colour, then the name
+            x = left + 10 + 120 * k
+            draw.line((x, top + 13, x + 16, top + 13), fill=colour, width=2)
+            draw.text((x + 20, top + 6), name, fill=colour, font=font)
+    if font is not None:
+        draw.text((left, 8), title, fill="black", font=font)
+        draw.text(((left + right) // 2 - 15, SIZE[1] - 20), "step", fill="black", font=font)
+    return image
+
+
+class LossPlot(pl.Callback):
+    """Writes `<run>/loss.png` when training ends, stops or fails (`lightning.loss_plot: false` turns it off)."""
+
+    def __init__(self, smoothing: float = 0.9) -> None:
+        if not 0 <= smoothing < 1:
+            raise ValueError(f"loss_plot smoothing must be in [0, 1), got {smoothing}")
+        self.smoothing = smoothing
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.plot(trainer)
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        try:
+            self.plot(trainer)
+        except (OSError, ValueError, DiskFullError) as err:  # the run's own error is the one to report
+            logger.warning("could not write loss.png: %s", err)
+
+    def plot(self, trainer: pl.Trainer) -> Optional[Path]:
+        """Flush the loggers, read every session's CSV and write the picture; None when nothing was logged."""
+        if not trainer.is_global_zero:
+            return None
+        for each in trainer.loggers:
+            each.save()
+        run = Path(trainer.default_root_dir)
+        series = read_losses(run)
+        if not series:
+            return None
+        buffer = io.BytesIO()
+        draw_losses(series, self.smoothing, f"{run.name}: training loss (smoothing {self.smoothing})").save(
+            buffer, format="PNG")
+        data = buffer.getvalue()
+        atomic_write(run / "loss.png", lambda tmp: tmp.write_bytes(data), len(data))
+        logger.info("loss plot: %s", run / "loss.png")
+        return run / "loss.png"
