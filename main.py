@@ -341,8 +341,8 @@ def make_callbacks(lightning: DictConfig, run: Run, now: str, config: DictConfig
     for name, callback_config in (lightning.get("callbacks") or {}).items():
         callbacks.append(build(callback_config, f"lightning.callbacks.{name}"))
     if lightning.get("loss_plot", True) is not False:  # on by default; `lightning.loss_plot: false` turns it off
-        plot_config = OmegaConf.merge({"target": "ldm.callbacks.LossPlot"}, lightning.get("loss_plot") or {})
-        callbacks.append(build(plot_config, "lightning.loss_plot"))
+        callbacks.append(build(OmegaConf.merge({"target": "ldm.callbacks.LossPlot"}, lightning.get("loss_plot") or {}),
+                               "lightning.loss_plot"))
     progress_config = OmegaConf.merge({"target": "ldm.callbacks.StepProgress"}, lightning.get("progress") or {})
     return callbacks + [build(progress_config, "lightning.progress")]
 

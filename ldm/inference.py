@@ -3,8 +3,9 @@ import argparse
 import contextlib
 import logging
 import re
+import sys
 from pathlib import Path
-from typing import ContextManager, Optional, Sequence
+from typing import Callable, ContextManager, Optional, Sequence
 
 import numpy as np
 import torch
@@ -37,6 +38,18 @@ CLIP_SKIP_KEY = "model.params.cond_stage_config.params.clip_skip"  # what --clip
 
 
 USER_ERRORS = (UserError, CheckpointError)
+
+
+def run_command(work: Callable[[], str], level: int = logging.INFO) -> int:
+    """A command line's body: log at `level`, print what `work` returns; a user error is one `error:` line and exit
+    status 1."""
+    logging.basicConfig(level=level, format="%(levelname)s: %(message)s")
+    try:
+        print(work())
+    except USER_ERRORS as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    return 0
 
 
 def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:

@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from ldm.eval.compare import (ModelSpec, Scorer, ToyPromptScorer, cost_row, default_prompts,  # noqa: E402
                               draw_comparison, mean, percent, table_rows, unique_labels, write_tables)
 from ldm.eval.generation import SampleSettings, model_config, sample_model  # noqa: E402
-from ldm.inference import USER_ERRORS, check_checkpoint, choose_device, read_prompts  # noqa: E402
+from ldm.inference import check_checkpoint, choose_device, read_prompts, run_command  # noqa: E402
 from ldm.lora_files import check_lora_specs  # noqa: E402
 from ldm.util import UserError, ensure_writable_dir  # noqa: E402
 
@@ -108,13 +108,7 @@ def compare(opt: argparse.Namespace) -> str:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run the comparison; a user error is one `error:` line and exit status 1."""
     opt = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
-    try:
-        print(compare(opt))
-    except USER_ERRORS as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
-    return 0
+    return run_command(lambda: compare(opt))
 
 
 if __name__ == "__main__":

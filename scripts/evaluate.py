@@ -25,7 +25,7 @@ from ldm.data.personalized import DataError, list_images, load_rgb  # noqa: E402
 from ldm.eval.compare import ModelSpec, Scorer, ToyPromptScorer  # noqa: E402
 from ldm.eval.evaluate import Subject, evaluate_subject, paper_table, subject_class, subject_kind  # noqa: E402
 from ldm.eval.generation import SampleSettings, model_config  # noqa: E402
-from ldm.inference import USER_ERRORS, check_checkpoint, choose_device, read_prompts  # noqa: E402
+from ldm.inference import check_checkpoint, choose_device, read_prompts, run_command  # noqa: E402
 from ldm.lora_files import check_lora_specs  # noqa: E402
 from ldm.util import UserError, atomic_write_text, ensure_writable_dir  # noqa: E402
 
@@ -159,13 +159,7 @@ def evaluate(opt: argparse.Namespace) -> str:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run the evaluation; a user error is one `error:` line and exit status 1."""
     opt = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
-    try:
-        print(evaluate(opt))
-    except USER_ERRORS as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
-    return 0
+    return run_command(lambda: evaluate(opt))
 
 
 if __name__ == "__main__":
