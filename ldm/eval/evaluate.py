@@ -4,7 +4,7 @@ a grid per prompt group, and for several subjects a table in the layout of the p
 import csv
 import io
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
@@ -55,7 +55,6 @@ class Subject:
     class_word: str
     kind: str = "object"
     prompts: Optional[list[str]] = None  # None: DreamBench's for the kind
-    scores: dict[str, list[dict]] = field(default_factory=dict)
 
 
 def write_csv(path: Path, rows: Sequence[dict]) -> None:
@@ -72,13 +71,13 @@ def evaluate_subject(subject: Subject, settings: SampleSettings, identifier: str
     """Sample, score and write one subject's outputs under `outdir`; returns its summary."""
     prompts = subject.prompts or dreambench_prompts(subject.kind, identifier, subject.class_word)
     images = sample_model(subject.model, settings, prompts, device, outdir / "samples")
-    per_image, per_prompt = [], []
+    per_image, per_prompt, scores = [], [], {}
     for k, prompt in enumerate(prompts):
-        subject.scores[prompt] = [{COLUMNS.get(k, k): v for k, v in score.items()}
+        scores[prompt] = [{COLUMNS.get(k, k): v for k, v in score.items()}
                                   for score in scorer(images[prompt], prompt)]
-        for seed, score in zip(settings.seeds, subject.scores[prompt]):
+        for seed, score in zip(settings.seeds, scores[prompt]):
             per_image.append({"prompt": prompt, "seed": seed, "file": f"samples/{k:02}-{seed}.png", **score})
-        per_prompt.append({"prompt": prompt, **average(subject.scores[prompt])})
+        per_prompt.append({"prompt": prompt, **average(scores[prompt])})
     write_csv(outdir / "images.csv", per_image)
     write_csv(outdir / "prompts.csv", per_prompt)
     groups = prompt_groups(prompts, None if subject.prompts else subject.kind)
@@ -86,12 +85,12 @@ def evaluate_subject(subject: Subject, settings: SampleSettings, identifier: str
         grid = labelled_grid([(p, images[p]) for p in members], len(settings.seeds),
                              f"{subject.name}: {name} ({subject.model.label})")
         grid.save(outdir / f"grid-{name}.png")
-    everything = [score for cell in subject.scores.values() for score in cell]
+    everything = [score for cell in scores.values() for score in cell]
     summary = {"name": subject.name, "class_word": subject.class_word, "kind": subject.kind,
                "model": subject.model.label, "files": [p.name for p in subject.model.files()],
                "identifier": identifier, "images": len(per_image), "seeds": settings.seeds, "sampler": "ddim",
                "steps": settings.steps, "scale": settings.scale, "scores": average(everything),
-               "groups": {name: average([s for p in members for s in subject.scores[p]]) for name, members in groups}}
+               "groups": {name: average([s for p in members for s in scores[p]]) for name, members in groups}}
     baseline = getattr(scorer, "real_baseline", None)
     if baseline is not None:
         summary["real_images"] = baseline()
