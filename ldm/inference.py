@@ -191,9 +191,11 @@ def img2img_steps(steps: int, strength: float) -> int:
 def sample_latents(model: nn.Module, sampler: str, steps: int, cond: Tensor, uncond: Optional[Tensor], scale: float,
                    noise: Tensor, generator: Generator = None, eta: float = 0.0, karras: bool = False,
                    init_latent: Optional[Tensor] = None, strength: float = 1.0, progress: bool = True,
-                   tolerances: tuple[float, float] = ADAPTIVE_TOLERANCES) -> Tensor:
+                   tolerances: tuple[float, float] = ADAPTIVE_TOLERANCES,
+                   on_prediction: Optional[Callable[[Tensor, int], None]] = None) -> Tensor:
     """Latents from `noise` (txt2img) or from `init_latent` noised to `strength` (img2img) with any sampler;
-    dpm_adaptive takes `tolerances` (rtol, atol) and logs how many model calls it used."""
+    dpm_adaptive takes `tolerances` (rtol, atol) and logs how many model calls it used; `on_prediction(x0, i)` sees
+    the predicted clean latents after each step i of a txt2img run."""
     control = getattr(model, "control", None)  # ControlNets act over a fraction of the steps run
     if sampler in ("ddim", "plms"):
         ddim = DDIMSampler(model) if sampler == "ddim" else PLMSSampler(model)
@@ -204,7 +206,7 @@ def sample_latents(model: nn.Module, sampler: str, steps: int, cond: Tensor, unc
         if init_latent is None:
             return ddim.sample(steps, noise.shape[0], noise.shape[1:], cond, eta=eta, x_T=noise, verbose=progress,
                                unconditional_guidance_scale=scale, unconditional_conditioning=uncond,
-                               generator=generator)[0]
+                               generator=generator, img_callback=on_prediction)[0]
         ddim.make_schedule(steps, eta)
         t_start = img2img_steps(steps, strength)
         z = ddim.stochastic_encode(init_latent, t_start, noise)
@@ -219,6 +221,8 @@ def sample_latents(model: nn.Module, sampler: str, steps: int, cond: Tensor, unc
     if control is not None:
         control.plan(sigma_to_t(sigmas[:-1].float(), denoiser.log_sigmas))
     extra: dict = {"generator": generator} if sampler in STOCHASTIC else {}
+    if on_prediction is not None and init_latent is None:
+        extra["callback"] = lambda state: on_prediction(state["denoised"], state["i"])
     if sampler == "dpm_adaptive":
         extra.update(rtol=tolerances[0], atol=tolerances[1], info={})
     z = K_SAMPLERS[sampler](denoiser, x, sigmas, {"cond": cond, "uncond": uncond, "cond_scale": scale},
@@ -232,16 +236,18 @@ def sample_latents(model: nn.Module, sampler: str, steps: int, cond: Tensor, unc
 
 @torch.no_grad()
 def sample_images(model: nn.Module, prompt: str, seeds: Sequence[int], steps: int = 50, scale: float = 10.0,
-                  eta: float = 0.0, shape: Optional[Sequence[int]] = None) -> list[Image.Image]:
+                  eta: float = 0.0, shape: Optional[Sequence[int]] = None,
+                  on_prediction: Optional[Callable[[Tensor, int], None]] = None) -> list[Image.Image]:
     """DDIM samples of `prompt`, one per seed (an image depends on its seed only), with latents of `shape` (C, h, w;
-    default: the model's own size)."""
+    default: the model's own size); `on_prediction` as in sample_latents."""
     n, device = len(seeds), model.alphas_cumprod.device
     shape = (model.channels, model.image_size, model.image_size) if shape is None else tuple(shape)
     cond = model.get_learned_conditioning([prompt] * n)
     uncond = None if scale == 1.0 else model.get_learned_conditioning([""] * n)
     generators = make_generators(seeds)
     noise = randn((n, *shape), generators, device)
-    latents = sample_latents(model, "ddim", steps, cond, uncond, scale, noise, generators, eta, progress=False)
+    latents = sample_latents(model, "ddim", steps, cond, uncond, scale, noise, generators, eta, progress=False,
+                             on_prediction=on_prediction)
     return to_pil(model.decode_first_stage(latents))
 
 

@@ -3,7 +3,7 @@ model with the toy scorer, through the same outputs.
 
     python scripts/evaluate.py --model logs/<run>/checkpoints/last.ckpt --photos photos/ --class_word dog \\
         --subject_type live --clip models/clip-vit-base-patch32 --dino models/dino-vits16
-    python scripts/evaluate.py --subjects_root dreambooth/dataset --model "logs/{subject}*/checkpoints/last.ckpt" \\
+    python scripts/evaluate.py --subjects_root dreambooth/dataset --model "logs/*_{subject}/checkpoints/last.ckpt" \\
         --clip models/clip-vit-base-patch32 --dino models/dino-vits16
     python scripts/evaluate.py --scorer toy --config configs/toy/v1-inference.yaml --model <toy run>/last.ckpt
 

@@ -48,6 +48,29 @@ def randomise_zero_init(model: torch.nn.Module, seed: int = 0) -> torch.nn.Modul
     return model
 
 
+def save_tiny_scorers(root: Path) -> tuple[Path, Path]:
+    """A tiny random CLIP ViT and a tiny random DINO-like ViT, saved as transformers folders with processors."""
+    import transformers
+
+    from ldm.modules.encoders.modules import TOKENIZER_DIR, load_tokenizer
+    torch.manual_seed(0)
+    clip_config = transformers.CLIPConfig(
+        text_config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
+                     "vocab_size": 49408, "max_position_embeddings": 77},
+        vision_config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
+                       "image_size": 32, "patch_size": 8}, projection_dim=16)
+    transformers.CLIPModel(clip_config).save_pretrained(root / "clip")
+    load_tokenizer(TOKENIZER_DIR).save_pretrained(root / "clip")
+    transformers.CLIPImageProcessorPil(size={"shortest_edge": 32},
+                                       crop_size={"height": 32, "width": 32}).save_pretrained(root / "clip")
+    vit_config = transformers.ViTConfig(hidden_size=24, intermediate_size=48, num_hidden_layers=2,
+                                        num_attention_heads=2, image_size=32, patch_size=8)
+    transformers.ViTModel(vit_config, add_pooling_layer=False).save_pretrained(root / "dino")
+    transformers.ViTImageProcessorPil(size={"height": 32, "width": 32}, image_mean=[0.485, 0.456, 0.406],
+                                      image_std=[0.229, 0.224, 0.225]).save_pretrained(root / "dino")
+    return root / "clip", root / "dino"
+
+
 def read_spec() -> dict[str, tuple[int, ...]]:
     """Key -> shape of a Stable Diffusion v1 checkpoint, from the spec kept in tests/data."""
     spec = {}

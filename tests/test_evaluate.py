@@ -9,11 +9,10 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import TINY_CONFIG, load_script
+from conftest import TINY_CONFIG, load_script, save_tiny_scorers
 from ldm.eval.evaluate import dreambench_prompts, prompt_groups
 from ldm.eval.paper_metrics import ClipEmbedder, DinoEmbedder, PaperScorer, without_identifier
 from ldm.eval.preprocess import Preprocess
-from ldm.modules.encoders.modules import TOKENIZER_DIR, load_tokenizer
 
 transformers = pytest.importorskip("transformers", reason="transformers holds the reference models")
 evaluate_script = load_script("evaluate")
@@ -32,24 +31,7 @@ def photos(seed: int, sizes=ODD_SIZES) -> list[Image.Image]:
 
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory):
-    """A tiny random CLIP ViT and a tiny random DINO-like ViT, saved as transformers folders with processors."""
-    root = tmp_path_factory.mktemp("scorers")
-    torch.manual_seed(0)
-    clip_config = transformers.CLIPConfig(
-        text_config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
-                     "vocab_size": 49408, "max_position_embeddings": 77},
-        vision_config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
-                       "image_size": 32, "patch_size": 8}, projection_dim=16)
-    transformers.CLIPModel(clip_config).save_pretrained(root / "clip")
-    load_tokenizer(TOKENIZER_DIR).save_pretrained(root / "clip")
-    transformers.CLIPImageProcessorPil(size={"shortest_edge": 32},
-                                       crop_size={"height": 32, "width": 32}).save_pretrained(root / "clip")
-    vit_config = transformers.ViTConfig(hidden_size=24, intermediate_size=48, num_hidden_layers=2,
-                                        num_attention_heads=2, image_size=32, patch_size=8)
-    transformers.ViTModel(vit_config, add_pooling_layer=False).save_pretrained(root / "dino")
-    transformers.ViTImageProcessorPil(size={"height": 32, "width": 32}, image_mean=[0.485, 0.456, 0.406],
-                                      image_std=[0.229, 0.224, 0.225]).save_pretrained(root / "dino")
-    return root / "clip", root / "dino"
+    return save_tiny_scorers(tmp_path_factory.mktemp("scorers"))
 
 
 @pytest.mark.parametrize("kind,processor", [("clip", "CLIPImageProcessorPil"), ("vit", "ViTImageProcessorPil")])

@@ -19,7 +19,7 @@ def test_sessions_are_joined_and_a_resumed_step_takes_the_later_value(tmp_path):
     series = read_losses(tmp_path)
     assert series["train/loss_instance"] == [(0, 0.5), (1, 0.45), (2, 0.35)]
     assert series["train/loss_class"] == [(0, 0.25), (1, 0.22), (2, 0.2)]
-    assert "val/loss" not in series
+    assert "val/loss_instance" not in series
 
 
 def test_smoothing_is_debiased_and_zero_smoothing_is_the_raw_values():

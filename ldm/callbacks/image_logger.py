@@ -1,9 +1,10 @@
 """Sample images during training: DDIM samples of the instance prompt and of the class prompt, as labelled grids."""
 import logging
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping, Optional
 
 import pytorch_lightning as pl
+import torch
 from pytorch_lightning.callbacks import Callback
 
 from ldm.images import labelled_grid, save_image, to_pil
@@ -16,14 +17,17 @@ logger = logging.getLogger(__name__)
 class ImageLogger(Callback):
     """Every `batch_frequency` steps, `max_images` samples per prompt (the same seeds each time, so grids compare
     across steps) and the batch's input images, saved under `<run>/images/train/` by rank zero. Each grid has a title
-    strip (the prompt) and its rows labelled instance or class, in Pillow's built-in font."""
+    strip (the prompt) and its rows labelled instance or class, in Pillow's built-in font. With `preview_every` k > 0,
+    also a strip per prompt of the first seed's predicted clean image after every k-th sampler step (and the last)."""
 
     def __init__(self, batch_frequency: int = 500, max_images: int = 8, ddim_steps: int = 50, scale: float = 10.0,
-                 seed: int = 23, images_per_row: int = 4, log_first_step: bool = False, disabled: bool = False):
+                 seed: int = 23, images_per_row: int = 4, log_first_step: bool = False, disabled: bool = False,
+                 preview_every: int = 0):
         super().__init__()
-        if batch_frequency < 1 or max_images < 0 or ddim_steps < 1:
-            raise ValueError(f"need batch_frequency >= 1, max_images >= 0, ddim_steps >= 1, "
-                             f"got {batch_frequency}, {max_images}, {ddim_steps}")
+        if batch_frequency < 1 or max_images < 0 or ddim_steps < 1 or preview_every < 0:
+            raise ValueError(f"need batch_frequency >= 1, max_images >= 0, ddim_steps >= 1, preview_every >= 0, "
+                             f"got {batch_frequency}, {max_images}, {ddim_steps}, {preview_every}")
+        self.preview_every = preview_every
         self.batch_frequency = batch_frequency
         self.max_images = max_images
         self.ddim_steps = ddim_steps
@@ -59,10 +63,28 @@ class ImageLogger(Callback):
                        folder / f"inputs_{suffix}", {"step": step})
             for kind, prefix in kinds.items():
                 prompt = batch[f"{prefix}{caption_key}"][0]
-                images = sample_images(pl_module, prompt, seeds, self.ddim_steps, self.scale)
+                previews: list[tuple[int, torch.Tensor]] = []
+                images = sample_images(pl_module, prompt, seeds, self.ddim_steps, self.scale,
+                                       on_prediction=self._collector(previews))
+                if previews:
+                    strip = to_pil(pl_module.decode_first_stage(torch.cat([x0 for _, x0 in previews])))
+                    save_image(labelled_grid([(f"seed {seeds[0]}", strip)], len(strip),
+                                             f"{prompt}: predicted clean image after DDIM steps "
+                                             f"{', '.join(str(i) for i, _ in previews)} (training step {step})"),
+                               folder / f"previews_{kind}_{suffix}", {"prompt": prompt, "step": step})
                 save_image(labelled_grid([(kind, images)], self.images_per_row, f"{prompt} (step {step})"),
                            folder / f"samples_{kind}_{suffix}",
                            {"prompt": prompt, "step": step, "sampler": "ddim", "steps": self.ddim_steps,
                             "scale": self.scale, "seeds": seeds, "width": images[0].width,
                             "height": images[0].height})
         logger.info("step %d: sample grids in %s", step, folder)
+
+    def _collector(self, previews: list) -> Optional[Callable[[torch.Tensor, int], None]]:
+        """A sampler callback that keeps the first image's predicted x0 after every `preview_every`-th step."""
+        if not self.preview_every:
+            return None
+
+        def keep(pred_x0: torch.Tensor, i: int) -> None:
+            if (i + 1) % self.preview_every == 0 or i + 1 == self.ddim_steps:
+                previews.append((i + 1, pred_x0[:1].detach().clone()))
+        return keep

@@ -1,5 +1,6 @@
 """`<run>/loss.png` at the end of a run (and after a crash or Ctrl-C): the training loss, instance and class apart,
-each as its raw points and an exponentially smoothed line, over every session of the run (read from its CSV logs)."""
+each as its raw points and an exponentially smoothed line, and the evaluation loss when it was on (its points joined,
+not smoothed: they are already stable), over every session of the run (read from its CSV logs)."""
 import csv
 import io
 import logging
@@ -15,7 +16,9 @@ from ldm.util import DiskFullError, atomic_write
 
 logger = logging.getLogger(__name__)
 SERIES = {"train/loss_instance": ("instance", (31, 119, 180)), "train/loss_class": ("class", (214, 39, 40)),
-          "val/loss": ("evaluation", (44, 160, 44))}
+          "val/loss_instance": ("evaluation, instance", (44, 160, 44)),
+          "val/loss_class": ("evaluation, class", (148, 103, 189))}
+SMOOTHED = ("train/loss_instance", "train/loss_class")
 SIZE, MARGIN = (960, 480), (70, 30, 20, 50)  # left, top, right, bottom
 
 
@@ -41,7 +44,8 @@ def smoothed(values: list[float], smoothing: float) -> list[float]:
 
 
 def draw_losses(series: dict[str, list[tuple[int, float]]], smoothing: float, title: str) -> Image.Image:
-    """The plot: steps across, loss up (linear), raw points faint, the smoothed lines strong, a legend."""
+    """The plot: steps across, loss up (linear), raw points faint, the smoothed lines strong (the evaluation's
+    points joined), a legend."""
     image = Image.new("RGB", SIZE, "white")
     draw, font = ImageDraw.Draw(image), default_font()
     left, top, right, bottom = MARGIN[0], MARGIN[1], SIZE[0] - MARGIN[2], SIZE[1] - MARGIN[3]
@@ -61,19 +65,21 @@ def draw_losses(series: dict[str, list[tuple[int, float]]], smoothing: float, ti
         if font is not None:
             draw.text((4, y - 6), f"{value:.4f}", fill="black", font=font)
             draw.text((x - 10, bottom + 6), f"{step:.0f}", fill="black", font=font)
-    for k, (key, points) in enumerate(series.items()):
+    legend_x = left + 10
+    for key, points in series.items():
         name, colour = SERIES[key]
         faint = tuple(c + (255 - c) * 2 // 3 for c in colour)
+        values = [v for _, v in points]
         for step, value in points:
             x, y = xy(step, value)
-            draw.ellipse((x - 1.5, y - 1.5, x + 1.5, y + 1.5), fill=faint)
-        line = [xy(s, v) for (s, _), v in zip(points, smoothed([v for _, v in points], smoothing))]
+            draw.ellipse((x - 1.5, y - 1.5, x + 1.5, y + 1.5), fill=faint if key in SMOOTHED else colour)
+        line = [xy(s, v) for (s, _), v in zip(points, smoothed(values, smoothing) if key in SMOOTHED else values)]
         if len(line) > 1:
             draw.line(line, fill=colour, width=2)
         if font is not None:  # the legend: a stroke of the colour, then the name
-            x = left + 10 + 120 * k
-            draw.line((x, top + 13, x + 16, top + 13), fill=colour, width=2)
-            draw.text((x + 20, top + 6), name, fill=colour, font=font)
+            draw.line((legend_x, top + 13, legend_x + 16, top + 13), fill=colour, width=2)
+            draw.text((legend_x + 20, top + 6), name, fill=colour, font=font)
+            legend_x += 40 + int(draw.textlength(name, font=font))
     if font is not None:
         draw.text((left, 8), title, fill="black", font=font)
         draw.text(((left + right) // 2 - 15, SIZE[1] - 20), "step", fill="black", font=font)
@@ -107,9 +113,11 @@ class LossPlot(pl.Callback):
         series = read_losses(run)
         if not series:
             return None
+        title = f"{run.name}: training loss (smoothing {self.smoothing})"
+        if any(key.startswith("val/") for key in series):
+            title += " and evaluation loss"
         buffer = io.BytesIO()
-        draw_losses(series, self.smoothing, f"{run.name}: training loss (smoothing {self.smoothing})").save(
-            buffer, format="PNG")
+        draw_losses(series, self.smoothing, title).save(buffer, format="PNG")
         data = buffer.getvalue()
         atomic_write(run / "loss.png", lambda tmp: tmp.write_bytes(data), len(data))
         logger.info("loss plot: %s", run / "loss.png")

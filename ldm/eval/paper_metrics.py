@@ -38,9 +38,9 @@ def _normalised(x: Tensor) -> Tensor:
 class ClipEmbedder:
     """CLIP image and text embeddings (L2-normalised) from a local CLIPModel folder."""
 
-    def __init__(self, folder: str | Path, device: torch.device = torch.device("cpu")) -> None:
+    def __init__(self, folder: str | Path, device: torch.device = torch.device("cpu"), flag: str = "--clip") -> None:
         from transformers import CLIPModel, CLIPTokenizer
-        folder = check_model_folder(folder, "clip", "--clip")
+        folder = check_model_folder(folder, "clip", flag)
         self.model = CLIPModel.from_pretrained(str(folder), local_files_only=True).eval().to(device)
         self.tokenizer = CLIPTokenizer.from_pretrained(str(folder), local_files_only=True)
         self.preprocess = Preprocess.from_folder(folder, "clip")

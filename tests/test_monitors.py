@@ -1,0 +1,149 @@
+"""Monitors during training: the evaluation loss (a fixed set, bit-identical for the same weights, training's random
+stream untouched), validation samples with CLIP scores and their progression grid, predicted-x0 previews, and all
+of them end to end through main.py, where reloading a step checkpoint gives the logged evaluation loss exactly."""
+import csv
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+from PIL import Image
+
+from conftest import REPO, build_tiny_model, save_tiny_scorers
+from ldm.callbacks.eval_loss import EvaluationLoss, band_names, evaluation_losses, spread_timesteps
+from ldm.callbacks.validation import clip_scores, column_title, progression_grid
+from ldm.checkpoint import load_model_weights
+from ldm.data.personalized import PersonalizedBase
+from ldm.eval.paper_metrics import ClipEmbedder
+from ldm.images import save_image
+from ldm.util import instantiate_from_config
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+
+
+def make_folder(folder, n, seed):
+    folder.mkdir(parents=True)
+    g = torch.Generator().manual_seed(seed)
+    for k in range(n):
+        pixels = (torch.rand(64 + 8 * k, 64, 3, generator=g) * 255).to(torch.uint8).numpy()
+        Image.fromarray(pixels).save(folder / f"img{k}.png")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    root = tmp_path_factory.mktemp("monitors")
+    return make_folder(root / "photos", 3, 0), make_folder(root / "class", 5, 1)
+
+
+def datasets(folders):
+    photos, class_images = folders
+    return {"train": PersonalizedBase(str(photos), size=64, repeats=1),
+            "reg": PersonalizedBase(str(class_images), size=64, repeats=1, reg=True)}
+
+
+def test_timesteps_spread_over_the_schedule_and_bands_cover_it():
+    assert spread_timesteps(4, 1000).tolist() == [125, 375, 625, 875]
+    assert band_names(4, 1000) == [("loss_t0-249", 0, 250), ("loss_t250-499", 250, 500),
+                                   ("loss_t500-749", 500, 750), ("loss_t750-999", 750, 1000)]
+
+
+def test_evaluation_loss_is_bit_identical_and_leaves_training_randomness_alone(folders):
+    model, data = build_tiny_model(), datasets(folders)
+    callback = EvaluationLoss(every_n_steps=1, timesteps=4, bands=2, class_images=2, batch_size=3)
+    state = torch.get_rng_state()
+    first = callback.evaluate(model, data)
+    assert torch.equal(torch.get_rng_state(), state)
+    assert set(first) == {"val/loss", "val/loss_instance", "val/loss_class", "val/loss_t0-499", "val/loss_t500-999"}
+    assert len(callback.fixed.captions) == (3 + 2) * 4 and callback.fixed.n_instance == 3 * 4
+    assert first["val/loss"] == pytest.approx(first["val/loss_instance"] + model.reg_weight * first["val/loss_class"])
+    assert EvaluationLoss(every_n_steps=1, timesteps=4, bands=2, class_images=2, batch_size=3).evaluate(
+        model, data) == first  # a new callback (another run, or a resumed one) builds the same set
+
+    fixed = callback.fixed
+    z, noise, t = fixed.latents[:1], fixed.noise[:1], fixed.timesteps[:1]
+    with torch.no_grad():
+        eps = model.apply_model(model.q_sample(z, t, noise), t, model.get_learned_conditioning(fixed.captions[:1]))
+    model.eval()
+    assert evaluation_losses(model, fixed, 1)[0] == pytest.approx(float(((eps - noise) ** 2).mean()), rel=1e-5)
+    with torch.no_grad():
+        model.model.diffusion_model.out[-1].bias.add_(0.1)
+    assert callback.evaluate(model, data)["val/loss"] != first["val/loss"]
+
+
+def test_clip_scores_follow_the_papers_definitions(tmp_path, folders):
+    clip = ClipEmbedder(save_tiny_scorers(tmp_path)[0])
+    photos = [Image.open(p) for p in sorted(folders[0].iterdir())]
+    subject, plain = [Image.open(p) for p in sorted(folders[1].iterdir())][:2], photos[:1]
+    scores = clip_scores(clip, {"photo of a sks dog": subject, "photo of a dog": plain}, photos, "sks")
+    text = clip.texts(["photo of a dog"])
+    expected_t = torch.cat([clip.images(subject) @ text.T, clip.images(plain) @ text.T]).mean()
+    expected_i = (clip.images(subject) @ clip.images(photos).T).mean()
+    assert scores["val/clip_t"] == pytest.approx(float(expected_t), abs=1e-6)
+    assert scores["val/clip_i"] == pytest.approx(float(expected_i), abs=1e-6)
+
+
+def test_progression_grid_has_a_row_per_step(tmp_path):
+    for step in (2, 10):
+        (tmp_path / f"step_{step:06}").mkdir()
+        for k in range(3):
+            for seed in (0, 1):
+                save_image(Image.new("RGB", (64, 64), (40 * k, 100 * seed, step)),
+                           tmp_path / f"step_{step:06}/p{k}_s{seed}.png", {"prompt": f"prompt {k}", "seed": seed})
+    (tmp_path / "step_000012").mkdir()  # a step killed before its first cell: no row
+    assert column_title(sorted((tmp_path / "step_000002").iterdir())) == \
+        "1-2: prompt 0, 3-4: prompt 1, 5-6: prompt 2 (seeds 0, 1)"
+    two_rows = progression_grid(tmp_path, 32)
+    (tmp_path / "step_000010").rename(tmp_path / "later")
+    one_row = progression_grid(tmp_path, 32)
+    assert two_rows.height - one_row.height >= 32 and min(two_rows.width, one_row.width) >= 6 * 32
+
+
+def read_metrics(run):
+    rows = []
+    for path in sorted(run.glob("csv/*/metrics.csv")):
+        with open(path, newline="") as handle:
+            rows += list(csv.DictReader(handle))
+    return rows
+
+
+def test_monitors_in_a_training_run_and_the_logged_loss_after_reloading(tmp_path, tiny_ckpt, folders):
+    clip_dir, _ = save_tiny_scorers(tmp_path / "scorers")
+    photos, class_images = folders
+    proc = subprocess.run(
+        [sys.executable, "main.py", "--base", "configs/tiny/v1-finetune_unfrozen.yaml", "-t", "--actual_resume",
+         str(tiny_ckpt), "-n", "job", "--accelerator", "cpu", "--data_root", str(photos), "--reg_data_root",
+         str(class_images), "--class_word", "dog", "-l", str(tmp_path / "logs"),
+         "lightning.callbacks.eval_loss.params.every_n_steps=2",
+         "lightning.callbacks.validation.params.every_n_steps=2",
+         f"lightning.callbacks.validation.params.clip_model={clip_dir}",
+         "lightning.callbacks.image_logger.params.preview_every=1"],
+        cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    (run,) = (tmp_path / "logs").iterdir()
+    rows = read_metrics(run)
+    logged = {int(r["step"]): r for r in rows if r.get("val/loss")}
+    assert sorted(logged) == [2, 4]
+    assert all(r["val/loss_t0-249"] and r["val/loss_class"] for r in logged.values())
+    clip_rows = [r for r in rows if r.get("val/clip_t")]
+    assert [int(r["step"]) for r in clip_rows] == [2, 4]
+    assert all(-1 <= float(r["val/clip_t"]) <= 1 and -1 <= float(r["val/clip_i"]) <= 1 for r in clip_rows)
+
+    validation = run / "images" / "validation"
+    assert sorted(p.name for p in validation.iterdir()) == [
+        "progression.png", "step_000002", "step_000002.png", "step_000004", "step_000004.png"]
+    assert sorted(p.name for p in (validation / "step_000004").iterdir()) == [
+        f"p{k}_s{seed}.png" for k in range(3) for seed in (0, 1)]
+    assert len(list((run / "images" / "train").glob("previews_instance_gs-000002*.png"))) == 1
+
+    config = OmegaConf.load(next((run / "configs").glob("*-project.yaml")))
+    model = instantiate_from_config(config.model)
+    load_model_weights(model, str(run / "checkpoints" / "step_2.ckpt"))
+    data = instantiate_from_config(config.data)
+    data.setup()
+    lightning = OmegaConf.load(next((run / "configs").glob("*-lightning.yaml"))).lightning
+    again = EvaluationLoss(**lightning.callbacks.eval_loss.params).evaluate(model, data.datasets())
+    assert again["val/loss"] == float(logged[2]["val/loss"])
+    assert again["val/loss_t750-999"] == float(logged[2]["val/loss_t750-999"])
