@@ -29,7 +29,7 @@ from ldm.callbacks import AtomicCheckpointIO, SetupCallback, StartAtStep, StepCh
 from ldm.checkpoint import CheckpointError, check_checkpoint_file, load_model_weights, parameters_on_meta
 from ldm.class_images import generate_class_images
 from ldm.latent_cache import cache_latents
-from ldm.runs import Run, new_run, resumed_run, warn_fresh_optimizer
+from ldm.runs import Run, launched_per_process, new_run, resumed_run, warn_fresh_optimizer
 from ldm.util import DiskFullError, UserError, ensure_writable_dir, instantiate_from_config
 
 RUN_DIR_ENV = "DREAMBOOTH_RUN_DIR"  # tells the DDP worker processes, which re-run this script, the run folder
@@ -81,6 +81,10 @@ def get_parser() -> argparse.ArgumentParser:
     add("--accelerator", default=None, help="cpu, gpu, mps or auto (default: auto)")
     add("--devices", default=None, help="number of devices, or indices such as 0,1")
     add("--precision", default=None, help="32-true (default), 16-mixed, bf16-mixed, ...")
+    add("--strategy", default=None, help="Lightning's strategy: ddp (the default with several devices), ddp_spawn, "
+        "fsdp, deepspeed_stage_2, ... (lightning.trainer.strategy)")
+    add("--num_nodes", type=int, default=None, help="machines taking part (lightning.trainer.num_nodes); launch one "
+        "process per node with torchrun or SLURM as Lightning expects (see the README)")
     add("--lr_scheduler", default=None, help="learning-rate schedule: constant (default), constant_with_warmup, "
         "linear, cosine, cosine_with_restarts, polynomial (model.params.lr_schedule.name)")
     add("--lr_warmup_steps", type=float, default=None,
@@ -147,6 +151,10 @@ def run_folder(opt: argparse.Namespace, now: str) -> Run:
         return run
     if os.environ.get(RUN_DIR_ENV):
         return Run(Path(os.environ[RUN_DIR_ENV]), configs=opt.base)
+    if launched_per_process():
+        raise UserError(f"every process of this run was started by torchrun, SLURM or mpirun, so each would make a "
+                        f"run folder of its own: export {RUN_DIR_ENV}=logs/<name> for all of them (or resume one "
+                        "with -r)")
     ensure_writable_dir(opt.logdir, "--logdir")
     run = new_run(opt.logdir, opt.name or (Path(opt.base[0]).stem if opt.base else ""), opt.postfix, now)
     run.configs = opt.base
@@ -270,7 +278,8 @@ def trainer_options(trainer_config: DictConfig, opt: argparse.Namespace) -> dict
         for key in ("gpus", "accelerator", "devices"):  # the flags replace the config's choice
             options.pop(key, None)
     gpus = opt.gpus if opt.gpus is not None else options.pop("gpus", None)
-    for key, value in (("accelerator", opt.accelerator), ("devices", opt.devices), ("precision", opt.precision)):
+    for key, value in (("accelerator", opt.accelerator), ("devices", opt.devices), ("precision", opt.precision),
+                       ("strategy", opt.strategy), ("num_nodes", opt.num_nodes)):
         if value is not None:
             options[key] = parse_devices(value) if key == "devices" else value
     if gpus is not None:
@@ -404,7 +413,8 @@ def fit(trainer: pl.Trainer, model: pl.LightningModule, data: pl.LightningDataMo
         say(f"stopped by {checkpoints.stop_reason} at step {trainer.global_step}; saved {checkpoints.last_path}. "
             f"Resume with: python main.py -t -r {run.logdir}")
         return 143 if checkpoints.stop_reason == "SIGTERM" else 130
-    if not next(c for c in trainer.callbacks if isinstance(c, StepProgress)).trained:
+    # (under ddp_spawn the callbacks ran in the workers, and this process's trainer is still at step 0)
+    if not next(c for c in trainer.callbacks if isinstance(c, StepProgress)).trained and trainer.global_step:
         say(f"nothing to train: {run.checkpoint} is at step {trainer.global_step}, which is max_steps; pass "
             f"--max_steps above {trainer.global_step} to train further")
     return 0
@@ -432,9 +442,12 @@ def train(opt: argparse.Namespace, overrides: list[str]) -> int:
         warn_fresh_optimizer(run)
     pl.seed_everything(opt.seed, workers=True)
     data, missing = prepare_data(config, resuming=run.checkpoint is not None or run.weights is not None)
+    if missing and launched_per_process():
+        raise UserError(f"{data.class_folder}: {missing} class images are missing, and every process would generate "
+                        "them at once: generate them first, with one process (scripts/stable_txt2img.py, or a run "
+                        "with --num_class_images on one device)")
 
     model = load_model(config, run, opt)
-    quiet_lightning()
     torch.set_float32_matmul_precision("high")  # TF32 matmuls on GPUs that have them: faster, and fine for training
     if opt.resume and opt.actual_resume:
         say(f"resuming: the weights come from {run.checkpoint or run.weights}, not --actual_resume {opt.actual_resume}")
@@ -486,7 +499,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     flags = [arg for arg in overrides if arg.startswith("-") or "=" not in arg]
     if flags:
         parser.error(f"unrecognized arguments: {' '.join(flags)} (config overrides are written a.b=c)")
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
+    # the other processes of a DDP run (launched by Lightning, torchrun or SLURM) show their warnings only
+    logging.basicConfig(level=logging.INFO if rank_zero_only.rank == 0 else logging.WARNING,
+                        format="%(levelname)s: %(message)s")
+    quiet_lightning()
     try:
         return train(opt, overrides)
     except USER_ERRORS as err:

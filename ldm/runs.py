@@ -1,6 +1,7 @@
 """Run folders: a new `logs/<timestamp>_<name>` per run, or the one that `-r` resumes (a folder, a file in it, or
 `latest`), from its resumable `last.ckpt` or, with `--resume_weights_only`, from its newest `step_<N>.ckpt`."""
 import logging
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -87,3 +88,10 @@ def warn_fresh_optimizer(run: Run) -> None:
     logger.warning("resuming from the weights of %s at step %d with a fresh optimizer: the optimizer's moment "
                    "estimates and the learning-rate schedule's position are not in that file and start again",
                    run.weights, run.step)
+
+
+def launched_per_process() -> bool:
+    """Whether a launcher (torchrun, SLURM's srun, mpirun) started every process of a multi-process run, each running
+    main.py from the start (Lightning's own launcher passes its workers the run folder instead)."""
+    sizes = (os.environ.get(name, "") for name in ("WORLD_SIZE", "SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE"))
+    return any(size.isdigit() and int(size) > 1 for size in sizes)

@@ -31,6 +31,8 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     def load_checkpoint(self, path: Any, map_location: Optional[Callable] = lambda storage, loc: storage,
                         weights_only: Optional[bool] = None) -> dict[str, Any]:
         checkpoint = super().load_checkpoint(path, map_location=map_location, weights_only=weights_only)
+        if "state_dict" not in checkpoint:  # the weights a spawned worker (ddp_spawn) hands back: not a resume
+            return checkpoint
         missing = [key for key in RESUME_KEYS if key not in checkpoint]
         if missing:
             raise CheckpointError(f"{path} holds weights only (no {', '.join(missing)}), so training cannot resume "

@@ -27,11 +27,13 @@ SUMMARY_FILE = "summary.json"  # in the run folder, written at the end of each t
 
 # Lightning's lines that a DreamBooth user cannot act on: an advertisement, device lines (our start line names the
 # device), the stop reason (our summary follows), the CUDA_VISIBLE_DEVICES echo, the Tensor Cores hint (main.py
-# sets the float32 matmul precision itself).
+# sets the float32 matmul precision itself), and under DDP each process's set-up lines and seed.
 NOISE_LINES = re.compile(r"💡 Tip|GPU available|TPU available|HPU available|`Trainer.fit` stopped|LOCAL_RANK: "
-                         r"|You are using a CUDA device .* that has Tensor Cores")
+                         r"|You are using a CUDA device .* that has Tensor Cores|Initializing distributed: "
+                         r"|-{20,}\s*distributed_backend=|\[rank: [1-9]\d*\] Seed set to")
 NOISY_LOGGERS = ("pytorch_lightning.utilities.rank_zero", "lightning_fabric.utilities.rank_zero",
-                 "pytorch_lightning.accelerators.cuda")
+                 "pytorch_lightning.accelerators.cuda", "lightning_fabric.utilities.distributed",
+                 "lightning_fabric.utilities.seed")
 NOISE_WARNINGS = (
     r"`isinstance\(treespec, LeafSpec\)` is deprecated",  # inside Lightning, with torch >= 2.10
     r"Found \d+ module\(s\) in eval mode",  # LatentDiffusion keeps the frozen VAE (and text encoder) in eval mode

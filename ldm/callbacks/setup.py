@@ -7,6 +7,8 @@ import pytorch_lightning as pl
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import Callback
 
+from ldm.callbacks.progress import quiet_lightning
+
 logger = logging.getLogger(__name__)
 
 
@@ -19,6 +21,13 @@ class SetupCallback(Callback):
         self.now = now
         self.config = config
         self.lightning_config = lightning_config
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        """In every process, spawned workers (ddp_spawn) included: main.py's log format and Lightning filters."""
+        if not logging.getLogger().handlers:
+            logging.basicConfig(level=logging.INFO if trainer.is_global_zero else logging.WARNING,
+                                format="%(levelname)s: %(message)s")
+        quiet_lightning()
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not trainer.is_global_zero:
