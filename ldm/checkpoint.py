@@ -86,12 +86,12 @@ def _not_a_checkpoint(head: bytes) -> str | None:
 
 
 def check_checkpoint_file(path: str | os.PathLike, hint: str = "") -> Path:
-    """Refuse, with one line, a path that cannot be a weight file: missing, a folder, empty, text or HTML."""
+    """Refuse, with one line, a path that cannot be a weight file: missing, a folder (but a diffusers pipeline
+    folder), empty, text or HTML."""
     path, hint = Path(path), f" ({hint})" if hint else ""
     if path.is_dir():
         if (path / "model_index.json").is_file():
-            raise CheckpointError(f"{path} is a diffusers folder (it holds model_index.json); this tool needs a single "
-                                  "SD v1 .ckpt or .safetensors file")
+            return path  # a diffusers pipeline folder, converted as it is read
         inside = sorted(p.name for p in path.iterdir() if p.suffix in (".ckpt", ".safetensors"))
         found = f"; it holds {', '.join(inside[:3])}: pass one of them" if inside else ""
         raise CheckpointError(f"{path} is a folder, not a checkpoint file{found}")
@@ -156,6 +156,9 @@ def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
 def _read_weights(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], list[str]]:
     """The tensors of a weight file, and the names of the other entries beside its `state_dict` (training state)."""
     path = check_checkpoint_file(path)
+    if path.is_dir():
+        from ldm.convert import read_diffusers_folder  # convert.py reads the parts' files through this module
+        return read_diffusers_folder(path), []
     if path.suffix == ".safetensors":
         return _read_safetensors(path), []
     content, others = _read_pickle(path), []
@@ -168,7 +171,8 @@ def _read_weights(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], lis
 
 
 def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """The tensors of a .ckpt/.pt/.pth (under `state_dict` or flat) or .safetensors file, on the CPU."""
+    """The tensors of a .ckpt/.pt/.pth (under `state_dict` or flat) or .safetensors file, on the CPU; a diffusers
+    pipeline folder's under SD v1 keys."""
     return _read_weights(path)[0]
 
 

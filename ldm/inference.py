@@ -19,7 +19,7 @@ from ldm.controlnet import add_control_arguments, build_controls, check_control_
 from ldm.data.personalized import open_image
 from ldm.images import make_grid, read_metadata, save_image, to_pil  # noqa: F401 (read_metadata: for callers)
 from ldm.lora_files import apply_lora_files, check_lora_specs
-from ldm.model_config import choose_config, fitting_config, latent_shape, load_config, native_size, size_multiple
+from ldm.model_config import fitting_config, latent_shape, native_size, sampling_config, size_multiple
 from ldm.models.diffusion.control import controlled
 from ldm.models.diffusion.ddim import DDIMSampler
 from ldm.models.diffusion.guidance import CompVisDenoiser
@@ -292,7 +292,7 @@ def generate(opt: argparse.Namespace, init_img: Optional[str] = None) -> list[Pa
     check_checkpoint(opt.ckpt)
     check_lora_specs(opt.lora)
     ensure_writable_dir(opt.outdir, "--outdir")
-    config = load_config(choose_config(opt.config, opt.ckpt))
+    config = sampling_config(opt.config, opt.ckpt)
     if opt.clip_skip is not None:
         OmegaConf.update(config, CLIP_SKIP_KEY, opt.clip_skip, merge=True)
     control_settings = check_control_options(opt, config)

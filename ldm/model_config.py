@@ -45,6 +45,16 @@ def choose_config(config: Optional[str], ckpt: str) -> str:
     return shown(DEFAULT_CONFIG)
 
 
+def sampling_config(config: Optional[str], ckpt: str) -> DictConfig:
+    """The model config to sample `ckpt` with (see choose_config); a diffusers folder without --config brings its
+    own (our config with the sizes of its part configs)."""
+    from ldm.convert import is_diffusers_folder, sd_config_for_folder  # convert.py builds on this module
+    if not config and is_diffusers_folder(ckpt):
+        logger.info("using the sizes of the diffusers folder %s (pass --config to choose another)", ckpt)
+        return sd_config_for_folder(Path(ckpt))
+    return load_config(choose_config(config, ckpt))
+
+
 def load_config(path: str) -> DictConfig:
     """The YAML model config, with a one-line error when it is missing, malformed or not an SD v1 model config."""
     if not Path(path).is_file():

@@ -125,6 +125,12 @@ def _sha256(path: str, size: int, mtime_ns: int) -> str:
 
 
 def file_sha256(path: str) -> str:
-    """SHA-256 of a file, computed once per file version in a run."""
+    """SHA-256 of a file, computed once per file version in a run; of a folder (a diffusers pipeline), the SHA-256
+    of its files' relative paths and SHA-256s, in name order."""
+    if os.path.isdir(path):
+        digest = hashlib.sha256()
+        for file in sorted(p for p in Path(path).rglob("*") if p.is_file()):
+            digest.update(f"{file.relative_to(path).as_posix()}\0{file_sha256(str(file))}\n".encode())
+        return digest.hexdigest()
     stat = os.stat(path)
     return _sha256(os.path.realpath(path), stat.st_size, stat.st_mtime_ns)

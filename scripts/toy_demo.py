@@ -109,13 +109,15 @@ def sample(runner: Runner, name: str, model: list[str], prompts: Path, opt: argp
 
 
 def quick_settings(opt: argparse.Namespace) -> list[str]:
-    """Few steps and samples, with checkpoints and image grids still written."""
+    """Few steps and samples, with checkpoints, image grids and the monitors still written."""
     opt.samples, opt.class_images, opt.ddim_steps = 2, 2, 3
     opt.max_steps = opt.max_steps or 4
     return ["lightning.modelcheckpoint.params.every_n_train_steps=2",
             "lightning.callbacks.image_logger.params.batch_frequency=2",
             "lightning.callbacks.image_logger.params.max_images=1",
-            "lightning.callbacks.image_logger.params.ddim_steps=2"]
+            "lightning.callbacks.image_logger.params.ddim_steps=2",
+            "lightning.callbacks.validation.params.ddim_steps=2",
+            "lightning.callbacks.eval_loss.params.timesteps=2", "lightning.callbacks.eval_loss.params.bands=2"]
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -332,7 +332,7 @@ def bad_checkpoint(tmp_path: Path, kind: str, good: Path) -> Path:
     ({"reg": "same"}, "--data_root and --reg_data_root are the same folder"),
     ({"ckpt": "missing"}, "checkpoint not found"),
     ({"ckpt": "text"}, "notes.ckpt is not a checkpoint but a text file (it begins 'I renamed my notes')"),
-    ({"ckpt": "diffusers"}, "sd-v1-5 is a diffusers folder (it holds model_index.json); this tool needs a single"),
+    ({"ckpt": "diffusers"}, "sd-v1-5 is a diffusers folder without unet/config.json: not a Stable Diffusion pipeline"),
     ({"ckpt": "nan"}, "tensor model.diffusion_model.out.2.bias holds 1 NaN or inf values"),
     ({"args": ["data.params.train.params.placeholder_token=dog"]}, "unexpected keyword argument 'placeholder_token'"),
     ({"args": ["--gpus", "0,"]}, "--accelerator cpu"),

@@ -143,7 +143,8 @@ BAD_INPUTS = {
                                 "page.ckpt is not a checkpoint but a web page "
                                 "(it begins '<html><body>Not Found</body></html>')"),
     "a folder as --ckpt": (lambda tmp, ckpt: ["--ckpt", str(tmp)], "is a folder, not a checkpoint file"),
-    "a diffusers folder": (lambda tmp, ckpt: ["--ckpt", str(diffusers_folder(tmp))], "is a diffusers folder"),
+    "a diffusers folder": (lambda tmp, ckpt: ["--ckpt", str(diffusers_folder(tmp))],
+                           "is a diffusers folder without unet/config.json"),
     "weights with inf": (lambda tmp, ckpt: ["--ckpt", str(diverged(tmp))],
                          "tensor model.diffusion_model.input_blocks.0.0.weight holds 1 NaN or inf values (of 1152)"),
     "outdir under a file": (lambda tmp, ckpt: ["--ckpt", str(ckpt), "--outdir", str(text_file(tmp) / "out")],

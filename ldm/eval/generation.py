@@ -15,7 +15,7 @@ from ldm.eval.compare import ModelSpec
 from ldm.images import save_image
 from ldm.inference import load_model, sample_images
 from ldm.lora_files import apply_lora_files
-from ldm.model_config import choose_config, latent_shape, load_config, native_size
+from ldm.model_config import latent_shape, native_size, sampling_config
 from ldm.util import file_sha256
 
 logger = logging.getLogger(__name__)
@@ -36,7 +36,7 @@ class SampleSettings:
 
 def model_config(spec: ModelSpec, settings: SampleSettings) -> tuple[DictConfig, tuple[int, int], tuple[int, ...]]:
     """The model's config, its image size and latent shape (a size the model cannot take is a UserError)."""
-    config = load_config(choose_config(settings.config, spec.ckpt))
+    config = sampling_config(settings.config, spec.ckpt)
     height, width = (native_size(config) if size is None else size for size in (settings.height, settings.width))
     return config, (height, width), latent_shape(config, height, width)
 

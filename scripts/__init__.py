@@ -1,0 +1,1 @@
+"""The command lines (`python scripts/<name>.py`), installed as `dreambooth_scripts` for the console commands."""
