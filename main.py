@@ -75,6 +75,11 @@ def get_parser() -> argparse.ArgumentParser:
         help="rare token naming the subject in captions (default: sks)")
     add("--num_class_images", type=int, default=None,
         help="generate class images with the base model until --reg_data_root holds this many (0: off)")
+    add("--class_prompt", default=None, help="the prompt of generated class images and the class captions "
+        "(default 'a photo of a {class_word}' to generate; data.params.class_prompt)")
+    add("--class_negative_prompt", default=None, help="what generated class images steer away from")
+    add("--class_sampler", default=None, help="the sampler of generated class images (default ddim; any of "
+        "stable_txt2img.py's)")
     add("--max_steps", type=int, default=None, help="training steps (overrides lightning.trainer.max_steps)")
     add("--gpus", default=None,
         help="CUDA GPUs as in Lightning 1.x: '0,' is GPU 0, '0,1' GPUs 0 and 1 (DDP), '2' any two")
@@ -198,6 +203,11 @@ def apply_flags(config: DictConfig, opt: argparse.Namespace) -> None:
                 params[name] = value
     if opt.num_class_images is not None:
         data.num_class_images = opt.num_class_images
+    for key in ("class_prompt", "class_negative_prompt", "class_sampler"):
+        if getattr(opt, key) is not None:
+            data[key] = getattr(opt, key)
+    if opt.class_prompt is not None and data.get("reg") is not None:
+        data.reg.setdefault("params", {})["template"] = opt.class_prompt  # the class captions say what made them
     if opt.cache_latents:
         data.cache_latents = config.model.params.cache_text_embeddings = True
     if opt.freeze_text_encoder:
@@ -462,7 +472,7 @@ def train(opt: argparse.Namespace, overrides: list[str]) -> int:
         say(f"generating {missing} class images in {data.class_folder} with the base model")
         with trainer.precision_plugin.forward_context():
             generate_class_images(model.to(trainer.strategy.root_device), data.class_folder, data.class_word,
-                                  missing, seed=opt.seed)
+                                  missing, seed=opt.seed, **data.class_generation)
         data.setup("fit")
     if data.cache_latents:
         cache_latents(model, data, run.logdir / "cache", trainer.strategy.root_device, run.checkpoint)

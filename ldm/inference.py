@@ -237,16 +237,17 @@ def sample_latents(model: nn.Module, sampler: str, steps: int, cond: Tensor, unc
 @torch.no_grad()
 def sample_images(model: nn.Module, prompt: str, seeds: Sequence[int], steps: int = 50, scale: float = 10.0,
                   eta: float = 0.0, shape: Optional[Sequence[int]] = None,
-                  on_prediction: Optional[Callable[[Tensor, int], None]] = None) -> list[Image.Image]:
-    """DDIM samples of `prompt`, one per seed (an image depends on its seed only), with latents of `shape` (C, h, w;
-    default: the model's own size); `on_prediction` as in sample_latents."""
+                  on_prediction: Optional[Callable[[Tensor, int], None]] = None, negative_prompt: str = "",
+                  sampler: str = "ddim") -> list[Image.Image]:
+    """Samples of `prompt` (DDIM unless `sampler` names another), one per seed (an image depends on its seed only),
+    with latents of `shape` (C, h, w; default: the model's own size); `on_prediction` as in sample_latents."""
     n, device = len(seeds), model.alphas_cumprod.device
     shape = (model.channels, model.image_size, model.image_size) if shape is None else tuple(shape)
     cond = model.get_learned_conditioning([prompt] * n)
-    uncond = None if scale == 1.0 else model.get_learned_conditioning([""] * n)
+    uncond = None if scale == 1.0 else model.get_learned_conditioning([negative_prompt] * n)
     generators = make_generators(seeds)
     noise = randn((n, *shape), generators, device)
-    latents = sample_latents(model, "ddim", steps, cond, uncond, scale, noise, generators, eta, progress=False,
+    latents = sample_latents(model, sampler, steps, cond, uncond, scale, noise, generators, eta, progress=False,
                              on_prediction=on_prediction)
     return to_pil(model.decode_first_stage(latents))
 

@@ -1,6 +1,7 @@
 """DreamBooth data: real-world photo folders (EXIF, colour modes, stray files), captions, pairing, clear errors."""
 import logging
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -213,3 +214,41 @@ def test_very_large_images_warn_in_one_line_and_refuse_above_pillows_limit(tmp_p
     solid("RGB", (100, 90)).save(tmp_path / "huge.jpg")
     with pytest.raises(DataError, match=r"huge.jpg: the image is too large to decode safely \(0 MP, Pillow's limit"):
         dataset(tmp_path)
+
+
+def test_caption_strategies_and_dropout(tmp_path):
+    from ldm.data.captions import caption_from_filename
+    for name in ("{identifier}_{class_word}_on_the_beach_03.png", "a_{identifier}_{class_word} (2).png", "x.png"):
+        Image.new("RGB", (64, 64)).save(tmp_path / name)
+    (tmp_path / "x.txt").write_text("a {identifier} {class_word} asleep\n")
+    captions = {s: dataset(tmp_path, caption_strategy=s).captions for s in ("instanceprompt", "filename")}
+    assert captions["instanceprompt"] == ["photo of a sks dog", "a sks dog asleep", "photo of a sks dog"]
+    assert captions["filename"] == ["a sks dog", "x", "sks dog on the beach"]
+    assert caption_from_filename(Path("IMG-0042.jpg")) == "IMG"
+    with pytest.raises(DataError, match=r"caption_strategy textfile, but a_\{identifier\}_\{class_word\} \(2\).txt is "
+                                        "missing beside it"):
+        dataset(tmp_path, caption_strategy="textfile")
+    with pytest.raises(DataError, match="caption_strategy must be one of instanceprompt, textfile, filename"):
+        dataset(tmp_path, caption_strategy="tags")
+    torch.manual_seed(0)
+    dropped = [PersonalizedBase(data_root=str(tmp_path), size=64, repeats=100, caption_dropout=p)
+               for p in (0.0, 0.3, 1.0)]
+    empty = [sum(data[i]["caption"] == "" for i in range(len(data))) / len(data) for data in dropped]
+    assert empty[0] == 0.0 and 0.2 < empty[1] < 0.4 and empty[2] == 1.0
+
+
+def test_class_images_follow_their_prompt_negative_prompt_and_sampler(tmp_path):
+    from conftest import build_tiny_model, randomise_zero_init
+    from ldm.class_images import generate_class_images
+    from ldm.images import read_metadata
+    from ldm.util import UserError
+    model = randomise_zero_init(build_tiny_model())
+    plain = generate_class_images(model, tmp_path / "plain", "cat", 1, steps=2)
+    steered = generate_class_images(model, tmp_path / "steered", "cat", 1, steps=2, prompt="{class_word} on grass",
+                                    negative_prompt="blurry", sampler="euler_a")
+    meta = read_metadata(steered[0])
+    assert (meta["prompt"], meta["negative_prompt"], meta["sampler"]) == ("cat on grass", "blurry", "euler_a")
+    assert read_metadata(plain[0])["prompt"] == "a photo of a cat"
+    assert not np.array_equal(np.asarray(Image.open(plain[0])), np.asarray(Image.open(steered[0])))
+    with pytest.raises(UserError, match="--class_sampler 'fast': choose one of ddim, plms"):
+        generate_class_images(model, tmp_path / "x", "cat", 1, sampler="fast")

@@ -423,7 +423,8 @@ def test_flags_go_into_the_config_that_the_run_saves(main_module, monkeypatch):
     opt = main_module.get_parser().parse_args([
         "--base", TINY, "-t", "--data_root", "p", "--reg_data_root", "c", "--class_word", "cat", "--token", "zwx",
         "--max_steps", "7", "--num_class_images", "9", "--freeze_text_encoder", "--safetensors", "--gpus", "0,1",
-        "--precision", "bf16-mixed"])
+        "--precision", "bf16-mixed", "--strategy", "ddp", "--num_nodes", "2", "--class_prompt",
+        "a photo of a {class_word}, studio light", "--class_negative_prompt", "blurry", "--class_sampler", "euler_a"])
     config = main_module.load_config([str(REPO / TINY)], ["model.params.reg_weight=0.5"])
     main_module.apply_flags(config, opt)
     train, reg = config.data.params.train.params, config.data.params.reg.params
@@ -432,8 +433,11 @@ def test_flags_go_into_the_config_that_the_run_saves(main_module, monkeypatch):
     assert (config.data.params.num_class_images, config.model.params.cond_stage_trainable,
             config.model.params.reg_weight) == (9, False, 0.5)
     assert config.lightning.modelcheckpoint.params.safetensors is True
+    assert (config.data.params.class_prompt, config.data.params.class_negative_prompt, reg.template,
+            config.data.params.class_sampler) == ("a photo of a {class_word}, studio light", "blurry",
+                                                  "a photo of a {class_word}, studio light", "euler_a")
     options = main_module.trainer_options(config.lightning.trainer, opt)
     assert options == {"benchmark": True, "max_steps": 7, "log_every_n_steps": 1, "accelerator": "gpu",
-                       "devices": [0, 1], "precision": "bf16-mixed", "enable_progress_bar": False,
-                       "enable_model_summary": False}
+                       "devices": [0, 1], "precision": "bf16-mixed", "strategy": "ddp", "num_nodes": 2,
+                       "enable_progress_bar": False, "enable_model_summary": False}
     assert [main_module.parse_gpus(text) for text in ("0,", "1", "0,1", "-1")] == [[0], 1, [0, 1], -1]

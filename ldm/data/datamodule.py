@@ -18,11 +18,13 @@ def count_images(folder: str | Path | None) -> int:
 
 
 class DataModuleFromConfig(pl.LightningDataModule):
-    """Pairs every instance example with a class example; `num_class_images` > 0 asks for that many class images;
+    """Pairs every instance example with a class example; `num_class_images` > 0 asks for that many class images
+    (generated with `class_prompt`, `class_negative_prompt` and `class_sampler`);
     `cache_latents` means that the datasets yield cached VAE moments (ldm/latent_cache.py gives them before fit)."""
 
     def __init__(self, batch_size: int, train: Mapping, reg: Mapping | None = None, num_workers: int = 0,
-                 num_class_images: int = 0, cache_latents: bool = False):
+                 num_class_images: int = 0, cache_latents: bool = False, class_prompt: str | None = None,
+                 class_negative_prompt: str = "", class_sampler: str = "ddim"):
         super().__init__()
         if batch_size < 1 or num_workers < 0 or num_class_images < 0:
             raise ValueError(f"need batch_size >= 1, num_workers >= 0, num_class_images >= 0, "
@@ -30,6 +32,8 @@ class DataModuleFromConfig(pl.LightningDataModule):
         self.batch_size = batch_size
         self.num_workers = num_workers
         self.num_class_images = num_class_images
+        self.class_generation = {"prompt": class_prompt, "negative_prompt": class_negative_prompt,
+                                 "sampler": class_sampler}  # how missing class images are generated
         self.cache_latents = cache_latents
         for name, config in (("train", train), ("reg", reg or {})):
             if cache_latents and (config.get("params") or {}).get("crop") == "random":

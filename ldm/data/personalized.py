@@ -12,6 +12,7 @@ import torch
 from PIL import Image, ImageOps
 from torch.utils.data import Dataset
 
+from ldm.data.captions import STRATEGIES, caption_of, fill
 from ldm.util import UserError
 
 logger = logging.getLogger(__name__)
@@ -127,15 +128,15 @@ class PersonalizedBase(Dataset):
     """The images of one folder as `image` ([H, W, 3] float in [-1, 1]) and `caption`, each repeated `repeats` times;
     once `use_moments` gave it their cached VAE posteriors, as `moments` ([2 * z_channels, h, w]) instead of `image`.
 
-    Captions come from `template` (the instance template, or with `reg` the class template) unless a `name.txt`
-    sits beside `name.jpg`; both may use `{identifier}` and `{class_word}`. Every image is decoded once here, so a
-    broken file fails before any model is loaded.
+    Captions follow `caption_strategy` (ldm/data/captions.py; by default `template`, the instance template or with
+    `reg` the class template, unless a `name.txt` sits beside `name.jpg`), and `caption_dropout` empties one with
+    that probability. Every image is decoded once here, so a broken file fails before any model is loaded.
     """
 
     def __init__(self, data_root: str | None = None, size: int = 512, repeats: int = 100, flip_p: float = 0.5,
                  interpolation: str = "bicubic", crop: str = "center",
                  identifier: str = DEFAULT_IDENTIFIER, class_word: str = DEFAULT_CLASS_WORD, reg: bool = False,
-                 template: str | None = None):
+                 template: str | None = None, caption_strategy: str = "instanceprompt", caption_dropout: float = 0.0):
         role = "class images (reg)" if reg else "instance images (train)"
         if data_root is None:
             hint = " (or set data.params.reg=null to train without prior preservation)" if reg else ""
@@ -143,8 +144,12 @@ class PersonalizedBase(Dataset):
         if crop not in CROPS or interpolation not in INTERPOLATIONS:
             raise DataError(f"{role}: crop must be one of {CROPS} and interpolation one of {tuple(INTERPOLATIONS)}, "
                             f"got crop={crop!r}, interpolation={interpolation!r}")
-        if size < 8 or repeats < 1 or not 0.0 <= flip_p <= 1.0:
-            raise DataError(f"{role}: need size >= 8, repeats >= 1, 0 <= flip_p <= 1 (got {size}, {repeats}, {flip_p})")
+        if size < 8 or repeats < 1 or not 0.0 <= flip_p <= 1.0 or not 0.0 <= caption_dropout <= 1.0:
+            raise DataError(f"{role}: need size >= 8, repeats >= 1, 0 <= flip_p <= 1, 0 <= caption_dropout <= 1 "
+                            f"(got {size}, {repeats}, {flip_p}, {caption_dropout})")
+        if caption_strategy not in STRATEGIES:
+            raise DataError(f"{role}: caption_strategy must be one of {', '.join(STRATEGIES)}, "
+                            f"got {caption_strategy!r}")
         for flag, word, example in (("--class_word", class_word, "dog"), ("--token/--identifier", identifier, "sks")):
             if not str(word).strip():
                 raise DataError(f"{flag} is empty: the captions need it (e.g. {flag.split('/')[0]} {example})")
@@ -153,6 +158,7 @@ class PersonalizedBase(Dataset):
         self.moments: torch.Tensor | None = None
         self.identifier, self.class_word = identifier, class_word
         self.template = template or (CLASS_TEMPLATE if reg else INSTANCE_TEMPLATE)
+        self.caption_strategy, self.caption_dropout = caption_strategy, caption_dropout
         self.paths = list_images(data_root)
         self.captions = [self._caption(path) for path in self.paths]
         small = [path.name for path in self.paths if short_side(path, size) < size]
@@ -161,11 +167,11 @@ class PersonalizedBase(Dataset):
                            data_root, len(small), size, ", ".join(small[:5]))
 
     def _caption(self, image_path: Path) -> str:
-        caption_file = image_path.with_suffix(".txt")
-        text = caption_file.read_text(encoding="utf-8").strip() if caption_file.is_file() else self.template
-        if not text:
-            raise DataError(f"{caption_file}: the caption file is empty (delete it to use the default caption)")
-        return text.replace("{identifier}", self.identifier).replace("{class_word}", self.class_word)
+        try:
+            text = caption_of(image_path, self.caption_strategy, self.template)
+        except UserError as err:
+            raise DataError(str(err)) from None
+        return fill(text, self.identifier, self.class_word)
 
     def __len__(self) -> int:
         return len(self.paths) * self.repeats
@@ -192,12 +198,18 @@ class PersonalizedBase(Dataset):
             image = ImageOps.mirror(image)
         return torch.from_numpy(np.asarray(image, dtype=np.float32) / 127.5 - 1.0)
 
+    def caption(self, k: int) -> str:
+        """Image k's caption, or with probability caption_dropout the empty one (no draw when it is 0)."""
+        if self.caption_dropout and bool(torch.rand(()) < self.caption_dropout):
+            return ""
+        return self.captions[k]
+
     def __getitem__(self, index: int) -> dict[str, Any]:
         k = index % len(self.paths)
         if self.moments is None:
-            return {"image": self.image(k), "caption": self.captions[k]}
+            return {"image": self.image(k), "caption": self.caption(k)}
         flip = bool(torch.rand(()) < self.flip_p)  # the same draw as for an image, so flips follow the same seeds
-        return {MOMENTS_KEY: self.moments[k, self.flips.index(flip)], "caption": self.captions[k]}
+        return {MOMENTS_KEY: self.moments[k, self.flips.index(flip)], "caption": self.caption(k)}
 
 
 class InstanceClassPairs(Dataset):
