@@ -78,6 +78,8 @@ def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
     add("--n_samples", type=int, default=3, help="images per batch (batch size)")
     add("--n_rows", type=int, default=0, help="images per grid row (default: n_samples)")
     add("--scale", type=float, default=7.5, help="classifier-free guidance scale")
+    add("--use_ema", action="store_true", help="sample with the file's EMA UNet (model_ema.*: a run trained with "
+        "use_ema, or a *-full-ema file)")
     add("--from-file", type=str, help="read prompts from this file, one per line")
     add("--config", type=str, default=None, help="model config (default: the saved config of the training run "
         "that --ckpt comes from, else configs/stable-diffusion/v1-inference.yaml)")
@@ -140,8 +142,12 @@ def precision_scope(precision: str, device: torch.device) -> ContextManager:
 
 
 def load_model(config: DictConfig, ckpt_path: str, device: torch.device, use_ema: bool = False) -> nn.Module:
-    """A LatentDiffusion built from `config`, with the weights of `ckpt_path`, in eval mode on `device`."""
+    """A LatentDiffusion built from `config`, with the weights of `ckpt_path` (its EMA UNet with `use_ema`), in eval
+    mode on `device`. A run config's `use_ema` only says how it trained: the sampling model holds one set of
+    weights."""
     check_checkpoint(ckpt_path)
+    if OmegaConf.select(config, "model.params.use_ema"):
+        config = OmegaConf.merge(config, {"model": {"params": {"use_ema": False}}})
     try:
         with parameters_on_meta():  # the file fills them: no random init, one copy of the weights
             model = instantiate_from_config(config.model)
@@ -307,13 +313,14 @@ def generate(opt: argparse.Namespace, init_img: Optional[str] = None) -> list[Pa
     if init is not None:
         img2img_steps(opt.ddim_steps, strength)
     scope = precision_scope(opt.precision, device)
-    model = load_model(config, opt.ckpt, device)
+    model = load_model(config, opt.ckpt, device, use_ema=opt.use_ema)
     loras = apply_lora_files(model, config.model, opt.lora)
     tolerances = (ADAPTIVE_TOLERANCES[0] if opt.rtol is None else opt.rtol,
                   ADAPTIVE_TOLERANCES[1] if opt.atol is None else opt.atol)
     params = {"sampler": sampler, "karras": opt.karras, "steps": opt.ddim_steps, "scale": opt.scale,
               "eta": opt.ddim_eta, "width": width, "height": height, "negative_prompt": opt.negative_prompt,
-              "checkpoint": Path(opt.ckpt).name, "checkpoint_sha256": file_sha256(opt.ckpt)}
+              "checkpoint": Path(opt.ckpt).name, "checkpoint_sha256": file_sha256(opt.ckpt),
+              **({"ema": True} if opt.use_ema else {})}
     if loras:
         params.update(loras=loras)
     if init is not None:

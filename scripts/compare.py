@@ -42,6 +42,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     add("--n", type=int, default=4, help="images per prompt and model")
     add("--steps", type=int, default=25, help="DDIM steps")
     add("--scale", type=float, default=7.5, help="classifier-free guidance scale")
+    add("--use_ema", action="store_true", help="sample every model with its EMA UNet (model_ema.*)")
     add("--H", type=int, default=None, help="image height (default: the config's native size)")
     add("--W", type=int, default=None, help="image width (default: the config's native size)")
     add("--config", default=None, help="model config for every model (default: each checkpoint's run config, "
@@ -75,7 +76,8 @@ def make_scorer(opt: argparse.Namespace) -> Optional[Scorer]:
 
 def settings_of(opt: argparse.Namespace) -> SampleSettings:
     """The sampling settings every model shares."""
-    return SampleSettings(list(range(opt.seed, opt.seed + opt.n)), opt.steps, opt.scale, opt.H, opt.W, opt.config)
+    return SampleSettings(list(range(opt.seed, opt.seed + opt.n)), opt.steps, opt.scale, opt.H, opt.W, opt.config,
+                          use_ema=opt.use_ema)
 
 
 def compare(opt: argparse.Namespace) -> str:

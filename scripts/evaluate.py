@@ -49,6 +49,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     add("--seed", type=int, default=0, help="the first seed; image k of every prompt has seed + k")
     add("--steps", type=int, default=50, help="DDIM steps")
     add("--scale", type=float, default=7.5, help="classifier-free guidance scale")
+    add("--use_ema", action="store_true", help="sample every model with its EMA UNet (model_ema.*)")
     add("--batch", type=int, default=8, help="images sampled at once")
     add("--H", type=int, default=None, help="image height (default: the config's native size)")
     add("--W", type=int, default=None, help="image width (default: the config's native size)")
@@ -139,7 +140,7 @@ def evaluate(opt: argparse.Namespace) -> str:
             check_model_folder(folder, kind, flag)
     subjects = subjects_of(opt)
     settings = SampleSettings(list(range(opt.seed, opt.seed + opt.n)), opt.steps, opt.scale, opt.H, opt.W,
-                              opt.config, opt.batch)
+                              opt.config, opt.batch, opt.use_ema)
     for subject in subjects:
         model_config(subject.model, settings)  # a bad config or size stops before any sampling
     outdir = Path(opt.outdir) if opt.outdir else default_outdir(subjects[0].model)

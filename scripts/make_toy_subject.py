@@ -3,17 +3,19 @@ backgrounds (two plain, then street, kitchen and snow), so that the subject does
 
     python scripts/make_toy_subject.py                       # data/toy/subject/
     python scripts/make_toy_subject.py --contexts kitchen --output_dir photos/   # all on one background
+    python scripts/make_toy_subject.py --contexts kitchen --output_dir masked/ --masks   # with loss masks
 """
 import argparse
 import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
+import numpy as np
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from ldm.data.toy_world import CONTEXTS, render, subject_scene  # noqa: E402
+from ldm.data.toy_world import CONTEXTS, object_mask, render, subject_scene  # noqa: E402
 
 # (x, y, size): where the ball stands and its half-height, as fractions of the side.
 DEFAULT_CONTEXTS = ("plain", "street", "kitchen", "plain", "snow")
@@ -26,12 +28,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--contexts", nargs="+", choices=CONTEXTS, default=list(DEFAULT_CONTEXTS),
                         help="backgrounds, used in turn")
     parser.add_argument("--size", type=int, default=64, help="side in pixels")
+    parser.add_argument("--masks", action="store_true", help="also write subject-N.mask.png: the ball, exactly")
     opt = parser.parse_args(argv)
     folder = Path(opt.output_dir)
     folder.mkdir(parents=True, exist_ok=True)
     for index, (x, y, size) in enumerate(LAYOUTS):
         scene = subject_scene(opt.contexts[index % len(opt.contexts)], x=x, y=y, size=size, seed=index)
         Image.fromarray(render(scene, opt.size)).save(folder / f"subject-{index + 1}.png")
+        if opt.masks:
+            mask = (object_mask(scene, opt.size) * 255).round().astype(np.uint8)
+            Image.fromarray(mask).save(folder / f"subject-{index + 1}.mask.png")
     print(f"wrote {len(LAYOUTS)} photos of the subject to {folder}")
     return 0
 

@@ -252,3 +252,15 @@ def test_class_images_follow_their_prompt_negative_prompt_and_sampler(tmp_path):
     assert not np.array_equal(np.asarray(Image.open(plain[0])), np.asarray(Image.open(steered[0])))
     with pytest.raises(UserError, match="--class_sampler 'fast': choose one of ddim, plms"):
         generate_class_images(model, tmp_path / "x", "cat", 1, sampler="fast")
+
+
+def test_minimum_image_size_skips_small_photos(tmp_path, caplog):
+    for name, size in (("big.png", (80, 70)), ("small.png", (40, 90))):
+        Image.new("RGB", size).save(tmp_path / name)
+    with caplog.at_level(logging.WARNING):
+        data = dataset(tmp_path, minimum_image_size=64)
+    assert [p.name for p in data.paths] == ["big.png"] and len(data.captions) == 1
+    assert "skipped 1 images smaller than minimum_image_size 64 pixels: small.png" in caplog.text
+    assert len(dataset(tmp_path).paths) == 2
+    with pytest.raises(DataError, match="every image is smaller than minimum_image_size 100"):
+        dataset(tmp_path, minimum_image_size=100)

@@ -13,6 +13,7 @@ from PIL import Image, ImageOps
 from torch.utils.data import Dataset
 
 from ldm.data.captions import STRATEGIES, caption_of, fill
+from ldm.data.masks import MASK_FOLDER, is_mask_file, load_mask, mask_path
 from ldm.util import UserError
 
 logger = logging.getLogger(__name__)
@@ -27,6 +28,7 @@ IMAGE_SUFFIXES = frozenset(ext for ext, fmt in Image.registered_extensions().ite
 SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
 ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
 MOMENTS_KEY = "moments"  # cached VAE posterior parameters (mean and logvar), yielded instead of `image`
+MASK_KEY = "mask"  # a photo's loss mask [H, W], when its folder has masks
 
 
 class DataError(UserError):
@@ -34,13 +36,15 @@ class DataError(UserError):
 
 
 def list_images(folder: str | Path) -> list[Path]:
-    """Image files of `folder`, sorted; hidden files and `.txt` captions are skipped quietly, others with a warning."""
+    """Image files of `folder`, sorted; hidden files, `.txt` captions and masks are skipped quietly, others with a
+    warning."""
     folder = Path(folder)
     if not folder.is_dir():
         raise DataError(f"{folder}: {'not a folder' if folder.exists() else 'folder not found'}")
     images, skipped = [], []
     for path in sorted(folder.iterdir()):
-        if path.name.startswith(".") or path.suffix.lower() == ".txt":
+        if path.name.startswith(".") or path.suffix.lower() == ".txt" or is_mask_file(path) or (
+                path.is_dir() and path.name == MASK_FOLDER):
             continue
         (images if path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES else skipped).append(path)
     if skipped:
@@ -130,13 +134,15 @@ class PersonalizedBase(Dataset):
 
     Captions follow `caption_strategy` (ldm/data/captions.py; by default `template`, the instance template or with
     `reg` the class template, unless a `name.txt` sits beside `name.jpg`), and `caption_dropout` empties one with
-    that probability. Every image is decoded once here, so a broken file fails before any model is loaded.
+    that probability. With masks in the folder (ldm/data/masks.py) each item also holds `mask` [H, W]. Every image
+    is decoded once here, so a broken file fails before any model is loaded.
     """
 
     def __init__(self, data_root: str | None = None, size: int = 512, repeats: int = 100, flip_p: float = 0.5,
                  interpolation: str = "bicubic", crop: str = "center",
                  identifier: str = DEFAULT_IDENTIFIER, class_word: str = DEFAULT_CLASS_WORD, reg: bool = False,
-                 template: str | None = None, caption_strategy: str = "instanceprompt", caption_dropout: float = 0.0):
+                 template: str | None = None, caption_strategy: str = "instanceprompt", caption_dropout: float = 0.0,
+                 mask_floor: float = 0.0, minimum_image_size: int = 0):
         role = "class images (reg)" if reg else "instance images (train)"
         if data_root is None:
             hint = " (or set data.params.reg=null to train without prior preservation)" if reg else ""
@@ -144,9 +150,9 @@ class PersonalizedBase(Dataset):
         if crop not in CROPS or interpolation not in INTERPOLATIONS:
             raise DataError(f"{role}: crop must be one of {CROPS} and interpolation one of {tuple(INTERPOLATIONS)}, "
                             f"got crop={crop!r}, interpolation={interpolation!r}")
-        if size < 8 or repeats < 1 or not 0.0 <= flip_p <= 1.0 or not 0.0 <= caption_dropout <= 1.0:
-            raise DataError(f"{role}: need size >= 8, repeats >= 1, 0 <= flip_p <= 1, 0 <= caption_dropout <= 1 "
-                            f"(got {size}, {repeats}, {flip_p}, {caption_dropout})")
+        if size < 8 or repeats < 1 or not all(0.0 <= p <= 1.0 for p in (flip_p, caption_dropout, mask_floor)):
+            raise DataError(f"{role}: need size >= 8, repeats >= 1, 0 <= flip_p, caption_dropout, mask_floor <= 1 "
+                            f"(got {size}, {repeats}, {flip_p}, {caption_dropout}, {mask_floor})")
         if caption_strategy not in STRATEGIES:
             raise DataError(f"{role}: caption_strategy must be one of {', '.join(STRATEGIES)}, "
                             f"got {caption_strategy!r}")
@@ -159,9 +165,19 @@ class PersonalizedBase(Dataset):
         self.identifier, self.class_word = identifier, class_word
         self.template = template or (CLASS_TEMPLATE if reg else INSTANCE_TEMPLATE)
         self.caption_strategy, self.caption_dropout = caption_strategy, caption_dropout
-        self.paths = list_images(data_root)
+        sides = {path: short_side(path, size) for path in list_images(data_root)}
+        self.paths = [path for path, side in sides.items() if side >= minimum_image_size]
+        if len(self.paths) < len(sides):
+            skipped = [path.name for path, side in sides.items() if side < minimum_image_size]
+            logger.warning("%s: skipped %d images smaller than minimum_image_size %d pixels: %s", data_root,
+                           len(skipped), minimum_image_size, ", ".join(skipped[:5]))
+            if not self.paths:
+                raise DataError(f"{data_root}: every image is smaller than minimum_image_size {minimum_image_size}")
         self.captions = [self._caption(path) for path in self.paths]
-        small = [path.name for path in self.paths if short_side(path, size) < size]
+        self.mask_paths = [mask_path(path) for path in self.paths]
+        self.masked, self.mask_floor = any(self.mask_paths), mask_floor  # with any mask, every photo has one
+        self._masks: dict[tuple[int, bool], torch.Tensor] = {}
+        small = [path.name for path in self.paths if sides[path] < size]
         if small:
             logger.warning("%s: %d images are smaller than %d pixels and will be upscaled (blurry): %s",
                            data_root, len(small), size, ", ".join(small[:5]))
@@ -190,13 +206,35 @@ class PersonalizedBase(Dataset):
 
     def image(self, k: int, flip: bool | None = None) -> torch.Tensor:
         """Image k cropped and resized, as [H, W, 3] in [-1, 1]; mirrored as `flip` says, or with probability flip_p."""
+        return self.example(k, flip)[0]
+
+    def example(self, k: int, flip: bool | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Image k as `image` gives it, and its loss mask [H, W] cut and mirrored alike (None without masks)."""
         image = load_rgb(self.paths[k])
-        image = image.resize((self.size, self.size), self.resample, box=square_box(*image.size, self.crop))
+        photo_size, box = image.size, square_box(*image.size, self.crop)
+        image = image.resize((self.size, self.size), self.resample, box=box)
         if flip is None:
             flip = bool(torch.rand(()) < self.flip_p)
         if flip:
             image = ImageOps.mirror(image)
-        return torch.from_numpy(np.asarray(image, dtype=np.float32) / 127.5 - 1.0)
+        mask = self._mask(k, photo_size, box, flip) if self.masked else None
+        return torch.from_numpy(np.asarray(image, dtype=np.float32) / 127.5 - 1.0), mask
+
+    def _mask(self, k: int, photo_size: tuple[int, int], box: tuple[int, int, int, int], flip: bool) -> torch.Tensor:
+        if self.mask_paths[k] is None:
+            return torch.ones(self.size, self.size)
+        try:
+            return load_mask(self.mask_paths[k], photo_size, box, self.size, flip, self.mask_floor)
+        except UserError as err:
+            raise DataError(str(err)) from None
+
+    def mask(self, k: int, flip: bool) -> torch.Tensor:
+        """Image k's mask for cached latents (a centre or full crop, so it is the same every time: kept in memory)."""
+        if (k, flip) not in self._masks:
+            with reading(self.paths[k]), open_image(self.paths[k]) as photo:
+                size = ImageOps.exif_transpose(photo).size
+            self._masks[k, flip] = self._mask(k, size, square_box(*size, self.crop), flip)
+        return self._masks[k, flip]
 
     def caption(self, k: int) -> str:
         """Image k's caption, or with probability caption_dropout the empty one (no draw when it is 0)."""
@@ -207,9 +245,13 @@ class PersonalizedBase(Dataset):
     def __getitem__(self, index: int) -> dict[str, Any]:
         k = index % len(self.paths)
         if self.moments is None:
-            return {"image": self.image(k), "caption": self.caption(k)}
-        flip = bool(torch.rand(()) < self.flip_p)  # the same draw as for an image, so flips follow the same seeds
-        return {MOMENTS_KEY: self.moments[k, self.flips.index(flip)], "caption": self.caption(k)}
+            image, mask = self.example(k)
+            item = {"image": image, "caption": self.caption(k)}
+        else:
+            flip = bool(torch.rand(()) < self.flip_p)  # the same draw as for an image, so flips follow the same seeds
+            item = {MOMENTS_KEY: self.moments[k, self.flips.index(flip)], "caption": self.caption(k)}
+            mask = self.mask(k, flip) if self.masked else None
+        return item if mask is None else {**item, MASK_KEY: mask}
 
 
 class InstanceClassPairs(Dataset):

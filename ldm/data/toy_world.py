@@ -126,6 +126,15 @@ def render(scene: Scene, side: int = 64) -> np.ndarray:
     return np.clip(image, 0, 255).round().astype(np.uint8)
 
 
+def object_mask(scene: Scene, side: int = 64) -> np.ndarray:
+    """The share of each pixel that the object covers, [side, side] in [0, 1] (its shadow is background)."""
+    n = side * SUPERSAMPLE
+    v, u = (np.mgrid[0:n, 0:n] + 0.5) / n
+    image = np.full((n, n, 3), np.nan, np.float32)
+    _draw_object(image, u, v, scene)
+    return np.isfinite(image[..., 0]).astype(np.float32).reshape(side, SUPERSAMPLE, side, SUPERSAMPLE).mean(axis=(1, 3))
+
+
 def _fill(shape: tuple[int, ...], colour: tuple[float, float, float]) -> np.ndarray:
     return np.broadcast_to(np.asarray(colour, dtype=np.float32), (*shape, 3)).copy()
 

@@ -32,6 +32,7 @@ class SampleSettings:
     width: Optional[int] = None
     config: Optional[str] = None
     batch: int = 8
+    use_ema: bool = False  # each checkpoint's EMA UNet (model_ema.*)
 
 
 def model_config(spec: ModelSpec, settings: SampleSettings) -> tuple[DictConfig, tuple[int, int], tuple[int, ...]]:
@@ -47,13 +48,13 @@ def sample_model(spec: ModelSpec, settings: SampleSettings, prompts: Sequence[st
     model is freed before returning."""
     started = time.monotonic()
     config, (height, width), shape = model_config(spec, settings)
-    model = load_model(config, spec.ckpt, device)
+    model = load_model(config, spec.ckpt, device, use_ema=settings.use_ema)
     loras = apply_lora_files(model, config.model, spec.loras)
     loaded = time.monotonic()
     folder.mkdir(parents=True, exist_ok=True)
     meta = {"sampler": "ddim", "steps": settings.steps, "scale": settings.scale, "width": width, "height": height,
             "checkpoint": Path(spec.ckpt).name, "checkpoint_sha256": file_sha256(spec.ckpt),
-            **({"loras": loras} if loras else {})}
+            **({"loras": loras} if loras else {}), **({"ema": True} if settings.use_ema else {})}
     images: dict[str, list[Image.Image]] = {}
     with model.ema_scope():
         for k, prompt in enumerate(prompts):

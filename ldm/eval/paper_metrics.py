@@ -12,7 +12,8 @@ from torch import Tensor
 from ldm.eval.preprocess import Preprocess
 from ldm.util import UserError
 
-DOWNLOADS = {"clip": "openai/clip-vit-base-patch32", "dino": "facebook/dino-vits16"}
+DOWNLOADS = {"clip": "openai/clip-vit-base-patch32", "dino": "facebook/dino-vits16",
+             "clipseg": "CIDAS/clipseg-rd64-refined"}
 BATCH = 16
 
 

@@ -4,7 +4,8 @@ from torch import nn
 
 
 class LitEma(nn.Module):
-    """Shadow copy of `model`'s trainable parameters; buffer names are the parameter paths with the dots removed."""
+    """Shadow copy of `model`'s trainable parameters; buffer names are the parameter paths with the dots removed. The
+    shadow may live on another device than the model (the CPU, so that it costs no GPU memory)."""
 
     def __init__(self, model: nn.Module, decay: float = 0.9999, use_num_updates: bool = True):
         super().__init__()
@@ -31,7 +32,7 @@ class LitEma(nn.Module):
         for name, param in model.named_parameters():
             if name in self.shadow_names:
                 shadow = buffers[self.shadow_names[name]]
-                shadow.sub_((1.0 - decay) * (shadow - param.to(shadow.dtype)))
+                shadow.sub_((1.0 - decay) * (shadow - param.to(shadow.device, shadow.dtype)))
 
     @torch.no_grad()
     def copy_to(self, model: nn.Module) -> None:

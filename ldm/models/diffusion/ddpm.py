@@ -7,14 +7,16 @@ import pytorch_lightning as pl
 import torch
 from einops import rearrange
 from torch import nn
+from torch.nn import functional as F
 
-from ldm.data.personalized import MOMENTS_KEY
+from ldm.data.personalized import MASK_KEY, MOMENTS_KEY
 from ldm.lr_scheduler import LRSchedule, lr_lambda
 from ldm.modules.diffusionmodules.schedule import (SCHEDULE_BUFFERS, extract_into_tensor, make_beta_schedule,
                                                    schedule_buffers)
 from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
 from ldm.modules.ema import LitEma
 from ldm.models.diffusion.lora_training import LoraTraining
+from ldm.models.diffusion.rollout import Rollout
 from ldm.modules.lora import LoraOptions
 from ldm.modules.losses import NoiseObjective, PriorPreservationLoss
 from ldm.optim import is_schedule_free, make_optimizer, uses_fused_backward
@@ -49,7 +51,10 @@ class DDPM(pl.LightningModule):
                  monitor: str | None = None, num_timesteps_cond: int = 1, offset_noise: float = 0.0,
                  input_perturbation: float = 0.0, timestep_range: Optional[Sequence[int]] = None,
                  loss_weighting: str = "none", snr_gamma: float = 5.0, p2_k: float = 1.0, p2_gamma: float = 1.0,
-                 loss_type: str = "l2", huber_c: float = 0.1, huber_schedule: str = "constant"):
+                 loss_type: str = "l2", huber_c: float = 0.1, huber_schedule: str = "constant",
+                 ema_decay: float = 0.9999, ema_warmup: bool = True, ema_device: str = "cpu",
+                 scheduled_sampling_probability: float = 0.0, scheduled_sampling_max_step_offset: int = 0,
+                 scheduled_sampling_ramp_steps: int = 0, scheduled_sampling_sampler: str = "ddim"):
         super().__init__()
         if parameterization != "eps":
             raise ValueError(f"parameterization {parameterization!r} is not supported; SD v1 predicts 'eps'")
@@ -64,14 +69,19 @@ class DDPM(pl.LightningModule):
         self.learning_rate: float | None = None  # set by main.py from base_learning_rate
         self.unet_params = dict(unet_config.get("params") or {})
         self.model = DiffusionWrapper(unet_config, conditioning_key)
-        self.use_ema = use_ema
+        self.use_ema, self.ema_device = use_ema, ema_device
+        if ema_device not in ("cpu", "model"):
+            raise UserError(f"model.params.ema_device {ema_device!r}: cpu (no GPU memory) or model (its device)")
         if use_ema:
-            self.model_ema = LitEma(self.model)
+            self.model_ema = LitEma(self.model, decay=ema_decay, use_num_updates=ema_warmup)
         self.loss_fn = PriorPreservationLoss(reg_weight)
         self.num_timesteps = int(timesteps)
         self.objective = NoiseObjective(offset_noise, input_perturbation, timestep_range, loss_weighting, snr_gamma,
                                         p2_k, p2_gamma, loss_type, huber_c, huber_schedule)
         self.objective.check(self.num_timesteps)
+        self.rollout = Rollout(scheduled_sampling_probability, scheduled_sampling_max_step_offset,
+                               scheduled_sampling_ramp_steps, scheduled_sampling_sampler)
+        self.rollout.check()
         betas = make_beta_schedule(beta_schedule, self.num_timesteps, linear_start, linear_end)
         for name, value in schedule_buffers(betas).items():
             self.register_buffer(name, value)
@@ -133,15 +143,20 @@ class DDPM(pl.LightningModule):
             setattr(self, name, value.to(getattr(self, name).device))
 
     def p_losses(self, x_start: torch.Tensor, cond: torch.Tensor, t: torch.Tensor,
-                 noise: torch.Tensor | None = None) -> torch.Tensor:
+                 noise: torch.Tensor | None = None, weight: torch.Tensor | None = None) -> torch.Tensor:
         """Per-sample simple loss ||eps - eps_theta(x_t, t, c)||^2 (Ho et al. 2020, eq. 14), with the objective's
-        options (offset noise when `noise` is not given, input perturbation, loss type and timestep weighting)."""
+        options (offset noise when `noise` is not given, input perturbation, loss type and timestep weighting), and
+        a loss mask `weight` [B, 1, h, w] when given."""
         noise = self.objective.sample_noise(x_start) if noise is None else noise
-        x_noisy = self.q_sample(x_start, t, self.objective.model_input_noise(noise))
+        x_noisy, target = self.q_sample(x_start, t, self.objective.model_input_noise(noise)), noise
+        if self.training:  # scheduled sampling: some inputs made by the model itself (ldm/models/diffusion/rollout.py)
+            x_noisy, target = self.rollout.apply(self, x_start, cond, t, x_noisy, target, self.global_step)
         prediction = self.apply_model(x_noisy, t, cond)
-        return self.objective.per_sample(prediction, noise, t, self.alphas_cumprod, self.num_timesteps)
+        return self.objective.per_sample(prediction, target, t, self.alphas_cumprod, self.num_timesteps, weight)
 
-    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        """The optimizer's step, then the EMA's (before the callbacks of the step, so that a step file holds both)."""
+        super().optimizer_step(*args, **kwargs)
         if self.use_ema:
             self.model_ema(self.model)
 
@@ -312,7 +327,21 @@ class LatentDiffusion(LoraTraining, DDPM):
         cond = self.get_learned_conditioning(captions)
         if t is None:
             t = self.objective.sample_timesteps(z.shape[0], self.num_timesteps, z.device)
-        return self.loss_fn(self.p_losses(z, cond, t, noise), n_instance)
+        return self.loss_fn(self.p_losses(z, cond, t, noise, self.loss_masks(batch, z)), n_instance)
+
+    def loss_masks(self, batch: Mapping[str, Any], z: torch.Tensor) -> torch.Tensor | None:
+        """The photos' loss masks at the latent size (area averages), instance then class examples as in `z`; an
+        example without one weighs everywhere 1; None when the batch has no mask."""
+        prefixes = [""] + (["class_"] if f"class_{self.cond_stage_key}" in batch else [])
+        if not any(f"{p}{MASK_KEY}" in batch for p in prefixes):
+            return None
+        parts = []
+        for p in prefixes:
+            n = len(batch[f"{p}{self.cond_stage_key}"])
+            mask = batch.get(f"{p}{MASK_KEY}")
+            parts.append(torch.ones(n, 1, *z.shape[-2:], device=z.device) if mask is None else F.interpolate(
+                mask[:, None].float().to(z.device), size=z.shape[-2:], mode="area"))
+        return torch.cat(parts)
 
     def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> torch.Tensor:
         losses = self.shared_step(batch)
@@ -351,6 +380,12 @@ class LatentDiffusion(LoraTraining, DDPM):
         for optimizer in self.trainer.optimizers:  # a resumed schedule-free optimizer comes back in eval mode
             if is_schedule_free(optimizer):
                 optimizer.train()
+        if self.use_ema and self.ema_device == "cpu" and self.device.type != "cpu":
+            if self.trainer.world_size == 1:  # DDP would broadcast the CPU buffers
+                self.model_ema.to("cpu")
+                logger.info("the EMA weights are kept on the CPU (model.params.ema_device)")
+            else:
+                logger.info("the EMA weights stay on the GPU under DDP (its buffers are broadcast from the device)")
         if self.device.type != "cpu" and self.trainer.world_size == 1:  # DDP would broadcast the CPU buffers
             self.offloaded = self.idle_encoders()
             for part in self.offloaded:

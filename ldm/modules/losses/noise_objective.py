@@ -132,9 +132,16 @@ class NoiseObjective:
         return noise + self.input_perturbation * torch.randn_like(noise)
 
     def per_sample(self, prediction: torch.Tensor, target: torch.Tensor, t: torch.Tensor,
-                   alphas_cumprod: torch.Tensor, num_timesteps: int) -> torch.Tensor:
-        """The loss of each batch element: the elementwise loss averaged over the latent, times its timestep weight."""
-        if self.loss_type == "l2":
+                   alphas_cumprod: torch.Tensor, num_timesteps: int,
+                   weight: torch.Tensor | None = None) -> torch.Tensor:
+        """The loss of each batch element: the elementwise loss averaged over the latent (with a loss mask `weight`
+        [B, 1, h, w], its weighted mean: normalised by the mask's area), times its timestep weight."""
+        if weight is not None:
+            threshold = huber_threshold(self.huber_schedule, self.huber_c, t, alphas_cumprod, num_timesteps)
+            elementwise = elementwise_loss(self.loss_type, prediction, target, threshold)
+            weight = weight.float().expand_as(elementwise)
+            loss = (elementwise * weight).flatten(1).mean(dim=1) / weight.flatten(1).mean(dim=1).clamp(min=1e-8)
+        elif self.loss_type == "l2":
             loss = eps_mse_per_sample(prediction, target)
         else:
             threshold = huber_threshold(self.huber_schedule, self.huber_c, t, alphas_cumprod, num_timesteps)

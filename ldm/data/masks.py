@@ -1,0 +1,44 @@
+"""Loss masks of training photos: `name.mask.png` beside `name.jpg`, or `masks/name.<any image suffix>` in the same
+folder; white = learn, black = ignore, grey = weight in between. A mask is cropped, resized and flipped with its
+photo (the model brings it to the latent size by area averaging); `mask_floor` keeps some weight everywhere."""
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+
+from ldm.util import UserError
+
+MASK_TAG = ".mask"
+MASK_FOLDER = "masks"
+
+
+def is_mask_file(path: Path) -> bool:
+    """`name.mask.png` and the like: a mask, not a training photo."""
+    return Path(path.stem).suffix == MASK_TAG
+
+
+def mask_path(photo: Path) -> Optional[Path]:
+    """The photo's mask file, if it has one."""
+    beside = photo.with_name(f"{photo.stem}{MASK_TAG}.png")
+    if beside.is_file():
+        return beside
+    folder = photo.parent / MASK_FOLDER
+    found = sorted(folder.glob(f"{photo.stem}.*")) if folder.is_dir() else []
+    return found[0] if found else None
+
+
+def load_mask(path: Path, photo_size: tuple[int, int], box: tuple[int, int, int, int], size: int, flip: bool,
+              floor: float) -> torch.Tensor:
+    """The mask as [size, size] float in [floor, 1], cut by the photo's crop `box` and mirrored with it."""
+    with Image.open(path) as opened:
+        mask = ImageOps.exif_transpose(opened).convert("L")
+    if mask.size != photo_size:
+        raise UserError(f"{path}: the mask is {mask.size[0]}x{mask.size[1]}, its photo {photo_size[0]}x"
+                        f"{photo_size[1]}; a mask must have its photo's size")
+    mask = mask.resize((size, size), Image.Resampling.BOX, box=box)
+    if flip:
+        mask = ImageOps.mirror(mask)
+    values = torch.from_numpy(np.asarray(mask, dtype=np.float32) / 255.0)
+    return floor + (1.0 - floor) * values

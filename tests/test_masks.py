@@ -1,0 +1,156 @@
+"""Masked loss: masks found beside photos or in masks/, cut, resized and mirrored with their photo, a floor; an
+all-white mask gives the unmasked loss bit for bit, a black region changes nothing; cached latents keep masks; a
+run trains with them."""
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import REPO, build_tiny_model
+from ldm.data.personalized import DataError, PersonalizedBase
+from ldm.modules.losses import NoiseObjective
+
+
+def photo_with_mask(folder, name, size=(96, 64), where="beside"):
+    """A photo whose left half is red, and a mask that is white exactly there."""
+    pixels = np.full((size[1], size[0], 3), 40, np.uint8)
+    pixels[:, : size[0] // 2] = (220, 30, 30)
+    Image.fromarray(pixels).save(folder / f"{name}.png")
+    mask = np.zeros((size[1], size[0]), np.uint8)
+    mask[:, : size[0] // 2] = 255
+    target = folder / f"{name}.mask.png" if where == "beside" else folder / "masks" / f"{name}.jpg"
+    target.parent.mkdir(exist_ok=True)
+    Image.fromarray(mask).save(target, quality=100)
+
+
+def test_masks_are_found_cut_and_mirrored_with_their_photos(tmp_path):
+    photo_with_mask(tmp_path, "a")
+    photo_with_mask(tmp_path, "b", size=(64, 64), where="folder")
+    Image.new("RGB", (64, 64), (10, 200, 10)).save(tmp_path / "c.png")  # no mask: it weighs everywhere 1
+    data = PersonalizedBase(str(tmp_path), size=32, repeats=1, crop="none", mask_floor=0.1)
+    assert [p.name for p in data.paths] == ["a.png", "b.png", "c.png"]  # masks are not training photos
+    for flip in (False, True):
+        image, mask = data.example(0, flip)
+        red = image[..., 0] > 0.5
+        assert torch.equal(mask > 0.5, red) and mask.min() == pytest.approx(0.1)
+        assert bool(red[:, -1].all()) == flip
+    assert data.example(1, False)[1][:, :8].min() > 0.95
+    assert torch.equal(data.example(2, False)[1], torch.ones(32, 32))
+    assert set(data[0]) == {"image", "caption", "mask"}
+    centre = PersonalizedBase(str(tmp_path), size=32, repeats=1, crop="center", flip_p=0.0)
+    image, mask = centre.example(0)
+    assert torch.equal(mask > 0.5, image[..., 0] > 0.5)  # the same square cut of photo and mask
+    Image.new("L", (50, 50)).save(tmp_path / "c.mask.png")
+    with pytest.raises(DataError, match="c.mask.png: the mask is 50x50, its photo 64x64"):
+        PersonalizedBase(str(tmp_path), size=32, repeats=1).example(2)
+
+
+def test_cached_latents_keep_the_masks(tmp_path):
+    photo_with_mask(tmp_path, "a", size=(64, 64))
+    data = PersonalizedBase(str(tmp_path), size=32, repeats=2, flip_p=0.5)
+    data.use_moments(torch.zeros(1, 2, 8, 4, 4))
+    items = [data[i] for i in range(2)]
+    assert all(set(item) == {"moments", "caption", "mask"} for item in items)
+    assert torch.equal(items[0]["mask"], data.example(0, False)[1]) or torch.equal(items[0]["mask"],
+                                                                                     data.example(0, True)[1])
+
+
+def test_a_white_mask_is_the_plain_loss_and_black_regions_change_nothing():
+    objective = NoiseObjective(loss_type="huber")
+    alphas, t = torch.linspace(0.99, 0.01, 1000), torch.tensor([10, 900])
+    prediction, target = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
+    plain = objective.per_sample(prediction, target, t, alphas, 1000)
+    assert torch.equal(objective.per_sample(prediction, target, t, alphas, 1000, torch.ones(2, 1, 8, 8)), plain)
+    mask = torch.zeros(2, 1, 8, 8)
+    mask[..., :4] = 1
+    changed = prediction.clone()
+    changed[..., 4:] += 5.0
+    masked = objective.per_sample(prediction, target, t, alphas, 1000, mask)
+    assert torch.equal(objective.per_sample(changed, target, t, alphas, 1000, mask), masked)
+    left = NoiseObjective(loss_type="huber").per_sample(prediction[..., :4], target[..., :4], t, alphas, 1000)
+    assert torch.allclose(masked, left, rtol=1e-6)
+
+    model = build_tiny_model()
+    batch = {model.first_stage_key: torch.rand(2, 64, 64, 3) * 2 - 1, model.cond_stage_key: ["photo of a sks dog"] * 2}
+    t, noise = torch.tensor([5, 500]), torch.randn(2, 4, 8, 8)
+    torch.manual_seed(0)
+    without = model.shared_step(batch, t, noise)["loss"]
+    torch.manual_seed(0)
+    white = model.shared_step({**batch, "mask": torch.ones(2, 64, 64)}, t, noise)["loss"]
+    assert torch.equal(without, white)
+
+
+def test_a_run_trains_with_masks(tmp_path, tiny_ckpt):
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for name in ("a", "b"):
+        photo_with_mask(photos, name, size=(64, 64))
+    classes = tmp_path / "class"
+    classes.mkdir()
+    for k in range(2):
+        Image.new("RGB", (64, 64), (k * 90, 90, 90)).save(classes / f"c{k}.png")
+    proc = subprocess.run([sys.executable, "main.py", "--base", "configs/tiny/v1-finetune_unfrozen.yaml", "-t",
+                           "--actual_resume", str(tiny_ckpt), "-n", "m", "--accelerator", "cpu", "--data_root",
+                           str(photos), "--reg_data_root", str(classes), "--class_word", "dog", "-l",
+                           str(tmp_path / "logs"), "--max_steps", "2", "--cache_latents",
+                           "data.params.train.params.mask_floor=0.1"],
+                          cwd=REPO, capture_output=True, text=True, timeout=300,
+                          env={"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+@pytest.fixture(scope="module")
+def clipseg_folder(tmp_path_factory):
+    """A tiny random CLIPSeg with the real tokenizer and a ViT processor config, saved as a transformers folder."""
+    transformers = pytest.importorskip("transformers")
+    from ldm.modules.encoders.modules import TOKENIZER_DIR, load_tokenizer
+    folder = tmp_path_factory.mktemp("clipseg")
+    torch.manual_seed(0)
+    config = transformers.CLIPSegConfig(
+        text_config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
+                     "vocab_size": 49408, "max_position_embeddings": 77},
+        vision_config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 3, "num_attention_heads": 2,
+                       "image_size": 64, "patch_size": 16},
+        projection_dim=16, extract_layers=[1, 2], reduce_dim=16, decoder_num_attention_heads=2,
+        decoder_intermediate_size=32)
+    transformers.CLIPSegForImageSegmentation(config).save_pretrained(folder)
+    load_tokenizer(TOKENIZER_DIR).save_pretrained(folder)
+    transformers.ViTImageProcessorPil(size={"height": 64, "width": 64}).save_pretrained(folder)
+    return folder
+
+
+def test_make_masks_thresholds_pads_and_feathers(tmp_path, clipseg_folder):
+    from conftest import load_script
+    from ldm.masking import ClipSegMasker
+    make_masks = load_script("make_masks")
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    rng = np.random.default_rng(0)
+    for name, size in (("a", (90, 70)), ("b", (64, 100))):
+        Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)).save(photos / f"{name}.png")
+    assert make_masks.main(["--input_dir", str(photos), "--text", "dog", "--clipseg", str(clipseg_folder),
+                            "--threshold", "0.5", "--padding", "0", "--feather", "0"]) == 0
+    masker = ClipSegMasker(clipseg_folder)
+    probabilities = masker.probabilities(Image.open(photos / "a.png").convert("RGB"), "dog")
+    mask = np.asarray(Image.open(photos / "a.mask.png"))
+    assert mask.shape == (70, 90) and set(np.unique(mask)) <= {0, 255}
+    assert np.array_equal(mask == 255, probabilities >= 0.5)
+    assert [p.name for p in PersonalizedBase(str(photos), size=32, repeats=1).paths] == ["a.png", "b.png"]
+    image = Image.open(photos / "a.png").convert("RGB")
+    threshold = float(np.median(probabilities))
+    plain, padded = masker.mask(image, "dog", threshold, 0, 0), masker.mask(image, "dog", threshold, 3, 0)
+    assert (np.asarray(padded) > 0).sum() > (np.asarray(plain) > 0).sum()
+    soft = np.asarray(masker.mask(image, "dog", threshold, 0, 2.0))
+    assert ((soft > 0) & (soft < 255)).any()
+
+
+def test_make_masks_names_the_model_to_download(tmp_path, capsys):
+    from conftest import load_script
+    (tmp_path / "photos").mkdir()
+    Image.new("RGB", (64, 64)).save(tmp_path / "photos" / "a.png")
+    code = load_script("make_masks").main(["--input_dir", str(tmp_path / "photos"), "--text", "dog", "--clipseg",
+                                           str(tmp_path / "nothing")])
+    assert code == 1 and "CIDAS/clipseg-rd64-refined" in capsys.readouterr().err
