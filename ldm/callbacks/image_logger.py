@@ -62,7 +62,10 @@ class ImageLogger(Callback):
             save_image(labelled_grid(inputs, self.images_per_row, f"training inputs, step {step}{decoded}"),
                        folder / f"inputs_{suffix}", {"step": step})
             for kind, prefix in kinds.items():
-                prompt = batch[f"{prefix}{caption_key}"][0]
+                # the batch's first caption that caption_dropout left, else its dataset's first
+                captions = [c for c in batch[f"{prefix}{caption_key}"] if c]
+                prompt = captions[0] if captions else trainer.datamodule.datasets()[
+                    "reg" if prefix else "train"].captions[0]
                 previews: list[tuple[int, torch.Tensor]] = []
                 images = sample_images(pl_module, prompt, seeds, self.ddim_steps, self.scale,
                                        on_prediction=self._collector(previews))

@@ -7,10 +7,12 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import pytorch_lightning as pl
+import torch
 from PIL import Image
 from pytorch_lightning.callbacks import Callback
 
 from ldm.callbacks.eval_loss import due
+from ldm.data.captions import fill
 from ldm.data.personalized import load_rgb
 from ldm.images import labelled_grid, read_metadata, save_image
 from ldm.inference import sample_images, sampling_mode
@@ -22,13 +24,11 @@ DEFAULT_PROMPTS = ("photo of a {identifier} {class_word}", "photo of a {class_wo
 STEP_FOLDER = re.compile(r"step_(\d{6})$")
 
 
-def clip_scores(clip, samples: dict[str, list[Image.Image]], photos: Sequence[Image.Image],
-                identifier: str) -> dict[str, float]:
+def clip_scores(clip, samples: dict[str, list[Image.Image]], real: torch.Tensor, identifier: str) -> dict[str, float]:
     """CLIP-T: each sample against its prompt without the identifier; CLIP-I: the samples of identifier prompts
-    against the instance photos (the paper's definitions, ldm/eval/paper_metrics.py)."""
+    against the instance photos' CLIP embeddings `real` (the paper's definitions, ldm/eval/paper_metrics.py)."""
     from ldm.eval.paper_metrics import without_identifier
     text_scores, image_scores = [], []
-    real = clip.images(photos)
     for prompt, images in samples.items():
         embedded = clip.images(images)
         text_scores += (embedded @ clip.texts([without_identifier(prompt, identifier)]).T)[:, 0].tolist()
@@ -88,6 +88,7 @@ class ValidationSamples(Callback):
         if clip_model and every_n_steps:
             from ldm.eval.paper_metrics import ClipEmbedder
             self.clip = ClipEmbedder(clip_model, flag="lightning.callbacks.validation.params.clip_model")
+        self._real: Optional[torch.Tensor] = None
         self._logged_step = -1
 
     def folder(self, trainer: pl.Trainer) -> Path:
@@ -104,14 +105,16 @@ class ValidationSamples(Callback):
     def sample(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, float]:
         """Sample, save the step's grid and cells, log the CLIP scores; returns the scores."""
         instance, step = trainer.datamodule.datasets()["train"], trainer.global_step
-        prompts = [t.replace("{identifier}", instance.identifier).replace("{class_word}", instance.class_word)
-                   for t in self.templates]
+        prompts = [fill(t, instance.identifier, instance.class_word) for t in self.templates]
         with optimizer_eval_mode(trainer.optimizers), sampling_mode(pl_module), pl_module.encoders_on_device(), \
                 trainer.precision_plugin.forward_context():
             samples = {prompt: sample_images(pl_module, prompt, self.seeds, self.ddim_steps, self.scale)
                        for prompt in prompts}
-        scores = clip_scores(self.clip, samples, [load_rgb(p) for p in instance.paths], instance.identifier) \
-            if self.clip is not None else {}
+        scores = {}
+        if self.clip is not None:
+            if self._real is None:  # the photos' embeddings, once per session
+                self._real = self.clip.images([load_rgb(p) for p in instance.paths])
+            scores = clip_scores(self.clip, samples, self._real, instance.identifier)
         cells = self.folder(trainer) / f"step_{step:06}"
         cells.mkdir(parents=True, exist_ok=True)
         for k, (prompt, images) in enumerate(samples.items()):
