@@ -63,7 +63,7 @@ def test_evaluation_loss_is_bit_identical_and_leaves_training_randomness_alone(f
         model, data) == first  # a new callback (another run, or a resumed one) builds the same set
 
     fixed = callback.fixed
-    z, noise, t = fixed.latents[:1], fixed.noise[:1], fixed.timesteps[:1]
+    z, noise, t = fixed.latents[0][None], fixed.noise[0][None], fixed.timesteps[:1]
     with torch.no_grad():
         eps = model.apply_model(model.q_sample(z, t, noise), t, model.get_learned_conditioning(fixed.captions[:1]))
     model.eval()

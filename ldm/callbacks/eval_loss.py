@@ -21,11 +21,11 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class EvaluationSet:
-    """Latents [N, C, h, w], their captions, noise and timesteps of the N (example, timestep) pairs; the first
-    `n_instance` pairs are of instance photos."""
-    latents: torch.Tensor
+    """Latents [C, h, w] (sizes differ with aspect buckets), their captions, noise and timesteps of the N (example,
+    timestep) pairs; the first `n_instance` pairs are of instance photos."""
+    latents: list[torch.Tensor]
     captions: list[str]
-    noise: torch.Tensor
+    noise: list[torch.Tensor]
     timesteps: torch.Tensor
     n_instance: int
 
@@ -42,17 +42,15 @@ def band_names(bands: int, num_timesteps: int) -> list[tuple[str, int, int]]:
 
 
 @torch.no_grad()
-def example_latents(pl_module: pl.LightningModule, dataset, indices: list[int], flips: list[bool]) -> torch.Tensor:
-    """Posterior means of the examples (from the cached moments when the dataset has them), scaled as in training."""
+def example_latent(pl_module: pl.LightningModule, dataset, k: int, flip: bool) -> torch.Tensor:
+    """The posterior mean of one example (from the cached moments when the dataset has them), scaled as in training."""
     if dataset.moments is not None:
-        moments = torch.stack([dataset.moments[k, dataset.flips.index(flip)] for k, flip in zip(indices, flips)])
+        moments = dataset.moments[k, dataset.flips.index(flip)][None]
     else:
-        images = torch.stack([dataset.image(k, flip) for k, flip in zip(indices, flips)])
-        x = rearrange(images, "b h w c -> b c h w").contiguous().to(pl_module.device)
+        x = rearrange(dataset.image(k, flip)[None], "b h w c -> b c h w").contiguous().to(pl_module.device)
         with pl_module.encoders_on_device():
             moments = pl_module.encode_first_stage(x).parameters
-    mean = moments.float().to(pl_module.device).chunk(2, dim=1)[0]
-    return pl_module.scale_factor * mean
+    return (pl_module.scale_factor * moments.float().to(pl_module.device).chunk(2, dim=1)[0])[0].cpu()
 
 
 def build_set(pl_module: pl.LightningModule, datasets: Mapping[str, Any], timesteps: int, class_images: int,
@@ -65,30 +63,34 @@ def build_set(pl_module: pl.LightningModule, datasets: Mapping[str, Any], timest
         counts["reg"] = min(class_images, len(datasets["reg"].paths))
     for name, count in counts.items():
         dataset = datasets[name]
-        indices = list(range(count))
-        flips = [bool(torch.rand((), generator=generator) < dataset.flip_p) for _ in indices]
-        latents.append(example_latents(pl_module, dataset, indices, flips).cpu())
-        captions += [dataset.captions[k] for k in indices]
-    z = torch.cat(latents)
+        flips = [bool(torch.rand((), generator=generator) < dataset.flip_p) for _ in range(count)]
+        latents += [example_latent(pl_module, dataset, k, flip) for k, flip in enumerate(flips)]
+        captions += dataset.captions[:count]
     ts = spread_timesteps(timesteps, pl_module.num_timesteps)
-    noise = torch.randn((z.shape[0] * timesteps, *z.shape[1:]), generator=generator)
-    return EvaluationSet(latents=z.repeat_interleave(timesteps, dim=0),
+    noise = [torch.randn(z.shape, generator=generator) for z in latents for _ in range(timesteps)]
+    return EvaluationSet(latents=[z for z in latents for _ in range(timesteps)],
                          captions=[c for c in captions for _ in range(timesteps)], noise=noise,
-                         timesteps=ts.repeat(z.shape[0]), n_instance=counts["train"] * timesteps)
+                         timesteps=ts.repeat(len(latents)), n_instance=counts["train"] * timesteps)
 
 
 @torch.no_grad()
 def evaluation_losses(pl_module: pl.LightningModule, fixed: EvaluationSet, batch_size: int) -> torch.Tensor:
-    """The objective's per-pair loss on the fixed set, in chunks of `batch_size` pairs."""
-    device, losses = pl_module.device, []
-    for start in range(0, len(fixed.captions), batch_size):
-        part = slice(start, start + batch_size)
-        z, noise, t = (x[part].to(device) for x in (fixed.latents, fixed.noise, fixed.timesteps))
-        cond = pl_module.get_learned_conditioning(fixed.captions[part])
-        prediction = pl_module.apply_model(pl_module.q_sample(z, t, noise), t, cond)
-        losses.append(pl_module.objective.per_sample(prediction, noise, t, pl_module.alphas_cumprod,
-                                                     pl_module.num_timesteps).float().cpu())
-    return torch.cat(losses)
+    """The objective's per-pair loss on the fixed set, in chunks of `batch_size` pairs of one latent size."""
+    device, losses = pl_module.device, torch.empty(len(fixed.captions))
+    groups: dict[tuple, list[int]] = {}
+    for index, z in enumerate(fixed.latents):
+        groups.setdefault(tuple(z.shape), []).append(index)
+    for indices in groups.values():
+        for start in range(0, len(indices), batch_size):
+            part = indices[start:start + batch_size]
+            z = torch.stack([fixed.latents[i] for i in part]).to(device)
+            noise = torch.stack([fixed.noise[i] for i in part]).to(device)
+            t = fixed.timesteps[part].to(device)
+            cond = pl_module.get_learned_conditioning([fixed.captions[i] for i in part])
+            prediction = pl_module.apply_model(pl_module.q_sample(z, t, noise), t, cond)
+            losses[part] = pl_module.objective.per_sample(prediction, noise, t, pl_module.alphas_cumprod,
+                                                          pl_module.num_timesteps).float().cpu()
+    return losses
 
 
 def due(trainer: pl.Trainer, every_n_steps: int, logged_step: int) -> bool:

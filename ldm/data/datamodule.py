@@ -5,6 +5,7 @@ from typing import Mapping
 import pytorch_lightning as pl
 from torch.utils.data import DataLoader, Dataset
 
+from ldm.data.buckets import BucketBatches
 from ldm.data.personalized import DEFAULT_CLASS_WORD, IMAGE_SUFFIXES, DataError, InstanceClassPairs
 from ldm.util import instantiate_from_config
 
@@ -36,6 +37,9 @@ class DataModuleFromConfig(pl.LightningDataModule):
                                  "sampler": class_sampler}  # how missing class images are generated
         self.cache_latents = cache_latents
         for name, config in (("train", train), ("reg", reg or {})):
+            if cache_latents and (config.get("params") or {}).get("buckets"):
+                raise DataError(f"data.params.{name}.params.buckets with --cache_latents (data.params.cache_latents) "
+                                "is not supported yet: the cache holds one size per dataset; train without caching")
             if cache_latents and (config.get("params") or {}).get("crop") == "random":
                 raise DataError(f"data.params.{name}.params.crop is random, which cannot be cached (the crop changes "
                                 "every step): use crop center or none with --cache_latents (data.params.cache_latents)")
@@ -84,5 +88,12 @@ class DataModuleFromConfig(pl.LightningDataModule):
             raise RuntimeError("cache_latents is set but the datasets have no cached moments: call "
                                "ldm.latent_cache.cache_latents before fit")
         dataset = self.instance if self.class_prior is None else InstanceClassPairs(self.instance, self.class_prior)
+        if getattr(self.instance, "bucket_of", None) is not None:
+            class_buckets = None if self.class_prior is None else [
+                self.class_prior.target_size(k) for k in range(len(self.class_prior.paths))]
+            batches = BucketBatches([self.instance.target_size(k) for k in range(len(self.instance.paths))],
+                                    len(self.instance), class_buckets, self.batch_size)
+            return DataLoader(dataset, batch_sampler=batches, num_workers=self.num_workers,
+                              persistent_workers=self.num_workers > 0)
         return DataLoader(dataset, batch_size=self.batch_size, shuffle=True, num_workers=self.num_workers,
                           persistent_workers=self.num_workers > 0, drop_last=False)

@@ -29,15 +29,16 @@ def mask_path(photo: Path) -> Optional[Path]:
     return found[0] if found else None
 
 
-def load_mask(path: Path, photo_size: tuple[int, int], box: tuple[int, int, int, int], size: int, flip: bool,
-              floor: float) -> torch.Tensor:
-    """The mask as [size, size] float in [floor, 1], cut by the photo's crop `box` and mirrored with it."""
+def load_mask(path: Path, photo_size: tuple[int, int], box: tuple[int, int, int, int], size: tuple[int, int],
+              flip: bool, floor: float) -> torch.Tensor:
+    """The mask as [height, width] (of `size`, width first) float in [floor, 1], cut by the photo's crop `box` and
+    mirrored with it."""
     with Image.open(path) as opened:
         mask = ImageOps.exif_transpose(opened).convert("L")
     if mask.size != photo_size:
         raise UserError(f"{path}: the mask is {mask.size[0]}x{mask.size[1]}, its photo {photo_size[0]}x"
                         f"{photo_size[1]}; a mask must have its photo's size")
-    mask = mask.resize((size, size), Image.Resampling.BOX, box=box)
+    mask = mask.resize(size, Image.Resampling.BOX, box=box)
     if flip:
         mask = ImageOps.mirror(mask)
     values = torch.from_numpy(np.asarray(mask, dtype=np.float32) / 255.0)

@@ -12,6 +12,7 @@ import torch
 from PIL import Image, ImageOps
 from torch.utils.data import Dataset
 
+from ldm.data.buckets import bucket_box, bucket_sizes, nearest_bucket
 from ldm.data.captions import STRATEGIES, caption_of, fill
 from ldm.data.masks import MASK_FOLDER, is_mask_file, load_mask, mask_path
 from ldm.util import UserError
@@ -115,6 +116,12 @@ def short_side(path: str | Path, size: int) -> int:
         return side
 
 
+def upright_size(path: str | Path) -> tuple[int, int]:
+    """(width, height) of the image as it trains: after its EXIF orientation."""
+    with reading(path), open_image(path) as image:
+        return ImageOps.exif_transpose(image).size
+
+
 def square_box(width: int, height: int, crop: str) -> tuple[int, int, int, int]:
     """The crop box (left, top, right, bottom) of the largest square: centred, at a random place, or the whole image."""
     if crop == "none":
@@ -142,7 +149,7 @@ class PersonalizedBase(Dataset):
                  interpolation: str = "bicubic", crop: str = "center",
                  identifier: str = DEFAULT_IDENTIFIER, class_word: str = DEFAULT_CLASS_WORD, reg: bool = False,
                  template: str | None = None, caption_strategy: str = "instanceprompt", caption_dropout: float = 0.0,
-                 mask_floor: float = 0.0, minimum_image_size: int = 0):
+                 mask_floor: float = 0.0, minimum_image_size: int = 0, buckets: bool = False):
         role = "class images (reg)" if reg else "instance images (train)"
         if data_root is None:
             hint = " (or set data.params.reg=null to train without prior preservation)" if reg else ""
@@ -174,6 +181,13 @@ class PersonalizedBase(Dataset):
             if not self.paths:
                 raise DataError(f"{data_root}: every image is smaller than minimum_image_size {minimum_image_size}")
         self.captions = [self._caption(path) for path in self.paths]
+        self.bucket_of: list[tuple[int, int]] | None = None  # (width, height) per image, with buckets
+        if buckets:
+            if crop != "none":
+                raise DataError(f"{role}: buckets train each photo at its own aspect ratio, so they need crop: none "
+                                f"(got crop: {crop})")
+            sizes = bucket_sizes(size)
+            self.bucket_of = [nearest_bucket(*upright_size(path), sizes) for path in self.paths]
         self.mask_paths = [mask_path(path) for path in self.paths]
         self.masked, self.mask_floor = any(self.mask_paths), mask_floor  # with any mask, every photo has one
         self._masks: dict[tuple[int, bool], torch.Tensor] = {}
@@ -211,8 +225,8 @@ class PersonalizedBase(Dataset):
     def example(self, k: int, flip: bool | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Image k as `image` gives it, and its loss mask [H, W] cut and mirrored alike (None without masks)."""
         image = load_rgb(self.paths[k])
-        photo_size, box = image.size, square_box(*image.size, self.crop)
-        image = image.resize((self.size, self.size), self.resample, box=box)
+        photo_size, box = image.size, self._box(k, image.size)
+        image = image.resize(self.target_size(k), self.resample, box=box)
         if flip is None:
             flip = bool(torch.rand(()) < self.flip_p)
         if flip:
@@ -220,20 +234,28 @@ class PersonalizedBase(Dataset):
         mask = self._mask(k, photo_size, box, flip) if self.masked else None
         return torch.from_numpy(np.asarray(image, dtype=np.float32) / 127.5 - 1.0), mask
 
+    def target_size(self, k: int) -> tuple[int, int]:
+        """(width, height) image k trains at: its bucket, or size x size."""
+        return self.bucket_of[k] if self.bucket_of is not None else (self.size, self.size)
+
+    def _box(self, k: int, photo_size: tuple[int, int]) -> tuple[int, int, int, int]:
+        return bucket_box(*photo_size, self.bucket_of[k]) if self.bucket_of is not None else square_box(
+            *photo_size, self.crop)
+
     def _mask(self, k: int, photo_size: tuple[int, int], box: tuple[int, int, int, int], flip: bool) -> torch.Tensor:
         if self.mask_paths[k] is None:
-            return torch.ones(self.size, self.size)
+            width, height = self.target_size(k)
+            return torch.ones(height, width)
         try:
-            return load_mask(self.mask_paths[k], photo_size, box, self.size, flip, self.mask_floor)
+            return load_mask(self.mask_paths[k], photo_size, box, self.target_size(k), flip, self.mask_floor)
         except UserError as err:
             raise DataError(str(err)) from None
 
     def mask(self, k: int, flip: bool) -> torch.Tensor:
         """Image k's mask for cached latents (a centre or full crop, so it is the same every time: kept in memory)."""
         if (k, flip) not in self._masks:
-            with reading(self.paths[k]), open_image(self.paths[k]) as photo:
-                size = ImageOps.exif_transpose(photo).size
-            self._masks[k, flip] = self._mask(k, size, square_box(*size, self.crop), flip)
+            size = upright_size(self.paths[k])
+            self._masks[k, flip] = self._mask(k, size, self._box(k, size), flip)
         return self._masks[k, flip]
 
     def caption(self, k: int) -> str:
@@ -264,8 +286,10 @@ class InstanceClassPairs(Dataset):
     def __len__(self) -> int:
         return len(self.instance)
 
-    def __getitem__(self, index: int) -> dict[str, Any]:
+    def __getitem__(self, index: int | tuple[int, int]) -> dict[str, Any]:
+        """Item `index`, or with bucketed batches (ldm/data/buckets.py) the pair (instance index, class index)."""
+        index, class_index = index if isinstance(index, tuple) else (index, index % len(self.class_prior))
         example = dict(self.instance[index])
-        prior = self.class_prior[index % len(self.class_prior)]
+        prior = self.class_prior[class_index]
         example.update({f"class_{key}": value for key, value in prior.items()})
         return example

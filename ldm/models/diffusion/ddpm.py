@@ -322,12 +322,30 @@ class LatentDiffusion(LoraTraining, DDPM):
 
     def shared_step(self, batch: Mapping[str, Any], t: torch.Tensor | None = None,
                     noise: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        """Instance and class examples in one batched forward, each with its own noise and timestep."""
+        """Instance and class examples in one batched forward, each with its own noise and timestep; in two forwards
+        when bucketing gave them different sizes."""
+        if self.sizes_differ(batch):
+            if t is not None or noise is not None:
+                raise ValueError("fixed t and noise need instance and class examples of one size")
+            instance = {k: v for k, v in batch.items() if not k.startswith("class_")}
+            prior = {k[len("class_"):]: v for k, v in batch.items() if k.startswith("class_")}
+            per_sample = torch.cat([self.per_sample_losses(part)[0] for part in (instance, prior)])
+            return self.loss_fn(per_sample, len(instance[self.cond_stage_key]))
+        return self.loss_fn(*self.per_sample_losses(batch, t, noise))
+
+    def per_sample_losses(self, batch: Mapping[str, Any], t: torch.Tensor | None = None,
+                          noise: torch.Tensor | None = None) -> tuple[torch.Tensor, int]:
+        """The loss of every example of `batch` (instance, then class ones), and how many are instance examples."""
         z, captions, n_instance = self.get_input(batch)
         cond = self.get_learned_conditioning(captions)
         if t is None:
             t = self.objective.sample_timesteps(z.shape[0], self.num_timesteps, z.device)
-        return self.loss_fn(self.p_losses(z, cond, t, noise, self.loss_masks(batch, z)), n_instance)
+        return self.p_losses(z, cond, t, noise, self.loss_masks(batch, z)), n_instance
+
+    def sizes_differ(self, batch: Mapping[str, Any]) -> bool:
+        """Whether the batch's instance and class examples have different sizes (aspect buckets)."""
+        key = MOMENTS_KEY if MOMENTS_KEY in batch else self.first_stage_key
+        return f"class_{key}" in batch and batch[key].shape[1:] != batch[f"class_{key}"].shape[1:]
 
     def loss_masks(self, batch: Mapping[str, Any], z: torch.Tensor) -> torch.Tensor | None:
         """The photos' loss masks at the latent size (area averages), instance then class examples as in `z`; an

@@ -1,0 +1,78 @@
+"""Aspect-ratio buckets (`crop: none` with `buckets: true`): each photo trains at the bucket nearest its aspect ratio
+(sides multiples of 64, area at most size x size, ratio at most 2), cut only by the sliver that the bucket's ratio
+leaves, instead of being squashed or cropped to a square. A batch comes from one bucket; class examples take one
+bucket of their own per batch (`BucketBatches`), and the model runs the two in separate forwards when they differ."""
+import math
+from typing import Iterator, Sequence
+
+import torch
+import torch.distributed as dist
+
+MULTIPLE, MAX_RATIO = 64, 2.0
+
+
+def bucket_sizes(size: int, multiple: int = MULTIPLE, max_ratio: float = MAX_RATIO) -> list[tuple[int, int]]:
+    """(width, height) of every bucket: for each width, the tallest height of at most size² pixels."""
+    buckets = set()
+    for width in range(multiple, int(size * math.sqrt(max_ratio)) + 1, multiple):
+        height = (size * size // width) // multiple * multiple
+        if height >= multiple and max(width / height, height / width) <= max_ratio:
+            buckets.add((width, height))
+    return sorted(buckets)
+
+
+def nearest_bucket(width: int, height: int, buckets: Sequence[tuple[int, int]]) -> tuple[int, int]:
+    """The bucket whose aspect ratio is closest to the photo's (in log ratio); the larger one on a tie."""
+    ratio = math.log(width / height)
+    return min(buckets, key=lambda b: (abs(math.log(b[0] / b[1]) - ratio), -b[0] * b[1]))
+
+
+def bucket_box(width: int, height: int, bucket: tuple[int, int]) -> tuple[int, int, int, int]:
+    """The centred crop box of the photo with the bucket's aspect ratio (what the bucket's ratio leaves over)."""
+    scale = max(bucket[0] / width, bucket[1] / height)
+    crop_w, crop_h = bucket[0] / scale, bucket[1] / scale
+    left, top = (width - crop_w) / 2, (height - crop_h) / 2
+    return round(left), round(top), round(left + crop_w), round(top + crop_h)
+
+
+class BucketBatches:
+    """Batches of (instance index, class index) pairs: the instance examples of a batch share a bucket, and so do
+    its class examples (their bucket drawn in proportion to the class images'); shuffled every epoch; under DDP each
+    rank takes every world-size-th batch."""
+
+    def __init__(self, instance_buckets: Sequence, n_instance: int, class_buckets: Sequence | None,
+                 batch_size: int):
+        self.instance_buckets, self.n_instance = list(instance_buckets), n_instance
+        self.class_buckets, self.batch_size = None if class_buckets is None else list(class_buckets), batch_size
+
+    def _batches(self) -> list[list[int]]:
+        groups: dict = {}
+        for index in torch.randperm(self.n_instance).tolist():
+            groups.setdefault(self.instance_buckets[index % len(self.instance_buckets)], []).append(index)
+        batches = [group[i:i + self.batch_size] for group in groups.values()
+                   for i in range(0, len(group), self.batch_size)]
+        return [batches[i] for i in torch.randperm(len(batches)).tolist()]
+
+    def _class_indices(self, n: int) -> list[int]:
+        first = int(torch.randint(len(self.class_buckets), ()))
+        same = [j for j, b in enumerate(self.class_buckets) if b == self.class_buckets[first]]
+        order = torch.randperm(len(same)).tolist()
+        return [same[order[k % len(same)]] for k in range(n)]
+
+    def __iter__(self) -> Iterator[list]:
+        rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() \
+            else (0, 1)
+        for batch in self._batches()[rank::world]:
+            if self.class_buckets is None:
+                yield batch
+            else:
+                yield list(zip(batch, self._class_indices(len(batch))))
+
+    def __len__(self) -> int:
+        counts: dict = {}
+        for index in range(self.n_instance):
+            key = self.instance_buckets[index % len(self.instance_buckets)]
+            counts[key] = counts.get(key, 0) + 1
+        batches = sum(math.ceil(n / self.batch_size) for n in counts.values())
+        world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+        return math.ceil(batches / world)
