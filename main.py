@@ -28,6 +28,7 @@ from pytorch_lightning.utilities.rank_zero import rank_zero_only
 from ldm.callbacks import AtomicCheckpointIO, SetupCallback, StartAtStep, StepCheckpoint, StepProgress, quiet_lightning
 from ldm.checkpoint import CheckpointError, check_checkpoint_file, load_model_weights, parameters_on_meta
 from ldm.class_images import generate_class_images
+from ldm.data.concepts import concepts_from_flags
 from ldm.latent_cache import cache_latents
 from ldm.runs import Run, launched_per_process, new_run, resumed_run, warn_fresh_optimizer
 from ldm.util import DiskFullError, UserError, ensure_writable_dir, instantiate_from_config
@@ -68,11 +69,14 @@ def get_parser() -> argparse.ArgumentParser:
     add("--scale_lr", **flag, help="scale base_learning_rate by devices x batch size x gradient accumulation")
     add("--actual_resume", default=None, help="the Stable Diffusion v1 checkpoint to fine-tune (.ckpt/.safetensors)")
     add("--use_ema_weights", action="store_true", help="start from the file's EMA UNet weights (default: non-EMA)")
-    add("--data_root", default=None, help="folder of photos of the subject (instance images)")
-    add("--reg_data_root", default=None, help="folder of class images (prior preservation)")
-    add("--class_word", default=None, help="the subject's class, e.g. dog (default: dog)")
-    add("--token", "--identifier", dest="identifier", default=None,
-        help="rare token naming the subject in captions (default: sks)")
+    add("--data_root", action="append", help="folder of photos of the subject (instance images); repeat it, with "
+        "--token, to train several subjects at once (data.params.concepts)")
+    add("--reg_data_root", action="append", help="folder of class images (prior preservation); once per subject "
+        "or once for all")
+    add("--class_word", action="append", help="the subject's class, e.g. dog (default: dog); once per subject or "
+        "once for all")
+    add("--token", "--identifier", dest="identifier", action="append",
+        help="rare token naming the subject in captions (default: sks); once per subject")
     add("--num_class_images", type=int, default=None,
         help="generate class images with the base model until --reg_data_root holds this many (0: off)")
     add("--class_prompt", default=None, help="the prompt of generated class images and the class captions "
@@ -191,16 +195,24 @@ def load_config(paths: Sequence[str], overrides: Sequence[str]) -> DictConfig:
 def apply_flags(config: DictConfig, opt: argparse.Namespace) -> None:
     """Write the command-line choices into the config, so that the saved config alone can resume the run."""
     data = config.data.params
+    flags = {key: getattr(opt, key) for key in ("data_root", "reg_data_root", "class_word", "identifier")}
     for key, root in (("train", opt.data_root), ("reg", opt.reg_data_root)):
-        if data.get(key) is None:
-            if root:
-                raise UserError(f"--{'reg_' if key == 'reg' else ''}data_root given, but the config has no "
-                                f"data.params.{key} dataset")
-            continue
-        params = data[key].setdefault("params", {})
-        for name, value in (("data_root", root), ("class_word", opt.class_word), ("identifier", opt.identifier)):
-            if value is not None:
-                params[name] = value
+        if data.get(key) is None and root:
+            raise UserError(f"--{'reg_' if key == 'reg' else ''}data_root given, but the config has no "
+                            f"data.params.{key} dataset")
+    if len(opt.data_root or []) > 1:
+        data.concepts = concepts_from_flags(flags)
+    elif data.get("concepts") and any(flags.values()):
+        raise UserError("the config lists its subjects in data.params.concepts: edit them there, or pass --data_root "
+                        "and --token once per subject to replace them")
+    else:  # one subject: a flag given twice takes its last value, as before
+        for key, root in (("train", opt.data_root), ("reg", opt.reg_data_root)):
+            if data.get(key) is None:
+                continue
+            params = data[key].setdefault("params", {})
+            for name, values in (("data_root", root), ("class_word", opt.class_word), ("identifier", opt.identifier)):
+                if values:
+                    params[name] = values[-1]
     if opt.num_class_images is not None:
         data.num_class_images = opt.num_class_images
     for key in ("class_prompt", "class_negative_prompt", "class_sampler"):
@@ -372,16 +384,19 @@ def prepare_data(config: DictConfig, resuming: bool):
     with config_errors("data.params.train/reg"):
         data.setup("fit")
     missing = data.missing_class_images()
-    if missing and data.class_folder is None:
+    if data.num_class_images and data.reg_config is not None and data.class_folder is None:
         raise UserError("data.params.num_class_images is set but there is no class folder: pass --reg_data_root")
     if missing and resuming:
-        raise UserError(f"{data.class_folder}: {missing} class images are missing; a resumed run does not generate "
-                        "them (the base model is not loaded): restore the folder or lower num_class_images")
-    say(f"instance images: {len(data.instance.paths)} in {data.train_config.params.data_root}, "
-        f"e.g. caption '{data.instance.captions[0]}'")
-    if data.class_prior is not None:
-        say(f"class images: {len(data.class_prior.paths)} in {data.class_folder}, "
-            f"e.g. caption '{data.class_prior.captions[0]}'")
+        folders = ", ".join(folder for folder, _, _ in data.class_image_jobs())
+        raise UserError(f"{folders}: {missing} class images are missing; a resumed run does not generate them (the "
+                        "base model is not loaded): restore the folder or lower num_class_images")
+    for concept, config in zip(data.concepts, data.concept_configs):
+        named = f" ({concept.name})" if len(data.concepts) > 1 else ""
+        say(f"instance images{named}: {len(concept.instance.paths)} in {config.train.params.data_root}, "
+            f"e.g. caption '{concept.instance.captions[0]}'")
+        if concept.class_prior is not None:
+            say(f"class images{named}: {len(concept.class_prior.paths)} in {config.reg.params.data_root}, "
+                f"e.g. caption '{concept.class_prior.captions[0]}'")
     return data, missing
 
 
@@ -453,9 +468,9 @@ def train(opt: argparse.Namespace, overrides: list[str]) -> int:
     pl.seed_everything(opt.seed, workers=True)
     data, missing = prepare_data(config, resuming=run.checkpoint is not None or run.weights is not None)
     if missing and launched_per_process():
-        raise UserError(f"{data.class_folder}: {missing} class images are missing, and every process would generate "
-                        "them at once: generate them first, with one process (scripts/stable_txt2img.py, or a run "
-                        "with --num_class_images on one device)")
+        raise UserError(f"{data.class_image_jobs()[0][0]}: {missing} class images are missing, and every process "
+                        "would generate them at once: generate them first, with one process "
+                        "(scripts/stable_txt2img.py, or a run with --num_class_images on one device)")
 
     model = load_model(config, run, opt)
     torch.set_float32_matmul_precision("high")  # TF32 matmuls on GPUs that have them: faster, and fine for training
@@ -468,11 +483,12 @@ def train(opt: argparse.Namespace, overrides: list[str]) -> int:
     except MisconfigurationException as err:
         raise UserError(f"lightning.trainer: {err}") from None
     set_learning_rate(model, config, trainer, opt.scale_lr)
-    if missing:
-        say(f"generating {missing} class images in {data.class_folder} with the base model")
+    for folder, class_word, count in data.class_image_jobs():
+        say(f"generating {count} class images in {folder} with the base model")
         with trainer.precision_plugin.forward_context():
-            generate_class_images(model.to(trainer.strategy.root_device), data.class_folder, data.class_word,
-                                  missing, seed=opt.seed, **data.class_generation)
+            generate_class_images(model.to(trainer.strategy.root_device), folder, class_word, count, seed=opt.seed,
+                                  **data.class_generation)
+    if missing:
         data.setup("fit")
     if data.cache_latents:
         cache_latents(model, data, run.logdir / "cache", trainer.strategy.root_device, run.checkpoint)

@@ -1,7 +1,9 @@
 """Cached latents (--cache_latents): every instance and class image is encoded once by the VAE, in each flip, and
 the datasets then yield the posterior's moments (mean and logvar) instead of pixels, so that a training step draws
 its latents from them without running the VAE. The cache is a file per dataset in the run folder, reused while the
-images, their size, crop and interpolation, and the VAE encoder's weights stay the same."""
+images, their size, crop, buckets and interpolation, and the VAE encoder's weights stay the same. With aspect
+buckets the images differ in size, and the file holds one tensor per image."""
+import re
 import hashlib
 import logging
 from pathlib import Path
@@ -22,8 +24,9 @@ logger = logging.getLogger(__name__)
 
 BATCH_SIZE = 4
 VAE_ENCODER = ("encoder.", "quant_conv.")  # the VAE weights that the moments depend on
-WHAT_CHANGED = {"images": "image files", "size": "size", "crop": "crop", "interpolation": "interpolation",
-                "flips": "flips (flip_p on or off)", "vae": "VAE weights"}
+WHAT_CHANGED = {"images": "image files", "size": "size", "crop": "crop", "buckets": "aspect buckets",
+                "interpolation": "interpolation", "flips": "flips (flip_p on or off)", "vae": "VAE weights"}
+Moments = torch.Tensor | list[torch.Tensor]  # [N, flips, 2C, h, w], or with buckets [flips, 2C, h, w] per image
 
 
 def file_digest(path: Path) -> str:
@@ -51,18 +54,23 @@ def cache_key(dataset: PersonalizedBase, vae_hash: str) -> dict[str, str]:
     images = hashlib.sha256()
     for path in dataset.paths:
         images.update(f"{path.name}\0{file_digest(path)}\n".encode())
-    return {"images": images.hexdigest(), "size": str(dataset.size), "crop": dataset.crop,
+    buckets = "none" if dataset.bucket_of is None else ";".join(f"{w}x{h}" for w, h in dataset.bucket_of)
+    return {"images": images.hexdigest(), "size": str(dataset.size), "crop": dataset.crop, "buckets": buckets,
             "interpolation": dataset.interpolation, "flips": str(len(dataset.flips)), "vae": vae_hash}
 
 
-def read_cache(path: Path, key: dict[str, str]) -> Optional[torch.Tensor]:
+def read_cache(path: Path, key: dict[str, str]) -> Optional[Moments]:
     """The moments saved at `path` when they were made under `key`, else None, with a log line saying why."""
     if not path.is_file():
         logger.info("%s: no latent cache yet, encoding the images once", path)
         return None
     try:
         with safe_open(str(path), framework="pt") as handle:
-            saved, moments = handle.metadata() or {}, handle.get_tensor("moments")
+            saved, names = handle.metadata() or {}, list(handle.keys())
+            if "moments" in names:
+                moments = handle.get_tensor("moments")
+            else:  # one tensor per image, moments.0, moments.1, ...
+                moments = [handle.get_tensor(f"moments.{k}") for k in range(len(names))]
     except Exception as err:  # safetensors raises its own error types for a damaged header or file
         logger.warning("%s: unreadable latent cache (%s), rebuilding it", path, err)
         return None
@@ -74,25 +82,32 @@ def read_cache(path: Path, key: dict[str, str]) -> Optional[torch.Tensor]:
     return moments
 
 
-def save_cache(path: Path, moments: torch.Tensor, key: dict[str, str]) -> None:
+def save_cache(path: Path, moments: Moments, key: dict[str, str]) -> None:
     """Write the moments with their key as a .safetensors file (atomically)."""
-    moments = moments.contiguous()
-    atomic_write(path, lambda tmp: save_file({"moments": moments}, str(tmp), metadata=key),
-                 moments.numel() * moments.element_size() + 4096)
+    tensors = {"moments": moments.contiguous()} if isinstance(moments, torch.Tensor) else {
+        f"moments.{k}": m.contiguous() for k, m in enumerate(moments)}
+    size = sum(t.numel() * t.element_size() for t in tensors.values())
+    atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=key), size + 4096 + 64 * len(tensors))
 
 
 @torch.no_grad()
-def encode_dataset(model: nn.Module, dataset: PersonalizedBase, device: torch.device, name: str) -> torch.Tensor:
-    """The posterior moments [N images, flips, 2 * z_channels, h, w] of every image of `dataset` in each flip."""
+def encode_dataset(model: nn.Module, dataset: PersonalizedBase, device: torch.device, name: str) -> Moments:
+    """The posterior moments of every image of `dataset` in each flip: [N images, flips, 2 * z_channels, h, w], or
+    with buckets a list of [flips, 2 * z_channels, h, w], one per image (batched by size)."""
     jobs = [(k, flip) for k in range(len(dataset.paths)) for flip in dataset.flips]
-    moments = []
+    by_size: dict[tuple[int, int], list[tuple[int, bool]]] = {}
+    for job in jobs:
+        by_size.setdefault(dataset.target_size(job[0]), []).append(job)
+    encoded: dict[tuple[int, bool], torch.Tensor] = {}
     with tqdm(total=len(jobs), desc=f"encoding the {name} images", unit="img") as progress:
-        for start in range(0, len(jobs), BATCH_SIZE):
-            chunk = jobs[start:start + BATCH_SIZE]
-            x = torch.stack([dataset.image(k, flip) for k, flip in chunk]).permute(0, 3, 1, 2).contiguous()
-            moments.append(model.encode_first_stage(x.to(device)).parameters.float().cpu())
-            progress.update(len(chunk))
-    return torch.cat(moments).unflatten(0, (len(dataset.paths), len(dataset.flips)))
+        for group in by_size.values():
+            for start in range(0, len(group), BATCH_SIZE):
+                chunk = group[start:start + BATCH_SIZE]
+                x = torch.stack([dataset.image(k, flip) for k, flip in chunk]).permute(0, 3, 1, 2).contiguous()
+                encoded.update(zip(chunk, model.encode_first_stage(x.to(device)).parameters.float().cpu()))
+                progress.update(len(chunk))
+    per_image = [torch.stack([encoded[k, flip] for flip in dataset.flips]) for k in range(len(dataset.paths))]
+    return torch.stack(per_image) if len(by_size) == 1 else per_image
 
 
 def load_vae_weights(model: nn.Module, path: Path) -> None:
@@ -104,14 +119,15 @@ def load_vae_weights(model: nn.Module, path: Path) -> None:
 
 def cache_latents(model: nn.Module, data: DataModuleFromConfig, folder: Path, device: torch.device,
                   resume_checkpoint: Optional[Path] = None) -> None:
-    """Give each dataset of `data` its moments, from `folder/latents_<train|reg>.safetensors` when still valid, else
-    encoded on `device` and saved there; `resume_checkpoint` is a last.ckpt whose VAE the cache must match."""
+    """Give each dataset of `data` its moments, from `folder/latents_<dataset>.safetensors` (train, reg, or
+    train_<concept>, ... with several concepts) when still valid, else encoded on `device` and saved there;
+    `resume_checkpoint` is a last.ckpt whose VAE the cache must match."""
     if resume_checkpoint is not None:
         load_vae_weights(model, resume_checkpoint)
     vae_hash = vae_digest(model.first_stage_model)
     model.first_stage_model.to(device)
     for name, dataset in data.datasets().items():
-        path = Path(folder) / f"latents_{name}.safetensors"
+        path = Path(folder) / f"latents_{re.sub(r'[^A-Za-z0-9@.-]+', '_', name)}.safetensors"
         key = cache_key(dataset, vae_hash)
         moments = read_cache(path, key)
         if moments is None:

@@ -92,9 +92,10 @@ def subjects_of(opt: argparse.Namespace) -> list[Subject]:
     """The subjects to evaluate, each with its model, photos, class word and kind."""
     prompts = read_prompts(None, opt.prompts) if opt.prompts else None
     if opt.scorer == "toy":
-        from ldm.eval.toy_demo import CONTEXT_PROMPTS  # the subject in each context, as DreamBench's prompts
-        return [Subject("toy", resolve_model(opt.model, "toy"), [], opt.class_word or "ball",
-                        prompts=prompts or list(CONTEXT_PROMPTS))]
+        from ldm.eval.toy_demo import context_prompts  # the subject in each context, as DreamBench's prompts
+        class_word = opt.class_word or "ball"
+        return [Subject("toy", resolve_model(opt.model, "toy"), [], class_word,
+                        prompts=prompts or list(context_prompts(opt.identifier, class_word)))]
     if opt.subjects_root:
         root = Path(opt.subjects_root)
         if not root.is_dir():

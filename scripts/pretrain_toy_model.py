@@ -2,9 +2,10 @@
 
     vae        the autoencoder on random crops of world renders; measures the latents' scale factor
     scorer     the toy scorer on renders (half through the VAE), then its validation on fresh renders
+    box_head   the scorer's head for the second subject (the box), on the frozen features; then its validation
     latents    render and encode the pretraining scenes once (cached in --workdir)
     diffusion  the UNet and the text encoder on the cached latents with random captions; resumable
-    all        all four in order
+    all        all five in order
 
     python scripts/pretrain_toy_model.py --stage all
 
@@ -28,7 +29,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from ldm.checkpoint import load_model_weights, read_checkpoint, read_state_dict, save_checkpoint, save_weights  # noqa: E402
 from ldm.eval.toy_metrics import prompt_following  # noqa: E402
-from ldm.eval.toy_scorer import fit_scorer, load_scorer, save_scorer, validate_scorer  # noqa: E402
+from ldm.data.toy_world import BOX_SUBJECT  # noqa: E402
+from ldm.eval.toy_scorer import (ToyScorer, fit_scorer, fit_subject_head, load_scorer, save_scorer,  # noqa: E402
+                                 validate_scorer)
 from ldm.pretraining import DiffusionPretraining, SceneLatents, psnr, random_scenes, render_all, train_vae  # noqa: E402
 from ldm.util import instantiate_from_config  # noqa: E402
 
@@ -41,7 +44,7 @@ logger = logging.getLogger("pretrain_toy_model")
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add = parser.add_argument
-    add("--stage", choices=["vae", "scorer", "latents", "diffusion", "all"], default="all")
+    add("--stage", choices=["vae", "scorer", "box_head", "latents", "diffusion", "all"], default="all")
     add("--workdir", default="outputs/toy-pretrain", help="intermediate files (VAE, latents, resumable state)")
     add("--data_dir", default=str(DATA), help="where the results go: toy-v1.safetensors, scorer.safetensors, "
         "pretraining.json")
@@ -54,6 +57,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     add("--scorer_steps", type=int, default=3000)
     add("--scorer_pool", type=int, default=16000, help="rendered scenes the scorer is fitted on")
     add("--scorer_validation", type=int, default=100, help="held-out renders per context and kind for the scorer")
+    add("--box_head_pool", type=int, default=6000, help="rendered scenes the box subject's head is fitted on")
+    add("--box_head_steps", type=int, default=8000, help="full-batch steps of the box subject's head")
     add("--scenes", type=int, default=40000, help="pretraining scenes (latents cached once)")
     add("--steps", type=int, default=20000, help="diffusion steps in all (a resumed run goes on to this)")
     add("--batch_size", type=int, default=32)
@@ -112,6 +117,24 @@ def scorer_stage(opt: argparse.Namespace, workdir: Path, record: dict) -> None:
     save_scorer(scorer, Path(opt.data_dir) / "scorer.safetensors")
 
 
+def box_head_stage(opt: argparse.Namespace, workdir: Path, record: dict) -> None:
+    vae = load_vae(opt, workdir)
+    path = Path(opt.data_dir) / "scorer.safetensors"
+    started = time.monotonic()
+    scorer = ToyScorer()
+    missing = scorer.load_state_dict(read_state_dict(path), strict=False).missing_keys  # the box head is refitted
+    if any(not key.startswith("heads.subject_box.") for key in missing):
+        raise SystemExit(f"{path}: not a toy scorer (missing {missing}); run --stage scorer first")
+    scorer = fit_subject_head(scorer, BOX_SUBJECT, pool=opt.box_head_pool, steps=opt.box_head_steps, vae=vae,
+                              seed=opt.seed + 1)
+    validation = validate_scorer(scorer, vae, per_context=opt.scorer_validation, subject=BOX_SUBJECT)
+    record["box_head"] = {"pool": opt.box_head_pool, "steps": opt.box_head_steps,
+                          "minutes": round((time.monotonic() - started) / 60, 1),
+                          "validation": {k: round(v, 4) for k, v in validation.items() if "subject_box" in k}}
+    logger.info("box head validation: %s", json.dumps(record["box_head"]["validation"], indent=1))
+    save_scorer(scorer, path)
+
+
 def latents_stage(opt: argparse.Namespace, workdir: Path, record: dict) -> None:
     started = time.monotonic()
     latents = SceneLatents.encode(load_vae(opt, workdir), random_scenes(opt.scenes, seed=opt.seed + 3))
@@ -159,7 +182,8 @@ def diffusion_stage(opt: argparse.Namespace, workdir: Path, record: dict) -> Non
     trainer.run(opt.steps, on_interval=checkpoint, interval=opt.interval)
 
 
-STAGES = {"vae": vae_stage, "scorer": scorer_stage, "latents": latents_stage, "diffusion": diffusion_stage}
+STAGES = {"vae": vae_stage, "scorer": scorer_stage, "box_head": box_head_stage, "latents": latents_stage,
+          "diffusion": diffusion_stage}
 
 
 def save_record(opt: argparse.Namespace, record: dict) -> None:
@@ -175,8 +199,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     Path(opt.data_dir).mkdir(parents=True, exist_ok=True)
     record_path = Path(opt.data_dir) / "pretraining.json"
     record = json.loads(record_path.read_text()) if record_path.is_file() else {}
-    record["machine"] = f"{torch.get_num_threads()} torch thread(s), torch {torch.__version__}"
-    stages = ["vae", "scorer", "latents", "diffusion"] if opt.stage == "all" else [opt.stage]
+    record.setdefault("machine", f"{torch.get_num_threads()} torch thread(s), torch {torch.__version__}")
+    stages = ["vae", "scorer", "box_head", "latents", "diffusion"] if opt.stage == "all" else [opt.stage]
     for stage in stages:
         STAGES[stage](opt, workdir, record)
         save_record(opt, record)

@@ -59,7 +59,8 @@ def test_each_photo_trains_at_its_bucket_and_keeps_its_aspect(photos):
 def test_batches_come_from_one_bucket_and_class_examples_from_one_of_their_own():
     torch.manual_seed(0)
     instance = ["A", "A", "B", "B", "B"]
-    batches = BucketBatches(instance, n_instance=20, class_buckets=["C", "D", "C"], batch_size=3)
+    keys = [(0, instance[i % 5]) for i in range(20)]
+    batches = BucketBatches(keys, class_buckets=[["C", "D", "C"]], batch_size=3)
     seen = list(batches)
     assert len(seen) == len(batches) and sorted(i for b in seen for i, _ in b) == list(range(20))
     for batch in seen:

@@ -8,8 +8,9 @@ import pytest
 import torch
 from PIL import Image
 
+from ldm.data.concepts import ConceptPairs
 from ldm.data.datamodule import DataModuleFromConfig
-from ldm.data.personalized import DataError, InstanceClassPairs, PersonalizedBase
+from ldm.data.personalized import DataError, PersonalizedBase
 
 RED, BLUE, WHITE = (1.0, -1.0, -1.0), (-1.0, -1.0, 1.0), (1.0, 1.0, 1.0)
 
@@ -164,7 +165,7 @@ def test_pairs_follow_the_instance_set(tmp_path):
     module = DataModuleFromConfig(**data_config(folder_with(tmp_path / "i", 2), folder_with(tmp_path / "c", 5)))
     module.setup("fit")
     pairs = module.train_dataloader().dataset
-    assert isinstance(pairs, InstanceClassPairs) and len(pairs) == 2 * 3
+    assert isinstance(pairs, ConceptPairs) and len(pairs) == 2 * 3
     batch = next(iter(module.train_dataloader()))
     assert batch["image"].shape == batch["class_image"].shape == (2, 64, 64, 3)
     assert batch["caption"] == ["photo of a sks dog"] * 2 and batch["class_caption"] == ["photo of a dog"] * 2

@@ -15,7 +15,7 @@ from torch.utils.data import default_collate
 from conftest import build_tiny_model, randomise_zero_init
 from ldm import latent_cache
 from ldm.data.datamodule import DataModuleFromConfig
-from ldm.data.personalized import InstanceClassPairs
+from ldm.data.concepts import ConceptPairs
 from ldm.latent_cache import cache_latents
 from ldm.util import UserError
 from test_train_e2e import fresh_run_args, make_class_images, make_photos, run_main
@@ -41,10 +41,11 @@ def folders(tmp_path) -> SimpleNamespace:
 
 
 def make_data(folders: SimpleNamespace, cache: bool = True, size: int = 64, crop: str = "center",
-              reg_crop: str = "center") -> DataModuleFromConfig:
+              reg_crop: str = "center", **options) -> DataModuleFromConfig:
     def dataset(root: Path, crop: str, **extra) -> dict:
         return {"target": "ldm.data.personalized.PersonalizedBase",
-                "params": {"data_root": str(root), "size": size, "repeats": 2, "flip_p": 0.5, "crop": crop, **extra}}
+                "params": {"data_root": str(root), "size": size, "repeats": 2, "flip_p": 0.5, "crop": crop, **extra,
+                           **options}}
     data = DataModuleFromConfig(batch_size=2, train=dataset(folders.instance, crop),
                                 reg=dataset(folders.reg, reg_crop, reg=True), cache_latents=cache)
     data.setup("fit")
@@ -53,7 +54,7 @@ def make_data(folders: SimpleNamespace, cache: bool = True, size: int = 64, crop
 
 def seeded_batch(data: DataModuleFromConfig, seeds: list[int]) -> dict:
     """Pairs 0, 1, ... with each example's flips drawn under its own seed."""
-    pairs = InstanceClassPairs(data.instance, data.class_prior)
+    pairs = ConceptPairs(data.concepts)
     items = []
     for index, seed in enumerate(seeds):
         torch.manual_seed(seed)
@@ -128,6 +129,36 @@ def test_cache_file_is_reused_and_rebuilt_when_images_size_or_vae_change(folders
         model.first_stage_model.encoder.conv_in.weight.add_(0.1)
     run(size=32)
     assert encoded == ["train", "reg"] and "the VAE weights changed" in caplog.text
+
+
+def test_bucketed_images_are_cached_one_tensor_each_and_train_as_uncached(tmp_path, monkeypatch):
+    folders = SimpleNamespace(instance=noise_images(tmp_path / "instance", [(260, 128), (128, 250)], 2),
+                              reg=noise_images(tmp_path / "class", [(192, 192), (250, 128)], 3),
+                              cache=tmp_path / "run" / "cache")
+    model = randomise_zero_init(build_tiny_model(cond_stage_trainable=False, **KEYS))
+    plain = make_data(folders, cache=False, size=192, crop="none", reg_crop="none", buckets=True)
+    cached = make_data(folders, size=192, crop="none", reg_crop="none", buckets=True)
+    cache_latents(model, cached, folders.cache, CPU)
+    assert [tuple(m.shape) for m in cached.instance.moments] == [(2, 8, 16, 32), (2, 8, 32, 16)]
+    saved = load_file(folders.cache / "latents_train.safetensors")
+    assert set(saved) == {"moments.0", "moments.1"} and torch.equal(saved["moments.1"], cached.instance.moments[1])
+    t, noise = torch.tensor([400]), torch.randn(1, 4, 32, 16, generator=torch.Generator().manual_seed(5))
+    losses = []
+    for data in (plain, cached):
+        torch.manual_seed(1)  # the flip
+        batch = default_collate([data.instance[1]])
+        torch.manual_seed(7)  # the draw of the latent from the posterior
+        with torch.no_grad():
+            losses.append(model.shared_step(batch, t, noise)["loss"])
+    assert_close(losses[1], losses[0], rtol=1e-5, atol=1e-6)
+    batch = next(iter(cached.train_dataloader()))
+    assert batch["moments"].shape[0] == 2 and len({tuple(m.shape) for m in batch["class_moments"]}) == 1
+
+    encoded = []
+    monkeypatch.setattr(latent_cache, "encode_dataset", lambda *args: encoded.append(args[3]))
+    again = make_data(folders, size=192, crop="none", reg_crop="none", buckets=True)
+    cache_latents(model, again, folders.cache, CPU)
+    assert encoded == [] and all(torch.equal(a, b) for a, b in zip(again.instance.moments, cached.instance.moments))
 
 
 def test_a_random_crop_cannot_be_cached(folders):

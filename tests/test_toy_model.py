@@ -12,8 +12,8 @@ from omegaconf import OmegaConf
 
 from conftest import REPO
 from ldm.checkpoint import load_model_weights, read_checkpoint, read_state_dict, save_checkpoint
-from ldm.data.toy_world import CONTEXTS, random_layout, random_scene, subject_scene
-from ldm.eval.toy_scorer import ToyScorer, fit_scorer, load_scorer, render_scenes
+from ldm.data.toy_world import BOX_SUBJECT, CLASSES, CONTEXTS, is_subject, random_layout, random_scene, subject_scene
+from ldm.eval.toy_scorer import ToyScorer, fit_scorer, fit_subject_head, load_scorer, near_misses, render_scenes
 from ldm.pretraining import DiffusionPretraining, SceneLatents, random_scenes, render_all, train_vae
 from ldm.util import instantiate_from_config
 
@@ -48,11 +48,34 @@ def test_committed_scorer_reads_renders_it_was_not_fitted_on():
     assert np.mean([p["subject"] for p in scorer.predict(render_scenes(balls))]) <= 0.1
 
 
+def test_committed_scorer_finds_the_box_subject_apart_from_the_ball():
+    scorer = load_scorer(SCORER)
+    rng = np.random.default_rng(2025)
+    boxes = [subject_scene(c, **random_layout(rng), subject=BOX_SUBJECT) for c in CONTEXTS for _ in range(8)]
+    balls = [subject_scene(c, **random_layout(rng)) for c in CONTEXTS for _ in range(8)]
+    on_boxes, on_balls = scorer.predict(render_scenes(boxes)), scorer.predict(render_scenes(balls))
+    assert np.mean([p["subject_box"] for p in on_boxes]) >= 0.9 and np.mean([p["subject"] for p in on_boxes]) <= 0.1
+    assert np.mean([p["subject_box"] for p in on_balls]) <= 0.1
+
+
+def test_a_subject_head_is_fitted_without_touching_the_other_heads():
+    torch.manual_seed(0)
+    scorer = ToyScorer()
+    before = {k: v.clone() for k, v in scorer.state_dict().items()}
+    fit_subject_head(scorer, BOX_SUBJECT, pool=32, views=1, steps=5)
+    after = scorer.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed == {"heads.subject_box.weight", "heads.subject_box.bias"}
+    rng = np.random.default_rng(0)
+    misses = [near_misses(rng, BOX_SUBJECT) for _ in range(200)]
+    assert not any(is_subject(s, BOX_SUBJECT) for s in misses) and {s.cls for s in misses} == set(CLASSES)
+
+
 def test_scorer_interface_on_pictures_of_any_size():
     from PIL import Image
     scores = ToyScorer().score_images([Image.new("RGB", (64, 64)), Image.new("RGBA", (128, 96))])
     assert len(scores) == 2
-    assert set(scores[0]) == {"subject", "subject_prob", "cls", "context", "colour"}
+    assert set(scores[0]) == {"subject", "subject_prob", "subject_box", "subject_box_prob", "cls", "context", "colour"}
     assert isinstance(scores[0]["subject"], bool) and scores[0]["context"] in CONTEXTS
 
 
@@ -98,14 +121,15 @@ def test_pretraining_script_runs_every_stage_and_records_them(tmp_path):
         proc = subprocess.run(
             [sys.executable, "scripts/pretrain_toy_model.py", "--stage", stage, "--workdir", str(tmp_path / workdir),
              "--data_dir", str(data), "--configs", *map(str, configs), "--vae_steps", "2", "--vae_pool", "24",
-             "--scorer_steps", "2", "--scorer_pool", "16", "--scorer_validation", "2", "--scenes", "16", "--steps",
+             "--scorer_steps", "2", "--scorer_pool", "16", "--scorer_validation", "2", "--box_head_pool", "16",
+             "--box_head_steps", "2", "--scenes", "16", "--steps",
              str(steps), "--interval", "2", "--batch_size", "4", "--eval_samples", "0", *extra],
             cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=600)
         assert proc.returncode == 0, proc.stderr[-3000:]
 
     pretrain("all", "work", 2)
     record = json.loads((data / "pretraining.json").read_text())
-    assert set(record) >= {"vae", "scorer", "latents", "diffusion"} and record["diffusion"]["steps"] == 2
+    assert set(record) >= {"vae", "scorer", "box_head", "latents", "diffusion"} and record["diffusion"]["steps"] == 2
     scale = record["vae"]["scale_factor"]
     assert all(OmegaConf.load(path).model.params.scale_factor == pytest.approx(scale, abs=1e-5) for path in configs)
     model = instantiate_from_config(OmegaConf.load(configs[0]).model)

@@ -8,8 +8,8 @@ import pytest
 from PIL import Image
 
 from conftest import REPO
-from ldm.data.toy_world import (CLASSES, CONTEXTS, PATTERNS, SUBJECT, Scene, caption, has_subject_look, is_subject,
-                                random_caption, random_scene, render, subject_scene)
+from ldm.data.toy_world import (BOX_SUBJECT, CLASSES, CONTEXTS, PATTERNS, SUBJECT, Scene, caption, has_subject_look,
+                                is_subject, random_caption, random_scene, render, subject_scene)
 
 
 @pytest.mark.parametrize("context", CONTEXTS)
@@ -61,12 +61,20 @@ def test_pretraining_never_shows_the_subject_or_the_identifier():
     assert is_subject(subject_scene("beach")) and not is_subject(Scene("ball", ("blue", "yellow"), "two-tone", "beach"))
 
 
-def test_committed_subject_photos_are_what_the_script_makes(tmp_path):
-    proc = subprocess.run([sys.executable, "scripts/make_toy_subject.py", "--output_dir", str(tmp_path)], cwd=REPO,
-                          capture_output=True, text=True)
+@pytest.mark.parametrize("subject, folder", [("ball", "subject"), ("box", "subject_box")])
+def test_committed_subject_photos_are_what_the_script_makes(tmp_path, subject, folder):
+    proc = subprocess.run([sys.executable, "scripts/make_toy_subject.py", "--output_dir", str(tmp_path), "--subject",
+                           subject], cwd=REPO, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     made = sorted(tmp_path.glob("*.png"))
-    committed = sorted((REPO / "data" / "toy" / "subject").glob("*.png"))
+    committed = sorted((REPO / "data" / "toy" / folder).glob("*.png"))
     assert [p.name for p in made] == [p.name for p in committed] and 4 <= len(made) <= 6
     for new, old in zip(made, committed):
         assert np.array_equal(np.asarray(Image.open(new)), np.asarray(Image.open(old))), new.name
+
+
+def test_the_second_subject_is_a_box_no_pretraining_scene_shows():
+    assert has_subject_look(BOX_SUBJECT) and BOX_SUBJECT.cls != SUBJECT.cls
+    assert is_subject(subject_scene("snow", subject=BOX_SUBJECT), BOX_SUBJECT)
+    assert not is_subject(subject_scene("snow"), BOX_SUBJECT) and not is_subject(Scene(
+        "box", ("yellow", "blue"), "two-tone", "snow"), BOX_SUBJECT)

@@ -1,6 +1,7 @@
 """A stable evaluation loss: every `every_n_steps` steps, the training objective on one fixed set (each instance
 photo and the first class images, each at fixed timesteps spread over [0, T), with fixed noise and fixed flips),
-logged as `val/loss`, `val/loss_instance`, `val/loss_class` and per timestep band (`val/loss_t0-249`, ...).
+logged as `val/loss`, `val/loss_instance`, `val/loss_class` and per timestep band (`val/loss_t0-249`, ...); with
+several concepts also `val/loss_instance_<concept>`.
 
 Everything random is drawn once from `seed` on a generator of its own (training's random stream is untouched), the
 latents are their posterior means, and the set is evaluated in the same chunks each time, so the same weights give
@@ -14,6 +15,7 @@ import torch
 from einops import rearrange
 from pytorch_lightning.callbacks import Callback
 
+from ldm.modules.losses import concept_losses
 from ldm.optim import optimizer_eval_mode
 
 logger = logging.getLogger(__name__)
@@ -22,12 +24,14 @@ logger = logging.getLogger(__name__)
 @dataclass
 class EvaluationSet:
     """Latents [C, h, w] (sizes differ with aspect buckets), their captions, noise and timesteps of the N (example,
-    timestep) pairs; the first `n_instance` pairs are of instance photos."""
+    timestep) pairs; the first `n_instance` pairs are of instance photos, of the concepts named in `concepts` (empty
+    names for a run of one subject)."""
     latents: list[torch.Tensor]
     captions: list[str]
     noise: list[torch.Tensor]
     timesteps: torch.Tensor
     n_instance: int
+    concepts: list[str]
 
 
 def spread_timesteps(count: int, num_timesteps: int) -> torch.Tensor:
@@ -45,7 +49,7 @@ def band_names(bands: int, num_timesteps: int) -> list[tuple[str, int, int]]:
 def example_latent(pl_module: pl.LightningModule, dataset, k: int, flip: bool) -> torch.Tensor:
     """The posterior mean of one example (from the cached moments when the dataset has them), scaled as in training."""
     if dataset.moments is not None:
-        moments = dataset.moments[k, dataset.flips.index(flip)][None]
+        moments = dataset.moments[k][dataset.flips.index(flip)][None]
     else:
         x = rearrange(dataset.image(k, flip)[None], "b h w c -> b c h w").contiguous().to(pl_module.device)
         with pl_module.encoders_on_device():
@@ -55,22 +59,27 @@ def example_latent(pl_module: pl.LightningModule, dataset, k: int, flip: bool) -
 
 def build_set(pl_module: pl.LightningModule, datasets: Mapping[str, Any], timesteps: int, class_images: int,
               seed: int) -> EvaluationSet:
-    """The fixed set: every instance photo and the first `class_images` class images, each at `timesteps` timesteps."""
+    """The fixed set: every instance photo and the first `class_images` images of each class set, each at
+    `timesteps` timesteps. `datasets` are the data module's: `train` and `reg`, or with several concepts
+    `train/<name>` and `reg/<name>`."""
     generator = torch.Generator().manual_seed(seed)
-    latents, captions = [], []
-    counts = {"train": len(datasets["train"].paths)}
-    if "reg" in datasets:
-        counts["reg"] = min(class_images, len(datasets["reg"].paths))
+    latents, captions, concepts = [], [], []
+    counts = {name: len(d.paths) for name, d in datasets.items() if name.split("/")[0] == "train"}
+    n_photos = sum(counts.values())
+    counts.update({name: min(class_images, len(d.paths)) for name, d in datasets.items()
+                   if name.split("/")[0] == "reg"})
     for name, count in counts.items():
         dataset = datasets[name]
         flips = [bool(torch.rand((), generator=generator) < dataset.flip_p) for _ in range(count)]
         latents += [example_latent(pl_module, dataset, k, flip) for k, flip in enumerate(flips)]
         captions += dataset.captions[:count]
+        concepts += [name.partition("/")[2]] * count
     ts = spread_timesteps(timesteps, pl_module.num_timesteps)
     noise = [torch.randn(z.shape, generator=generator) for z in latents for _ in range(timesteps)]
     return EvaluationSet(latents=[z for z in latents for _ in range(timesteps)],
                          captions=[c for c in captions for _ in range(timesteps)], noise=noise,
-                         timesteps=ts.repeat(len(latents)), n_instance=counts["train"] * timesteps)
+                         timesteps=ts.repeat(len(latents)), n_instance=n_photos * timesteps,
+                         concepts=[c for c in concepts[:n_photos] for _ in range(timesteps)])
 
 
 @torch.no_grad()
@@ -127,7 +136,8 @@ class EvaluationLoss(Callback):
                 per_pair = evaluation_losses(pl_module, self.fixed, self.batch_size)
         finally:
             pl_module.train(was_training)
-        metrics = pl_module.loss_fn(per_pair, self.fixed.n_instance)
+        metrics = {**pl_module.loss_fn(per_pair, self.fixed.n_instance),
+                   **concept_losses(per_pair, [c for c in self.fixed.concepts if c] or None)}
         t, n = self.fixed.timesteps, self.fixed.n_instance
         for name, low, high in band_names(self.bands, pl_module.num_timesteps):
             band = (t >= low) & (t < high)

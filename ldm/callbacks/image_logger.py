@@ -64,8 +64,8 @@ class ImageLogger(Callback):
             for kind, prefix in kinds.items():
                 # the batch's first caption that caption_dropout left, else its dataset's first
                 captions = [c for c in batch[f"{prefix}{caption_key}"] if c]
-                prompt = captions[0] if captions else trainer.datamodule.datasets()[
-                    "reg" if prefix else "train"].captions[0]
+                first = trainer.datamodule.concepts[0]
+                prompt = captions[0] if captions else (first.class_prior if prefix else first.instance).captions[0]
                 previews: list[tuple[int, torch.Tensor]] = []
                 images = sample_images(pl_module, prompt, seeds, self.ddim_steps, self.scale,
                                        on_prediction=self._collector(previews))

@@ -1,6 +1,7 @@
 """Validation samples at fixed seeds every N steps: `<run>/images/validation/step_NNNNNN.png` (a row per prompt) and
-its cells, with CLIP-T and CLIP-I of the samples when a CLIP folder is given (`val/clip_t`, `val/clip_i`), and at
-the end `progression.png`, one row per step, from every session of the run."""
+its cells, with CLIP-T and CLIP-I of the samples when a CLIP folder is given (`val/clip_t`, `val/clip_i`; with
+several concepts, the prompts of each and `val/clip_t_<concept>`, ...), and at the end `progression.png`, one row
+per step, from every session of the run."""
 import logging
 import re
 from pathlib import Path
@@ -88,7 +89,7 @@ class ValidationSamples(Callback):
         if clip_model and every_n_steps:
             from ldm.eval.paper_metrics import ClipEmbedder
             self.clip = ClipEmbedder(clip_model, flag="lightning.callbacks.validation.params.clip_model")
-        self._real: Optional[torch.Tensor] = None
+        self._real: dict[str, torch.Tensor] = {}
         self._logged_step = -1
 
     def folder(self, trainer: pl.Trainer) -> Path:
@@ -104,17 +105,23 @@ class ValidationSamples(Callback):
 
     def sample(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, float]:
         """Sample, save the step's grid and cells, log the CLIP scores; returns the scores."""
-        instance, step = trainer.datamodule.datasets()["train"], trainer.global_step
-        prompts = [fill(t, instance.identifier, instance.class_word) for t in self.templates]
+        step = trainer.global_step
+        instances = {name.partition("/")[2]: dataset for name, dataset in trainer.datamodule.datasets().items()
+                     if name.split("/")[0] == "train"}  # by concept name ("" for a run of one subject)
+        prompts_of = {name: list(dict.fromkeys(fill(t, d.identifier, d.class_word) for t in self.templates))
+                      for name, d in instances.items()}
+        prompts = list(dict.fromkeys(prompt for each in prompts_of.values() for prompt in each))
         with optimizer_eval_mode(trainer.optimizers), sampling_mode(pl_module), pl_module.encoders_on_device(), \
                 trainer.precision_plugin.forward_context():
             samples = {prompt: sample_images(pl_module, prompt, self.seeds, self.ddim_steps, self.scale)
                        for prompt in prompts}
         scores = {}
-        if self.clip is not None:
-            if self._real is None:  # the photos' embeddings, once per session
-                self._real = self.clip.images([load_rgb(p) for p in instance.paths])
-            scores = clip_scores(self.clip, samples, self._real, instance.identifier)
+        for name, instance in instances.items() if self.clip is not None else ():
+            if name not in self._real:  # the photos' embeddings, once per session
+                self._real[name] = self.clip.images([load_rgb(p) for p in instance.paths])
+            part = clip_scores(self.clip, {p: samples[p] for p in prompts_of[name]}, self._real[name],
+                               instance.identifier)
+            scores.update({f"{key}_{name}" if name else key: value for key, value in part.items()})
         cells = self.folder(trainer) / f"step_{step:06}"
         cells.mkdir(parents=True, exist_ok=True)
         for k, (prompt, images) in enumerate(samples.items()):

@@ -1,9 +1,10 @@
 """Aspect-ratio buckets (`crop: none` with `buckets: true`): each photo trains at the bucket nearest its aspect ratio
 (sides multiples of 64, area at most size x size, ratio at most 2), cut only by the sliver that the bucket's ratio
-leaves, instead of being squashed or cropped to a square. A batch comes from one bucket; class examples take one
-bucket of their own per batch (`BucketBatches`), and the model runs the two in separate forwards when they differ."""
+leaves, instead of being squashed or cropped to a square. A batch comes from one bucket of one concept; class
+examples take one bucket of their own per batch (`BucketBatches`), and the model runs the two in separate forwards
+when they differ."""
 import math
-from typing import Iterator, Sequence
+from typing import Hashable, Iterator, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -36,26 +37,27 @@ def bucket_box(width: int, height: int, bucket: tuple[int, int]) -> tuple[int, i
 
 
 class BucketBatches:
-    """Batches of (instance index, class index) pairs: the instance examples of a batch share a bucket, and so do
-    its class examples (their bucket drawn in proportion to the class images'); shuffled every epoch; under DDP each
-    rank takes every world-size-th batch."""
+    """Batches of item indices, or of (item index, class index) pairs: the items of a batch share a key (concept,
+    bucket), and so do its class examples, which come from that concept's class images (their bucket drawn in
+    proportion to them); shuffled every epoch; under DDP each rank takes every world-size-th batch."""
 
-    def __init__(self, instance_buckets: Sequence, n_instance: int, class_buckets: Sequence | None,
+    def __init__(self, keys: Sequence[tuple[int, Hashable]], class_buckets: Optional[Sequence[Sequence]],
                  batch_size: int):
-        self.instance_buckets, self.n_instance = list(instance_buckets), n_instance
-        self.class_buckets, self.batch_size = None if class_buckets is None else list(class_buckets), batch_size
+        self.keys, self.batch_size = list(keys), batch_size
+        self.class_buckets = None if class_buckets is None else [list(buckets) for buckets in class_buckets]
 
     def _batches(self) -> list[list[int]]:
         groups: dict = {}
-        for index in torch.randperm(self.n_instance).tolist():
-            groups.setdefault(self.instance_buckets[index % len(self.instance_buckets)], []).append(index)
+        for index in torch.randperm(len(self.keys)).tolist():
+            groups.setdefault(self.keys[index], []).append(index)
         batches = [group[i:i + self.batch_size] for group in groups.values()
                    for i in range(0, len(group), self.batch_size)]
         return [batches[i] for i in torch.randperm(len(batches)).tolist()]
 
-    def _class_indices(self, n: int) -> list[int]:
-        first = int(torch.randint(len(self.class_buckets), ()))
-        same = [j for j, b in enumerate(self.class_buckets) if b == self.class_buckets[first]]
+    def _class_indices(self, concept: int, n: int) -> list[int]:
+        buckets = self.class_buckets[concept]
+        first = int(torch.randint(len(buckets), ()))
+        same = [j for j, b in enumerate(buckets) if b == buckets[first]]
         order = torch.randperm(len(same)).tolist()
         return [same[order[k % len(same)]] for k in range(n)]
 
@@ -66,12 +68,11 @@ class BucketBatches:
             if self.class_buckets is None:
                 yield batch
             else:
-                yield list(zip(batch, self._class_indices(len(batch))))
+                yield list(zip(batch, self._class_indices(self.keys[batch[0]][0], len(batch))))
 
     def __len__(self) -> int:
         counts: dict = {}
-        for index in range(self.n_instance):
-            key = self.instance_buckets[index % len(self.instance_buckets)]
+        for key in self.keys:
             counts[key] = counts.get(key, 0) + 1
         batches = sum(math.ceil(n / self.batch_size) for n in counts.values())
         world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1

@@ -1,12 +1,13 @@
 """The Lightning data module of a DreamBooth run: instance (`train`) and class (`reg`) datasets from their configs."""
 from pathlib import Path
-from typing import Mapping
+from typing import Mapping, Sequence
 
 import pytorch_lightning as pl
 from torch.utils.data import DataLoader, Dataset
 
 from ldm.data.buckets import BucketBatches
-from ldm.data.personalized import DEFAULT_CLASS_WORD, IMAGE_SUFFIXES, DataError, InstanceClassPairs
+from ldm.data.concepts import Concept, ConceptPairs, class_set_key, concept_configs
+from ldm.data.personalized import DEFAULT_CLASS_WORD, IMAGE_SUFFIXES, DataError
 from ldm.util import instantiate_from_config
 
 
@@ -19,13 +20,16 @@ def count_images(folder: str | Path | None) -> int:
 
 
 class DataModuleFromConfig(pl.LightningDataModule):
-    """Pairs every instance example with a class example; `num_class_images` > 0 asks for that many class images
-    (generated with `class_prompt`, `class_negative_prompt` and `class_sampler`);
-    `cache_latents` means that the datasets yield cached VAE moments (ldm/latent_cache.py gives them before fit)."""
+    """Pairs every instance example with a class example of its concept (ldm/data/concepts.py: `concepts` lists
+    several subjects, `resolutions` several sizes; by default one concept from `train` and `reg`);
+    `num_class_images` > 0 asks for that many class images in each class folder (generated with `class_prompt`,
+    `class_negative_prompt` and `class_sampler`); `cache_latents` means that the datasets yield cached VAE moments
+    (ldm/latent_cache.py gives them before fit)."""
 
     def __init__(self, batch_size: int, train: Mapping, reg: Mapping | None = None, num_workers: int = 0,
                  num_class_images: int = 0, cache_latents: bool = False, class_prompt: str | None = None,
-                 class_negative_prompt: str = "", class_sampler: str = "ddim"):
+                 class_negative_prompt: str = "", class_sampler: str = "ddim",
+                 concepts: Sequence[Mapping] | None = None, resolutions: Sequence[int] | None = None):
         super().__init__()
         if batch_size < 1 or num_workers < 0 or num_class_images < 0:
             raise ValueError(f"need batch_size >= 1, num_workers >= 0, num_class_images >= 0, "
@@ -37,63 +41,104 @@ class DataModuleFromConfig(pl.LightningDataModule):
                                  "sampler": class_sampler}  # how missing class images are generated
         self.cache_latents = cache_latents
         for name, config in (("train", train), ("reg", reg or {})):
-            if cache_latents and (config.get("params") or {}).get("buckets"):
-                raise DataError(f"data.params.{name}.params.buckets with --cache_latents (data.params.cache_latents) "
-                                "is not supported yet: the cache holds one size per dataset; train without caching")
             if cache_latents and (config.get("params") or {}).get("crop") == "random":
                 raise DataError(f"data.params.{name}.params.crop is random, which cannot be cached (the crop changes "
                                 "every step): use crop center or none with --cache_latents (data.params.cache_latents)")
         self.train_config, self.reg_config = train, reg
-        self.instance: Dataset | None = None
-        self.class_prior: Dataset | None = None
+        self.concept_configs = concept_configs(train, reg, concepts, resolutions)
+        self.concepts: list[Concept] = []
+
+    @property
+    def instance(self) -> Dataset | None:
+        """The first concept's instance set (the only one of a run with one subject)."""
+        return self.concepts[0].instance if self.concepts else None
+
+    @property
+    def class_prior(self) -> Dataset | None:
+        """The first concept's class set, once built."""
+        return self.concepts[0].class_prior if self.concepts else None
+
+    def class_folders(self) -> dict[str, str]:
+        """Each class folder of the run (`reg.params.data_root` of the concepts) with its class word."""
+        folders: dict[str, str] = {}
+        for concept in self.concept_configs:
+            params = (concept.reg or {}).get("params") or {}
+            if concept.reg is not None and params.get("data_root"):
+                folders.setdefault(str(params["data_root"]), params.get("class_word", DEFAULT_CLASS_WORD))
+        return folders
 
     @property
     def class_folder(self) -> str | None:
-        """The folder of class images (`reg.params.data_root`), or None without prior preservation."""
-        return None if self.reg_config is None else (self.reg_config.get("params") or {}).get("data_root")
-
-    @property
-    def class_word(self) -> str:
-        """The class word of the class images, for generating missing ones."""
-        return ((self.reg_config or {}).get("params") or {}).get("class_word", DEFAULT_CLASS_WORD)
+        """The first class folder, or None without prior preservation."""
+        return next(iter(self.class_folders()), None)
 
     def missing_class_images(self) -> int:
-        """How many class images must be generated before training to reach `num_class_images`."""
-        if self.reg_config is None:
-            return 0
-        return max(0, self.num_class_images - count_images(self.class_folder))
+        """How many class images must be generated before training to reach `num_class_images` in every folder."""
+        return sum(count for _, _, count in self.class_image_jobs())
+
+    def class_image_jobs(self) -> list[tuple[str, str, int]]:
+        """(folder, class word, how many to generate) of every class folder short of `num_class_images`."""
+        jobs = [(folder, word, self.num_class_images - count_images(folder))
+                for folder, word in self.class_folders().items()]
+        return [job for job in jobs if job[2] > 0]
 
     def setup(self, stage: str | None = None) -> None:
-        """Build (and so check) the instance set, and the class set once no class image is missing."""
-        instance_root = (self.train_config.get("params") or {}).get("data_root")
-        if instance_root and self.class_folder and Path(instance_root).resolve() == Path(self.class_folder).resolve():
-            raise DataError(f"--data_root and --reg_data_root are the same folder ({instance_root}): the class images "
-                            "must be other pictures of the class, not the subject's photos (or generate them with "
-                            "--num_class_images into a folder of their own)")
-        if self.instance is None:
-            self.instance = instantiate_from_config(self.train_config)
+        """Build (and so check) the instance sets, and the class sets once no class image is missing."""
+        class_roots = {str(Path(folder).resolve()) for folder in self.class_folders()}
+        for concept in self.concept_configs:
+            instance_root = (concept.train.get("params") or {}).get("data_root")
+            if instance_root and str(Path(instance_root).resolve()) in class_roots:
+                raise DataError(f"--data_root and --reg_data_root are the same folder ({instance_root}): the class "
+                                "images must be other pictures of the class, not the subject's photos (or generate "
+                                "them with --num_class_images into a folder of their own)")
+        if not self.concepts:
+            self.concepts = [Concept(c.name, instantiate_from_config(c.train), None) for c in self.concept_configs]
         if self.reg_config is not None and self.class_prior is None and not self.missing_class_images():
-            self.class_prior = instantiate_from_config(self.reg_config)
+            class_sets: dict[tuple, Dataset] = {}
+            for concept, config in zip(self.concepts, self.concept_configs):
+                key = class_set_key(config.reg)
+                if key not in class_sets:
+                    class_sets[key] = instantiate_from_config(config.reg)
+                concept.class_prior = class_sets[key]
 
     def datasets(self) -> dict[str, Dataset]:
-        """The datasets built so far by their config key: `train`, and `reg` once no class image is missing."""
-        return {name: dataset for name, dataset in (("train", self.instance), ("reg", self.class_prior))
-                if dataset is not None}
+        """The datasets built so far by name: `train`, and `reg` once no class image is missing; with several
+        concepts `train/<concept>` and `reg/<concept>` for each (a shared class set under its first concept)."""
+        if len(self.concepts) == 1:
+            concept = self.concepts[0]
+            return {name: dataset for name, dataset in (("train", concept.instance), ("reg", concept.class_prior))
+                    if dataset is not None}
+        named, seen = {}, set()
+        for concept in self.concepts:
+            named[f"train/{concept.name}"] = concept.instance
+            if concept.class_prior is not None and id(concept.class_prior) not in seen:
+                seen.add(id(concept.class_prior))
+                named[f"reg/{concept.name}"] = concept.class_prior
+        return named
 
     def train_dataloader(self) -> DataLoader:
         self.setup()
         if self.reg_config is not None and self.class_prior is None:
-            raise RuntimeError(f"{self.missing_class_images()} class images are still missing in {self.class_folder}")
+            raise RuntimeError(f"{self.missing_class_images()} class images are still missing in "
+                               f"{', '.join(folder for folder, _, _ in self.class_image_jobs())}")
         if self.cache_latents and any(dataset.moments is None for dataset in self.datasets().values()):
             raise RuntimeError("cache_latents is set but the datasets have no cached moments: call "
                                "ldm.latent_cache.cache_latents before fit")
-        dataset = self.instance if self.class_prior is None else InstanceClassPairs(self.instance, self.class_prior)
-        if getattr(self.instance, "bucket_of", None) is not None:
+        dataset = ConceptPairs(self.concepts)
+        if self.grouped():
+            keys = [(c, concept.instance.target_size(k % len(concept.instance.paths)))
+                    for c, concept in enumerate(self.concepts) for k in range(len(concept.instance))]
             class_buckets = None if self.class_prior is None else [
-                self.class_prior.target_size(k) for k in range(len(self.class_prior.paths))]
-            batches = BucketBatches([self.instance.target_size(k) for k in range(len(self.instance.paths))],
-                                    len(self.instance), class_buckets, self.batch_size)
+                [concept.class_prior.target_size(k) for k in range(len(concept.class_prior.paths))]
+                for concept in self.concepts]
+            batches = BucketBatches(keys, class_buckets, self.batch_size)
             return DataLoader(dataset, batch_sampler=batches, num_workers=self.num_workers,
                               persistent_workers=self.num_workers > 0)
         return DataLoader(dataset, batch_size=self.batch_size, shuffle=True, num_workers=self.num_workers,
                           persistent_workers=self.num_workers > 0, drop_last=False)
+
+    def grouped(self) -> bool:
+        """Whether batches must come from one group of examples of one size: with aspect buckets, or concepts of
+        several sizes."""
+        sizes = {concept.instance.size for concept in self.concepts}
+        return len(sizes) > 1 or any(getattr(c.instance, "bucket_of", None) is not None for c in self.concepts)

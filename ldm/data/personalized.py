@@ -5,7 +5,7 @@ import re
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -168,7 +168,7 @@ class PersonalizedBase(Dataset):
                 raise DataError(f"{flag} is empty: the captions need it (e.g. {flag.split('/')[0]} {example})")
         self.size, self.repeats, self.flip_p, self.crop = size, repeats, flip_p, crop
         self.interpolation, self.resample = interpolation, INTERPOLATIONS[interpolation]
-        self.moments: torch.Tensor | None = None
+        self.moments: torch.Tensor | Sequence[torch.Tensor] | None = None
         self.identifier, self.class_word = identifier, class_word
         self.template = template or (CLASS_TEMPLATE if reg else INSTANCE_TEMPLATE)
         self.caption_strategy, self.caption_dropout = caption_strategy, caption_dropout
@@ -211,11 +211,13 @@ class PersonalizedBase(Dataset):
         """The mirrorings an example can have: none, or with `flip_p` > 0 both."""
         return (False, True) if self.flip_p > 0 else (False,)
 
-    def use_moments(self, moments: torch.Tensor) -> None:
-        """Yield `moments[k, flip]` ([N images, len(flips), 2 * z_channels, h, w]) instead of decoding image k."""
-        expected = (len(self.paths), len(self.flips))
-        if tuple(moments.shape[:2]) != expected:
-            raise ValueError(f"moments of shape {tuple(moments.shape)} for {expected[0]} images in {expected[1]} flips")
+    def use_moments(self, moments: torch.Tensor | Sequence[torch.Tensor]) -> None:
+        """Yield `moments[k][flip]` instead of decoding image k: [N images, len(flips), 2 * z_channels, h, w], or with
+        buckets one [len(flips), 2 * z_channels, h, w] per image."""
+        shapes = [tuple(m.shape[:1]) for m in moments]
+        if len(shapes) != len(self.paths) or set(shapes) != {(len(self.flips),)}:
+            raise ValueError(f"moments for {len(shapes)} images in {sorted(set(shapes))} flips, expected "
+                             f"{len(self.paths)} images in {len(self.flips)} flips")
         self.moments = moments
 
     def image(self, k: int, flip: bool | None = None) -> torch.Tensor:
@@ -271,25 +273,6 @@ class PersonalizedBase(Dataset):
             item = {"image": image, "caption": self.caption(k)}
         else:
             flip = bool(torch.rand(()) < self.flip_p)  # the same draw as for an image, so flips follow the same seeds
-            item = {MOMENTS_KEY: self.moments[k, self.flips.index(flip)], "caption": self.caption(k)}
+            item = {MOMENTS_KEY: self.moments[k][self.flips.index(flip)], "caption": self.caption(k)}
             mask = self.mask(k, flip) if self.masked else None
         return item if mask is None else {**item, MASK_KEY: mask}
-
-
-class InstanceClassPairs(Dataset):
-    """Each item is one instance example plus one class example (as `class_image`, `class_caption`), as in the
-    original DreamBooth trainer; the length follows the instance set."""
-
-    def __init__(self, instance: Dataset, class_prior: Dataset):
-        self.instance, self.class_prior = instance, class_prior
-
-    def __len__(self) -> int:
-        return len(self.instance)
-
-    def __getitem__(self, index: int | tuple[int, int]) -> dict[str, Any]:
-        """Item `index`, or with bucketed batches (ldm/data/buckets.py) the pair (instance index, class index)."""
-        index, class_index = index if isinstance(index, tuple) else (index, index % len(self.class_prior))
-        example = dict(self.instance[index])
-        prior = self.class_prior[class_index]
-        example.update({f"class_{key}": value for key, value in prior.items()})
-        return example

@@ -2,7 +2,8 @@
 and deterministically from a `Scene` description, each with a Stable-Diffusion-style caption.
 
 The DreamBooth subject is one look that pretraining never shows: a ball whose top half is yellow and bottom half blue.
-No object of any class with a yellow-and-blue two-tone look appears in the pretraining scenes.
+No object of any class with a yellow-and-blue two-tone look (in either order) appears in the pretraining scenes, so
+the second subject, for runs with several subjects, is the box whose top half is blue and bottom half yellow.
 """
 from dataclasses import dataclass, replace
 from typing import Callable, Optional
@@ -49,6 +50,8 @@ class Scene:
 
 
 SUBJECT = Scene("ball", ("yellow", "blue"), "two-tone", "plain")
+BOX_SUBJECT = Scene("box", ("blue", "yellow"), "two-tone", "plain")
+SUBJECTS = {"ball": SUBJECT, "box": BOX_SUBJECT}  # the subjects by their class word
 
 
 def has_subject_look(scene: Scene) -> bool:
@@ -56,14 +59,15 @@ def has_subject_look(scene: Scene) -> bool:
     return scene.pattern == "two-tone" and set(scene.colours) == set(SUBJECT.colours)
 
 
-def is_subject(scene: Scene) -> bool:
-    """Whether the scene shows the subject: a ball, top half yellow, bottom half blue."""
-    return (scene.cls, scene.pattern, scene.colours) == (SUBJECT.cls, SUBJECT.pattern, SUBJECT.colours)
+def is_subject(scene: Scene, subject: Scene = SUBJECT) -> bool:
+    """Whether the scene shows `subject` (by default the ball, top half yellow, bottom half blue)."""
+    return (scene.cls, scene.pattern, scene.colours) == (subject.cls, subject.pattern, subject.colours)
 
 
-def subject_scene(context: str = "plain", x: float = 0.5, y: float = 0.8, size: float = 0.18, seed: int = 0) -> Scene:
-    """The subject in `context`, standing at (x, y)."""
-    return replace(SUBJECT, context=context, x=x, y=y, size=size, seed=seed)
+def subject_scene(context: str = "plain", x: float = 0.5, y: float = 0.8, size: float = 0.18, seed: int = 0,
+                  subject: Scene = SUBJECT) -> Scene:
+    """`subject` (by default the ball) in `context`, standing at (x, y)."""
+    return replace(subject, context=context, x=x, y=y, size=size, seed=seed)
 
 
 def random_layout(rng: np.random.Generator) -> dict[str, float]:

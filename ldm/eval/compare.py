@@ -105,12 +105,14 @@ class Scorer(Protocol):
 
 
 class ToyPromptScorer:
-    """The toy world's scorer: subject = the scorer sees the DreamBooth subject; prompt = it sees the asked
-    context (for a prompt without one, the asked class)."""
+    """The toy world's scorer: subject = the scorer sees the DreamBooth subject of `class_word` (the ball's, or the
+    box's for `box`); prompt = it sees the asked context (for a prompt without one, the asked class)."""
 
     def __init__(self, scorer, class_word: str):
         from ldm.data.toy_world import CONTEXT_PHRASES
+        from ldm.eval.toy_scorer import SUBJECT_HEADS
         self.scorer, self.class_word = scorer, class_word
+        self.head = SUBJECT_HEADS.get(class_word, SUBJECT_HEADS["ball"])
         self.contexts = {phrase: context for context, phrase in CONTEXT_PHRASES.items() if phrase}
 
     def asked_context(self, prompt: str) -> Optional[str]:
@@ -119,7 +121,7 @@ class ToyPromptScorer:
 
     def __call__(self, images: Sequence[Image.Image], prompt: str) -> list[dict[str, float]]:
         context = self.asked_context(prompt)
-        return [{"subject": float(s["subject"]),
+        return [{"subject": float(s[self.head]),
                  "prompt": float(s["context"] == context if context else s["cls"] == self.class_word)}
                 for s in self.scorer.score_images(list(images))]
 

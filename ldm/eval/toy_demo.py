@@ -15,7 +15,14 @@ from ldm.images import read_metadata
 IDENTIFIER, CLASS_WORD = "sks", "ball"
 INSTANCE_PROMPT = f"photo of a {IDENTIFIER} {CLASS_WORD}"
 CLASS_PROMPT = f"photo of a {CLASS_WORD}"
-CONTEXT_PROMPTS = {f"a {IDENTIFIER} {CLASS_WORD} {CONTEXT_PHRASES[c]}": c for c in COMPARED_CONTEXTS}
+
+
+def context_prompts(identifier: str = IDENTIFIER, class_word: str = CLASS_WORD) -> dict[str, str]:
+    """The recontextualisation prompts ("a sks ball in the forest", ...) with their contexts."""
+    return {f"a {identifier} {class_word} {CONTEXT_PHRASES[c]}": c for c in COMPARED_CONTEXTS}
+
+
+CONTEXT_PROMPTS = context_prompts()
 PROMPTS = [INSTANCE_PROMPT, CLASS_PROMPT, *CONTEXT_PROMPTS]
 
 

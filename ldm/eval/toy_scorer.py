@@ -13,17 +13,19 @@ from PIL import Image
 from torch import Tensor, nn
 
 from ldm.checkpoint import read_state_dict, save_weights
-from ldm.data.toy_world import (CLASSES, COLOURS, CONTEXTS, SUBJECT, Scene, is_subject, random_layout, random_scene,
-                                render, subject_scene)
+from ldm.data.toy_world import (BOX_SUBJECT, CLASSES, COLOURS, CONTEXTS, SUBJECT, SUBJECTS, Scene, is_subject,
+                                random_layout, random_scene, render, subject_scene)
 
 logger = logging.getLogger(__name__)
 
 LABELS = {"cls": CLASSES, "context": CONTEXTS, "colour": tuple(COLOURS)}
 SUBJECT_THRESHOLD = 0.5
+SUBJECT_HEADS = {"ball": "subject", "box": "subject_box"}  # the head that finds each subject, by its class word
 
 
 class ToyScorer(nn.Module):
-    """Four stride-2 conv stages to a 4x4 map, one hidden layer, then the class, context, colour and subject heads."""
+    """Four stride-2 conv stages to a 4x4 map, one hidden layer, then the class, context and colour heads and one
+    head per subject (`subject` for the ball, `subject_box` for the box; see SUBJECT_HEADS)."""
 
     def __init__(self, width: int = 32):
         super().__init__()
@@ -34,7 +36,8 @@ class ToyScorer(nn.Module):
                        nn.SiLU()]
         self.features = nn.Sequential(*layers, nn.Flatten(), nn.Linear(channels[-1] * 16, 256), nn.SiLU())
         self.heads = nn.ModuleDict({name: nn.Linear(256, len(labels)) for name, labels in LABELS.items()})
-        self.heads["subject"] = nn.Linear(256, 1)
+        for head in SUBJECT_HEADS.values():
+            self.heads[head] = nn.Linear(256, 1)
 
     def forward(self, x: Tensor) -> dict[str, Tensor]:
         """Logits of each head for images [B, 3, 64, 64] in [-1, 1]."""
@@ -43,13 +46,15 @@ class ToyScorer(nn.Module):
 
     @torch.no_grad()
     def predict(self, images: Tensor) -> list[dict]:
-        """Per image: `subject` (bool), `subject_prob`, and the `cls`, `context` and `colour` names."""
+        """Per image: for each subject head (`subject`, `subject_box`) a bool and its `_prob`, and the `cls`,
+        `context` and `colour` names."""
         self.eval()
         logits = self(images.float())
-        prob = torch.sigmoid(logits["subject"][:, 0])
+        probs = {head: torch.sigmoid(logits[head][:, 0]).tolist() for head in SUBJECT_HEADS.values()}
         names = {name: logits[name].argmax(1).tolist() for name in LABELS}
-        return [{"subject": bool(p > SUBJECT_THRESHOLD), "subject_prob": round(float(p), 4),
-                 **{name: LABELS[name][names[name][i]] for name in LABELS}} for i, p in enumerate(prob)]
+        return [{**{key: value for head, p in probs.items()
+                    for key, value in ((head, p[i] > SUBJECT_THRESHOLD), (f"{head}_prob", round(p[i], 4)))},
+                 **{name: LABELS[name][names[name][i]] for name in LABELS}} for i in range(len(images))]
 
     def score_images(self, images: Sequence[Image.Image]) -> list[dict]:
         """`predict` for PIL images (any size; resized to 64x64)."""
@@ -68,14 +73,16 @@ def save_scorer(scorer: ToyScorer, path: str | Path) -> None:
     save_weights(scorer.state_dict(), path)
 
 
-def near_misses(rng: np.random.Generator) -> Scene:
-    """Objects close to the subject that are not it: other yellow/blue balls, and the subject's look on other classes."""
-    first, second = SUBJECT.colours
-    others = [c for c in COLOURS if c not in SUBJECT.colours]
-    looks = [("ball", (second, first), "two-tone"), ("ball", (first, second), "striped"),
-             ("ball", (second, first), "striped"), ("ball", (first, others[rng.integers(len(others))]), "two-tone"),
-             ("ball", (others[rng.integers(len(others))], second), "two-tone"), ("ball", (first, first), "plain"),
-             ("box", SUBJECT.colours, "two-tone"), ("flower", SUBJECT.colours, "two-tone")]
+def near_misses(rng: np.random.Generator, subject: Scene = SUBJECT) -> Scene:
+    """Objects close to `subject` that are not it: others of its class in its colours, and its look on the other
+    classes."""
+    first, second = subject.colours
+    others = [c for c in COLOURS if c not in subject.colours]
+    cls, other_classes = subject.cls, [c for c in CLASSES if c != subject.cls]
+    looks = [(cls, (second, first), "two-tone"), (cls, (first, second), "striped"),
+             (cls, (second, first), "striped"), (cls, (first, others[rng.integers(len(others))]), "two-tone"),
+             (cls, (others[rng.integers(len(others))], second), "two-tone"), (cls, (first, first), "plain"),
+             *((other, subject.colours, "two-tone") for other in other_classes)]
     cls, colours, pattern = looks[rng.integers(len(looks))]
     return Scene(cls, colours, pattern, CONTEXTS[rng.integers(len(CONTEXTS))], **random_layout(rng))
 
@@ -137,7 +144,7 @@ def augment(x: Tensor, generator: torch.Generator) -> Tensor:
 def fit_scorer(steps: int = 3000, pool: int = 16000, batch_size: int = 64, vae: Optional[nn.Module] = None,
                seed: int = 0, log_every: int = 500) -> ToyScorer:
     """Fit the scorer on a pool of rendered scenes (the scorer's mix; half of them once through the VAE), augmented
-    afresh at every step."""
+    afresh at every step: every head but the box subject's, which `fit_subject_head` fits on the features after."""
     rng, generator = np.random.default_rng(seed), torch.Generator().manual_seed(seed)
     scenes = [scorer_scene(rng) for _ in range(pool)]
     images, labels = render_scenes(scenes), labels_of(scenes)
@@ -163,14 +170,15 @@ def fit_scorer(steps: int = 3000, pool: int = 16000, batch_size: int = 64, vae: 
 
 
 def validate_scorer(scorer: ToyScorer, vae: Optional[nn.Module] = None, per_context: int = 100,
-                    seed: int = 12345) -> dict[str, float]:
-    """The scorer's rates on renders it was not fitted on (a seed of their own), clean or through the VAE:
-    subject recall (per context and overall), false positives on other balls and on near misses, and the accuracy
-    of the context, class and colour heads."""
+                    seed: int = 12345, subject: Scene = SUBJECT) -> dict[str, float]:
+    """The scorer's rates on renders it was not fitted on (a seed of their own), clean or through the VAE: recall of
+    `subject`'s head (per context and overall), its false positives on other objects of the subject's class and on
+    near misses, and the accuracy of the context, class and colour heads."""
+    head, cls = SUBJECT_HEADS[subject.cls], subject.cls
     rng = np.random.default_rng(seed)
-    subjects = [subject_scene(c, **random_layout(rng)) for c in CONTEXTS for _ in range(per_context)]
-    balls = [random_scene(rng, cls="ball", context=c) for c in CONTEXTS for _ in range(per_context)]
-    misses = [s for s in (near_misses(rng) for _ in range(6 * per_context)) if s.cls == "ball"]
+    subjects = [subject_scene(c, **random_layout(rng), subject=subject) for c in CONTEXTS for _ in range(per_context)]
+    same_class = [random_scene(rng, cls=cls, context=c) for c in CONTEXTS for _ in range(per_context)]
+    misses = [s for s in (near_misses(rng, subject) for _ in range(6 * per_context)) if s.cls == cls]
     others = [random_scene(rng, context=c) for c in CONTEXTS for _ in range(per_context)]
     result = {}
     for name, roundtrip in (("render", None), ("vae", vae)):
@@ -186,14 +194,54 @@ def validate_scorer(scorer: ToyScorer, vae: Optional[nn.Module] = None, per_cont
 
         found = predict(subjects)
         for context in CONTEXTS:
-            hits = [p["subject"] for p, s in zip(found, subjects) if s.context == context]
-            result[f"{name}/subject_recall/{context}"] = float(np.mean(hits))
-        result[f"{name}/subject_recall"] = float(np.mean([p["subject"] for p in found]))
-        result[f"{name}/false_positive/other_balls"] = float(np.mean([p["subject"] for p in predict(balls)]))
-        result[f"{name}/false_positive/near_miss_balls"] = float(np.mean([p["subject"] for p in predict(misses)]))
-        scenes = others + balls
+            hits = [p[head] for p, s in zip(found, subjects) if s.context == context]
+            result[f"{name}/{head}_recall/{context}"] = float(np.mean(hits))
+        result[f"{name}/{head}_recall"] = float(np.mean([p[head] for p in found]))
+        result[f"{name}/{head}_false_positive/other_{cls}es"] = float(np.mean([p[head] for p in predict(same_class)]))
+        result[f"{name}/{head}_false_positive/near_misses"] = float(np.mean([p[head] for p in predict(misses)]))
+        scenes = others + same_class
         predicted = predict(scenes)
-        for head in ("context", "cls", "colour"):
-            truth = [getattr(s, head) if head != "colour" else s.colours[0] for s in scenes]
-            result[f"{name}/{head}_accuracy"] = float(np.mean([p[head] == t for p, t in zip(predicted, truth)]))
+        for label in ("context", "cls", "colour"):
+            truth = [getattr(s, label) if label != "colour" else s.colours[0] for s in scenes]
+            result[f"{name}/{label}_accuracy"] = float(np.mean([p[label] == t for p, t in zip(predicted, truth)]))
     return result
+
+
+def head_scene(rng: np.random.Generator, subject: Scene) -> Scene:
+    """The training mix of a subject head fitted later: 30 % the subject, 10 % the other subjects, 20 % its near
+    misses, 40 % pretraining scenes."""
+    draw = rng.random()
+    if draw < 0.3:
+        return subject_scene(CONTEXTS[rng.integers(len(CONTEXTS))], **random_layout(rng), subject=subject)
+    if draw < 0.4:
+        others = [s for s in SUBJECTS.values() if s != subject]
+        return subject_scene(CONTEXTS[rng.integers(len(CONTEXTS))], **random_layout(rng),
+                             subject=others[rng.integers(len(others))])
+    return near_misses(rng, subject) if draw < 0.6 else random_scene(rng)
+
+
+def fit_subject_head(scorer: ToyScorer, subject: Scene = BOX_SUBJECT, pool: int = 6000, views: int = 4,
+                     steps: int = 8000, vae: Optional[nn.Module] = None, seed: int = 1) -> ToyScorer:
+    """Fit the head of `subject` (logistic regression) on the frozen features of the fitted scorer, so that its
+    other heads stay bit-identical: `views` augmented copies of a pool of renders (half through the VAE)."""
+    rng, generator = np.random.default_rng(seed), torch.Generator().manual_seed(seed)
+    scenes = [head_scene(rng, subject) for _ in range(pool)]
+    images = render_scenes(scenes)
+    if vae is not None:
+        images[pool // 2:] = vae_roundtrip(images[pool // 2:], vae, generator)
+    scorer.eval()
+    with torch.no_grad():
+        features = torch.cat([torch.cat([scorer.features(augment(images[i:i + 256], generator))
+                                         for i in range(0, pool, 256)]) for _ in range(views)])
+    labels = torch.tensor([float(is_subject(s, subject)) for s in scenes]).repeat(views)
+    head = nn.Linear(features.shape[1], 1)
+    optimizer = torch.optim.AdamW(head.parameters(), lr=1e-2, weight_decay=1e-4)
+    for step in range(steps):
+        loss = F.binary_cross_entropy_with_logits(head(features)[:, 0], labels)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if (step + 1) % 2000 == 0:
+            logger.info("%s head step %d/%d: loss %.4f", subject.cls, step + 1, steps, loss.item())
+    scorer.heads[SUBJECT_HEADS[subject.cls]].load_state_dict(head.state_dict())
+    return scorer

@@ -18,7 +18,7 @@ from ldm.modules.ema import LitEma
 from ldm.models.diffusion.lora_training import LoraTraining
 from ldm.models.diffusion.rollout import Rollout
 from ldm.modules.lora import LoraOptions
-from ldm.modules.losses import NoiseObjective, PriorPreservationLoss
+from ldm.modules.losses import NoiseObjective, PriorPreservationLoss, concept_losses
 from ldm.optim import is_schedule_free, make_optimizer, uses_fused_backward
 from ldm.util import UserError, instantiate_from_config
 
@@ -330,8 +330,10 @@ class LatentDiffusion(LoraTraining, DDPM):
             instance = {k: v for k, v in batch.items() if not k.startswith("class_")}
             prior = {k[len("class_"):]: v for k, v in batch.items() if k.startswith("class_")}
             per_sample = torch.cat([self.per_sample_losses(part)[0] for part in (instance, prior)])
-            return self.loss_fn(per_sample, len(instance[self.cond_stage_key]))
-        return self.loss_fn(*self.per_sample_losses(batch, t, noise))
+            n_instance = len(instance[self.cond_stage_key])
+        else:
+            per_sample, n_instance = self.per_sample_losses(batch, t, noise)
+        return {**self.loss_fn(per_sample, n_instance), **concept_losses(per_sample, batch.get("concept"))}
 
     def per_sample_losses(self, batch: Mapping[str, Any], t: torch.Tensor | None = None,
                           noise: torch.Tensor | None = None) -> tuple[torch.Tensor, int]:

@@ -1,5 +1,6 @@
 """DreamBooth's prior-preservation objective (Ruiz et al. 2023, eq. 2): instance loss + reg_weight x class loss."""
 from dataclasses import dataclass
+from typing import Sequence
 
 import torch
 
@@ -22,3 +23,13 @@ class PriorPreservationLoss:
             return {"loss": instance, "loss_instance": instance}
         class_prior = per_sample[n_instance:].mean()
         return {"loss": instance + self.reg_weight * class_prior, "loss_instance": instance, "loss_class": class_prior}
+
+
+def concept_losses(per_sample: torch.Tensor, concepts: Sequence[str] | None) -> dict[str, torch.Tensor]:
+    """`loss_instance_<name>` for each concept of a batch of several subjects: the mean loss of its instance
+    examples (the first len(concepts) of `per_sample`); nothing for a run of one subject."""
+    if not concepts:
+        return {}
+    names = list(concepts)
+    return {f"loss_instance_{name}": per_sample[[i for i, each in enumerate(names) if each == name]].mean()
+            for name in dict.fromkeys(names)}
