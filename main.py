@@ -28,9 +28,9 @@ from pytorch_lightning.utilities.rank_zero import rank_zero_only
 from ldm.callbacks import AtomicCheckpointIO, SetupCallback, StartAtStep, StepCheckpoint, StepProgress, quiet_lightning
 from ldm.checkpoint import CheckpointError, check_checkpoint_file, load_model_weights, parameters_on_meta
 from ldm.class_images import generate_class_images
-from ldm.data.concepts import concepts_from_flags
 from ldm.latent_cache import cache_latents
 from ldm.runs import Run, launched_per_process, new_run, resumed_run, warn_fresh_optimizer
+from ldm.train_flags import apply_flags
 from ldm.util import DiskFullError, UserError, ensure_writable_dir, instantiate_from_config
 
 RUN_DIR_ENV = "DREAMBOOTH_RUN_DIR"  # tells the DDP worker processes, which re-run this script, the run folder
@@ -190,107 +190,6 @@ def load_config(paths: Sequence[str], overrides: Sequence[str]) -> DictConfig:
             raise UserError(f"the merged config has no '{section}' section; start from "
                             "configs/stable-diffusion/v1-finetune_unfrozen.yaml")
     return config
-
-
-def apply_flags(config: DictConfig, opt: argparse.Namespace) -> None:
-    """Write the command-line choices into the config, so that the saved config alone can resume the run."""
-    data = config.data.params
-    flags = {key: getattr(opt, key) for key in ("data_root", "reg_data_root", "class_word", "identifier")}
-    for key, root in (("train", opt.data_root), ("reg", opt.reg_data_root)):
-        if data.get(key) is None and root:
-            raise UserError(f"--{'reg_' if key == 'reg' else ''}data_root given, but the config has no "
-                            f"data.params.{key} dataset")
-    if len(opt.data_root or []) > 1:
-        data.concepts = concepts_from_flags(flags)
-    elif data.get("concepts") and any(flags.values()):
-        raise UserError("the config lists its subjects in data.params.concepts: edit them there, or pass --data_root "
-                        "and --token once per subject to replace them")
-    else:  # one subject: a flag given twice takes its last value, as before
-        for key, root in (("train", opt.data_root), ("reg", opt.reg_data_root)):
-            if data.get(key) is None:
-                continue
-            params = data[key].setdefault("params", {})
-            for name, values in (("data_root", root), ("class_word", opt.class_word), ("identifier", opt.identifier)):
-                if values:
-                    params[name] = values[-1]
-    if opt.num_class_images is not None:
-        data.num_class_images = opt.num_class_images
-    for key in ("class_prompt", "class_negative_prompt", "class_sampler"):
-        if getattr(opt, key) is not None:
-            data[key] = getattr(opt, key)
-    if opt.class_prompt is not None and data.get("reg") is not None:
-        data.reg.setdefault("params", {})["template"] = opt.class_prompt  # the class captions say what made them
-    if opt.cache_latents:
-        data.cache_latents = config.model.params.cache_text_embeddings = True
-    if opt.freeze_text_encoder:
-        config.model.params.cond_stage_trainable = False
-        config.model.params.cond_stage_stop_step = None  # a config's stop step is moot (the flag with one is an error)
-    if opt.text_encoder_lr is not None:
-        config.model.params.cond_stage_lr = opt.text_encoder_lr
-    if opt.clip_skip is not None:
-        OmegaConf.update(config, "model.params.cond_stage_config.params.clip_skip", opt.clip_skip, merge=True)
-    apply_saver_flags(config, opt)
-    apply_lora_flags(config, opt)
-    lightning = config.setdefault("lightning", {})
-    if opt.max_steps is not None:
-        lightning.setdefault("trainer", {})["max_steps"] = opt.max_steps
-    if opt.lr_scheduler is not None or opt.lr_warmup_steps is not None:
-        if config.model.params.get("lr_schedule") is None:
-            config.model.params.lr_schedule = {}
-        schedule = config.model.params.lr_schedule
-        if opt.lr_scheduler is not None:
-            schedule.name = opt.lr_scheduler
-        if opt.lr_warmup_steps is not None:
-            schedule.warmup_steps = opt.lr_warmup_steps
-            if "name" not in schedule:
-                schedule.name = "constant_with_warmup"
-    if opt.stop_text_encoder_training is not None:
-        config.model.params.cond_stage_stop_step = opt.stop_text_encoder_training
-    if opt.safetensors:
-        lightning.setdefault("modelcheckpoint", {}).setdefault("params", {})["safetensors"] = True
-    if opt.save_precision is not None:
-        lightning.setdefault("modelcheckpoint", {}).setdefault("params", {})["save_precision"] = opt.save_precision
-
-
-def apply_saver_flags(config: DictConfig, opt: argparse.Namespace) -> None:
-    """The memory and speed flags, written into the model config (`--gradient_checkpointing` wins over a config's
-    false; leaving a flag out keeps the config's value)."""
-    params = config.model.params
-    if opt.gradient_checkpointing:
-        OmegaConf.update(config, "model.params.unet_config.params.use_checkpoint", True, merge=True)
-        OmegaConf.update(config, "model.params.cond_stage_config.params.gradient_checkpointing", True, merge=True)
-    if opt.optimizer is not None or opt.fused_backward:
-        if params.get("optimizer") is None:
-            params.optimizer = {}
-        if opt.optimizer is not None:
-            if params.optimizer.get("target") not in (None, opt.optimizer):
-                params.optimizer.params = {}  # the config's options were for its own optimizer
-            params.optimizer.target = opt.optimizer
-        if opt.fused_backward:
-            params.optimizer.fused_backward = True
-    if opt.compile:
-        params.compile_unet = True
-
-
-def apply_lora_flags(config: DictConfig, opt: argparse.Namespace) -> None:
-    """`--rank` and the LoRA options into `model.params.lora`, and a new LoRA run's base checkpoint (which a resumed
-    run loads again before its LoRA weights)."""
-    params = config.model.params
-    options = {"rank": opt.rank, "alpha": opt.lora_alpha, "targets": opt.lora_targets,
-               "text_encoder": opt.lora_text_encoder or None}
-    given = {key: value for key, value in options.items() if value is not None}
-    if given and not params.get("lora") and opt.rank is None:
-        flags = {"alpha": "--lora_alpha", "targets": "--lora_targets", "text_encoder": "--lora_text_encoder"}
-        raise UserError(f"{' and '.join(flags[key] for key in given)}: LoRA options; add --rank N, or use "
-                        "configs/stable-diffusion/v1-finetune_lora.yaml")
-    if given:
-        if params.get("lora") is None:
-            params.lora = {}
-        params.lora.update(given)
-        params.cond_stage_trainable = bool(params.lora.get("text_encoder", False))
-        params.cond_stage_stop_step = None if not params.cond_stage_trainable else params.get("cond_stage_stop_step")
-    if params.get("lora") and not opt.resume:
-        params.lora.base_checkpoint, params.lora.base_ema = opt.actual_resume, opt.use_ema_weights
 
 
 def trainer_options(trainer_config: DictConfig, opt: argparse.Namespace) -> dict[str, Any]:

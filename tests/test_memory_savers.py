@@ -7,11 +7,11 @@ import pytorch_lightning as pl
 import torch
 from omegaconf import OmegaConf
 
-import main
 from conftest import TINY_CONFIG, build_tiny_model
 from ldm.checkpoint import CheckpointError, load_model_weights, on_meta, parameters_on_meta, save_weights
 from ldm.modules.diffusionmodules.schedule import SCHEDULE_BUFFERS
 from ldm.modules.encoders.modules import FrozenCLIPEmbedder
+from ldm.train_flags import apply_saver_flags
 from ldm.util import UserError, instantiate_from_config
 
 FINETUNE_CONFIG = "configs/tiny/v1-finetune_unfrozen.yaml"
@@ -182,7 +182,7 @@ def saver_flags(**flags) -> argparse.Namespace:
 def test_the_saver_flags_go_into_the_model_config():
     config = OmegaConf.load(FINETUNE_CONFIG)
     config.model.params.optimizer = {"target": "lion", "params": {"betas": [0.9, 0.99]}}
-    main.apply_saver_flags(config, saver_flags(gradient_checkpointing=True, optimizer="adamw8bit",
+    apply_saver_flags(config, saver_flags(gradient_checkpointing=True, optimizer="adamw8bit",
                                                fused_backward=True, compile=True))
     params = config.model.params
     assert params.unet_config.params.use_checkpoint is True
@@ -190,5 +190,5 @@ def test_the_saver_flags_go_into_the_model_config():
     assert OmegaConf.to_container(params.optimizer) == {"target": "adamw8bit", "params": {}, "fused_backward": True}
     assert params.compile_unet is True
     untouched = OmegaConf.load(FINETUNE_CONFIG)
-    main.apply_saver_flags(untouched, saver_flags())
+    apply_saver_flags(untouched, saver_flags())
     assert untouched == OmegaConf.load(FINETUNE_CONFIG)
