@@ -15,6 +15,7 @@ import torch
 from einops import rearrange
 from pytorch_lightning.callbacks import Callback
 
+from ldm.data.datamodule import datasets_of
 from ldm.modules.losses import concept_losses
 from ldm.optim import optimizer_eval_mode
 
@@ -64,16 +65,15 @@ def build_set(pl_module: pl.LightningModule, datasets: Mapping[str, Any], timest
     `train/<name>` and `reg/<name>`."""
     generator = torch.Generator().manual_seed(seed)
     latents, captions, concepts = [], [], []
-    counts = {name: len(d.paths) for name, d in datasets.items() if name.split("/")[0] == "train"}
-    n_photos = sum(counts.values())
-    counts.update({name: min(class_images, len(d.paths)) for name, d in datasets.items()
-                   if name.split("/")[0] == "reg"})
-    for name, count in counts.items():
-        dataset = datasets[name]
+    instance = datasets_of(datasets, "train")
+    n_photos = sum(len(d.paths) for d in instance.values())
+    parts = [(name, d, len(d.paths)) for name, d in instance.items()] + [
+        (name, d, min(class_images, len(d.paths))) for name, d in datasets_of(datasets, "reg").items()]
+    for name, dataset, count in parts:
         flips = [bool(torch.rand((), generator=generator) < dataset.flip_p) for _ in range(count)]
         latents += [example_latent(pl_module, dataset, k, flip) for k, flip in enumerate(flips)]
         captions += dataset.captions[:count]
-        concepts += [name.partition("/")[2]] * count
+        concepts += [name] * count
     ts = spread_timesteps(timesteps, pl_module.num_timesteps)
     noise = [torch.randn(z.shape, generator=generator) for z in latents for _ in range(timesteps)]
     return EvaluationSet(latents=[z for z in latents for _ in range(timesteps)],

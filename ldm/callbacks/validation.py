@@ -14,6 +14,7 @@ from pytorch_lightning.callbacks import Callback
 
 from ldm.callbacks.eval_loss import due
 from ldm.data.captions import fill
+from ldm.data.datamodule import datasets_of
 from ldm.data.personalized import load_rgb
 from ldm.images import labelled_grid, read_metadata, save_image
 from ldm.inference import sample_images, sampling_mode
@@ -106,8 +107,7 @@ class ValidationSamples(Callback):
     def sample(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, float]:
         """Sample, save the step's grid and cells, log the CLIP scores; returns the scores."""
         step = trainer.global_step
-        instances = {name.partition("/")[2]: dataset for name, dataset in trainer.datamodule.datasets().items()
-                     if name.split("/")[0] == "train"}  # by concept name ("" for a run of one subject)
+        instances = datasets_of(trainer.datamodule.datasets(), "train")
         prompts_of = {name: list(dict.fromkeys(fill(t, d.identifier, d.class_word) for t in self.templates))
                       for name, d in instances.items()}
         prompts = list(dict.fromkeys(prompt for each in prompts_of.values() for prompt in each))

@@ -19,6 +19,12 @@ def count_images(folder: str | Path | None) -> int:
                if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_SUFFIXES)
 
 
+def datasets_of(datasets: Mapping[str, Dataset], role: str) -> dict[str, Dataset]:
+    """The datasets of one role (`train` or `reg`) among `DataModuleFromConfig.datasets()`, by concept name (""
+    for a run of one subject)."""
+    return {name.partition("/")[2]: dataset for name, dataset in datasets.items() if name.partition("/")[0] == role}
+
+
 class DataModuleFromConfig(pl.LightningDataModule):
     """Pairs every instance example with a class example of its concept (ldm/data/concepts.py: `concepts` lists
     several subjects, `resolutions` several sizes; by default one concept from `train` and `reg`);
