@@ -112,8 +112,8 @@ def get_parser() -> argparse.ArgumentParser:
     add("--gradient_checkpointing", action="store_true", help="recompute activations in backward, for the UNet and "
         "a training text encoder: less memory, slower steps (unet_config.params.use_checkpoint, "
         "cond_stage_config.params.gradient_checkpointing)")
-    add("--optimizer", default=None, metavar="NAME", help="adamw (default), adamw8bit, adafactor, prodigy, lion, "
-        "schedulefree_adamw or a dotted class path (model.params.optimizer.target)")
+    add("--optimizer", default=None, metavar="NAME", help="adamw (default), adamw8bit_torch, adamw8bit, adafactor, "
+        "prodigy, lion, schedulefree_adamw or a dotted class path (model.params.optimizer.target)")
     add("--fused_backward", action="store_true", help="step the optimizer inside the backward pass, one parameter "
         "at a time, so that the full set of gradients is never held (model.params.optimizer.fused_backward)")
     add("--compile", action="store_true", help="torch.compile the UNet (model.params.compile_unet)")

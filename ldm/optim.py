@@ -10,6 +10,7 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, Optional, Union
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from ldm.adamw8bit import AdamW8bit
 from ldm.per_param_optim import Params, PerParameterOptimizer, as_param_groups
 from ldm.util import UserError, get_obj_from_str
 
@@ -22,7 +23,7 @@ OPTIONAL = {
     "schedulefree_adamw": ("schedulefree", "AdamWScheduleFree", "schedulefree"),
     "adamw8bit": ("bitsandbytes.optim", "AdamW8bit", "bitsandbytes"),
 }
-BUILTIN = {"adafactor": torch.optim.Adafactor}
+BUILTIN = {"adamw8bit_torch": AdamW8bit, "adafactor": torch.optim.Adafactor}
 NAMES = ("adamw", *BUILTIN, *OPTIONAL)
 SPEC_KEYS = ("target", "params", "fused_backward", "stochastic_rounding")
 # optimizers that cannot step one parameter alone, by the package that they come from
@@ -51,6 +52,9 @@ def make_optimizer(spec: Optional[Mapping], params: Params, lr: float) -> torch.
     package = factory.__module__.split(".")[0]  # the optimizer's, by name or by dotted path
     if package == "prodigyopt":
         _check_prodigy(params, lr)
+    if getattr(factory, "rounds_bf16", False):  # it steps bf16 weights in fp32 and rounds them stochastically itself
+        kwargs.setdefault("stochastic_rounding", rounding is not False)
+        rounding = False
     build = partial(factory, lr=lr, **kwargs)
     if _per_parameter(target, package, params, fused_backward, rounding):
         return _build(target, lambda: PerParameterOptimizer(params, build, fused_backward=fused_backward,

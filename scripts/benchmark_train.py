@@ -7,7 +7,8 @@ forward and backward alone. Every run is a process of its own; the weights are r
         --reference diffusers --reference_flags "--gradient_checkpointing"
 
 A set is main.py's flags and `a.b=c` overrides, as its command line takes them. The step times are those of steps
-2..N (the first warms up), the peak memory is read after the last step (before main.py writes its final last.ckpt).
+2..N (the first warms up), the peak memory is read after the last step (before main.py writes its final last.ckpt,
+whose size the settings column gives).
 The default config does not checkpoint the UNet's activations (--gradient_checkpointing does, and the lowmem config);
 train_dreambooth.py does only with --gradient_checkpointing. The settings column shows what each row ran with.
 """
@@ -290,7 +291,9 @@ def train_rows(opt: argparse.Namespace, config, work: Path) -> tuple[dict[str, l
         logdir, output = work / "runs" / tag, work / "measured" / f"{tag}.json"
         command = our_command(opt, config, ckpt, photos, sets[name], logdir, output)
         try:
-            return run_process(command, output.with_suffix(".log"), output, f"set {name}", opt.threads)
+            result = run_process(command, output.with_suffix(".log"), output, f"set {name}", opt.threads)
+            saved = sorted(logdir.glob("*/checkpoints/last.ckpt"))  # weights and optimizer state after the last step
+            return {**result, "last_ckpt_bytes": saved[0].stat().st_size if saved else None}
         finally:
             shutil.rmtree(logdir, ignore_errors=True)  # with its last.ckpt, written after the timings
 
@@ -361,6 +364,8 @@ def print_table(title: str, unit: str, rows: dict[str, list[dict]], reference_of
         settings = ", ".join(str(results[0][key]) for key in ("precision", "optimizer") if results[0].get(key))
         if "gradient_checkpointing" in results[0]:
             settings += f", grad ckpt {'on' if results[0]['gradient_checkpointing'] else 'off'}"
+        if results[0].get("last_ckpt_bytes"):
+            settings += f", last.ckpt {results[0]['last_ckpt_bytes'] / 1e9:.2f} GB"
         span = f"{s['median']:.3f} ({s['min']:.3f}-{s['max']:.3f})"
         print(f"{name:<16} {span:<26} {s['memory'] / GiB:>10.2f} GiB {s['startup']:>7.1f} s  {ratio:<26} "
               f"{settings}")

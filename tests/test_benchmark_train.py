@@ -47,6 +47,8 @@ def test_training_steps_against_diffusers(capsys, tmp_path):
     check_row(rows["fp32"], compared=True)
     check_row(rows["diffusers"], compared=False)
     assert "32-true, AdamW" in rows["fp32"].group(9) and "mixed_precision no" in rows["diffusers"].group(9)
+    size = float(re.search(r"last\.ckpt (\d+\.\d+) GB", rows["fp32"].group(9)).group(1))
+    assert size > 0 and "last.ckpt" not in rows["diffusers"].group(9)
     assert "[1/2] fp32" in err and "[2/2] diffusers" in err
     ours = json.loads((tmp_path / "measured" / "fp32-0.json").read_text())
     assert len(ours["steps"]) == 3 and ours["torch_threads"] == 1 and ours["trainable_parameters"] > 0

@@ -73,6 +73,20 @@ def test_evaluation_loss_is_bit_identical_and_leaves_training_randomness_alone(f
     assert callback.evaluate(model, data)["val/loss"] != first["val/loss"]
 
 
+def test_evaluation_loss_is_float32_while_bf16_is_the_default_dtype(folders):
+    """Lightning's bf16-true precision makes bfloat16 the default dtype while the callbacks run."""
+    model, data = build_tiny_model(), datasets(folders)
+    callback = EvaluationLoss(every_n_steps=1, timesteps=2, bands=1, class_images=1, batch_size=3)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        callback.evaluate(model, data)
+        losses = evaluation_losses(model, callback.fixed, 3)
+    finally:
+        torch.set_default_dtype(default)
+    assert losses.dtype == torch.float32 and losses.isfinite().all()
+
+
 def test_clip_scores_follow_the_papers_definitions(tmp_path, folders):
     clip = ClipEmbedder(save_tiny_scorers(tmp_path)[0])
     photos = [Image.open(p) for p in sorted(folders[0].iterdir())]

@@ -67,6 +67,7 @@ CASES = [
     ("adamw", 5e-2, 1e-2, "weight_decay", 0.0),
     ("adafactor", 5e-2, 1e-2, "beta2_decay", -0.5),
     ("adamw8bit", 5e-2, 1e-2, "weight_decay", 0.0),
+    ("adamw8bit_torch", 5e-2, 1e-2, "weight_decay", 0.0),
     ("prodigy", 1.0, 0.0, "d_coef", 0.5),  # Prodigy takes one lr for all groups, or 0
     ("lion", 3e-2, 1e-2, "weight_decay", 1e-3),
     ("schedulefree_adamw", 5e-2, 1e-2, "warmup_steps", 5),
@@ -128,8 +129,8 @@ def test_a_missing_package_names_the_pip_command(name, monkeypatch):
 
 
 def test_an_unknown_name_lists_the_known_ones():
-    with pytest.raises(UserError, match="unknown optimizer 'adam'; known names are adamw, adafactor, prodigy, lion, "
-                                        "schedulefree_adamw, adamw8bit, or give a dotted class path"):
+    with pytest.raises(UserError, match="unknown optimizer 'adam'; known names are adamw, adamw8bit_torch, adafactor, "
+                                        "prodigy, lion, schedulefree_adamw, adamw8bit, or give a dotted class path"):
         make_optimizer({"target": "adam"}, least_squares()[0].parameters(), 1e-3)
 
 

@@ -61,12 +61,13 @@ def test_every_optimizer_resumes_from_its_last_ckpt(tiny_ckpt, folders, name):
 
 
 def test_the_lowmem_config_trains_in_bf16_with_8_bit_state_and_resumes(tiny_ckpt, folders):
-    before, after = train_and_resume(tiny_ckpt, folders, "lowmem", "--base", LOWMEM)
+    before, after = train_and_resume(tiny_ckpt, folders, "lowmem",  # the compiled update: test_adamw8bit.py
+                                     "model.params.optimizer.params.compile=false", "--base", LOWMEM)
     assert after["global_step"] == 4
     unet = after["state_dict"]["model.diffusion_model.out.2.weight"]
     assert unet.dtype == torch.bfloat16
     (state,) = after["optimizer_states"]
-    assert torch.uint8 in {t.dtype for t in state_tensors(state["state"])}  # bitsandbytes' 8-bit moments
+    assert {torch.int8, torch.uint8} <= {t.dtype for t in state_tensors(state["state"])}  # 8-bit moments
     assert sorted(p.name for p in (folders[2] / "lowmem").glob("*/cache/*")) == [
         "latents_reg.safetensors", "latents_train.safetensors"]
 

@@ -85,7 +85,7 @@ def build_set(pl_module: pl.LightningModule, datasets: Mapping[str, Any], timest
 @torch.no_grad()
 def evaluation_losses(pl_module: pl.LightningModule, fixed: EvaluationSet, batch_size: int) -> torch.Tensor:
     """The objective's per-pair loss on the fixed set, in chunks of `batch_size` pairs of one latent size."""
-    device, losses = pl_module.device, torch.empty(len(fixed.captions))
+    device, losses = pl_module.device, torch.empty(len(fixed.captions), dtype=torch.float32)  # bf16-true: not default
     groups: dict[tuple, list[int]] = {}
     for index, z in enumerate(fixed.latents):
         groups.setdefault(tuple(z.shape), []).append(index)
