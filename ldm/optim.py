@@ -93,6 +93,15 @@ def _per_parameter(target: str, package: str, groups: list[dict], fused_backward
     return False
 
 
+def state_tensors(node: Any) -> list[torch.Tensor]:
+    """The tensors of an optimizer state (or of one parameter's), also where bitsandbytes nests them in a dict."""
+    if isinstance(node, torch.Tensor):
+        return [node]
+    if isinstance(node, Mapping):
+        return [t for value in node.values() for t in state_tensors(value)]
+    return []
+
+
 def is_schedule_free(optimizer: Any) -> bool:
     """Whether an optimizer keeps two sets of weights and switches between them with train() and eval()."""
     return callable(getattr(optimizer, "train", None)) and callable(getattr(optimizer, "eval", None))

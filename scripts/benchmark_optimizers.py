@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 
-from ldm.optim import make_optimizer  # noqa: E402
+from ldm.optim import make_optimizer, state_tensors  # noqa: E402
 from ldm.util import UserError, instantiate_from_config  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -70,17 +70,8 @@ def time_optimizer(name: str, shapes: list[torch.Size], dtype: torch.dtype, step
         start = time.perf_counter()
         optimizer.step()
         times.append(time.perf_counter() - start)
-    state = sum(t.numel() * t.element_size() for s in optimizer.state.values() for t in tensors(s))
+    state = sum(t.numel() * t.element_size() for s in optimizer.state.values() for t in state_tensors(s))
     return {"first": times[0], "step": statistics.median(times[1:]), "bytes": state / sum(p.numel() for p in params)}
-
-
-def tensors(node) -> list[torch.Tensor]:
-    """The tensors of one parameter's state, also where bitsandbytes nests them."""
-    if isinstance(node, torch.Tensor):
-        return [node]
-    if isinstance(node, dict):
-        return [t for value in node.values() for t in tensors(value)]
-    return []
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -3,6 +3,7 @@ from its last.ckpt, and the settings a fused backward cannot serve are one-line 
 import pytest
 import torch
 
+from ldm.optim import state_tensors
 from test_train_e2e import fresh_run_args, make_class_images, make_photos, run_main
 
 LOWMEM = "configs/tiny/v1-finetune_lowmem.yaml"
@@ -35,15 +36,6 @@ def train_and_resume(tiny_ckpt, folders, name: str, *extra: str) -> tuple[dict, 
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "Traceback" not in resumed.stderr
     return before, torch.load(last, map_location="cpu", weights_only=True)
-
-
-def state_tensors(node) -> list[torch.Tensor]:
-    """The tensors of an optimizer state, also where bitsandbytes nests them in a dict of its own."""
-    if isinstance(node, torch.Tensor):
-        return [node]
-    if isinstance(node, dict):
-        return [t for value in node.values() for t in state_tensors(value)]
-    return []
 
 
 def optimizer_bytes(checkpoint: dict) -> int:
