@@ -15,4 +15,4 @@ demo-drift: venv
 	.venv/bin/python scripts/toy_demo.py --drift
 
 test: venv-test
-	.venv/bin/python -m pytest tests -q
+	.venv/bin/python -m pytest tests -q -n 2 --dist loadfile
