@@ -25,19 +25,21 @@ GOLDEN, HASH_MULTIPLIERS = -0x61C88647, (0x7FEB352D, -0x7B935975)  # 0x9E3779B9 
 _compiled: list[Callable] = []  # update_rows compiled, once per process, at the first step that asks for it
 
 
+# The kernel multiplies where it can: a vector division or square root costs several multiplications on a CPU, and
+# the update keeps one division and three square roots per element. (The top code still decodes exactly to 1.)
 def _decode_signed(codes: Tensor, scale: Tensor) -> Tensor:
-    c = codes.float() / SIGNED_LEVELS
+    c = codes.float() * (1 / SIGNED_LEVELS)
     return c * c.abs() * scale
 
 
 def _decode_unsigned(codes: Tensor, scale: Tensor) -> Tensor:
-    d = codes.float() / UNSIGNED_LEVELS
+    d = codes.float() * (1 / UNSIGNED_LEVELS)
     return d * d * scale
 
 
 def _encode(x: Tensor, scale: Tensor, levels: float, dtype: torch.dtype) -> Tensor:
     """The codes of `x` (rows of one block each) at its rows' scales: sign(x) sqrt(|x| / scale), rounded to `levels`."""
-    return (x.abs() * scale.reciprocal()).sqrt().mul(levels).round().copysign(x).to(dtype)
+    return (x.abs() * (levels * levels / scale)).sqrt().round().copysign(x).to(dtype)
 
 
 def random_low_bits(like: Tensor, seed: Tensor) -> Tensor:
@@ -52,9 +54,10 @@ def random_low_bits(like: Tensor, seed: Tensor) -> Tensor:
 def update_rows(weight: Tensor, grad: Tensor, m_codes: Tensor, m_scale: Tensor, r_codes: Tensor, r_scale: Tensor,
                 hyper: Tensor, seed: Tensor, rounding: bool) -> None:
     """One AdamW step, in place, of `weight` (rows of at most one block, fp32 or bf16) and its 8-bit moments.
-    `hyper` holds lr, beta1, beta2, eps, weight decay, and the two bias corrections 1 - beta^t; a bf16 weight is
-    rounded stochastically with random bits from `seed` when `rounding` (Gupta et al. 2015), to nearest otherwise."""
-    lr, beta1, beta2, eps, decay, correction1, correction2 = hyper.unbind()
+    `hyper` holds lr, beta1, beta2, eps, weight decay, the step size lr / (1 - beta1^t) and 1 / sqrt(1 - beta2^t)
+    (the bias corrections); a bf16 weight is rounded stochastically with random bits from `seed` when `rounding`
+    (Gupta et al. 2015), to nearest otherwise."""
+    lr, beta1, beta2, eps, decay, step_size, inverse_root_correction2 = hyper.unbind()
     g = grad.float()
     m = _decode_signed(m_codes, m_scale) * beta1 + g * (1 - beta1)
     r = _decode_unsigned(r_codes, r_scale)
@@ -63,7 +66,7 @@ def update_rows(weight: Tensor, grad: Tensor, m_codes: Tensor, m_scale: Tensor, 
     r_scale.copy_(v.amax(dim=1, keepdim=True).sqrt().clamp_min(TINY))  # the largest of v: one square root per row
     r = v.sqrt()
     w = weight.float() * (1 - lr * decay)
-    w = w - (lr / correction1) * m / (r / correction2.sqrt() + eps)
+    w = w - step_size * m / (r * inverse_root_correction2 + eps)
     if rounding and weight.dtype == torch.bfloat16:
         w = (w.view(torch.int32) + random_low_bits(w, seed)).bitwise_and(-LOW_BITS).view(torch.float32)
     weight.copy_(w)
@@ -125,8 +128,9 @@ class AdamW8bit(torch.optim.Optimizer):
         state["step"] += 1
         step = state["step"].item()
         beta1, beta2 = group["betas"]
-        hyper = torch.tensor([group["lr"], beta1, beta2, group["eps"], group["weight_decay"], 1 - beta1 ** step,
-                              1 - beta2 ** step], dtype=torch.float32, device=p.device)
+        hyper = torch.tensor([group["lr"], beta1, beta2, group["eps"], group["weight_decay"],
+                              group["lr"] / (1 - beta1 ** step), (1 - beta2 ** step) ** -0.5],
+                             dtype=torch.float32, device=p.device)
         seed = torch.randint(-2 ** 31, 2 ** 31, (), dtype=torch.int32).to(p.device)
         n, rows = p.numel(), -(-p.numel() // BLOCK)
         weight, grad = p.data.view(-1), p.grad.reshape(-1)
