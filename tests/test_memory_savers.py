@@ -192,3 +192,28 @@ def test_the_saver_flags_go_into_the_model_config():
     untouched = OmegaConf.load(FINETUNE_CONFIG)
     apply_saver_flags(untouched, saver_flags())
     assert untouched == OmegaConf.load(FINETUNE_CONFIG)
+
+
+@pytest.mark.parametrize("precision, native, warned", [("bf16-true", False, True), ("bf16-mixed", False, True),
+                                                       ("bf16-true", True, False), ("32-true", False, False)])
+def test_bf16_on_a_cpu_that_emulates_it_is_named_with_the_way_out(monkeypatch, caplog, precision, native, warned):
+    import main
+    monkeypatch.setattr(main, "cpu_has_bf16", lambda: native)
+    trainer = pl.Trainer(accelerator="cpu", precision=precision, logger=False, enable_progress_bar=False)
+    main.warn_emulated_bf16(trainer)
+    assert ("bf16 is emulated here" in caplog.text and "--precision 32" in caplog.text) == warned
+
+
+@pytest.mark.parametrize("device, kept", [("cpu", True), ("meta", False)])  # meta: any device but the CPU
+def test_gradients_are_zeroed_in_place_on_a_cpu_and_freed_elsewhere(monkeypatch, device, kept):
+    model = finetune_model()
+    monkeypatch.setattr(model, "_device", torch.device(device))  # what the device property reads; nothing moves
+    params = list(model.model.parameters())
+    optimizer = torch.optim.AdamW(params, lr=1e-4)
+    sum(p.square().sum() for p in params).backward()
+    grads = [p.grad for p in params]
+    model.optimizer_zero_grad(0, 0, optimizer)
+    if kept:
+        assert all(p.grad is g and not g.any() for p, g in zip(params, grads))
+    else:
+        assert all(p.grad is None for p in params)

@@ -3,8 +3,10 @@ from its last.ckpt, and the settings a fused backward cannot serve are one-line 
 import pytest
 import torch
 
+from conftest import REPO
+from ldm.models.diffusion.ddpm import DDPM
 from ldm.optim import state_tensors
-from test_train_e2e import fresh_run_args, make_class_images, make_photos, run_main
+from test_train_e2e import fresh_run_args, load_script, make_class_images, make_photos, run_main
 
 LOWMEM = "configs/tiny/v1-finetune_lowmem.yaml"
 OPTIMIZERS = {
@@ -73,3 +75,20 @@ def test_a_fused_backward_refuses_what_needs_all_gradients(tiny_ckpt, folders, s
     proc = run_main(*fresh_run_args(tiny_ckpt, instance, reg, root / "refused", "--fused_backward", setting))
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     assert f"fused_backward (--fused_backward) does not work with {message}" in proc.stderr.strip().splitlines()[-1]
+
+
+def test_a_cpu_run_zeroes_the_same_gradient_buffers_every_step(tiny_ckpt, folders, monkeypatch):
+    kept, zero_grad = [], DDPM.optimizer_zero_grad
+
+    def watched(self, epoch, batch_idx, optimizer):
+        before = [p.grad for p in self.model.parameters()]
+        zero_grad(self, epoch, batch_idx, optimizer)
+        kept.append(all(g is not None and p.grad is g and not g.any() for p, g in zip(self.model.parameters(),
+                                                                                      before)))
+    monkeypatch.setattr(DDPM, "optimizer_zero_grad", watched)
+    for name in ("PL_GLOBAL_SEED", "PL_SEED_WORKERS"):  # main's seed_everything sets them: restored after the test
+        monkeypatch.setenv(name, "0")
+    instance, reg, root = folders
+    main = load_script("dreambooth_main", REPO / "main.py")
+    assert main.main(fresh_run_args(tiny_ckpt, instance, reg, root / "in_place", "--max_steps", "3")) == 0
+    assert kept == [False, True, True]  # the first step has no gradients yet

@@ -160,6 +160,12 @@ class DDPM(pl.LightningModule):
         if self.use_ema:
             self.model_ema(self.model)
 
+    def optimizer_zero_grad(self, epoch: int, batch_idx: int, optimizer: torch.optim.Optimizer) -> None:
+        """On a CPU the gradients are zeroed in place: freeing them lets the next backward fault in new pages for the
+        whole model (about 5 s of a 20 s full-size step on the 2-core CPU). A GPU's caching allocator has no such
+        cost, so there they are freed, which lowers the peak of the next forward."""
+        optimizer.zero_grad(set_to_none=self.device.type != "cpu")
+
 
 class LatentDiffusion(LoraTraining, DDPM):
     """Diffusion in the VAE's latent space, conditioned on CLIP text embeddings through cross-attention; with
