@@ -17,6 +17,7 @@ from omegaconf import OmegaConf
 from conftest import FULL_CONFIG, REPO, SPEC, build_tiny_model, read_spec
 from ldm.checkpoint import (CheckpointError, check_checkpoint_file, ema_key, group_of, load_model_weights,
                             read_state_dict, remove_stale_temp_files, save_checkpoint, save_weights)
+from ldm.checkpoint.files import is_finite
 from ldm.util import DiskFullError, atomic_write, count_params, instantiate_from_config
 from other_tools import check_a1111_ckpt
 
@@ -266,6 +267,15 @@ def test_weights_with_nan_are_refused_naming_the_tensor(tmp_path, tiny_model):
     save_weights(state, path)
     with pytest.raises(CheckpointError, match=f"tensor {re.escape(key)} holds 1 NaN or inf values"):
         load_model_weights(build_tiny_model(), path)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.float8_e5m2])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_is_finite_finds_one_bad_value_in_any_float_type(dtype, bad):
+    value = torch.linspace(-3, 3, 1000).to(dtype)
+    assert is_finite(value) and is_finite(value[:0]) and is_finite(value[7])
+    value[611] = bad
+    assert not is_finite(value) and not is_finite(value[611])
 
 
 def test_full_disk_stops_before_writing_and_keeps_the_previous_file(tmp_path, tiny_model, monkeypatch):
