@@ -15,6 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 from ldm.checkpoint import (REQUIRED_GROUPS, CheckpointError, check_compatible, group_of, parameters_on_meta,
                             read_state_dict, save_weights)
 from ldm.model_config import DEFAULT_CONFIG
+from ldm.offline import import_offline
 from ldm.modules.encoders.modules import TEXT_CONFIG_KEYS, TOKENIZER_DIR, build_text_config, load_tokenizer
 from ldm.util import UserError, atomic_write_text, instantiate_from_config
 
@@ -47,7 +48,7 @@ def is_diffusers_folder(path: str | Path) -> bool:
 def single_file_utils():
     """diffusers' conversion module (an optional dependency: only folder conversions need it)."""
     try:
-        from diffusers.loaders import single_file_utils as utils
+        utils = import_offline("diffusers.loaders.single_file_utils")
     except ImportError:
         raise UserError("diffusers folders are converted with diffusers' own key tables: pip install diffusers "
                         "(nothing is downloaded)") from None

@@ -1,6 +1,5 @@
 """Optimizers of a training run: fused AdamW by default, or the one that `model.params.optimizer` names, stepped
 per parameter when the spec asks for fused backward or when bf16 weights are rounded stochastically."""
-import importlib
 import inspect
 import logging
 from contextlib import contextmanager
@@ -11,6 +10,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from ldm.adamw8bit import AdamW8bit
+from ldm.offline import import_offline
 from ldm.per_param_optim import Params, PerParameterOptimizer, as_param_groups
 from ldm.util import UserError, get_obj_from_str
 
@@ -172,7 +172,7 @@ def _import_class(target: str) -> type:
     if target in OPTIONAL:
         module, name, package = OPTIONAL[target]
         try:
-            return getattr(importlib.import_module(module), name)
+            return getattr(import_offline(module), name)
         except ImportError:
             raise UserError(f"model.params.optimizer {target} needs the {package} package: "
                             f"pip install {package}") from None

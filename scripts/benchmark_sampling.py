@@ -20,6 +20,7 @@ from ldm.inference import (SAMPLER_NAMES, USER_ERRORS, choose_device, load_model
 from ldm.model_config import latent_shape, load_config, native_size  # noqa: E402
 from ldm.models.diffusion.sampling import randn  # noqa: E402
 from ldm.modules.encoders.modules import TOKENIZER_DIR, load_tokenizer  # noqa: E402
+from ldm.offline import import_offline  # noqa: E402
 from ldm.util import instantiate_from_config  # noqa: E402
 
 # Our sampler name -> (diffusers scheduler class, config overrides giving the same schedule).
@@ -80,7 +81,7 @@ def median_seconds(runs: Sequence[Callable[[], object]], repeats: int, device: t
 def build_pipeline(ckpt: str, config: str, model: torch.nn.Module, sampler: str, dtype: torch.dtype):
     """diffusers' pipeline converted from the same file, sharing our CLIP text model and tokenizer files."""
     try:
-        import diffusers
+        diffusers = import_offline("diffusers")
     except ImportError:
         raise SystemExit("error: the benchmark compares against diffusers; pip install diffusers") from None
     tokenizer = load_tokenizer(TOKENIZER_DIR)

@@ -34,6 +34,7 @@ sys.path.insert(0, str(REPO))
 from ldm.util import UserError  # noqa: E402
 from ldm.benchmark_reference import N_PHOTOS, WORKERS, reference_parser  # noqa: E402
 from ldm.convert import diffusers_unet_config  # noqa: E402
+from ldm.offline import import_offline  # noqa: E402
 
 DEFAULT_CONFIG = "configs/tiny/v1-finetune_unfrozen.yaml"
 GiB = 2 ** 30
@@ -164,7 +165,7 @@ def random_checkpoint(config, work: Path) -> Path:
 
 def diffusers_parts(config) -> dict[str, Any]:
     """diffusers' UNet, VAE and scheduler and transformers' CLIP text model of the config's sizes (random weights)."""
-    import diffusers
+    diffusers = import_offline("diffusers")
     import transformers
     from omegaconf import OmegaConf
     from ldm.modules.encoders.modules import build_text_config
