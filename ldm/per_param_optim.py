@@ -114,28 +114,38 @@ class PerParameterOptimizer(torch.optim.Optimizer):
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
         """Load what `state_dict()` saved: each group's hyperparameters and each parameter's state, in the dtypes
         it was saved in (the fp32 state of a bf16 parameter stays fp32), on the parameter's device."""
-        saved_groups = state_dict["param_groups"]
-        sizes, saved = [len(g["params"]) for g in self.param_groups], [len(g["params"]) for g in saved_groups]
-        if sizes != saved:
-            raise UserError(f"the saved optimizer state has parameter groups of {saved} parameters but this "
-                            f"optimizer has {sizes}; resume with the same trainable parameters and groups")
-        by_index = {}
-        for group, saved_group in zip(self.param_groups, saved_groups):
-            group.update({k: v for k, v in saved_group.items() if k != "params"})
-            by_index.update(zip(saved_group["params"], group["params"]))
-        self.state.clear()
-        for index, value in state_dict["state"].items():
-            p = by_index[index]
-            inner_group = self._inner[p].param_groups[0]
-            self.state[p] = {key: _to_device(key, v, p, inner_group) for key, v in value.items()}
+        load_state(self, state_dict, self._place_state)
+
+    def _place_state(self, key: Any, value: Any, param: Tensor) -> Any:
+        """A loaded state value where the parameter's inner optimizer keeps it: its own `place_state` where it has
+        one, else on the parameter's device, with a 'step' count left where torch keeps it (on the CPU unless the
+        step is fused or capturable)."""
+        inner = self._inner[param]
+        if hasattr(inner, "place_state"):
+            return inner.place_state(key, value, param)
+        group = inner.param_groups[0]
+        if not isinstance(value, Tensor) or (key == "step" and not (group.get("fused") or group.get("capturable"))):
+            return value
+        return value.to(param.device)
 
 
-def _to_device(key: Any, value: Any, param: Tensor, group: Mapping) -> Any:
-    """A loaded state value on its parameter's device; a 'step' count stays where torch keeps it (on the CPU unless
-    the step is fused or capturable)."""
-    if not isinstance(value, Tensor) or (key == "step" and not (group.get("fused") or group.get("capturable"))):
-        return value
-    return value.to(param.device)
+def load_state(optimizer: torch.optim.Optimizer, state_dict: Mapping[str, Any],
+               place: Callable[[Any, Any, Tensor], Any]) -> None:
+    """Load a `state_dict()` into `optimizer`: each group's hyperparameters, and each parameter's state with every
+    value placed by `place(key, value, parameter)`, never cast as torch's load_state_dict casts it."""
+    saved_groups = state_dict["param_groups"]
+    sizes, saved = [len(g["params"]) for g in optimizer.param_groups], [len(g["params"]) for g in saved_groups]
+    if sizes != saved:
+        raise UserError(f"the saved optimizer state has parameter groups of {saved} parameters but this "
+                        f"optimizer has {sizes}; resume with the same trainable parameters and groups")
+    by_index = {}
+    for group, saved_group in zip(optimizer.param_groups, saved_groups):
+        group.update({k: v for k, v in saved_group.items() if k != "params"})
+        by_index.update(zip(saved_group["params"], group["params"]))
+    optimizer.state.clear()
+    for index, value in state_dict["state"].items():
+        p = by_index[index]
+        optimizer.state[p] = {key: place(key, v, p) for key, v in value.items()}
 
 
 class InnerState(MutableMapping):
