@@ -206,6 +206,19 @@ def test_a_resume_keeps_the_state_dtypes_and_continues_exactly(dtype, fused_back
     assert all(torch.equal(p, q) for p, q in zip(net.parameters(), again.parameters()))
 
 
+@pytest.mark.parametrize("fused_backward", [False, True], ids=["plain", "per_parameter"])
+def test_a_loaded_state_lies_on_the_parameters_device_step_count_included(fused_backward):
+    """The step count too (torch and PerParameterOptimizer leave a 'step' on the CPU): a step reads it there."""
+    spec = {"target": "adamw8bit_torch", "fused_backward": fused_backward, "params": {"compile": False}}
+    net = model()
+    optimizer = make_optimizer(spec, net.parameters(), LR)
+    steps(net, optimizer, 1)
+    elsewhere = model().to("meta")  # another device than the saved state's
+    loaded = make_optimizer(spec, elsewhere.parameters(), LR)
+    loaded.load_state_dict(optimizer.state_dict())
+    assert {v.device.type for p in elsewhere.parameters() for v in loaded.state[p].values()} == {"meta"}
+
+
 def test_a_state_that_a_cast_widened_gets_its_dtypes_back():
     """A last.ckpt written after a resume before this fix holds the codes in the weights' dtype."""
     net = model(dtype=torch.bfloat16)
