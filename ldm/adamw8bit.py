@@ -229,17 +229,17 @@ def adamw8bit_self_check(device: torch.device, elements: int = 1 << 20) -> dict:
     grads = [torch.randn(rows, BLOCK, generator=generator).to(device) for _ in range(2)]
     eager = _stepped(start, grads, compile=False)
     compiled = _stepped(start, grads, compile=True)
-    error = compiled_update.error
+    difference = None if compiled_update.error else (compiled - eager).abs().max().item()
     # bf16 weights in [1, 2) (spacing 2^-7), each stepped down by 0.3 of a spacing: lr * g / (|g| + eps) ~ lr
     weights = (1 + torch.rand(rows, BLOCK, generator=generator)).bfloat16().to(device)
-    positive = [(torch.rand(rows, BLOCK, generator=generator) + 0.5).to(device)]
+    positive = [(torch.rand(rows, BLOCK, generator=generator) + 0.5).bfloat16().to(device)]
     lr = 0.3 * 2.0 ** -7
     exact = _stepped(weights.float(), positive, compile=False, lr=lr)
-    rounded = _stepped(weights, positive, compile=error is None, lr=lr).float()
+    rounded = _stepped(weights, positive, compile=True, lr=lr).float()  # eager where it failed to compile
     spacing = torch.ldexp(torch.ones_like(exact), torch.frexp(exact).exponent - 8)
     error_units = (rounded - exact) / spacing
-    return {"device": str(device), "compiled": error is None, "compile_error": error,
-            "max_difference": None if error else (compiled - eager).abs().max().item(),
+    error = compiled_update.error
+    return {"device": str(device), "compiled": error is None, "compile_error": error, "max_difference": difference,
             "max_update": (eager - start).abs().max().item(),
             "rounding_bias": error_units.mean().item(),
             "rounding_bias_stderr": error_units.std().item() / error_units.numel() ** 0.5,
