@@ -21,7 +21,7 @@ from ldm.data.buckets import bucket_box
 from ldm.data.image_files import DataError, load_rgb
 from ldm.images import make_grid, read_metadata, save_image, to_pil  # noqa: F401 (read_metadata: for callers)
 from ldm.lora_files import apply_lora_files, check_lora_specs
-from ldm.model_config import fitting_config, latent_shape, native_size, sampling_config, size_multiple
+from ldm.model_config import latent_shape, native_size, sampling_config, size_multiple, with_fitting_config
 from ldm.models.diffusion.control import controlled
 from ldm.models.diffusion.ddim import DDIMSampler
 from ldm.models.diffusion.guidance import CompVisDenoiser
@@ -158,8 +158,7 @@ def load_model(config: DictConfig, ckpt_path: str, device: torch.device, use_ema
     try:
         load_model_weights(model, ckpt_path, use_ema=use_ema)
     except ShapeMismatchError as err:
-        fits = fitting_config(err.file_shapes)
-        raise CheckpointError(f"{err}; try --config {fits}" if fits else str(err)) from None
+        raise with_fitting_config(err) from None
     return model.eval().requires_grad_(False).to(device)
 
 
