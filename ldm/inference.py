@@ -27,7 +27,7 @@ from ldm.models.diffusion.ddim import DDIMSampler
 from ldm.models.diffusion.guidance import CompVisDenoiser
 from ldm.models.diffusion.plms import PLMSSampler
 from ldm.models.diffusion.sampling import SAMPLERS as K_SAMPLERS
-from ldm.models.diffusion.sampling import STOCHASTIC, Generator, randn
+from ldm.models.diffusion.sampling import DIFFUSERS_SCHEDULE, STOCHASTIC, Generator, randn
 from ldm.models.diffusion.sigmas import sigma_to_t
 from ldm.util import DiskFullError, UserError, ensure_writable_dir, file_sha256, instantiate_from_config
 
@@ -218,10 +218,10 @@ def sample_latents(model: nn.Module, sampler: str, steps: int, cond: Tensor, unc
         t_start = img2img_steps(steps, strength)
         z = ddim.stochastic_encode(init_latent, t_start, noise)
         return ddim.decode(z, cond, t_start, scale, uncond, verbose=progress, generator=generator)
-    denoiser = CompVisDenoiser(model)
-    sigmas = denoiser.get_sigmas(steps, karras=karras)
-    if init_latent is None:
-        x = noise * sigmas[0]
+    denoiser, diffusers_schedule = CompVisDenoiser(model), sampler in DIFFUSERS_SCHEDULE
+    sigmas = denoiser.get_sigmas(steps, karras=karras, whole_timesteps=diffusers_schedule)
+    if init_latent is None:  # diffusers starts from x_T = noise in VP form, k-diffusion from noise * sigma_max
+        x = noise * ((sigmas[0] ** 2 + 1).sqrt() if diffusers_schedule else sigmas[0])
     else:
         sigmas = sigmas[steps - img2img_steps(steps, strength):]
         x = init_latent + noise * sigmas[0]
