@@ -100,7 +100,7 @@ def test_init_size_is_the_models_area_or_h_w_rounded_to_the_multiple(size, heigh
     assert init_size(*size, native=64, multiple=16, target_height=height, target_width=width) == expected
 
 
-def test_a_large_photo_is_resized_and_keep_size_keeps_it(tmp_path):
+def test_a_large_photo_is_resized_keep_size_keeps_it_and_bad_files_are_one_line(tmp_path):
     path = tmp_path / "photo.png"
     Image.new("RGB", (780, 520), (10, 120, 200)).save(path)
     assert load_init_image(str(path), 16, 64).shape == (1, 3, 48, 80)
@@ -113,3 +113,5 @@ def test_a_large_photo_is_resized_and_keep_size_keeps_it(tmp_path):
     (tmp_path / "broken.png").write_bytes(b"not a png")
     with pytest.raises(UserError, match=r"^--init-img .*broken.png: cannot read this image"):
         load_init_image(str(tmp_path / "broken.png"), 16, 64)
+    with pytest.raises(UserError, match=r"^--control_image .*broken.png: cannot read this image"):
+        read_hint(str(tmp_path / "broken.png"), 64, 64)

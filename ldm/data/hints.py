@@ -15,7 +15,7 @@ def read_hint(path: str, width: int, height: int) -> torch.Tensor:
     try:
         image = load_rgb(path)
     except DataError as err:
-        raise DataError(f"--control_image {path}: cannot read it as an image ({err})") from None
+        raise DataError(f"--control_image {err}") from None
     if image.size != (width, height):
         image = image.resize((width, height), Image.Resampling.LANCZOS)
     return torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)[None]
