@@ -37,8 +37,9 @@ def discrete_sigmas(alphas_cumprod: Tensor, n: int) -> Tensor:
 
 
 def linspace_timestep_sigmas(alphas_cumprod: Tensor, n: int) -> Tensor:
-    """`n` sigmas at the whole timesteps round(linspace(0, T-1, n + 1)) from T-1 down, t = 0 left out, then 0: diffusers'
-    `timestep_spacing="linspace"`, the default of its UniPCMultistepScheduler (SD 1.5's scheduler config names none)."""
+    """`n` sigmas at the whole timesteps round(linspace(0, T-1, n + 1)) from T-1 down, t = 0 left out, then 0:
+    diffusers' `timestep_spacing="linspace"`, its UniPCMultistepScheduler's default (SD 1.5's scheduler config names
+    none)."""
     t = torch.linspace(0, alphas_cumprod.shape[0] - 1, n + 1, dtype=torch.float64).round().flip(0)[:-1]
     return append_zero(sigmas_from_alphas_cumprod(alphas_cumprod)[t.long().to(alphas_cumprod.device)])
 
