@@ -11,7 +11,7 @@ from torch.utils.data import Dataset
 
 from ldm.data.buckets import bucket_box, bucket_sizes, nearest_bucket
 from ldm.data.captions import STRATEGIES, caption_of, fill
-from ldm.data.image_files import DataError, load_rgb, open_image, reading, to_rgb  # noqa: F401 (load_rgb: for callers)
+from ldm.data.image_files import DataError, load_rgb, open_image, reading, to_rgb
 from ldm.data.masks import MASK_FOLDER, is_mask_file, load_mask, mask_path
 from ldm.util import UserError
 
