@@ -11,7 +11,7 @@ from torch import nn
 
 from ldm.checkpoint import check_checkpoint_file, load_controlnet_weights, parameters_on_meta
 from ldm.data.hints import canny, hint_image, read_hint
-from ldm.data.personalized import DataError, open_image
+from ldm.data.image_files import DataError, open_image
 from ldm.images import save_image
 from ldm.model_config import vae_factor
 from ldm.models.diffusion.control import Control, ControlStack

@@ -14,7 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from ldm.checkpoint import (REQUIRED_GROUPS, CheckpointError, check_compatible, group_of, parameters_on_meta,
                             read_state_dict, save_weights)
-from ldm.model_config import DEFAULT_CONFIG
+from ldm.model_config import DEFAULT_CONFIG, native_size
 from ldm.offline import import_offline
 from ldm.modules.encoders.modules import TEXT_CONFIG_KEYS, TOKENIZER_DIR, build_text_config, load_tokenizer
 from ldm.util import UserError, atomic_write_text, instantiate_from_config
@@ -201,6 +201,8 @@ def write_diffusers_folder(state: Mapping[str, torch.Tensor], config: DictConfig
     version = {"_diffusers_version": diffusers.__version__}
     part_configs = {"unet": utils.create_unet_diffusers_config_from_ldm(original, state),
                     "vae": utils.create_vae_diffusers_config_from_ldm(original, state)}
+    # The model's own sizes, which the pipeline samples at by default (diffusers' converters assume SD's 512 px).
+    part_configs["unet"]["sample_size"], part_configs["vae"]["sample_size"] = params.image_size, native_size(config)
     written = []
     for part in PARTS:
         (folder / part).mkdir(parents=True, exist_ok=True)
@@ -215,7 +217,9 @@ def write_diffusers_folder(state: Mapping[str, torch.Tensor], config: DictConfig
     text_config = build_text_config(OmegaConf.to_container(text_params) if text_params is not None else None)
     text_config.architectures = [CLASSES["text_encoder"]]
     text_config.save_pretrained(folder / "text_encoder")
-    load_tokenizer(TOKENIZER_DIR).save_pretrained(folder / "tokenizer")
+    tokenizer = load_tokenizer(TOKENIZER_DIR)
+    tokenizer.model_max_length = text_config.max_position_embeddings  # our files leave it unset (1e30)
+    tokenizer.save_pretrained(folder / "tokenizer")
     (folder / "scheduler").mkdir(exist_ok=True)
     atomic_write_text(folder / "scheduler" / "scheduler_config.json",
                       json.dumps({**scheduler_config(params), **version}, indent=2))

@@ -2,6 +2,7 @@
 import argparse
 import contextlib
 import logging
+import math
 import re
 import sys
 from pathlib import Path
@@ -16,16 +17,17 @@ from torch import Tensor, nn
 from ldm.checkpoint import (CheckpointError, ShapeMismatchError, check_checkpoint_file, load_model_weights,
                             parameters_on_meta)
 from ldm.controlnet import add_control_arguments, build_controls, check_control_options
-from ldm.data.personalized import open_image
+from ldm.data.buckets import bucket_box
+from ldm.data.image_files import DataError, load_rgb
 from ldm.images import make_grid, read_metadata, save_image, to_pil  # noqa: F401 (read_metadata: for callers)
 from ldm.lora_files import apply_lora_files, check_lora_specs
-from ldm.model_config import fitting_config, latent_shape, native_size, sampling_config, size_multiple
+from ldm.model_config import latent_shape, native_size, sampling_config, size_multiple, with_fitting_config
 from ldm.models.diffusion.control import controlled
 from ldm.models.diffusion.ddim import DDIMSampler
 from ldm.models.diffusion.guidance import CompVisDenoiser
 from ldm.models.diffusion.plms import PLMSSampler
 from ldm.models.diffusion.sampling import SAMPLERS as K_SAMPLERS
-from ldm.models.diffusion.sampling import STOCHASTIC, Generator, randn
+from ldm.models.diffusion.sampling import DIFFUSERS_SCHEDULE, STOCHASTIC, Generator, randn
 from ldm.models.diffusion.sigmas import sigma_to_t
 from ldm.util import DiskFullError, UserError, ensure_writable_dir, file_sha256, instantiate_from_config
 
@@ -156,8 +158,7 @@ def load_model(config: DictConfig, ckpt_path: str, device: torch.device, use_ema
     try:
         load_model_weights(model, ckpt_path, use_ema=use_ema)
     except ShapeMismatchError as err:
-        fits = fitting_config(err.file_shapes)
-        raise CheckpointError(f"{err}; try --config {fits}" if fits else str(err)) from None
+        raise with_fitting_config(err) from None
     return model.eval().requires_grad_(False).to(device)
 
 
@@ -217,10 +218,10 @@ def sample_latents(model: nn.Module, sampler: str, steps: int, cond: Tensor, unc
         t_start = img2img_steps(steps, strength)
         z = ddim.stochastic_encode(init_latent, t_start, noise)
         return ddim.decode(z, cond, t_start, scale, uncond, verbose=progress, generator=generator)
-    denoiser = CompVisDenoiser(model)
-    sigmas = denoiser.get_sigmas(steps, karras=karras)
-    if init_latent is None:
-        x = noise * sigmas[0]
+    denoiser, diffusers_schedule = CompVisDenoiser(model), sampler in DIFFUSERS_SCHEDULE
+    sigmas = denoiser.get_sigmas(steps, karras=karras, whole_timesteps=diffusers_schedule)
+    if init_latent is None:  # diffusers starts from x_T = noise in VP form, k-diffusion from noise * sigma_max
+        x = noise * ((sigmas[0] ** 2 + 1).sqrt() if diffusers_schedule else sigmas[0])
     else:
         sigmas = sigmas[steps - img2img_steps(steps, strength):]
         x = init_latent + noise * sigmas[0]
@@ -270,18 +271,48 @@ def sampling_mode(model: nn.Module):
         model.train(was_training)
 
 
-def load_init_image(path: str, multiple: int) -> Tensor:
-    """An RGB image as [1, 3, H, W] in [-1, 1], cropped to a multiple of `multiple` pixels on each side."""
+def init_size(width: int, height: int, native: int, multiple: int, target_height: Optional[int] = None,
+              target_width: Optional[int] = None) -> tuple[int, int]:
+    """(width, height) an init image of `width` x `height` is sampled at: `target_width` x `target_height` (--W/--H),
+    the other side following the image's aspect ratio when one is given, else the model's native area (native x
+    native pixels) at the image's aspect ratio; each side rounded to a multiple of `multiple`."""
+    if target_height is None and target_width is None:
+        scale = native / math.sqrt(width * height)
+        target_width, target_height = width * scale, height * scale
+    elif target_height is None:
+        target_height = target_width * height / width
+    elif target_width is None:
+        target_width = target_height * width / height
+    return tuple(max(multiple, round(side / multiple) * multiple) for side in (target_width, target_height))
+
+
+def load_init_image(path: str, multiple: int, native: int, height: Optional[int] = None, width: Optional[int] = None,
+                    keep_size: bool = False) -> Tensor:
+    """An init image as [1, 3, H, W] in [-1, 1], read as training photos are (EXIF orientation, any mode) and resized
+    to init_size, centre-cropped by what the new aspect ratio leaves over; with `keep_size` at its own size, cropped
+    to a multiple of `multiple` pixels on each side."""
+    if keep_size and (height is not None or width is not None):
+        raise UserError("--keep_size samples at the init image's own size; drop --H/--W, or --keep_size")
+    for flag, side in (("--H", height), ("--W", width)):
+        if side is not None and side <= 0:
+            raise UserError(f"{flag} {side} must be a positive number of pixels")
     try:
-        image = open_image(path).convert("RGB")
-    except (OSError, ValueError) as err:
-        raise UserError(f"--init-img {path}: cannot read it as an image ({err})") from None
-    width, height = (s - s % multiple for s in image.size)
-    if not width or not height:
-        raise UserError(f"--init-img {path} is {image.size[0]}x{image.size[1]}, smaller than {multiple} pixels")
-    if (width, height) != image.size:
-        logger.info("init image %dx%d cropped to %dx%d (a multiple of %d)", *image.size, width, height, multiple)
-        image = image.crop((0, 0, width, height))
+        image = load_rgb(path)
+    except DataError as err:
+        raise UserError(f"--init-img {err}") from None
+    if keep_size:
+        size = tuple(s - s % multiple for s in image.size)
+        if not all(size):
+            raise UserError(f"--init-img {path} is {image.size[0]}x{image.size[1]}, smaller than {multiple} pixels")
+        box = (0, 0, *size)
+    else:
+        size = init_size(*image.size, native, multiple, height, width)
+        box = bucket_box(*image.size, size)
+    if size != image.size:
+        how = "cropped" if keep_size else "resized"
+        logger.info("init image %dx%d %s to %dx%d (sides a multiple of %d%s)", *image.size, how, *size, multiple,
+                    "" if keep_size or height or width else f"; the model's {native}x{native} area")
+        image = image.crop(box) if keep_size else image.resize(size, Image.Resampling.LANCZOS, box=box)
     array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
     return torch.from_numpy(array).permute(2, 0, 1)[None]
 
@@ -304,8 +335,9 @@ def generate(opt: argparse.Namespace, init_img: Optional[str] = None) -> list[Pa
         OmegaConf.update(config, CLIP_SKIP_KEY, opt.clip_skip, merge=True)
     control_settings = check_control_options(opt, config)
     prompts = read_prompts(opt.prompt, opt.from_file)
-    init = None if init_img is None else load_init_image(init_img, size_multiple(config))
     native = native_size(config)
+    init = None if init_img is None else load_init_image(init_img, size_multiple(config), native, opt.H, opt.W,
+                                                         opt.keep_size)
     height, width = ((native if opt.H is None else opt.H, native if opt.W is None else opt.W) if init is None
                      else init.shape[2:])
     shape = latent_shape(config, height, width, opt.C, opt.f)

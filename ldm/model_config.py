@@ -8,7 +8,7 @@ from typing import Mapping, Optional
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from ldm.checkpoint import CheckpointError, check_compatible
+from ldm.checkpoint import CheckpointError, ShapeMismatchError, check_compatible
 from ldm.util import UserError, instantiate_from_config
 
 logger = logging.getLogger(__name__)
@@ -116,3 +116,19 @@ def fitting_config(file_shapes: Mapping[str, tuple[int, ...]]) -> Optional[str]:
             continue
         return shown(path)
     return None
+
+
+def with_fitting_config(err: ShapeMismatchError) -> CheckpointError:
+    """`err` in one line that names the repository config that fits the file, when one does (`; try --config X`)."""
+    fits = fitting_config(err.file_shapes)
+    return CheckpointError(f"{err}; try --config {fits}" if fits else str(err))
+
+
+def check_fits(config: DictConfig, state: Mapping[str, torch.Tensor], source: str) -> None:
+    """Refuse weights that `config`'s model (built on the meta device) cannot take, as sampling does."""
+    with torch.device("meta"):  # shapes only: no memory, no initialisation
+        model_state = instantiate_from_config(config.model).state_dict()
+    try:
+        check_compatible(model_state, state, source)
+    except ShapeMismatchError as err:
+        raise with_fitting_config(err) from None

@@ -34,7 +34,7 @@ SCHEDULERS = {
     "dpm2_a": ("KDPM2AncestralDiscreteScheduler", {"timestep_spacing": "linspace"}),
     "dpmpp_2m": ("DPMSolverMultistepScheduler", {}),
     "dpmpp_2m_sde": ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++"}),
-    "unipc": ("UniPCMultistepScheduler", {}),
+    "unipc": ("UniPCMultistepScheduler", {"timestep_spacing": "linspace"}),
 }
 
 

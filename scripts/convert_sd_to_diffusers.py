@@ -20,7 +20,7 @@ import torch  # noqa: E402
 from ldm.checkpoint import ShapeMismatchError, read_state_dict, select_unet_weights, to_sd_layout  # noqa: E402
 from ldm.convert import write_diffusers_folder  # noqa: E402
 from ldm.inference import run_command  # noqa: E402
-from ldm.model_config import choose_config, fitting_config, load_config  # noqa: E402
+from ldm.model_config import choose_config, load_config, with_fitting_config  # noqa: E402
 from ldm.util import UserError  # noqa: E402
 
 
@@ -47,8 +47,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             written = write_diffusers_folder(state, load_config(config_path), output,
                                              torch.float16 if opt.half else None)
         except ShapeMismatchError as err:
-            fits = fitting_config(err.file_shapes)
-            raise UserError(f"{err}" + (f"; try --config {fits}" if fits else "")) from None
+            raise with_fitting_config(err) from None
         size = sum(path.stat().st_size for path in written)
         return f"wrote {output}: a diffusers StableDiffusionPipeline folder, weights {size / 1e6:.1f} MB"
     return run_command(work)

@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from ldm.checkpoint import (EMA_PREFIX, UNET_PREFIX, WEIGHT_SUFFIXES, CheckpointError, read_lora,  # noqa: E402
                             read_state_dict, save_weights, select_unet_weights, to_sd_layout)
 from ldm.lora_files import check_lora_specs, lora_names, parse_lora_spec  # noqa: E402
-from ldm.model_config import DEFAULT_CONFIG, load_config, shown  # noqa: E402
+from ldm.model_config import DEFAULT_CONFIG, check_fits, sampling_config, shown  # noqa: E402
 from ldm.modules.lora import merge_lora  # noqa: E402
 from ldm.util import UserError, format_bytes  # noqa: E402
 
@@ -30,7 +30,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("base", help="the SD v1 checkpoint the LoRA files were trained on (.ckpt or .safetensors)")
     parser.add_argument("loras", nargs="+", metavar="LORA[:SCALE]", help="kohya-format LoRA files, each at a scale")
     parser.add_argument("-o", "--output", required=True, help="the merged checkpoint: .ckpt or .safetensors")
-    parser.add_argument("--config", default=shown(DEFAULT_CONFIG), help="the base's model config (its UNet's shape)")
+    parser.add_argument("--config", default=None, help="the base's model config (its UNet's shape; default: as "
+                        "sampling chooses, the run's own for a file in a run's checkpoints/, else "
+                        f"{shown(DEFAULT_CONFIG)}); a base it does not fit is refused, naming the config that fits")
     parser.add_argument("--half", action="store_true", help="write fp16 weights (default: as the base stores them)")
     parser.add_argument("--ema", action="store_true", help="merge into the base's EMA UNet weights and keep those")
     return parser.parse_args(argv)
@@ -51,11 +53,13 @@ def merge(opt: argparse.Namespace) -> list[str]:
     """Merge and write; one line per LoRA file and one for the output."""
     output = check_paths(opt)
     check_lora_specs(opt.loras)
-    names = lora_names(load_config(opt.config).model)
+    config = sampling_config(opt.config, opt.base)
     state = select_unet_weights(to_sd_layout(read_state_dict(opt.base)), opt.ema)
     if not any(key.startswith(UNET_PREFIX) for key in state):
         raise CheckpointError(f"{opt.base} has no UNet weights ({UNET_PREFIX}*); is it a full SD v1 checkpoint?")
     state = {key: value for key, value in state.items() if not key.startswith(EMA_PREFIX)}
+    check_fits(config, state, opt.base)  # the LoRA names follow the config's UNet: they must be the base's
+    names = lora_names(config.model)
     lines = []
     for spec in opt.loras:
         path, scale = parse_lora_spec(spec)

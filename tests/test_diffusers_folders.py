@@ -95,6 +95,18 @@ def test_our_folder_loads_in_diffusers_and_gives_our_ddim_image(our_folder, tiny
     assert error < 1e-4
 
 
+
+def test_our_folder_generates_from_a_prompt_at_the_models_own_size(our_folder):
+    """The pipeline tokenizes the prompt itself (model_max_length 77, not 1e30) and samples at the tiny model's 64 px,
+    not SD's 512, when no size is given."""
+    pipe = diffusers.StableDiffusionPipeline.from_pretrained(str(our_folder), local_files_only=True,
+                                                             safety_checker=None)
+    pipe.set_progress_bar_config(disable=True)
+    assert pipe.tokenizer.model_max_length == 77
+    image = pipe("a photo of a dog", num_inference_steps=2, output_type="np",
+                 generator=torch.Generator().manual_seed(0)).images
+    assert image.shape == (1, 64, 64, 3) and np.isfinite(image).all()
+
 def diffusers_tiny_pipeline(folder):
     """A StableDiffusionPipeline of diffusers' own classes with random weights, in our tiny config's sizes."""
     from transformers import CLIPTextConfig, CLIPTextModel

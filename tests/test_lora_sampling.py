@@ -1,18 +1,22 @@
 """LoRA files at sampling time: `--lora FILE[:SCALE]` in txt2img and img2img (scale 0 is the base, files add up,
-metadata names them), and scripts/merge_lora.py (a merged checkpoint gives the applied output)."""
+metadata names them), and scripts/merge_lora.py (a merged checkpoint gives the applied output; the base's config is
+chosen as sampling chooses it, and a base it does not fit is refused in one line)."""
 import hashlib
+import shutil
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from conftest import TINY_CONFIG, load_script
+from omegaconf import OmegaConf
+
+from conftest import REPO, TINY_CONFIG, load_script
 from ldm.checkpoint import read_state_dict, save_lora, save_weights
 from ldm.inference import read_metadata
 from ldm.lora_files import apply_lora_files, parse_lora_spec
 from ldm.modules.lora import inject_lora, lora_tensors
-from ldm.util import UserError
+from ldm.util import UserError, instantiate_from_config
 from other_tools import parse_infotext
 from test_lora import NAMES, TINY_UNET, outputs, randomise_lora, tiny
 
@@ -125,3 +129,30 @@ def test_merge_refuses_to_overwrite_an_input_or_take_a_non_lora(tmp_path, files,
     assert merge_script.main([str(base), str(base), "-o", str(out), "--config", str(TINY_CONFIG)]) == 1
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "not a LoRA file" in err and not out.exists()
+
+
+def test_merge_picks_the_bases_config_as_sampling_does_or_refuses_in_one_line(tmp_path, files, capsys):
+    """Without --config a tiny base met the full-size config: the LoRA went into the wrong modules and it exited 0."""
+    base, lora = files
+    out = tmp_path / "merged.safetensors"
+    assert merge_script.main([str(base), str(lora), "-o", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and not out.exists()
+    assert "does not match the model config" in err and "try --config configs/tiny/v1-inference.yaml" in err
+    with torch.device("meta"):
+        toy_shapes = instantiate_from_config(OmegaConf.load(REPO / "configs/toy/v1-inference.yaml").model).state_dict()
+    toy = tmp_path / "toy.safetensors"
+    save_weights({key: torch.zeros(value.shape) for key, value in toy_shapes.items()}, toy)
+    assert merge_script.main([str(toy), str(lora), "-o", str(out), "--config", str(TINY_CONFIG)]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "try --config configs/toy/v1-inference.yaml" in err and not out.exists()
+    run = tmp_path / "run"  # a file in a run's checkpoints/ brings the run's saved config, as for sampling
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "configs").mkdir()
+    shutil.copy(base, run / "checkpoints" / "last.ckpt")
+    shutil.copy(TINY_CONFIG, run / "configs" / "2026-12-07T00-00-00-project.yaml")
+    assert merge_script.main([str(run / "checkpoints" / "last.ckpt"), f"{lora}:0.7", "-o", str(out)]) == 0
+    explicit = tmp_path / "explicit.safetensors"
+    assert merge_script.main([str(base), f"{lora}:0.7", "-o", str(explicit), "--config", str(TINY_CONFIG)]) == 0
+    merged, expected = read_state_dict(out), read_state_dict(explicit)
+    assert merged.keys() == expected.keys() and all(torch.equal(merged[k], expected[k]) for k in expected)

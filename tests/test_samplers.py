@@ -135,16 +135,26 @@ LMS = "scheduling_lms_discrete.LMSDiscreteScheduler"
 
 
 @pytest.fixture(scope="module")
-def tiny_pair(tmp_path_factory):
-    """Our tiny LatentDiffusion and diffusers' StableDiffusionPipeline, both from one SD v1 file written here."""
-    from conftest import TINY_CONFIG, build_tiny_model, randomise_zero_init
+def tiny_file(tmp_path_factory):
+    """A tiny SD v1 file with random weights (the zero-initialised layers too)."""
+    from conftest import build_tiny_model, randomise_zero_init
 
     from ldm.checkpoint import save_weights
-    from ldm.inference import load_model
-    from ldm.model_config import load_config
 
     path = tmp_path_factory.mktemp("parity") / "tiny.ckpt"
     save_weights(randomise_zero_init(build_tiny_model()).state_dict(), path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny_pair(tiny_file):
+    """Our tiny LatentDiffusion and diffusers' StableDiffusionPipeline, both from one SD v1 file written here."""
+    from conftest import TINY_CONFIG
+
+    from ldm.inference import load_model
+    from ldm.model_config import load_config
+
+    path = tiny_file
     ours = load_model(load_config(str(TINY_CONFIG)), str(path), torch.device("cpu"))
     pipe = diffusers.StableDiffusionPipeline.from_single_file(
         str(path), original_config=str(TINY_CONFIG), text_encoder=ours.cond_stage_model.transformer.text_model,
@@ -219,6 +229,47 @@ def test_tiny_model_multistep_matches_diffusers_pipeline(tiny_pair, name, schedu
     print(f"{name} {options}: max |ours - diffusers| / max |diffusers| = {error:.1e}")
     assert error < RELATIVE_TOLERANCE
 
+
+
+# runwayml/stable-diffusion-v1-5's scheduler_config.json: it names no timestep_spacing, so a scheduler made from it
+# takes its own default (UniPCMultistepScheduler: "linspace").
+SD15_SCHEDULER = {"_class_name": "PNDMScheduler", "beta_start": 0.00085, "beta_end": 0.012,
+                  "beta_schedule": "scaled_linear", "num_train_timesteps": 1000, "set_alpha_to_one": False,
+                  "skip_prk_steps": True, "steps_offset": 1, "trained_betas": None, "clip_sample": False}
+
+
+
+@pytest.mark.parametrize("steps", [1, 6, 10, 25, 50])
+def test_whole_timestep_sigmas_are_diffusers_default_unipc_sigmas(steps):
+    scheduler = diffusers.UniPCMultistepScheduler.from_config(SD15_SCHEDULER)
+    scheduler.set_timesteps(steps)
+    ours = get_sigmas(scheduler.alphas_cumprod, steps, whole_timesteps=True)
+    torch.testing.assert_close(ours, scheduler.sigmas, rtol=1e-6, atol=0)
+
+def test_cli_unipc_gives_the_image_of_diffusers_default_unipc(tiny_file, tiny_pair, tmp_path):
+    """txt2img --sampler unipc (the CLI path: schedule, starting noise, solver, decoding) against the pipeline with
+    UniPCMultistepScheduler.from_config of SD 1.5's scheduler config, same weights and noise: within 2 levels of the
+    8-bit image (measured 1; 11 levels when the CLI ran UniPC on k-diffusion's schedule)."""
+    from conftest import TINY_CONFIG, load_script
+    from PIL import Image
+
+    model, pipe, _, _, _ = tiny_pair
+    prompt, seed, steps = "a photo of sks dog", 7, 6
+    assert load_script("stable_txt2img").main([
+        "--config", str(TINY_CONFIG), "--ckpt", str(tiny_file), "--device", "cpu", "--sampler", "unipc",
+        "--ddim_steps", str(steps), "--n_samples", "1", "--n_iter", "1", "--skip_grid", "--seed", str(seed),
+        "--prompt", prompt, "--outdir", str(tmp_path)]) == 0
+    ours = np.asarray(Image.open(tmp_path / "samples" / "00000.png"), dtype=np.int16)
+    pipe.scheduler = diffusers.UniPCMultistepScheduler.from_config(SD15_SCHEDULER)
+    assert pipe.scheduler.config.timestep_spacing == "linspace"
+    noise = torch.randn((1, 4, 8, 8), generator=torch.Generator().manual_seed(seed))  # the CLI's noise for the seed
+    with torch.no_grad():
+        cond, uncond = model.get_learned_conditioning([prompt]), model.get_learned_conditioning([""])
+    image = pipe(prompt_embeds=cond, negative_prompt_embeds=uncond, latents=noise, height=64, width=64,
+                 num_inference_steps=steps, guidance_scale=7.5).images[0]
+    difference = np.abs(ours - np.asarray(image, dtype=np.int16)).max()
+    print(f"txt2img --sampler unipc vs diffusers' default UniPC: {difference} levels (8-bit)")
+    assert difference <= 2
 
 def run_singlestep(denoiser, x, sigmas, extra_args):
     """diffusers' DPM-Solver++(2S) (singlestep, order 2, midpoint) stepping through the given VE sigmas, the model

@@ -114,7 +114,7 @@ def test_img2img_writes_samples_with_strength(tmp_path, capsys, ckpt, sampler):
     init = tmp_path / "init.png"
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (70, 80, 3), dtype=np.uint8)).save(init)
     code, err = run(img2img, capsys, "--ckpt", str(ckpt), "--outdir", str(tmp_path / "out"), "--init-img", str(init),
-                    "--sampler", sampler, "--strength", "0.7", "--ddim_steps", "4")
+                    "--sampler", sampler, "--strength", "0.7", "--ddim_steps", "4", "--keep_size")
     assert code == 0, err
     meta = read_metadata(tmp_path / "out" / "samples" / "00001.png")
     assert (meta["strength"], meta["init_image"], meta["sampler"]) == (0.7, "init.png", sampler)
@@ -122,6 +122,21 @@ def test_img2img_writes_samples_with_strength(tmp_path, capsys, ckpt, sampler):
     assert (info["Denoising strength"], info["Size"], "Negative prompt:" in info["Prompt"]) == ("0.7", "80x64", False)
     assert Image.open(tmp_path / "out" / "samples" / "00001.png").size == (80, 64)
 
+
+
+def test_img2img_samples_an_exif_rotated_photo_upright_at_the_models_size(tmp_path, capsys, caplog, ckpt):
+    """A 780x520 photo stored on its side with an EXIF orientation: sampled upright at the tiny model's 64x64 area."""
+    init, exif = tmp_path / "photo.jpg", Image.Exif()
+    exif[0x0112] = 6  # shown rotated 90 degrees clockwise
+    Image.new("RGB", (780, 520), (200, 120, 40)).rotate(90, expand=True).save(init, exif=exif)
+    with caplog.at_level(logging.INFO):
+        code, err = run(img2img, capsys, "--ckpt", str(ckpt), "--outdir", str(tmp_path / "out"), "--init-img",
+                        str(init), "--n_samples", "1", "--skip_grid", "--ddim_steps", "2")
+    assert code == 0, err
+    assert Image.open(tmp_path / "out" / "samples" / "00000.png").size == (80, 48)
+    meta = read_metadata(tmp_path / "out" / "samples" / "00000.png")
+    assert (meta["width"], meta["height"]) == (80, 48)
+    assert "init image 780x520 resized to 80x48 (sides a multiple of 16; the model's 64x64 area)" in caplog.text
 
 def bad_config(tmp_path) -> str:
     config = OmegaConf.load(TINY_CONFIG)

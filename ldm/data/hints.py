@@ -2,9 +2,9 @@
 (thresholds in OpenCV's units, as A1111's canny preprocessor takes them)."""
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image
 
-from ldm.data.personalized import DataError, open_image
+from ldm.data.image_files import DataError, load_rgb
 
 # OpenCV's Canny and kornia's both take the raw 3x3 Sobel gradient, of a 0..255 image and of a 0..1 image.
 OPENCV_GRADIENT_SCALE = 255.0
@@ -13,10 +13,9 @@ OPENCV_GRADIENT_SCALE = 255.0
 def read_hint(path: str, width: int, height: int) -> torch.Tensor:
     """The image at `path` as a [1, 3, height, width] tensor in [0, 1] (EXIF rotation applied, resized if needed)."""
     try:
-        with open_image(path) as image:
-            image = ImageOps.exif_transpose(image).convert("RGB")
-    except (OSError, ValueError, DataError) as err:
-        raise DataError(f"--control_image {path}: cannot read it as an image ({err})") from None
+        image = load_rgb(path)
+    except DataError as err:
+        raise DataError(f"--control_image {err}") from None
     if image.size != (width, height):
         image = image.resize((width, height), Image.Resampling.LANCZOS)
     return torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)[None]

@@ -8,6 +8,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
+from ldm.data.image_files import load_rgb
 from ldm.util import UserError
 
 MASK_TAG = ".mask"
@@ -33,8 +34,7 @@ def load_mask(path: Path, photo_size: tuple[int, int], box: tuple[int, int, int,
               flip: bool, floor: float) -> torch.Tensor:
     """The mask as [height, width] (of `size`, width first) float in [floor, 1], cut by the photo's crop `box` and
     mirrored with it."""
-    with Image.open(path) as opened:
-        mask = ImageOps.exif_transpose(opened).convert("L")
+    mask = load_rgb(path).convert("L")  # as the photos are read: EXIF orientation, 16-bit scaled, alpha over white
     if mask.size != photo_size:
         raise UserError(f"{path}: the mask is {mask.size[0]}x{mask.size[1]}, its photo {photo_size[0]}x"
                         f"{photo_size[1]}; a mask must have its photo's size")

@@ -1,11 +1,8 @@
 """DreamBooth data (Ruiz et al. 2023): subject photos and class-prior images with their captions, read the way
 real-world photo folders need (EXIF orientation, any colour mode, stray files), and the instance/class pairing."""
 import logging
-import re
-import warnings
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -14,6 +11,7 @@ from torch.utils.data import Dataset
 
 from ldm.data.buckets import bucket_box, bucket_sizes, nearest_bucket
 from ldm.data.captions import STRATEGIES, caption_of, fill
+from ldm.data.image_files import DataError, load_rgb, open_image, reading, to_rgb
 from ldm.data.masks import MASK_FOLDER, is_mask_file, load_mask, mask_path
 from ldm.util import UserError
 
@@ -26,14 +24,8 @@ CROPS = ("center", "random", "none")
 INTERPOLATIONS = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC,
                   "lanczos": Image.Resampling.LANCZOS}
 IMAGE_SUFFIXES = frozenset(ext for ext, fmt in Image.registered_extensions().items() if fmt in Image.OPEN)
-SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
-ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
 MOMENTS_KEY = "moments"  # cached VAE posterior parameters (mean and logvar), yielded instead of `image`
 MASK_KEY = "mask"  # a photo's loss mask [H, W], when its folder has masks
-
-
-class DataError(UserError):
-    """A problem with the training images or their settings, with a message that names the path."""
 
 
 def list_images(folder: str | Path) -> list[Path]:
@@ -56,47 +48,6 @@ def list_images(folder: str | Path) -> list[Path]:
         found = f"only {len(skipped)} entries that are not image files" if skipped else "nothing"
         raise DataError(f"{folder}: no images to train on (found {found}; expected .jpg, .png, .webp, ...)")
     return images
-
-
-def to_rgb(image: Image.Image) -> Image.Image:
-    """8-bit RGB from any PIL mode: transparency over white, 16-bit grey scaled (not clipped), CMYK/L/P converted."""
-    if image.mode in SIXTEEN_BIT_MODES:
-        grey = np.clip(np.asarray(image, dtype=np.float32) / 257.0, 0, 255).round().astype(np.uint8)
-        return Image.fromarray(grey).convert("RGB")
-    if image.mode in ALPHA_MODES or (image.mode == "P" and "transparency" in image.info):
-        rgba = image.convert("RGBA")
-        return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
-    return image.convert("RGB")
-
-
-def open_image(path: str | Path) -> Image.Image:
-    """Image.open with Pillow's decompression-bomb guard as one clear line: a DataError above its hard limit (twice
-    Image.MAX_IMAGE_PIXELS), nothing below it (`short_side` warns once per file)."""
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            return Image.open(path)
-    except Image.DecompressionBombError as err:
-        pixels = re.search(r"\((\d+) pixels\)", str(err))
-        found = f"{int(pixels.group(1)) / 1e6:.0f} MP" if pixels else "too many pixels"
-        raise DataError(f"{path}: the image is too large to decode safely ({found}, Pillow's limit is "
-                        f"{2 * Image.MAX_IMAGE_PIXELS / 1e6:.0f} MP); downscale it, e.g. to 2048 px on the long "
-                        "side") from None
-
-
-@contextmanager
-def reading(path: str | Path) -> Iterator[None]:
-    """Turn PIL's errors for an unreadable file into a DataError naming it."""
-    try:
-        yield
-    except (OSError, ValueError, SyntaxError) as err:
-        raise DataError(f"{path}: cannot read this image ({err})") from None
-
-
-def load_rgb(path: str | Path) -> Image.Image:
-    """Decode an image file upright (EXIF orientation applied) as 8-bit RGB."""
-    with reading(path), open_image(path) as image:
-        return to_rgb(ImageOps.exif_transpose(image))
 
 
 def short_side(path: str | Path, size: int) -> int:

@@ -32,9 +32,9 @@ class CompVisDenoiser:
         self.model = model
         self.log_sigmas = sigmas_from_alphas_cumprod(model.alphas_cumprod.float()).log()
 
-    def get_sigmas(self, n: int, karras: bool = False) -> Tensor:
-        """The `n`-step sampling schedule (n + 1 sigmas ending in 0) of the wrapped model."""
-        return get_sigmas(self.model.alphas_cumprod.float(), n, karras=karras)
+    def get_sigmas(self, n: int, karras: bool = False, whole_timesteps: bool = False) -> Tensor:
+        """The `n`-step sampling schedule (n + 1 sigmas ending in 0) of the wrapped model (see sigmas.get_sigmas)."""
+        return get_sigmas(self.model.alphas_cumprod.float(), n, karras=karras, whole_timesteps=whole_timesteps)
 
     def __call__(self, x: Tensor, sigma: Tensor, cond: Tensor, uncond: Optional[Tensor] = None,
                  cond_scale: float = 1.0) -> Tensor:

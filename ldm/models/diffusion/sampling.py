@@ -325,5 +325,8 @@ SAMPLERS = {
     "dpmpp_2m_sde": sample_dpmpp_2m_sde,
     "unipc": sample_unipc,
 }
+# Those that run on diffusers' schedule (whole linspace timesteps, starting from unit-variance noise in VP form), the
+# one users compare them against; the others run on k-diffusion's, as A1111 does.
+DIFFUSERS_SCHEDULE = ("unipc",)
 # Those that draw fresh noise on the way (from the per-image generators, so that an image depends on its seed only).
 STOCHASTIC = ("euler_a", "dpm2_a", "dpmpp_2s_a", "dpmpp_sde", "dpmpp_2m_sde")

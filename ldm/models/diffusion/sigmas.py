@@ -36,6 +36,14 @@ def discrete_sigmas(alphas_cumprod: Tensor, n: int) -> Tensor:
     return append_zero(t_to_sigma(t, log_sigmas))
 
 
+def linspace_timestep_sigmas(alphas_cumprod: Tensor, n: int) -> Tensor:
+    """`n` sigmas at the whole timesteps round(linspace(0, T-1, n + 1)) from T-1 down, t = 0 left out, then 0:
+    diffusers' `timestep_spacing="linspace"`, its UniPCMultistepScheduler's default (SD 1.5's scheduler config names
+    none)."""
+    t = torch.linspace(0, alphas_cumprod.shape[0] - 1, n + 1, dtype=torch.float64).round().flip(0)[:-1]
+    return append_zero(sigmas_from_alphas_cumprod(alphas_cumprod)[t.long().to(alphas_cumprod.device)])
+
+
 def karras_sigmas(n: int, sigma_min: float, sigma_max: float, rho: float = 7.0,
                   device: torch.device | None = None) -> Tensor:
     """`n` sigmas evenly spaced in sigma^(1/rho) from sigma_max to sigma_min, then 0 (Karras et al. 2022, eq. 5)."""
@@ -45,11 +53,12 @@ def karras_sigmas(n: int, sigma_min: float, sigma_max: float, rho: float = 7.0,
     return append_zero(sigmas.float().to(device))
 
 
-def get_sigmas(alphas_cumprod: Tensor, n: int, karras: bool = False) -> Tensor:
-    """The sampling schedule of `n` steps (n + 1 sigmas ending in 0) for a model trained with `alphas_cumprod`."""
+def get_sigmas(alphas_cumprod: Tensor, n: int, karras: bool = False, whole_timesteps: bool = False) -> Tensor:
+    """The sampling schedule of `n` steps (n + 1 sigmas ending in 0) for a model trained with `alphas_cumprod`:
+    Karras, else k-diffusion's (fractional timesteps), or diffusers' linspace one with `whole_timesteps`."""
     if n < 1:
         raise ValueError(f"the number of sampling steps must be at least 1, got {n}")
     if not karras:
-        return discrete_sigmas(alphas_cumprod, n)
+        return linspace_timestep_sigmas(alphas_cumprod, n) if whole_timesteps else discrete_sigmas(alphas_cumprod, n)
     sigmas = sigmas_from_alphas_cumprod(alphas_cumprod)
     return karras_sigmas(n, sigmas[0].item(), sigmas[-1].item(), device=alphas_cumprod.device)
