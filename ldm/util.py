@@ -1,15 +1,17 @@
 """Small helpers shared by the whole package: the config factory, parameter counting, safe file writes."""
 import errno
 import functools
+import gc
 import hashlib
 import importlib
 import math
 import os
 import shutil
 import stat
+import sys
 import tempfile
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Optional
 
 import torch
 
@@ -54,6 +56,38 @@ def format_bytes(n: float) -> str:
     units = ("B", "kB", "MB", "GB", "TB")
     power = min(int(math.log10(max(n, 1)) // 3), len(units) - 1)
     return f"{n:.0f} B" if power == 0 else f"{n / 1000 ** power:.1f} {units[power]}"
+
+
+def free_memory(device: torch.device) -> None:
+    """Collect garbage and, on a GPU, hand the caching allocator's unused blocks back to the driver."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def peak_rss_bytes() -> Optional[int]:
+    """The process's peak resident memory so far, or None where the resource module is missing (Windows)."""
+    try:
+        import resource
+    except ImportError:
+        return None
+    scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss is in bytes on macOS, kilobytes on Linux
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
+
+
+def peak_memory_stats(device: torch.device) -> dict[str, Optional[int]]:
+    """The peak memory since the last `reset_peak_memory`: the process's peak RSS, and on a GPU the peak bytes the
+    tensors held (allocated) and the caching allocator held (reserved, what the card must have)."""
+    cuda = device.type == "cuda"
+    return {"peak_rss_bytes": peak_rss_bytes(),
+            "cuda_max_allocated_bytes": torch.cuda.max_memory_allocated(device) if cuda else None,
+            "cuda_max_reserved_bytes": torch.cuda.max_memory_reserved(device) if cuda else None}
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    """Start the GPU's peak counters afresh (the process's peak RSS cannot be reset)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
 
 
 def temp_path(path: Path) -> Path:

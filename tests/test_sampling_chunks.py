@@ -1,0 +1,66 @@
+"""Images go through the sampler and the decoder a few at a time (issue 33, item 7): the image logger, validation
+samples and evaluation never hand more than their `images_per_call` to one call, and a chunked batch gives the same
+images as the whole (each image's noise comes from its own seeded generator)."""
+import contextlib
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+import ldm.inference
+from conftest import REPO
+from ldm.callbacks import ImageLogger
+from ldm.inference import sample_images
+
+
+@pytest.fixture
+def calls(monkeypatch, tiny_model):
+    """The batch sizes handed to the sampler (`sample_latents`) and to the decoder, recorded as `sampled`, `decoded`."""
+    seen = SimpleNamespace(sampled=[], decoded=[])
+    sample, decode = ldm.inference.sample_latents, tiny_model.decode_first_stage
+
+    def spy_sample(model, sampler, steps, cond, uncond, scale, noise, *args, **kwargs):
+        seen.sampled.append(noise.shape[0])
+        return sample(model, sampler, steps, cond, uncond, scale, noise, *args, **kwargs)
+
+    def spy_decode(z, *args, **kwargs):
+        seen.decoded.append(z.shape[0])
+        return decode(z, *args, **kwargs)
+
+    monkeypatch.setattr(ldm.inference, "sample_latents", spy_sample)
+    monkeypatch.setattr(tiny_model, "decode_first_stage", spy_decode)
+    return seen
+
+
+def test_chunked_sampling_matches_the_whole_batch(tiny_model, calls):
+    seeds = [3, 4, 5, 6, 7]
+    whole = sample_images(tiny_model.eval(), "a dog", seeds, steps=2, scale=5.0)
+    assert calls.sampled == [5] and calls.decoded == [5]
+    calls.sampled.clear(), calls.decoded.clear()
+    chunked = sample_images(tiny_model, "a dog", seeds, steps=2, scale=5.0, per_call=2)
+    assert calls.sampled == [2, 2, 1] and calls.decoded == [2, 2, 1]
+    for a, b in zip(whole, chunked):  # equal up to the float rounding of a different batch size
+        assert np.abs(np.asarray(a, np.int16) - np.asarray(b, np.int16)).max() <= 1
+
+
+def test_image_logger_samples_and_decodes_one_image_per_call(tmp_path, tiny_model, calls):
+    concept = SimpleNamespace(instance=SimpleNamespace(captions=["a sks dog"]))
+    trainer = SimpleNamespace(global_step=2, current_epoch=0, is_global_zero=True, default_root_dir=str(tmp_path),
+                              optimizers=[], datamodule=SimpleNamespace(concepts=[concept]),
+                              precision_plugin=SimpleNamespace(forward_context=contextlib.nullcontext))
+    batch = {"jpg": torch.rand(1, 32, 32, 3) * 2 - 1, "txt": ["a sks dog"]}
+    logger = ImageLogger(batch_frequency=2, max_images=3, ddim_steps=2, preview_every=1, images_per_call=1)
+    logger.on_train_batch_end(trainer, tiny_model, None, batch, 0)
+    assert calls.sampled == [1, 1, 1] and max(calls.decoded) == 1
+    assert len(calls.decoded) == 3 + 2  # three samples, then the two previews of the first seed one by one
+    assert len(list((tmp_path / "images" / "train").glob("samples_instance_*.png"))) == 1
+
+
+def test_lowmem_configs_log_two_images_one_per_call():
+    for size in ("stable-diffusion", "tiny", "toy"):
+        callbacks = OmegaConf.load(REPO / "configs" / size / "v1-finetune_lowmem.yaml").lightning.callbacks
+        assert callbacks.image_logger.params.max_images <= 2, size
+        assert callbacks.image_logger.params.images_per_call == 1, size
+        assert callbacks.validation.params.images_per_call == 1, size
