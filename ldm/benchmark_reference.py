@@ -2,13 +2,13 @@
 examples/dreambooth/train_dreambooth.py takes (its flags, batch, models and optimizer), and a UNet's forward and
 backward alone (ours or diffusers'). Nothing of Lightning is imported, so that the reference's start-up holds none."""
 import argparse
-import sys
 import time
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
 from ldm.convert import diffusers_unet_config
+from ldm.util import peak_memory_stats
 
 PRECISIONS = {"no": None, "fp16": "float16", "bf16": "bfloat16"}  # train_dreambooth.py's --mixed_precision
 N_PHOTOS = 4  # the synthetic photos of each kind (instance, class)
@@ -30,13 +30,9 @@ def reference_parser() -> argparse.ArgumentParser:
 
 
 def peak_memory(device: Any) -> dict:
-    """As ldm/callbacks/timing.py measures it (not imported: it would bring Lightning into the reference)."""
-    import resource
+    """As ldm/callbacks/timing.py measures it (ldm.util.peak_memory_stats), with the device and torch's threads."""
     import torch
-    scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss is in bytes on macOS, kilobytes on Linux
-    return {"peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale,
-            "cuda_max_allocated_bytes": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
-            "device": device.type, "torch_threads": torch.get_num_threads()}
+    return {**peak_memory_stats(device), "device": device.type, "torch_threads": torch.get_num_threads()}
 
 
 def clock(device: Any) -> float:

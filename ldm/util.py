@@ -1,4 +1,5 @@
-"""Small helpers shared by the whole package: the config factory, parameter counting, safe file writes."""
+"""Small helpers shared by the whole package: the config factory, parameter counting, safe file writes, peak
+memory."""
 import errno
 import functools
 import gc
@@ -82,6 +83,16 @@ def peak_memory_stats(device: torch.device) -> dict[str, Optional[int]]:
     return {"peak_rss_bytes": peak_rss_bytes(),
             "cuda_max_allocated_bytes": torch.cuda.max_memory_allocated(device) if cuda else None,
             "cuda_max_reserved_bytes": torch.cuda.max_memory_reserved(device) if cuda else None}
+
+
+def peak_memory_text(device: torch.device) -> str:
+    """The peak memory for people: `allocated 5.2 GB, reserved 5.8 GB (CUDA)` on a GPU, else the peak RSS."""
+    stats = peak_memory_stats(device)
+    if stats["cuda_max_allocated_bytes"] is not None:
+        return (f"allocated {format_bytes(stats['cuda_max_allocated_bytes'])}, reserved "
+                f"{format_bytes(stats['cuda_max_reserved_bytes'])} (CUDA)")
+    rss = stats["peak_rss_bytes"]
+    return "unknown" if rss is None else f"{format_bytes(rss)} (process peak RSS)"
 
 
 def reset_peak_memory(device: torch.device) -> None:

@@ -347,16 +347,17 @@ def summary(results: list[dict]) -> dict[str, float]:
     """Median and range of steps 2..N over the runs of a row, its largest peak memory and median start-up."""
     steps = [s for result in results for s in result["steps"][1:]]
     startups = [r["startup_s"] for r in results if r["startup_s"] is not None]
+    reserved = [r["cuda_max_reserved_bytes"] for r in results if r.get("cuda_max_reserved_bytes") is not None]
     return {"median": statistics.median(steps), "min": min(steps), "max": max(steps),
-            "memory": max(memory_of(r) for r in results),
+            "memory": max(memory_of(r) for r in results), "reserved": max(reserved) if reserved else None,
             "startup": statistics.median(startups) if startups else float("nan")}
 
 
 def print_table(title: str, unit: str, rows: dict[str, list[dict]], reference_of: dict[str, str]) -> None:
     first = next(iter(rows.values()))[0]
-    memory = "CUDA max alloc" if first["cuda_max_allocated_bytes"] is not None else "peak RSS"
+    memory = "CUDA alloc/reserved" if first["cuda_max_allocated_bytes"] is not None else "peak RSS"
     print(f"{title}, {first['device']}, torch threads {first['torch_threads']}")
-    print(f"{'set':<16} {unit + ' (min-max)':<26} {memory:>14} {'start-up':>9}  {'ratio to diffusers':<26} settings")
+    print(f"{'set':<16} {unit + ' (min-max)':<26} {memory:>19} {'start-up':>9}  {'ratio to diffusers':<26} settings")
     stats = {name: summary(results) for name, results in rows.items()}
     for name, results in rows.items():
         s, ref = stats[name], stats.get(reference_of.get(name, ""))
@@ -368,7 +369,8 @@ def print_table(title: str, unit: str, rows: dict[str, list[dict]], reference_of
         if results[0].get("last_ckpt_bytes"):
             settings += f", last.ckpt {results[0]['last_ckpt_bytes'] / 1e9:.2f} GB"
         span = f"{s['median']:.3f} ({s['min']:.3f}-{s['max']:.3f})"
-        print(f"{name:<16} {span:<26} {s['memory'] / GiB:>10.2f} GiB {s['startup']:>7.1f} s  {ratio:<26} "
+        held = f"{s['memory'] / GiB:.2f}" + (f"/{s['reserved'] / GiB:.2f}" if s["reserved"] is not None else "")
+        print(f"{name:<16} {span:<26} {held:>15} GiB {s['startup']:>7.1f} s  {ratio:<26} "
               f"{settings}")
 
 
