@@ -247,7 +247,8 @@ def sample_images(model: nn.Module, prompt: str, seeds: Sequence[int], steps: in
                   sampler: str = "ddim", per_call: Optional[int] = None) -> list[Image.Image]:
     """Samples of `prompt` (DDIM unless `sampler` names another), one per seed (an image depends on its seed only),
     with latents of `shape` (C, h, w; default: the model's own size); `on_prediction` as in sample_latents (it sees
-    the first call's images). With `per_call`, at most that many images per sampler and decoder call."""
+    the first call's images). With `per_call`, at most that many images per sampler call; the decoder takes one
+    image at a time (its activations at full size are the peak of sampling)."""
     if per_call is not None and len(seeds) > per_call > 0:
         chunks = [seeds[first:first + per_call] for first in range(0, len(seeds), per_call)]
         return [image for k, chunk in enumerate(chunks)
@@ -261,7 +262,7 @@ def sample_images(model: nn.Module, prompt: str, seeds: Sequence[int], steps: in
     noise = randn((n, *shape), generators, device)
     latents = sample_latents(model, sampler, steps, cond, uncond, scale, noise, generators, eta, progress=False,
                              on_prediction=on_prediction)
-    return to_pil(model.decode_first_stage(latents))
+    return to_pil(torch.cat([model.decode_first_stage(z) for z in latents.split(1)]))
 
 
 @contextlib.contextmanager

@@ -20,7 +20,8 @@ class ImageLogger(Callback):
     across steps) and the batch's input images, saved under `<run>/images/train/` by rank zero. Each grid has a title
     strip (the prompt) and its rows labelled instance or class, in Pillow's built-in font. With `preview_every` k > 0,
     also a strip per prompt of the first seed's predicted clean image after every k-th sampler step (and the last).
-    At most `images_per_call` images go through the sampler and the decoder at once; the GPU's cache is freed after."""
+    At most `images_per_call` images go through the sampler (and the previews' decoder) at once; the GPU's cache is
+    freed after."""
 
     def __init__(self, batch_frequency: int = 500, max_images: int = 8, ddim_steps: int = 50, scale: float = 10.0,
                  seed: int = 23, images_per_row: int = 4, log_first_step: bool = False, disabled: bool = False,

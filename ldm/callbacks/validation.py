@@ -75,8 +75,8 @@ def progression_grid(folder: Path, cell_size: int) -> Optional[Image.Image]:
 class ValidationSamples(Callback):
     """`lightning.callbacks.validation` (off while `every_n_steps` is 0): DDIM samples of `prompts` (with
     `{identifier}` and `{class_word}`; default: the identifier prompt, the class prompt and one context prompt) at
-    `seeds`, every N steps and at the last step, by rank zero, at most `images_per_call` images per sampler and
-    decoder call; `clip_model` names a local CLIPModel folder."""
+    `seeds`, every N steps and at the last step, by rank zero, at most `images_per_call` images per sampler call;
+    `clip_model` names a local CLIPModel folder."""
 
     def __init__(self, every_n_steps: int = 0, prompts: Optional[Sequence[str]] = None, seeds: Sequence[int] = (0, 1),
                  ddim_steps: int = 25, scale: float = 7.5, clip_model: Optional[str] = None, cell_size: int = 256,

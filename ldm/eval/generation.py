@@ -30,7 +30,7 @@ class SampleSettings:
     height: Optional[int] = None
     width: Optional[int] = None
     config: Optional[str] = None
-    batch: int = 2  # images per sampler and decoder call
+    batch: int = 2  # images per sampler call
     use_ema: bool = False  # each checkpoint's EMA UNet (model_ema.*)
 
 
