@@ -1,7 +1,9 @@
 """Images go through the sampler a few at a time and the decoder one at a time (issue 33, item 7): the image logger,
 validation samples and evaluation never hand more than their `images_per_call` to one call, and a chunked batch gives
-the same images as the whole (each image's noise comes from its own seeded generator)."""
+the same images as the whole (each image's noise comes from its own seeded generator). Class images (item 8) are
+sampled by a half-precision copy of the model that is freed before training."""
 import contextlib
+import weakref
 from types import SimpleNamespace
 
 import numpy as np
@@ -9,9 +11,11 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
+import ldm.class_images
 import ldm.inference
-from conftest import REPO
+from conftest import REPO, build_tiny_model
 from ldm.callbacks import ImageLogger
+from ldm.class_images import generate_class_images, generation_dtype, sampling_copy
 from ldm.inference import sample_images
 
 
@@ -64,3 +68,38 @@ def test_lowmem_configs_log_two_images_one_per_call():
         assert callbacks.image_logger.params.max_images <= 2, size
         assert callbacks.image_logger.params.images_per_call == 1, size
         assert callbacks.validation.params.images_per_call == 1, size
+
+
+def test_class_images_sample_a_half_copy_decode_one_at_a_time_and_free_it(tmp_path, tiny_model, monkeypatch):
+    seen = SimpleNamespace(dtypes=[], copies=[], decoded=[])
+    sample = ldm.class_images.sample_images
+
+    def spy(model, prompt, seeds, *args, **kwargs):
+        unet = model.model.diffusion_model
+        forward = unet.forward
+        unet.forward = lambda x, *a, **k: seen.dtypes.append(x.dtype) or forward(x, *a, **k)
+        decode = model.decode_first_stage
+        model.decode_first_stage = lambda z: seen.decoded.append(z.shape[0]) or decode(z)
+        seen.copies.append(weakref.ref(model))
+        try:
+            return sample(model, prompt, seeds, *args, **kwargs)
+        finally:
+            del unet.forward, model.decode_first_stage
+    monkeypatch.setattr(ldm.class_images, "sample_images", spy)
+    model = build_tiny_model(use_ema=True)
+    half = sampling_copy(model, torch.device("cpu"), torch.bfloat16)
+    assert half.unet_dtype == torch.bfloat16 and half.first_stage_model.decoder.conv_out.weight.dtype == torch.bfloat16
+    assert half.alphas_cumprod.dtype == torch.float32 and half.model_ema.decay.is_meta and not half.use_ema
+    del half
+    # half-precision convolutions take seconds each on this CPU: the run samples with a float64 copy
+    paths = generate_class_images(model, tmp_path, "dog", 3, batch_size=2, steps=2, dtype=torch.float64)
+    assert len(paths) == 3 and seen.decoded == [1, 1, 1] and set(seen.dtypes) == {torch.float64}
+    assert all(ref() is None for ref in seen.copies)  # the copy is gone
+    assert model.unet_dtype == torch.float32 and model.model_ema.decay.dtype == torch.float32  # the model untouched
+    assert generation_dtype("bf16-true", torch.device("cuda")) == torch.bfloat16
+    assert generation_dtype("16-mixed", torch.device("cuda")) == torch.float16
+    assert generation_dtype("32-true", torch.device("cuda")) == torch.float16
+    assert generation_dtype("bf16-true", torch.device("cpu")) == torch.float32
+    seen.copies.clear()
+    generate_class_images(model, tmp_path, "dog", 1, steps=2, dtype=torch.float32)
+    assert seen.copies[0]() is model  # nothing to change: no copy
