@@ -25,6 +25,7 @@ from ldm.util import UserError, instantiate_from_config
 logger = logging.getLogger(__name__)
 
 FROZEN_PRECISIONS = ("auto", "fp32", "fp16", "bf16")  # auto: half under 16-mixed or bf16-mixed, else as loaded
+CAPTION_BATCH = 32  # captions per text-encoder call when every caption is cached before training
 
 
 class DiffusionWrapper(nn.Module):
@@ -410,6 +411,8 @@ class LatentDiffusion(LoraTraining, DDPM):
         for optimizer in self.trainer.optimizers:  # a resumed schedule-free optimizer comes back in eval mode
             if is_schedule_free(optimizer):
                 optimizer.train()
+        if self.cache_text_embeddings and not self.cond_stage_trainable:
+            self.encode_every_caption()
         if self.device.type != "cpu" and self.trainer.world_size == 1:  # DDP would broadcast the CPU buffers
             self.offloaded = self.idle_encoders()
             for part in self.offloaded:
@@ -418,6 +421,15 @@ class LatentDiffusion(LoraTraining, DDPM):
                 logger.info("%s on the CPU while training (their outputs are cached)",
                             "the VAE encoder and the text encoder wait" if self.cond_stage_model in self.offloaded
                             else "the VAE encoder waits")
+
+    def encode_every_caption(self) -> None:
+        """Cache the embeddings of every caption of the data and of the empty caption (caption dropout) while the
+        text encoder is on the model's device, so that no step runs it once it waits on the CPU."""
+        datamodule = getattr(self.trainer, "datamodule", None)
+        datasets = datamodule.datasets().values() if datamodule is not None else ()
+        captions = list(dict.fromkeys(["", *(caption for dataset in datasets for caption in dataset.captions)]))
+        for first in range(0, len(captions), CAPTION_BATCH):
+            self.get_learned_conditioning(captions[first:first + CAPTION_BATCH])
 
     def on_train_end(self) -> None:
         for part in self.offloaded:
