@@ -8,7 +8,7 @@ from types import SimpleNamespace
 from typing import Any
 
 from ldm.convert import diffusers_unet_config
-from ldm.util import peak_memory_stats
+from ldm.util import FLOAT32_MATMUL_PRECISION, apply_backend_settings, backend_settings, peak_memory_stats
 
 PRECISIONS = {"no": None, "fp16": "float16", "bf16": "bfloat16"}  # train_dreambooth.py's --mixed_precision
 N_PHOTOS = 4  # the synthetic photos of each kind (instance, class)
@@ -33,6 +33,11 @@ def peak_memory(device: Any) -> dict:
     """As ldm/callbacks/timing.py measures it (ldm.util.peak_memory_stats), with the device and torch's threads."""
     import torch
     return {**peak_memory_stats(device), "device": device.type, "torch_threads": torch.get_num_threads()}
+
+
+def default_backend() -> dict[str, Any]:
+    """The backend flags of a run that copies no other: main.py's TF32 matmuls, TF32 convolutions, no autotuning."""
+    return {"float32_matmul_precision": FLOAT32_MATMUL_PRECISION, "cudnn_allow_tf32": True, "cudnn_benchmark": False}
 
 
 def clock(device: Any) -> float:
@@ -106,6 +111,7 @@ def diffusers_worker(spec: dict) -> dict:
     import torch
     import torch.nn.functional as F
     flags, device = reference_parser().parse_args(spec["flags"]), torch.device(spec["device"])
+    apply_backend_settings(spec["backend"])  # the flags our run trained with
     ref = load_reference(flags, spec["model"], device)
     autocast = torch.autocast(device.type, dtype=ref.dtype, enabled=flags.mixed_precision != "no")  # accelerate's
     scaler = torch.amp.GradScaler(device.type, enabled=flags.mixed_precision == "fp16")
@@ -135,7 +141,7 @@ def diffusers_worker(spec: dict) -> dict:
         now = clock(device)
         steps.append(now - last)
         last = now
-    return {"steps": steps, "startup_s": startup, **peak_memory(device),
+    return {"steps": steps, "startup_s": startup, **peak_memory(device), "backend": backend_settings(),
             "precision": f"mixed_precision {flags.mixed_precision}", "optimizer": type(ref.optimizer).__name__,
             "gradient_checkpointing": flags.gradient_checkpointing}
 
@@ -144,6 +150,7 @@ def unet_worker(spec: dict, ours: bool) -> dict:
     """Forward and backward of one UNet (random weights, seeded input) `steps` times; the first pass warms up."""
     import torch
     params, device = spec["unet"], torch.device(spec["device"])
+    apply_backend_settings(spec["backend"])
     torch.manual_seed(0)
     if ours:
         from ldm.modules.diffusionmodules.openaimodel import UNetModel
@@ -165,7 +172,8 @@ def unet_worker(spec: dict, ours: bool) -> dict:
         now = clock(device)
         steps.append(now - last)
         last = now
-    return {"steps": steps, "startup_s": startup, **peak_memory(device), "precision": "fp32", "latent": spec["latent"],
+    return {"steps": steps, "startup_s": startup, **peak_memory(device), "backend": backend_settings(),
+            "precision": "fp32", "latent": spec["latent"],
             "gradient_checkpointing": bool(params.get("use_checkpoint"))}
 
 

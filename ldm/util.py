@@ -16,6 +16,8 @@ from typing import Any, Callable, Mapping, Optional
 
 import torch
 
+FLOAT32_MATMUL_PRECISION = "high"  # TF32 matmuls on GPUs that have them: what main.py trains with
+
 
 class UserError(Exception):
     """Bad input the user can fix; command lines print the message as one line and exit with status 1."""
@@ -99,6 +101,19 @@ def reset_peak_memory(device: torch.device) -> None:
     """Start the GPU's peak counters afresh (the process's peak RSS cannot be reset)."""
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+
+
+def backend_settings() -> dict[str, Any]:
+    """The process's torch flags that change GPU speed: TF32 in matmuls and in cuDNN convolutions, cuDNN autotuning."""
+    return {"float32_matmul_precision": torch.get_float32_matmul_precision(),
+            "cudnn_allow_tf32": torch.backends.cudnn.allow_tf32, "cudnn_benchmark": torch.backends.cudnn.benchmark}
+
+
+def apply_backend_settings(settings: Mapping[str, Any]) -> None:
+    """Set the flags that `backend_settings` reads (a benchmark gives both of its sides the same)."""
+    torch.set_float32_matmul_precision(settings["float32_matmul_precision"])
+    torch.backends.cudnn.allow_tf32 = settings["cudnn_allow_tf32"]
+    torch.backends.cudnn.benchmark = settings["cudnn_benchmark"]
 
 
 def temp_path(path: Path) -> Path:

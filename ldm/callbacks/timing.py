@@ -13,7 +13,7 @@ from pytorch_lightning.callbacks import Callback
 
 from ldm.optim import uses_fused_backward
 from ldm.per_param_optim import PerParameterOptimizer
-from ldm.util import atomic_write, peak_memory_stats
+from ldm.util import atomic_write, backend_settings, peak_memory_stats
 
 logger = logging.getLogger(__name__)
 
@@ -52,6 +52,7 @@ class StepTimer(Callback):
         self._last = 0.0
         self._step = -1
         self._written = False
+        self.backend: dict[str, Any] = {}
 
     @staticmethod
     def _clock(pl_module: pl.LightningModule) -> float:
@@ -62,6 +63,7 @@ class StepTimer(Callback):
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         started = process_start_time()
         self.startup = None if started is None else time.time() - started
+        self.backend = backend_settings()  # what main.py and the trainer set: the benchmark's reference copies it
         self._last, self._step = self._clock(pl_module), trainer.global_step
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
@@ -84,7 +86,7 @@ class StepTimer(Callback):
             return
         device = pl_module.device
         result = {
-            "steps": self.steps, "startup_s": self.startup, **peak_memory_stats(device),
+            "steps": self.steps, "startup_s": self.startup, **peak_memory_stats(device), "backend": self.backend,
             "device": device.type, "torch_threads": torch.get_num_threads(), "precision": str(trainer.precision),
             "optimizer": optimizer_name(trainer.optimizers[0], pl_module) if trainer.optimizers else None,
             "gradient_checkpointing": any(getattr(m, "use_checkpoint", False) for m in pl_module.modules()),
