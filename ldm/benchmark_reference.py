@@ -40,6 +40,13 @@ def default_backend() -> dict[str, Any]:
     return {"float32_matmul_precision": FLOAT32_MATMUL_PRECISION, "cudnn_allow_tf32": True, "cudnn_benchmark": False}
 
 
+def backend_text(backend: dict) -> str:
+    """`TF32 matmul high, cuDNN TF32 on, autotune off`: the backend flags as the benchmarks' tables print them."""
+    on = {True: "on", False: "off"}
+    return (f"TF32 matmul {backend['float32_matmul_precision']}, cuDNN TF32 {on[backend['cudnn_allow_tf32']]}, "
+            f"autotune {on[backend['cudnn_benchmark']]}")
+
+
 def clock(device: Any) -> float:
     import torch
     if device.type == "cuda":

@@ -33,7 +33,8 @@ sys.path.insert(0, str(REPO))
 # Nothing of Lightning at the top: each worker process imports what its own side needs, so that the reference's
 # start-up time holds no Lightning import (and ours holds what main.py imports).
 from ldm.util import UserError  # noqa: E402
-from ldm.benchmark_reference import N_PHOTOS, WORKERS, default_backend, reference_parser  # noqa: E402
+from ldm.benchmark_reference import (N_PHOTOS, WORKERS, backend_text, default_backend,  # noqa: E402
+                                     reference_parser)
 from ldm.convert import diffusers_unet_config  # noqa: E402
 from ldm.offline import import_offline  # noqa: E402
 
@@ -284,13 +285,6 @@ def reference_backend(reference: str, reference_of: dict[str, str], ours: dict[s
         if compared == reference and name in ours:
             return ours[name]["backend"]
     return default_backend()
-
-
-def backend_text(backend: dict) -> str:
-    """`TF32 matmul high, cuDNN TF32 on, autotune off`: the settings column's account of the backend flags."""
-    on = {True: "on", False: "off"}
-    return (f"TF32 matmul {backend['float32_matmul_precision']}, cuDNN TF32 {on[backend['cudnn_allow_tf32']]}, "
-            f"autotune {on[backend['cudnn_benchmark']]}")
 
 
 def train_rows(opt: argparse.Namespace, config, work: Path) -> tuple[dict[str, list[dict]], dict[str, str]]:
