@@ -96,7 +96,7 @@ def test_old_checkpoints_load_and_the_saved_keys_stay():
     ema = LitEma(model, decay=0.5)
     ema.load_state_dict(old)
     assert set(ema.state_dict()) == set(old) and ema.weight.dtype == torch.float32
-    assert ema.current_decay() == 0.5 and int(ema.num_updates) == 8  # counts on from the file's 7
+    assert ema.next_decay() == 0.5 and int(ema.num_updates) == 8  # counts on from the file's 7
     ema.to(torch.float16)
     assert torch.equal(ema.weight, torch.full((2, 2), 3.0))
 

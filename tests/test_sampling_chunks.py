@@ -14,7 +14,7 @@ from omegaconf import OmegaConf
 import ldm.class_images
 import ldm.inference
 from conftest import REPO, build_tiny_model
-from ldm.callbacks import ImageLogger
+from ldm.callbacks import ImageLogger, ValidationSamples
 from ldm.class_images import generate_class_images, generation_dtype, sampling_copy
 from ldm.inference import sample_images
 
@@ -103,3 +103,15 @@ def test_class_images_sample_a_half_copy_decode_one_at_a_time_and_free_it(tmp_pa
     seen.copies.clear()
     generate_class_images(model, tmp_path, "dog", 1, steps=2, dtype=torch.float32)
     assert seen.copies[0]() is model  # nothing to change: no copy
+
+
+def test_validation_samples_one_image_per_call(tmp_path, tiny_model, calls):
+    instance = SimpleNamespace(identifier="sks", class_word="dog", paths=[])
+    trainer = SimpleNamespace(global_step=4, default_root_dir=str(tmp_path), optimizers=[], loggers=[],
+                              datamodule=SimpleNamespace(datasets=lambda: {"train": instance}),
+                              precision_plugin=SimpleNamespace(forward_context=contextlib.nullcontext))
+    validation = ValidationSamples(every_n_steps=4, prompts=["photo of a {identifier} {class_word}"], seeds=(0, 1, 2),
+                                   ddim_steps=2, images_per_call=1)
+    validation.sample(trainer, tiny_model)
+    assert calls.sampled == [1, 1, 1] and calls.decoded == [1, 1, 1]
+    assert len(list((tmp_path / "images" / "validation" / "step_000004").glob("*.png"))) == 3

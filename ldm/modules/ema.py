@@ -40,7 +40,7 @@ class LitEma(nn.Module):
                 self._buffers[name] = buffer.to(target)
         return self
 
-    def current_decay(self) -> float:
+    def next_decay(self) -> float:
         """The decay of the next update, counting it; warmed up as (1 + n) / (10 + n) while `num_updates` counts."""
         if self._count is None:
             self._count = int(self.num_updates)
@@ -53,7 +53,7 @@ class LitEma(nn.Module):
     @torch.no_grad()
     def forward(self, model: nn.Module) -> None:
         """One EMA step, shadow += (1 - decay) (param - shadow), a few fused in-place lerps over all the weights."""
-        weight = 1.0 - self.current_decay()
+        weight = 1.0 - self.next_decay()
         buffers = dict(self.named_buffers())
         shadows, targets, cast = [], [], 0
         for name, param in model.named_parameters():
