@@ -42,7 +42,8 @@ def optimizer_name(optimizer: torch.optim.Optimizer, pl_module: pl.LightningModu
 class StepTimer(Callback):
     """Wall time of every optimizer step, the start-up time (process start to the start of training: model loaded,
     optimizer built) and the peak memory after the last step (ldm.util.peak_memory_stats: CUDA max allocated and
-    reserved on a GPU, and the process's peak RSS), written to `output` as JSON once max_steps is reached, before the final last.ckpt is saved."""
+    reserved on a GPU, and the process's peak RSS) and the backend flags, written to `output` as JSON once max_steps
+    is reached, before the final last.ckpt is saved."""
 
     def __init__(self, output: str):
         super().__init__()
