@@ -27,11 +27,11 @@ from pytorch_lightning.utilities.rank_zero import rank_zero_only
 
 from ldm.callbacks import AtomicCheckpointIO, SetupCallback, StartAtStep, StepCheckpoint, StepProgress, quiet_lightning
 from ldm.checkpoint import CheckpointError, check_checkpoint_file, load_model_weights, parameters_on_meta
-from ldm.class_images import generate_class_images
+from ldm.class_images import generate_class_images, generation_dtype
 from ldm.latent_cache import cache_latents
 from ldm.runs import Run, launched_per_process, new_run, resumed_run, warn_fresh_optimizer
 from ldm.train_flags import apply_flags
-from ldm.util import DiskFullError, UserError, ensure_writable_dir, instantiate_from_config
+from ldm.util import FLOAT32_MATMUL_PRECISION, DiskFullError, UserError, ensure_writable_dir, instantiate_from_config
 
 RUN_DIR_ENV = "DREAMBOOTH_RUN_DIR"  # tells the DDP worker processes, which re-run this script, the run folder
 say = rank_zero_only(print)
@@ -372,7 +372,7 @@ def train(opt: argparse.Namespace, overrides: list[str]) -> int:
                         "(scripts/stable_txt2img.py, or a run with --num_class_images on one device)")
 
     model = load_model(config, run, opt)
-    torch.set_float32_matmul_precision("high")  # TF32 matmuls on GPUs that have them: faster, and fine for training
+    torch.set_float32_matmul_precision(FLOAT32_MATMUL_PRECISION)  # TF32 matmuls: faster, and fine for training
     if opt.resume and opt.actual_resume:
         say(f"resuming: the weights come from {run.checkpoint or run.weights}, not --actual_resume {opt.actual_resume}")
     try:
@@ -385,9 +385,9 @@ def train(opt: argparse.Namespace, overrides: list[str]) -> int:
     set_learning_rate(model, config, trainer, opt.scale_lr)
     for folder, class_word, count in data.class_image_jobs():
         say(f"generating {count} class images in {folder} with the base model")
-        with trainer.precision_plugin.forward_context():
-            generate_class_images(model.to(trainer.strategy.root_device), folder, class_word, count, seed=opt.seed,
-                                  **data.class_generation)
+        device = trainer.strategy.root_device  # a half-precision copy samples there; the model waits for fit
+        generate_class_images(model, folder, class_word, count, seed=opt.seed, device=device,
+                              dtype=generation_dtype(str(trainer.precision), device), **data.class_generation)
     if missing:
         data.setup("fit")
     if data.cache_latents:

@@ -2,13 +2,13 @@
 examples/dreambooth/train_dreambooth.py takes (its flags, batch, models and optimizer), and a UNet's forward and
 backward alone (ours or diffusers'). Nothing of Lightning is imported, so that the reference's start-up holds none."""
 import argparse
-import sys
 import time
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
 from ldm.convert import diffusers_unet_config
+from ldm.util import FLOAT32_MATMUL_PRECISION, apply_backend_settings, backend_settings, peak_memory_stats
 
 PRECISIONS = {"no": None, "fp16": "float16", "bf16": "bfloat16"}  # train_dreambooth.py's --mixed_precision
 N_PHOTOS = 4  # the synthetic photos of each kind (instance, class)
@@ -30,13 +30,21 @@ def reference_parser() -> argparse.ArgumentParser:
 
 
 def peak_memory(device: Any) -> dict:
-    """As ldm/callbacks/timing.py measures it (not imported: it would bring Lightning into the reference)."""
-    import resource
+    """As ldm/callbacks/timing.py measures it (ldm.util.peak_memory_stats), with the device and torch's threads."""
     import torch
-    scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss is in bytes on macOS, kilobytes on Linux
-    return {"peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale,
-            "cuda_max_allocated_bytes": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
-            "device": device.type, "torch_threads": torch.get_num_threads()}
+    return {**peak_memory_stats(device), "device": device.type, "torch_threads": torch.get_num_threads()}
+
+
+def default_backend() -> dict[str, Any]:
+    """The backend flags of a run that copies no other: main.py's TF32 matmuls, TF32 convolutions, no autotuning."""
+    return {"float32_matmul_precision": FLOAT32_MATMUL_PRECISION, "cudnn_allow_tf32": True, "cudnn_benchmark": False}
+
+
+def backend_text(backend: dict) -> str:
+    """`TF32 matmul high, cuDNN TF32 on, autotune off`: the backend flags as the benchmarks' tables print them."""
+    on = {True: "on", False: "off"}
+    return (f"TF32 matmul {backend['float32_matmul_precision']}, cuDNN TF32 {on[backend['cudnn_allow_tf32']]}, "
+            f"autotune {on[backend['cudnn_benchmark']]}")
 
 
 def clock(device: Any) -> float:
@@ -110,6 +118,7 @@ def diffusers_worker(spec: dict) -> dict:
     import torch
     import torch.nn.functional as F
     flags, device = reference_parser().parse_args(spec["flags"]), torch.device(spec["device"])
+    apply_backend_settings(spec["backend"])  # the flags our run trained with
     ref = load_reference(flags, spec["model"], device)
     autocast = torch.autocast(device.type, dtype=ref.dtype, enabled=flags.mixed_precision != "no")  # accelerate's
     scaler = torch.amp.GradScaler(device.type, enabled=flags.mixed_precision == "fp16")
@@ -139,7 +148,7 @@ def diffusers_worker(spec: dict) -> dict:
         now = clock(device)
         steps.append(now - last)
         last = now
-    return {"steps": steps, "startup_s": startup, **peak_memory(device),
+    return {"steps": steps, "startup_s": startup, **peak_memory(device), "backend": backend_settings(),
             "precision": f"mixed_precision {flags.mixed_precision}", "optimizer": type(ref.optimizer).__name__,
             "gradient_checkpointing": flags.gradient_checkpointing}
 
@@ -148,6 +157,7 @@ def unet_worker(spec: dict, ours: bool) -> dict:
     """Forward and backward of one UNet (random weights, seeded input) `steps` times; the first pass warms up."""
     import torch
     params, device = spec["unet"], torch.device(spec["device"])
+    apply_backend_settings(spec["backend"])
     torch.manual_seed(0)
     if ours:
         from ldm.modules.diffusionmodules.openaimodel import UNetModel
@@ -169,7 +179,8 @@ def unet_worker(spec: dict, ours: bool) -> dict:
         now = clock(device)
         steps.append(now - last)
         last = now
-    return {"steps": steps, "startup_s": startup, **peak_memory(device), "precision": "fp32", "latent": spec["latent"],
+    return {"steps": steps, "startup_s": startup, **peak_memory(device), "backend": backend_settings(),
+            "precision": "fp32", "latent": spec["latent"],
             "gradient_checkpointing": bool(params.get("use_checkpoint"))}
 
 

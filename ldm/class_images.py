@@ -1,14 +1,16 @@
 """Class-prior images for DreamBooth (Ruiz et al. 2023, sec. 3.3), generated with the base model before training."""
+import copy
 import logging
 from pathlib import Path
 from typing import Optional
 
+import torch
 from torch import nn
 from tqdm.auto import tqdm
 
 from ldm.images import save_image
 from ldm.inference import SAMPLER_NAMES, next_index, sample_images, sampling_mode
-from ldm.util import UserError
+from ldm.util import UserError, free_memory
 
 logger = logging.getLogger(__name__)
 
@@ -16,17 +18,54 @@ CLASS_PROMPT = "a photo of a {class_word}"
 STEPS, SCALE = 50, 10.0
 
 
+def generation_dtype(precision: str, device: torch.device) -> torch.dtype:
+    """The weights' dtype for class images under a trainer precision: half on a GPU (bf16 when training in bf16),
+    float32 on a CPU (where half precision is often emulated and memory is plentiful)."""
+    if device.type == "cpu":
+        return torch.float32
+    return torch.bfloat16 if "bf16" in precision else torch.float16
+
+
+def sampling_copy(model: nn.Module, device: torch.device, dtype: torch.dtype) -> nn.Module:
+    """A copy of `model` for sampling whose floating-point weights are `dtype` on `device`, made tensor by tensor so
+    that no second full-precision copy is ever held; buffers (the noise schedule) keep their dtype, the EMA is left
+    out (it equals the weights before training)."""
+    memo: dict[int, object] = {}
+    for param in model.parameters():
+        memo[id(param)] = nn.Parameter(param.detach().to(device, dtype if param.is_floating_point() else None),
+                                       requires_grad=False)
+    ema = getattr(model, "model_ema", None)
+    skipped = {id(b) for b in ema.buffers()} if ema is not None else set()
+    for buffer in model.buffers():
+        memo[id(buffer)] = buffer.to("meta") if id(buffer) in skipped else buffer.to(device)
+    twin = copy.deepcopy(model, memo)
+    twin.use_ema = False
+    return twin.to(device).eval()
+
+
 def generate_class_images(model: nn.Module, folder: str | Path, class_word: str, count: int, batch_size: int = 4,
                           seed: int = 0, steps: int = STEPS, scale: float = SCALE, prompt: Optional[str] = None,
-                          negative_prompt: str = "", sampler: str = "ddim") -> list[Path]:
+                          negative_prompt: str = "", sampler: str = "ddim", device: Optional[torch.device] = None,
+                          dtype: Optional[torch.dtype] = None) -> list[Path]:
     """Write `count` samples of `prompt` (default "a photo of a {class_word}"; `{class_word}` is filled), steered
     away from `negative_prompt`, with `sampler` (DDIM by default) into `folder` as class-NNNNN.png, with progress.
+    With a `device` or `dtype` other than the model's, a copy of the model holding its weights there in that dtype
+    samples (the model stays as it is), and is freed before returning.
 
     Each file is written under a hidden temporary name and renamed (save_image), so an interrupted run leaves only
     whole images.
     """
     if sampler not in SAMPLER_NAMES:
         raise UserError(f"--class_sampler {sampler!r}: choose one of {', '.join(SAMPLER_NAMES)}")
+    device, dtype = device or model.alphas_cumprod.device, dtype or model.unet_dtype
+    if device != model.alphas_cumprod.device or dtype != model.unet_dtype:
+        twin = sampling_copy(model, device, dtype)
+        try:
+            return generate_class_images(twin, folder, class_word, count, batch_size, seed, steps, scale, prompt,
+                                         negative_prompt, sampler)
+        finally:
+            del twin
+            free_memory(device)
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     prompt = (prompt or CLASS_PROMPT).replace("{class_word}", class_word)

@@ -245,9 +245,16 @@ def sample_latents(model: nn.Module, sampler: str, steps: int, cond: Tensor, unc
 def sample_images(model: nn.Module, prompt: str, seeds: Sequence[int], steps: int = 50, scale: float = 10.0,
                   eta: float = 0.0, shape: Optional[Sequence[int]] = None,
                   on_prediction: Optional[Callable[[Tensor, int], None]] = None, negative_prompt: str = "",
-                  sampler: str = "ddim") -> list[Image.Image]:
+                  sampler: str = "ddim", per_call: Optional[int] = None) -> list[Image.Image]:
     """Samples of `prompt` (DDIM unless `sampler` names another), one per seed (an image depends on its seed only),
-    with latents of `shape` (C, h, w; default: the model's own size); `on_prediction` as in sample_latents."""
+    with latents of `shape` (C, h, w; default: the model's own size); `on_prediction` as in sample_latents (it sees
+    the first call's images). With `per_call`, at most that many images per sampler call; the decoder takes one
+    image at a time (its activations at full size are the peak of sampling)."""
+    if per_call is not None and len(seeds) > per_call > 0:
+        chunks = [seeds[first:first + per_call] for first in range(0, len(seeds), per_call)]
+        return [image for k, chunk in enumerate(chunks)
+                for image in sample_images(model, prompt, chunk, steps, scale, eta, shape, on_prediction if k == 0
+                                           else None, negative_prompt, sampler)]
     n, device = len(seeds), model.alphas_cumprod.device
     shape = (model.channels, model.image_size, model.image_size) if shape is None else tuple(shape)
     cond = model.get_learned_conditioning([prompt] * n)
@@ -256,7 +263,7 @@ def sample_images(model: nn.Module, prompt: str, seeds: Sequence[int], steps: in
     noise = randn((n, *shape), generators, device)
     latents = sample_latents(model, sampler, steps, cond, uncond, scale, noise, generators, eta, progress=False,
                              on_prediction=on_prediction)
-    return to_pil(model.decode_first_stage(latents))
+    return to_pil(torch.cat([model.decode_first_stage(z) for z in latents.split(1)]))
 
 
 @contextlib.contextmanager

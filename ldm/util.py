@@ -1,17 +1,22 @@
-"""Small helpers shared by the whole package: the config factory, parameter counting, safe file writes."""
+"""Small helpers shared by the whole package: the config factory, parameter counting, safe file writes, peak
+memory."""
 import errno
 import functools
+import gc
 import hashlib
 import importlib
 import math
 import os
 import shutil
 import stat
+import sys
 import tempfile
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Optional
 
 import torch
+
+FLOAT32_MATMUL_PRECISION = "high"  # TF32 matmuls on GPUs that have them: what main.py trains with
 
 
 class UserError(Exception):
@@ -54,6 +59,61 @@ def format_bytes(n: float) -> str:
     units = ("B", "kB", "MB", "GB", "TB")
     power = min(int(math.log10(max(n, 1)) // 3), len(units) - 1)
     return f"{n:.0f} B" if power == 0 else f"{n / 1000 ** power:.1f} {units[power]}"
+
+
+def free_memory(device: torch.device) -> None:
+    """Collect garbage and, on a GPU, hand the caching allocator's unused blocks back to the driver."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def peak_rss_bytes() -> Optional[int]:
+    """The process's peak resident memory so far, or None where the resource module is missing (Windows)."""
+    try:
+        import resource
+    except ImportError:
+        return None
+    scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss is in bytes on macOS, kilobytes on Linux
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
+
+
+def peak_memory_stats(device: torch.device) -> dict[str, Optional[int]]:
+    """The peak memory since the last `reset_peak_memory`: the process's peak RSS, and on a GPU the peak bytes the
+    tensors held (allocated) and the caching allocator held (reserved, what the card must have)."""
+    cuda = device.type == "cuda"
+    return {"peak_rss_bytes": peak_rss_bytes(),
+            "cuda_max_allocated_bytes": torch.cuda.max_memory_allocated(device) if cuda else None,
+            "cuda_max_reserved_bytes": torch.cuda.max_memory_reserved(device) if cuda else None}
+
+
+def peak_memory_text(device: torch.device) -> str:
+    """The peak memory for people: `allocated 5.2 GB, reserved 5.8 GB (CUDA)` on a GPU, else the peak RSS."""
+    stats = peak_memory_stats(device)
+    if stats["cuda_max_allocated_bytes"] is not None:
+        return (f"allocated {format_bytes(stats['cuda_max_allocated_bytes'])}, reserved "
+                f"{format_bytes(stats['cuda_max_reserved_bytes'])} (CUDA)")
+    rss = stats["peak_rss_bytes"]
+    return "unknown" if rss is None else f"{format_bytes(rss)} (process peak RSS)"
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    """Start the GPU's peak counters afresh (the process's peak RSS cannot be reset)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def backend_settings() -> dict[str, Any]:
+    """The process's torch flags that change GPU speed: TF32 in matmuls and in cuDNN convolutions, cuDNN autotuning."""
+    return {"float32_matmul_precision": torch.get_float32_matmul_precision(),
+            "cudnn_allow_tf32": torch.backends.cudnn.allow_tf32, "cudnn_benchmark": torch.backends.cudnn.benchmark}
+
+
+def apply_backend_settings(settings: Mapping[str, Any]) -> None:
+    """Set the flags that `backend_settings` reads (a benchmark gives both of its sides the same)."""
+    torch.set_float32_matmul_precision(settings["float32_matmul_precision"])
+    torch.backends.cudnn.allow_tf32 = settings["cudnn_allow_tf32"]
+    torch.backends.cudnn.benchmark = settings["cudnn_benchmark"]
 
 
 def temp_path(path: Path) -> Path:

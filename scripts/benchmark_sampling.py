@@ -1,6 +1,7 @@
 """Time text-to-image sampling of ours against diffusers' StableDiffusionPipeline built from the same weights.
 
-Any of our samplers can be timed; those without a diffusers scheduler of the same algorithm are timed alone.
+Any of our samplers can be timed; those without a diffusers scheduler of the same algorithm are timed alone. Both
+sides run with the same settings (weights' dtype, TF32, cuDNN autotuning), printed above the times.
 """
 import argparse
 import statistics
@@ -15,13 +16,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 
 from ldm.checkpoint import save_weights  # noqa: E402
+from ldm.benchmark_reference import backend_text, default_backend  # noqa: E402
 from ldm.inference import (SAMPLER_NAMES, USER_ERRORS, choose_device, load_model, make_generators,  # noqa: E402
-                           precision_scope, sample_latents)
+                           sample_latents)
 from ldm.model_config import latent_shape, load_config, native_size  # noqa: E402
 from ldm.models.diffusion.sampling import randn  # noqa: E402
 from ldm.modules.encoders.modules import TOKENIZER_DIR, load_tokenizer  # noqa: E402
 from ldm.offline import import_offline  # noqa: E402
-from ldm.util import instantiate_from_config  # noqa: E402
+from ldm.util import apply_backend_settings, backend_settings, instantiate_from_config  # noqa: E402
 
 # Our sampler name -> (diffusers scheduler class, config overrides giving the same schedule).
 SCHEDULERS = {
@@ -52,7 +54,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=5, help="timed runs of each, after one warm-up run")
     parser.add_argument("--device", choices=["auto", "cuda", "mps", "cpu"], default="auto")
     parser.add_argument("--precision", choices=["full", "autocast"], default="full",
-                        help="autocast: ours under fp16 autocast, diffusers with fp16 weights (GPU only)")
+                        help="autocast: both sides with fp16 weights (GPU only; on a CPU both stay fp32)")
     return parser.parse_args(argv)
 
 
@@ -76,6 +78,21 @@ def median_seconds(runs: Sequence[Callable[[], object]], repeats: int, device: t
             if k:
                 bucket.append(elapsed)
     return [statistics.median(bucket) for bucket in times]
+
+
+def side_settings(precision: str, device: torch.device) -> dict:
+    """What both sides run with: the weights' dtype (fp16 for `autocast` on a GPU, else fp32) and the backend flags
+    (main.py's TF32 matmuls, TF32 convolutions, no cuDNN autotuning)."""
+    half = precision == "autocast" and device.type != "cpu"
+    return {"dtype": torch.float16 if half else torch.float32, **default_backend()}
+
+
+def to_dtype(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    """Our model with its UNet, VAE and text encoder in `dtype`, the noise schedule left in float32, as diffusers'
+    pipeline holds its parts under `torch_dtype`."""
+    for part in (model.model, model.first_stage_model, model.cond_stage_model):
+        part.to(dtype)
+    return model
 
 
 def build_pipeline(ckpt: str, config: str, model: torch.nn.Module, sampler: str, dtype: torch.dtype):
@@ -102,16 +119,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         device, config = choose_device(opt.device), load_config(opt.config)
         height, width = opt.H or native_size(config), opt.W or native_size(config)
         shape = latent_shape(config, height, width)
-        scope = precision_scope(opt.precision, device)
+        settings = side_settings(opt.precision, device)
+        apply_backend_settings(settings)
         with tempfile.TemporaryDirectory() as tmp:
             ckpt = opt.ckpt
             if ckpt is None:
                 torch.manual_seed(0)
                 ckpt = str(Path(tmp) / "random.ckpt")
                 save_weights(instantiate_from_config(config.model).state_dict(), ckpt)
-            model = load_model(config, ckpt, device)
-            half = opt.precision == "autocast" and device.type != "cpu"
-            pipe = (build_pipeline(ckpt, opt.config, model, opt.sampler, torch.float16 if half else torch.float32)
+            model = to_dtype(load_model(config, ckpt, device), settings["dtype"])
+            pipe = (build_pipeline(ckpt, opt.config, model, opt.sampler, settings["dtype"])
                     if opt.sampler in SCHEDULERS else None)
     except USER_ERRORS as err:
         print(f"error: {err}", file=sys.stderr)
@@ -120,13 +137,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     @torch.no_grad()
     def ours() -> torch.Tensor:
-        with scope:
-            cond, uncond = model.get_learned_conditioning(prompt), model.get_learned_conditioning([""] * n)
-            generators = make_generators(range(n))
-            noise = randn((n, *shape), generators, device)
-            z = sample_latents(model, opt.sampler, opt.steps, cond, uncond, opt.scale, noise, generators,
-                               progress=False)
-            return model.decode_first_stage(z)
+        cond, uncond = model.get_learned_conditioning(prompt), model.get_learned_conditioning([""] * n)
+        generators = make_generators(range(n))
+        noise = randn((n, *shape), generators, device)
+        z = sample_latents(model, opt.sampler, opt.steps, cond, uncond, opt.scale, noise, generators, progress=False)
+        return model.decode_first_stage(z)
 
     def theirs() -> torch.Tensor:
         return pipe(prompt, num_inference_steps=opt.steps, guidance_scale=opt.scale, height=height, width=width,
@@ -135,6 +150,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     times = median_seconds([ours] if pipe is None else [ours, theirs], opt.repeats, device)
     print(f"{opt.config} {height}x{width}, {opt.sampler} {opt.steps} steps, batch {n}, {device.type}, "
           f"{opt.precision}, torch threads {torch.get_num_threads()}")
+    print(f"both sides: weights {str(settings['dtype']).removeprefix('torch.')}, {backend_text(backend_settings())}")
     print(f"ours      {times[0]:.3f} s (median of {opt.repeats}), {times[0] / n:.3f} s/image")
     if pipe is None:
         print(f"diffusers has no scheduler of the {opt.sampler} algorithm: timed ours alone")

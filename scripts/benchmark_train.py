@@ -10,7 +10,8 @@ A set is main.py's flags and `a.b=c` overrides, as its command line takes them. 
 2..N (the first warms up), the peak memory is read after the last step (before main.py writes its final last.ckpt,
 whose size the settings column gives).
 The default config does not checkpoint the UNet's activations (--gradient_checkpointing does, and the lowmem config);
-train_dreambooth.py does only with --gradient_checkpointing. The settings column shows what each row ran with.
+train_dreambooth.py does only with --gradient_checkpointing. The settings column shows what each row ran with; the
+reference runs with the TF32 and cuDNN autotuning flags that its set trained with.
 """
 import argparse
 import json
@@ -32,7 +33,8 @@ sys.path.insert(0, str(REPO))
 # Nothing of Lightning at the top: each worker process imports what its own side needs, so that the reference's
 # start-up time holds no Lightning import (and ours holds what main.py imports).
 from ldm.util import UserError  # noqa: E402
-from ldm.benchmark_reference import N_PHOTOS, WORKERS, reference_parser  # noqa: E402
+from ldm.benchmark_reference import (N_PHOTOS, WORKERS, backend_text, default_backend,  # noqa: E402
+                                     reference_parser)
 from ldm.convert import diffusers_unet_config  # noqa: E402
 from ldm.offline import import_offline  # noqa: E402
 
@@ -276,6 +278,15 @@ def reference_rows(sets: dict[str, list[str]], flags: argparse.Namespace) -> tup
     return reference_of, precision_of
 
 
+def reference_backend(reference: str, reference_of: dict[str, str], ours: dict[str, dict]) -> dict:
+    """The backend flags (TF32, cuDNN autotuning) a reference row runs with: those that the first set compared with
+    it recorded in the same repeat, so that both sides of a ratio run with the same."""
+    for name, compared in reference_of.items():
+        if compared == reference and name in ours:
+            return ours[name]["backend"]
+    return default_backend()
+
+
 def train_rows(opt: argparse.Namespace, config, work: Path) -> tuple[dict[str, list[dict]], dict[str, str]]:
     """Every set and reference `repeats` times, taken in turn: the timings by row name, and each set's reference."""
     sets = parse_sets(opt.set)
@@ -298,19 +309,22 @@ def train_rows(opt: argparse.Namespace, config, work: Path) -> tuple[dict[str, l
         finally:
             shutil.rmtree(logdir, ignore_errors=True)  # with its last.ckpt, written after the timings
 
-    def theirs(name: str, tag: str) -> dict:
+    def theirs(name: str, tag: str, backend: dict) -> dict:
         tokens = [*shlex.split(opt.reference_flags), "--mixed_precision", precision_of[name]]
         tokens += [] if opt.freeze_text_encoder else ["--train_text_encoder"]
         spec = {"model": str(model), "flags": tokens, "photos": str(photos), "size": opt.size, "steps": opt.steps,
-                "device": opt.device}
+                "device": opt.device, "backend": backend}
         return run_worker("diffusers", spec, work, tag, opt.threads)
 
     for k in range(opt.repeats):
-        for i, name in enumerate(rows):
+        latest: dict[str, dict] = {}
+        for i, name in enumerate(rows):  # the sets first: each reference copies its set's backend flags
             tag = f"{''.join(c if c.isalnum() else '_' for c in name)}-{k}"
-            run = ours if name in sets else theirs
-            rows[name].append(timed_run(f"{name}, repeat {k + 1}/{opt.repeats}", k * len(rows) + i + 1,
-                                        opt.repeats * len(rows), partial(run, name, tag)))
+            run = partial(ours, name, tag) if name in sets else partial(
+                theirs, name, tag, reference_backend(name, reference_of, latest))
+            latest[name] = timed_run(f"{name}, repeat {k + 1}/{opt.repeats}", k * len(rows) + i + 1,
+                                     opt.repeats * len(rows), run)
+            rows[name].append(latest[name])
     return rows, reference_of
 
 
@@ -323,7 +337,7 @@ def unet_rows(opt: argparse.Namespace, config, work: Path) -> tuple[dict[str, li
     cond_params = config.model.params.cond_stage_config.get("params") or {}
     spec = {"unet": OmegaConf.to_container(config.model.params.unet_config.params, resolve=True),
             "latent": list(latent_shape(config, opt.size, opt.size)), "steps": opt.steps, "device": opt.device,
-            "context_length": cond_params.get("max_length", 77)}
+            "context_length": cond_params.get("max_length", 77), "backend": default_backend()}
     rows: dict[str, list[dict]] = {"ours": [], "diffusers": []}
     for k in range(opt.repeats):
         for i, name in enumerate(rows):
@@ -347,16 +361,17 @@ def summary(results: list[dict]) -> dict[str, float]:
     """Median and range of steps 2..N over the runs of a row, its largest peak memory and median start-up."""
     steps = [s for result in results for s in result["steps"][1:]]
     startups = [r["startup_s"] for r in results if r["startup_s"] is not None]
+    reserved = [r["cuda_max_reserved_bytes"] for r in results if r.get("cuda_max_reserved_bytes") is not None]
     return {"median": statistics.median(steps), "min": min(steps), "max": max(steps),
-            "memory": max(memory_of(r) for r in results),
+            "memory": max(memory_of(r) for r in results), "reserved": max(reserved) if reserved else None,
             "startup": statistics.median(startups) if startups else float("nan")}
 
 
 def print_table(title: str, unit: str, rows: dict[str, list[dict]], reference_of: dict[str, str]) -> None:
     first = next(iter(rows.values()))[0]
-    memory = "CUDA max alloc" if first["cuda_max_allocated_bytes"] is not None else "peak RSS"
+    memory = "CUDA alloc/reserved" if first["cuda_max_allocated_bytes"] is not None else "peak RSS"
     print(f"{title}, {first['device']}, torch threads {first['torch_threads']}")
-    print(f"{'set':<16} {unit + ' (min-max)':<26} {memory:>14} {'start-up':>9}  {'ratio to diffusers':<26} settings")
+    print(f"{'set':<16} {unit + ' (min-max)':<26} {memory:>19} {'start-up':>9}  {'ratio to diffusers':<26} settings")
     stats = {name: summary(results) for name, results in rows.items()}
     for name, results in rows.items():
         s, ref = stats[name], stats.get(reference_of.get(name, ""))
@@ -365,10 +380,13 @@ def print_table(title: str, unit: str, rows: dict[str, list[dict]], reference_of
         settings = ", ".join(str(results[0][key]) for key in ("precision", "optimizer") if results[0].get(key))
         if "gradient_checkpointing" in results[0]:
             settings += f", grad ckpt {'on' if results[0]['gradient_checkpointing'] else 'off'}"
+        if results[0].get("backend"):
+            settings += f", {backend_text(results[0]['backend'])}"
         if results[0].get("last_ckpt_bytes"):
             settings += f", last.ckpt {results[0]['last_ckpt_bytes'] / 1e9:.2f} GB"
         span = f"{s['median']:.3f} ({s['min']:.3f}-{s['max']:.3f})"
-        print(f"{name:<16} {span:<26} {s['memory'] / GiB:>10.2f} GiB {s['startup']:>7.1f} s  {ratio:<26} "
+        held = f"{s['memory'] / GiB:.2f}" + (f"/{s['reserved'] / GiB:.2f}" if s["reserved"] is not None else "")
+        print(f"{name:<16} {span:<26} {held:>15} GiB {s['startup']:>7.1f} s  {ratio:<26} "
               f"{settings}")
 
 

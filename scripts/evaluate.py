@@ -50,7 +50,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     add("--steps", type=int, default=50, help="DDIM steps")
     add("--scale", type=float, default=7.5, help="classifier-free guidance scale")
     add("--use_ema", action="store_true", help="sample every model with its EMA UNet (model_ema.*)")
-    add("--batch", type=int, default=8, help="images sampled at once")
+    add("--batch", type=int, default=2, help="images per sampler call (more is faster on a large GPU)")
     add("--H", type=int, default=None, help="image height (default: the config's native size)")
     add("--W", type=int, default=None, help="image width (default: the config's native size)")
     add("--config", default=None, help="model config (default: the checkpoint's run config, else SD v1's)")

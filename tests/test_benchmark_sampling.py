@@ -1,5 +1,9 @@
-"""scripts/benchmark_sampling.py runs for a sampler diffusers has and for one it lacks (tiny config, one repeat)."""
+"""scripts/benchmark_sampling.py runs for a sampler diffusers has and for one it lacks (tiny config, one repeat),
+both sides with the same settings."""
+import copy
+
 import pytest
+import torch
 
 from conftest import TINY_CONFIG, load_script
 
@@ -16,3 +20,15 @@ def test_benchmark_prints_times(capsys, sampler, compared):
     assert f"{sampler} 3 steps, batch 1" in out and "s/image" in out
     assert ("ratio ours / diffusers" in out) == compared
     assert ("timed ours alone" in out) != compared
+    assert "both sides: weights float32, TF32 matmul high, cuDNN TF32 on, autotune off" in out
+
+
+def test_both_sides_hold_the_same_weights_dtype(tiny_model):
+    gpu = benchmark.side_settings("autocast", torch.device("cuda"))
+    assert gpu["dtype"] == torch.float16 and not gpu["cudnn_benchmark"]
+    assert benchmark.side_settings("autocast", torch.device("cpu"))["dtype"] == torch.float32
+    assert benchmark.side_settings("full", torch.device("cuda"))["dtype"] == torch.float32
+    ours = benchmark.to_dtype(copy.deepcopy(tiny_model), gpu["dtype"])  # diffusers' pipeline gets gpu["dtype"] too
+    assert ours.unet_dtype == torch.float16 and ours.first_stage_model.decoder.conv_out.weight.dtype == torch.float16
+    assert next(ours.cond_stage_model.parameters()).dtype == torch.float16
+    assert ours.alphas_cumprod.dtype == torch.float32  # the noise schedule stays float32

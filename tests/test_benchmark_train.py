@@ -8,7 +8,7 @@ import torch
 from omegaconf import OmegaConf
 
 from conftest import REPO, load_script
-from ldm.util import count_params, instantiate_from_config
+from ldm.util import apply_backend_settings, backend_settings, count_params, instantiate_from_config
 
 pytest.importorskip("diffusers", reason="the benchmark compares against diffusers' UNet and training step")
 benchmark = load_script("benchmark_train")
@@ -49,6 +49,8 @@ def test_training_steps_against_diffusers(capsys, tmp_path):
     assert "32-true, AdamW" in rows["fp32"].group(9) and "mixed_precision no" in rows["diffusers"].group(9)
     size = float(re.search(r"last\.ckpt (\d+\.\d+) GB", rows["fp32"].group(9)).group(1))
     assert size > 0 and "last.ckpt" not in rows["diffusers"].group(9)
+    backend = "TF32 matmul high, cuDNN TF32 on, autotune on"  # main.py's and the tiny config's, copied by diffusers
+    assert backend in rows["fp32"].group(9) and backend in rows["diffusers"].group(9)
     assert "[1/2] fp32" in err and "[2/2] diffusers" in err
     ours = json.loads((tmp_path / "measured" / "fp32-0.json").read_text())
     assert len(ours["steps"]) == 3 and ours["torch_threads"] == 1 and ours["trainable_parameters"] > 0
@@ -107,3 +109,19 @@ def test_full_size_twin_has_sd_v1_sizes_on_meta():
 ])
 def test_reference_precision_follows_the_set(tokens, expected):
     assert benchmark.mixed_precision(tokens) == expected
+
+
+def test_a_reference_runs_with_the_backend_flags_of_its_set():
+    lowmem = {"float32_matmul_precision": "high", "cudnn_allow_tf32": True, "cudnn_benchmark": False}
+    fast = {**lowmem, "cudnn_benchmark": True}
+    reference_of = {"fast": "diffusers bf16", "lowmem": "diffusers bf16", "fp32": "diffusers"}
+    ours = {"fast": {"backend": fast}, "lowmem": {"backend": lowmem}, "fp32": {"backend": lowmem}}
+    assert benchmark.reference_backend("diffusers bf16", reference_of, ours) == fast
+    assert benchmark.reference_backend("diffusers", reference_of, ours) == lowmem
+    assert benchmark.reference_backend("diffusers", reference_of, {}) == benchmark.default_backend()
+    before = backend_settings()
+    try:
+        apply_backend_settings(fast)
+        assert backend_settings() == fast  # what a worker applies is what it records
+    finally:
+        apply_backend_settings(before)

@@ -240,3 +240,18 @@ def test_cli_trains_on_cached_latents_and_a_resumed_run_reuses_them(tmp_path, ti
     assert resumed.returncode == 0, resumed.stderr[-4000:]
     assert resumed.stderr.count("reusing the latent cache") == 2 and "encoding" not in resumed.stderr
     assert torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu")["global_step"] == 3
+
+
+def test_every_caption_and_the_empty_one_are_encoded_before_the_text_encoder_is_offloaded(monkeypatch):
+    model = build_tiny_model(cond_stage_trainable=False, cache_text_embeddings=True)
+    captions = {"train": ["photo of a sks dog", "photo of a sks dog on grass"], "reg": ["photo of a dog"] * 3}
+    datamodule = SimpleNamespace(datasets=lambda: {k: SimpleNamespace(captions=v) for k, v in captions.items()})
+    model._trainer = SimpleNamespace(optimizers=[], world_size=1, datamodule=datamodule)
+    seen = []
+    encode = model.cond_stage_model.encode
+    monkeypatch.setattr(model.cond_stage_model, "encode", lambda text: seen.append(list(text)) or encode(text))
+    model.on_train_start()
+    assert set(model.text_embeddings) == {"", "photo of a sks dog", "photo of a sks dog on grass", "photo of a dog"}
+    calls = len(seen)
+    model.get_learned_conditioning(["photo of a dog", "", "photo of a sks dog on grass"])  # a step's captions
+    assert len(seen) == calls == 1  # one call before training, none in a step

@@ -10,6 +10,7 @@ from pytorch_lightning.callbacks import Callback
 from ldm.images import labelled_grid, save_image, to_pil
 from ldm.inference import sample_images, sampling_mode
 from ldm.optim import optimizer_eval_mode
+from ldm.util import free_memory
 
 logger = logging.getLogger(__name__)
 
@@ -18,15 +19,19 @@ class ImageLogger(Callback):
     """Every `batch_frequency` steps, `max_images` samples per prompt (the same seeds each time, so grids compare
     across steps) and the batch's input images, saved under `<run>/images/train/` by rank zero. Each grid has a title
     strip (the prompt) and its rows labelled instance or class, in Pillow's built-in font. With `preview_every` k > 0,
-    also a strip per prompt of the first seed's predicted clean image after every k-th sampler step (and the last)."""
+    also a strip per prompt of the first seed's predicted clean image after every k-th sampler step (and the last).
+    At most `images_per_call` images go through the sampler (and the previews' decoder) at once; the GPU's cache is
+    freed after."""
 
     def __init__(self, batch_frequency: int = 500, max_images: int = 8, ddim_steps: int = 50, scale: float = 10.0,
                  seed: int = 23, images_per_row: int = 4, log_first_step: bool = False, disabled: bool = False,
-                 preview_every: int = 0):
+                 preview_every: int = 0, images_per_call: int = 2):
         super().__init__()
-        if batch_frequency < 1 or max_images < 0 or ddim_steps < 1 or preview_every < 0:
+        if batch_frequency < 1 or max_images < 0 or ddim_steps < 1 or preview_every < 0 or images_per_call < 1:
             raise ValueError(f"need batch_frequency >= 1, max_images >= 0, ddim_steps >= 1, preview_every >= 0, "
-                             f"got {batch_frequency}, {max_images}, {ddim_steps}, {preview_every}")
+                             f"images_per_call >= 1, got {batch_frequency}, {max_images}, {ddim_steps}, "
+                             f"{preview_every}, {images_per_call}")
+        self.images_per_call = images_per_call
         self.preview_every = preview_every
         self.batch_frequency = batch_frequency
         self.max_images = max_images
@@ -68,9 +73,10 @@ class ImageLogger(Callback):
                 prompt = captions[0] if captions else (first.class_prior if prefix else first.instance).captions[0]
                 previews: list[tuple[int, torch.Tensor]] = []
                 images = sample_images(pl_module, prompt, seeds, self.ddim_steps, self.scale,
-                                       on_prediction=self._collector(previews))
+                                       on_prediction=self._collector(previews), per_call=self.images_per_call)
                 if previews:
-                    strip = to_pil(pl_module.decode_first_stage(torch.cat([x0 for _, x0 in previews])))
+                    strip = to_pil(torch.cat([pl_module.decode_first_stage(x0) for x0 in
+                                              torch.cat([x0 for _, x0 in previews]).split(self.images_per_call)]))
                     save_image(labelled_grid([(f"seed {seeds[0]}", strip)], len(strip),
                                              f"{prompt}: predicted clean image after DDIM steps "
                                              f"{', '.join(str(i) for i, _ in previews)} (training step {step})"),
@@ -80,6 +86,7 @@ class ImageLogger(Callback):
                            {"prompt": prompt, "step": step, "sampler": "ddim", "steps": self.ddim_steps,
                             "scale": self.scale, "seeds": seeds, "width": images[0].width,
                             "height": images[0].height})
+        free_memory(pl_module.device)
         logger.info("step %d: sample grids in %s", step, folder)
 
     def _collector(self, previews: list) -> Optional[Callable[[torch.Tensor, int], None]]:

@@ -19,7 +19,7 @@ from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from ldm.data.personalized import INSTANCE_TEMPLATE
-from ldm.util import atomic_write, format_bytes
+from ldm.util import atomic_write, peak_memory_stats, peak_memory_text, reset_peak_memory
 
 logger = logging.getLogger(__name__)
 
@@ -66,25 +66,6 @@ def clock(seconds: float) -> str:
     return f"{hours}:{minutes:02}:{secs:02}" if hours else f"{minutes}:{secs:02}"
 
 
-def peak_memory_bytes(device: torch.device) -> tuple[Optional[int], str]:
-    """Peak CUDA memory allocated on a GPU, else the process's peak resident memory (None where unknown), and
-    what it measures."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device), "CUDA, allocated"
-    try:
-        import resource
-    except ImportError:  # Windows
-        return None, "unknown"
-    scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss is in bytes on macOS, kilobytes on Linux
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale, "process peak RSS"
-
-
-def peak_memory(device: torch.device) -> str:
-    """The peak memory as text: `5.2 GiB (CUDA, allocated)`."""
-    peak, what = peak_memory_bytes(device)
-    return "unknown" if peak is None else f"{format_bytes(peak)} ({what})"
-
-
 def shell_quote(text: str) -> str:
     """A command-line argument: double quotes for a plain prompt, shell quoting for anything else."""
     if text and not set(text) & set('"$`\\!') and text.isprintable():
@@ -94,7 +75,8 @@ def shell_quote(text: str) -> str:
 
 class StepProgress(Callback):
     """`step 123/800 · loss 0.123 · 1.2 s/step · ETA 13:20`: a bar when the output is a terminal, else a log line
-    every `every_n_steps` steps (default: the trainer's log_every_n_steps); a summary of the run at its end."""
+    every `every_n_steps` steps (default: the trainer's log_every_n_steps); a summary of the run at its end, with the
+    peak memory of training alone (the GPU's peak counters restart when training starts)."""
 
     def __init__(self, every_n_steps: Optional[int] = None, mean_over: int = 50, stream: Optional[TextIO] = None):
         super().__init__()
@@ -113,6 +95,7 @@ class StepProgress(Callback):
         self._start_step = self._shown_step = trainer.global_step
         self._started = time.monotonic()
         self.trained = True
+        reset_peak_memory(pl_module.device)  # class images and caching came before: the peak reported is training's
         if not trainer.is_global_zero:
             return
         trainable = sum(p.numel() for p in pl_module.parameters() if p.requires_grad)
@@ -163,9 +146,11 @@ class StepProgress(Callback):
         done = trainer.global_step - self._start_step
         if not done:
             return
-        peak, what = peak_memory_bytes(pl_module.device)
+        stats = peak_memory_stats(pl_module.device)
         summary = {"steps": trainer.global_step, "seconds_per_step": (time.monotonic() - self._started) / done,
-                   "peak_memory_bytes": peak, "peak_memory": peak_memory(pl_module.device),
+                   "peak_memory_bytes": stats["cuda_max_allocated_bytes"] or stats["peak_rss_bytes"],
+                   "peak_reserved_bytes": stats["cuda_max_reserved_bytes"],
+                   "peak_memory": peak_memory_text(pl_module.device),
                    "trainable_parameters": sum(p.numel() for p in pl_module.trainable_parameters())
                    if hasattr(pl_module, "trainable_parameters") else None}
         text = json.dumps(summary, indent=2) + "\n"
@@ -181,7 +166,7 @@ class StepProgress(Callback):
         mean = f"{torch.stack(list(self.losses)).mean().item():.4f}" if self.losses else "-"
         lines = [f"summary: steps {self._start_step} to {trainer.global_step} ({done} in this session) in "
                  f"{clock(seconds)}{f', {seconds / done:.2f} s/step' if done else ''}; mean loss of the last "
-                 f"{len(self.losses)} steps {mean}; peak memory {peak_memory(pl_module.device)}"]
+                 f"{len(self.losses)} steps {mean}; peak memory {peak_memory_text(pl_module.device)}"]
         run = Path(trainer.default_root_dir)
         folder = run / "checkpoints"
         last = folder / "last.ckpt"

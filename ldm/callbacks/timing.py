@@ -3,7 +3,6 @@ scripts/benchmark_train.py."""
 import json
 import logging
 import os
-import sys
 import time
 from pathlib import Path
 from typing import Any, Optional
@@ -14,7 +13,7 @@ from pytorch_lightning.callbacks import Callback
 
 from ldm.optim import uses_fused_backward
 from ldm.per_param_optim import PerParameterOptimizer
-from ldm.util import atomic_write
+from ldm.util import atomic_write, backend_settings, peak_memory_stats
 
 logger = logging.getLogger(__name__)
 
@@ -32,16 +31,6 @@ def process_start_time() -> Optional[float]:
     return psutil.Process().create_time()
 
 
-def peak_rss_bytes() -> Optional[int]:
-    """The process's peak resident memory so far, or None where the resource module is missing (Windows)."""
-    try:
-        import resource
-    except ImportError:
-        return None
-    scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss is in bytes on macOS, kilobytes on Linux
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
-
-
 def optimizer_name(optimizer: torch.optim.Optimizer, pl_module: pl.LightningModule) -> str:
     """The optimizer's class, or for one stepped per parameter the name the model's optimizer spec gives."""
     if not isinstance(optimizer, PerParameterOptimizer):
@@ -52,8 +41,9 @@ def optimizer_name(optimizer: torch.optim.Optimizer, pl_module: pl.LightningModu
 
 class StepTimer(Callback):
     """Wall time of every optimizer step, the start-up time (process start to the start of training: model loaded,
-    optimizer built) and the peak memory after the last step (CUDA max allocated on a GPU, and the process's peak
-    RSS), written to `output` as JSON once max_steps is reached, before the final last.ckpt is saved."""
+    optimizer built) and the peak memory after the last step (ldm.util.peak_memory_stats: CUDA max allocated and
+    reserved on a GPU, and the process's peak RSS) and the backend flags, written to `output` as JSON once max_steps
+    is reached, before the final last.ckpt is saved."""
 
     def __init__(self, output: str):
         super().__init__()
@@ -63,6 +53,7 @@ class StepTimer(Callback):
         self._last = 0.0
         self._step = -1
         self._written = False
+        self.backend: dict[str, Any] = {}
 
     @staticmethod
     def _clock(pl_module: pl.LightningModule) -> float:
@@ -73,6 +64,7 @@ class StepTimer(Callback):
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         started = process_start_time()
         self.startup = None if started is None else time.time() - started
+        self.backend = backend_settings()  # what main.py and the trainer set: the benchmark's reference copies it
         self._last, self._step = self._clock(pl_module), trainer.global_step
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
@@ -95,8 +87,7 @@ class StepTimer(Callback):
             return
         device = pl_module.device
         result = {
-            "steps": self.steps, "startup_s": self.startup, "peak_rss_bytes": peak_rss_bytes(),
-            "cuda_max_allocated_bytes": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
+            "steps": self.steps, "startup_s": self.startup, **peak_memory_stats(device), "backend": self.backend,
             "device": device.type, "torch_threads": torch.get_num_threads(), "precision": str(trainer.precision),
             "optimizer": optimizer_name(trainer.optimizers[0], pl_module) if trainer.optimizers else None,
             "gradient_checkpointing": any(getattr(m, "use_checkpoint", False) for m in pl_module.modules()),

@@ -19,6 +19,7 @@ from ldm.data.personalized import load_rgb
 from ldm.images import labelled_grid, read_metadata, save_image
 from ldm.inference import sample_images, sampling_mode
 from ldm.optim import optimizer_eval_mode
+from ldm.util import free_memory
 
 logger = logging.getLogger(__name__)
 DEFAULT_PROMPTS = ("photo of a {identifier} {class_word}", "photo of a {class_word}",
@@ -74,14 +75,18 @@ def progression_grid(folder: Path, cell_size: int) -> Optional[Image.Image]:
 class ValidationSamples(Callback):
     """`lightning.callbacks.validation` (off while `every_n_steps` is 0): DDIM samples of `prompts` (with
     `{identifier}` and `{class_word}`; default: the identifier prompt, the class prompt and one context prompt) at
-    `seeds`, every N steps and at the last step, by rank zero; `clip_model` names a local CLIPModel folder."""
+    `seeds`, every N steps and at the last step, by rank zero, at most `images_per_call` images per sampler call;
+    `clip_model` names a local CLIPModel folder."""
 
     def __init__(self, every_n_steps: int = 0, prompts: Optional[Sequence[str]] = None, seeds: Sequence[int] = (0, 1),
-                 ddim_steps: int = 25, scale: float = 7.5, clip_model: Optional[str] = None, cell_size: int = 256):
+                 ddim_steps: int = 25, scale: float = 7.5, clip_model: Optional[str] = None, cell_size: int = 256,
+                 images_per_call: int = 2):
         super().__init__()
-        if every_n_steps < 0 or ddim_steps < 1 or not seeds or cell_size < 8:
-            raise ValueError(f"validation needs every_n_steps >= 0, ddim_steps >= 1, at least one seed and "
-                             f"cell_size >= 8; got {every_n_steps}, {ddim_steps}, {list(seeds)}, {cell_size}")
+        if every_n_steps < 0 or ddim_steps < 1 or not seeds or cell_size < 8 or images_per_call < 1:
+            raise ValueError(f"validation needs every_n_steps >= 0, ddim_steps >= 1, at least one seed, cell_size >= 8 "
+                             f"and images_per_call >= 1; got {every_n_steps}, {ddim_steps}, {list(seeds)}, "
+                             f"{cell_size}, {images_per_call}")
+        self.images_per_call = images_per_call
         self.every_n_steps, self.ddim_steps, self.scale = every_n_steps, ddim_steps, scale
         self.templates = list(prompts or DEFAULT_PROMPTS)
         self.seeds = [int(seed) for seed in seeds]
@@ -113,8 +118,9 @@ class ValidationSamples(Callback):
         prompts = list(dict.fromkeys(prompt for each in prompts_of.values() for prompt in each))
         with optimizer_eval_mode(trainer.optimizers), sampling_mode(pl_module), pl_module.encoders_on_device(), \
                 trainer.precision_plugin.forward_context():
-            samples = {prompt: sample_images(pl_module, prompt, self.seeds, self.ddim_steps, self.scale)
-                       for prompt in prompts}
+            samples = {prompt: sample_images(pl_module, prompt, self.seeds, self.ddim_steps, self.scale,
+                                             per_call=self.images_per_call) for prompt in prompts}
+        free_memory(pl_module.device)
         scores = {}
         for name, instance in instances.items() if self.clip is not None else ():
             if name not in self._real:  # the photos' embeddings, once per session

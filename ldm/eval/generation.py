@@ -1,6 +1,5 @@
 """A model's samples of a list of prompts at fixed seeds and DDIM settings, saved with their metadata: what
 scripts/compare.py and scripts/evaluate.py share (a model is a checkpoint with LoRA files at their scales)."""
-import gc
 import logging
 import time
 from dataclasses import dataclass
@@ -16,7 +15,7 @@ from ldm.images import save_image
 from ldm.inference import load_model, sample_images
 from ldm.lora_files import apply_lora_files
 from ldm.model_config import latent_shape, native_size, sampling_config
-from ldm.util import file_sha256
+from ldm.util import file_sha256, free_memory
 
 logger = logging.getLogger(__name__)
 
@@ -31,7 +30,7 @@ class SampleSettings:
     height: Optional[int] = None
     width: Optional[int] = None
     config: Optional[str] = None
-    batch: int = 8
+    batch: int = 2  # images per sampler call
     use_ema: bool = False  # each checkpoint's EMA UNet (model_ema.*)
 
 
@@ -66,9 +65,7 @@ def sample_model(spec: ModelSpec, settings: SampleSettings, prompts: Sequence[st
                     save_image(image, folder / f"{k:02}-{seed}.png", {**meta, "prompt": prompt, "seed": seed})
                 images[prompt] += batch
     del model
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
+    free_memory(device)
     logger.info("%s: loaded in %.1f s, sampled %d images in %.1f s", spec.label, loaded - started,
                 len(prompts) * len(settings.seeds), time.monotonic() - loaded)
     return images

@@ -25,6 +25,7 @@ from ldm.util import UserError, instantiate_from_config
 logger = logging.getLogger(__name__)
 
 FROZEN_PRECISIONS = ("auto", "fp32", "fp16", "bf16")  # auto: half under 16-mixed or bf16-mixed, else as loaded
+CAPTION_BATCH = 32  # captions per text-encoder call when every caption is cached before training
 
 
 class DiffusionWrapper(nn.Module):
@@ -52,7 +53,7 @@ class DDPM(pl.LightningModule):
                  input_perturbation: float = 0.0, timestep_range: Optional[Sequence[int]] = None,
                  loss_weighting: str = "none", snr_gamma: float = 5.0, p2_k: float = 1.0, p2_gamma: float = 1.0,
                  loss_type: str = "l2", huber_c: float = 0.1, huber_schedule: str = "constant",
-                 ema_decay: float = 0.9999, ema_warmup: bool = True, ema_device: str = "cpu",
+                 ema_decay: float = 0.9999, ema_warmup: bool = True, ema_device: str = "model",
                  scheduled_sampling_probability: float = 0.0, scheduled_sampling_max_step_offset: int = 0,
                  scheduled_sampling_ramp_steps: int = 0, scheduled_sampling_sampler: str = "ddim"):
         super().__init__()
@@ -69,11 +70,15 @@ class DDPM(pl.LightningModule):
         self.learning_rate: float | None = None  # set by main.py from base_learning_rate
         self.unet_params = dict(unet_config.get("params") or {})
         self.model = DiffusionWrapper(unet_config, conditioning_key)
-        self.use_ema, self.ema_device = use_ema, ema_device
+        self.use_ema = use_ema
         if ema_device not in ("cpu", "model"):
-            raise UserError(f"model.params.ema_device {ema_device!r}: cpu (no GPU memory) or model (its device)")
+            raise UserError(f"model.params.ema_device {ema_device!r}: model (its device) or cpu (no GPU memory)")
         if use_ema:
-            self.model_ema = LitEma(self.model, decay=ema_decay, use_num_updates=ema_warmup)
+            self.model_ema = LitEma(self.model, decay=ema_decay, use_num_updates=ema_warmup,
+                                    device="cpu" if ema_device == "cpu" else None)
+            # each rank averages the same weights: DDP need not broadcast the average every step
+            self._ddp_params_and_buffers_to_ignore = [f"model_ema.{name}" for name, _ in
+                                                      self.model_ema.named_buffers()]
         self.loss_fn = PriorPreservationLoss(reg_weight)
         self.num_timesteps = int(timesteps)
         self.objective = NoiseObjective(offset_noise, input_perturbation, timestep_range, loss_weighting, snr_gamma,
@@ -406,12 +411,8 @@ class LatentDiffusion(LoraTraining, DDPM):
         for optimizer in self.trainer.optimizers:  # a resumed schedule-free optimizer comes back in eval mode
             if is_schedule_free(optimizer):
                 optimizer.train()
-        if self.use_ema and self.ema_device == "cpu" and self.device.type != "cpu":
-            if self.trainer.world_size == 1:  # DDP would broadcast the CPU buffers
-                self.model_ema.to("cpu")
-                logger.info("the EMA weights are kept on the CPU (model.params.ema_device)")
-            else:
-                logger.info("the EMA weights stay on the GPU under DDP (its buffers are broadcast from the device)")
+        if self.cache_text_embeddings and not self.cond_stage_trainable:
+            self.encode_every_caption()
         if self.device.type != "cpu" and self.trainer.world_size == 1:  # DDP would broadcast the CPU buffers
             self.offloaded = self.idle_encoders()
             for part in self.offloaded:
@@ -420,6 +421,15 @@ class LatentDiffusion(LoraTraining, DDPM):
                 logger.info("%s on the CPU while training (their outputs are cached)",
                             "the VAE encoder and the text encoder wait" if self.cond_stage_model in self.offloaded
                             else "the VAE encoder waits")
+
+    def encode_every_caption(self) -> None:
+        """Cache the embeddings of every caption of the data and of the empty caption (caption dropout) while the
+        text encoder is on the model's device, so that no step runs it once it waits on the CPU."""
+        datamodule = getattr(self.trainer, "datamodule", None)
+        datasets = datamodule.datasets().values() if datamodule is not None else ()
+        captions = list(dict.fromkeys(["", *(caption for dataset in datasets for caption in dataset.captions)]))
+        for first in range(0, len(captions), CAPTION_BATCH):
+            self.get_learned_conditioning(captions[first:first + CAPTION_BATCH])
 
     def on_train_end(self) -> None:
         for part in self.offloaded:
