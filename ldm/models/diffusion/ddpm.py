@@ -472,7 +472,9 @@ class LatentDiffusion(LoraTraining, DDPM):
                     (str(trainer.precision) == "16-mixed", "precision 16-mixed (its loss scaler unscales all "
                      "gradients before the step; use bf16-mixed or bf16-true)"),
                     (trainer.world_size > 1, f"{trainer.world_size} processes (each parameter would step before its "
-                     "gradient is averaged across them)")]
+                     "gradient is averaged across them)"),
+                    (bool(self.compile_unet), "compile_unet (--compile: the compiled UNet's backward returns all its "
+                     "gradients at once, so the fused backward would save nothing)")]
         for problem, why in problems:
             if problem:
                 raise UserError(f"model.params.optimizer.fused_backward (--fused_backward) does not work with {why}; "

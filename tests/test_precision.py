@@ -1,0 +1,109 @@
+"""Precision choices: the training precisions refused or warned about (16-true, bf16 where it is emulated), compile
+with a fused backward, the VAE's attention in SDPA's 4-D layout, half-precision frozen weights in LoRA runs, and
+half-precision weights at sampling with a float32 noise schedule."""
+import contextlib
+import math
+from types import SimpleNamespace
+
+import pytest
+import pytorch_lightning as pl
+import torch
+from omegaconf import OmegaConf
+from torch.nn import functional as F
+
+import ldm.precision
+from conftest import REPO
+from ldm.modules.diffusionmodules.model import AttnBlock
+from ldm.precision import check_training_precision
+from ldm.util import UserError, instantiate_from_config
+from test_train_e2e import fresh_run_args, load_script, make_class_images, make_photos
+
+FINETUNE_CONFIG = "configs/tiny/v1-finetune_unfrozen.yaml"
+
+
+def finetune_model(**params):
+    config = OmegaConf.load(FINETUNE_CONFIG)
+    config.model.params.update(params)
+    model = instantiate_from_config(config.model)
+    model.learning_rate = 1e-4
+    return model
+
+
+def fake_gpu(monkeypatch, capability: tuple[int, int], name: str) -> None:
+    """CUDA queries answering as a GPU of `capability` would (torch's rule: native bf16 from 8.0)."""
+    monkeypatch.setattr(torch.cuda, "device", lambda device: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported",
+                        lambda including_emulation=True: including_emulation or capability >= (8, 0))
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_16_true_is_refused_naming_16_mixed_and_bf16_true(device):
+    with pytest.raises(UserError, match="16-true.*use --precision 16-mixed.*or bf16-true"):
+        check_training_precision(torch.device(device), "16-true")
+
+
+def test_main_refuses_16_true_with_one_error_line(tiny_ckpt, tmp_path, monkeypatch, capsys):
+    for name in ("PL_GLOBAL_SEED", "PL_SEED_WORKERS"):  # main's seed_everything sets them: restored after the test
+        monkeypatch.setenv(name, "0")
+    main = load_script("dreambooth_main", REPO / "main.py")
+    args = fresh_run_args(tiny_ckpt, make_photos(tmp_path / "instance"), make_class_images(tmp_path / "class", 1),
+                          tmp_path / "logs", "--precision", "16-true")
+    assert main.main(args) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: --precision 16-true") and "16-mixed" in err[-1]
+    assert not any("Traceback" in line for line in err)
+
+
+@pytest.mark.parametrize("precision", ["bf16-mixed", "bf16-true"])
+def test_bf16_on_a_gpu_without_native_bf16_is_refused_naming_what_to_use(monkeypatch, precision):
+    fake_gpu(monkeypatch, (7, 5), "Tesla T4")
+    with pytest.raises(UserError, match=rf"--precision {precision}: this GPU \(Tesla T4, compute capability 7.5\) "
+                                        r"has no native bfloat16.*16-mixed \(without --fused_backward\).*--precision 32"):
+        check_training_precision(torch.device("cuda", 0), precision)
+
+
+@pytest.mark.parametrize("capability, precision", [((8, 0), "bf16-true"), ((9, 0), "bf16-mixed"),
+                                                   ((7, 5), "16-mixed"), ((6, 1), "32-true")])
+def test_what_a_gpu_computes_natively_is_accepted(monkeypatch, capability, precision):
+    fake_gpu(monkeypatch, capability, "some GPU")
+    check_training_precision(torch.device("cuda", 0), precision)
+
+
+@pytest.mark.parametrize("precision, native, warned", [("bf16-true", False, True), ("bf16-mixed", False, True),
+                                                       ("bf16-true", True, False), ("32-true", False, False)])
+def test_bf16_on_a_cpu_that_emulates_it_is_named_with_the_way_out(monkeypatch, caplog, precision, native, warned):
+    monkeypatch.setattr(ldm.precision, "cpu_has_bf16", lambda: native)
+    trainer = pl.Trainer(accelerator="cpu", precision=precision, logger=False, enable_progress_bar=False)
+    check_training_precision(trainer.strategy.root_device, str(trainer.precision))
+    assert ("bf16 is emulated here" in caplog.text and "--precision 32" in caplog.text) == warned
+
+
+def test_compile_with_a_fused_backward_is_refused():
+    model = finetune_model(compile_unet=True, optimizer={"fused_backward": True})
+    model.trainer = SimpleNamespace(accumulate_grad_batches=1, gradient_clip_val=None, precision="bf16-true",
+                                    world_size=1, max_steps=1)  # what configure_optimizers reads of a Trainer
+    with pytest.raises(UserError, match=r"fused_backward \(--fused_backward\) does not work with compile_unet "
+                                        r"\(--compile: .*save nothing"):
+        model.configure_optimizers()
+    model.compile_unet = False
+    model.configure_optimizers()
+
+
+def test_the_vae_attention_gives_sdpa_a_head_dimension_and_the_same_result(monkeypatch):
+    torch.manual_seed(0)
+    block = AttnBlock(64).eval()
+    assert sorted(block.state_dict()) == sorted(f"{m}.{p}" for m in ("norm", "q", "k", "v", "proj_out")
+                                                for p in ("weight", "bias"))
+    x = torch.randn(2, 64, 6, 5)
+    shapes, sdpa = [], F.scaled_dot_product_attention
+    monkeypatch.setattr(F, "scaled_dot_product_attention", lambda q, k, v: shapes.append(q.shape) or sdpa(q, k, v))
+    with torch.no_grad():
+        out = block(x)
+        h = block.norm(x)
+        q, k, v = (proj(h).reshape(2, 64, 30) for proj in (block.q, block.k, block.v))
+        weights = torch.softmax(q.transpose(1, 2) @ k / math.sqrt(64), dim=-1)  # the CompVis formula: [B, HW, HW]
+        expected = x + block.proj_out((v @ weights.transpose(1, 2)).reshape(2, 64, 6, 5))
+    assert shapes == [torch.Size([2, 1, 30, 64])]
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
