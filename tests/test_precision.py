@@ -12,13 +12,17 @@ from omegaconf import OmegaConf
 from torch.nn import functional as F
 
 import ldm.precision
-from conftest import REPO
+from conftest import REPO, randomise_zero_init
+from ldm.checkpoint import read_lora
 from ldm.modules.diffusionmodules.model import AttnBlock
+from ldm.modules.lora import base_state_dict, is_lora_key
 from ldm.precision import check_training_precision
 from ldm.util import UserError, instantiate_from_config
+from test_memory_savers import PairData
 from test_train_e2e import fresh_run_args, load_script, make_class_images, make_photos
 
 FINETUNE_CONFIG = "configs/tiny/v1-finetune_unfrozen.yaml"
+LORA_CONFIG = "configs/tiny/v1-finetune_lora.yaml"
 
 
 def finetune_model(**params):
@@ -107,3 +111,54 @@ def test_the_vae_attention_gives_sdpa_a_head_dimension_and_the_same_result(monke
         expected = x + block.proj_out((v @ weights.transpose(1, 2)).reshape(2, 64, 6, 5))
     assert shapes == [torch.Size([2, 1, 30, 64])]
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+
+
+def lora_model(text_encoder: bool = False, **params):
+    config = OmegaConf.load(LORA_CONFIG)
+    config.model.params.update(params)
+    config.model.params.lora.text_encoder = config.model.params.cond_stage_trainable = text_encoder
+    model = randomise_zero_init(instantiate_from_config(config.model))  # every LoRA module gets a gradient
+    model.inject_lora(model.unet_params)
+    model.learning_rate = 1e-4
+    return model
+
+
+def dtypes(module: torch.nn.Module, lora: bool) -> set[torch.dtype]:
+    """The dtypes of a module's LoRA weights (`lora`) or of its other floating-point weights."""
+    return {p.dtype for name, p in module.named_parameters() if is_lora_key(name) == lora and p.is_floating_point()}
+
+
+F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
+
+
+@pytest.mark.parametrize("precision, device, frozen, text_encoder, vae, base", [
+    ("16-mixed", "cuda", "auto", False, F16, F16), ("16-mixed", "cuda", "auto", True, F16, F16),
+    ("bf16-mixed", "cuda", "auto", False, BF16, BF16),
+    ("bf16-mixed", "cpu", "auto", True, BF16, F32),  # the CPU keeps today's float32 base under auto
+    ("bf16-mixed", "cpu", "bf16", False, BF16, BF16), ("32-true", "cuda", "auto", True, F32, F32)])
+def test_a_lora_run_stores_its_frozen_base_in_half_precision_and_its_lora_in_float32(precision, device, frozen,
+                                                                                    text_encoder, vae, base):
+    model = lora_model(text_encoder, frozen_precision=frozen)
+    model.trainer = SimpleNamespace(precision=precision, strategy=SimpleNamespace(root_device=torch.device(device)))
+    model.setup("fit")  # a fake accelerator: setup decides, nothing moves
+    assert dtypes(model.model, lora=False) == {base} and model.unet_dtype == base
+    assert dtypes(model.cond_stage_model, lora=False) == {base if text_encoder else vae}
+    assert dtypes(model.first_stage_model, lora=False) == {vae}
+    assert dtypes(model.model, lora=True) == {F32}
+    assert dtypes(model.cond_stage_model, lora=True) == ({F32} if text_encoder else set())
+    assert {p.dtype for p in model.trainable_parameters()} == {F32}
+
+
+def test_lora_trains_in_float32_on_a_bf16_base_and_saves_float32_lora_weights(tmp_path):
+    model = lora_model(frozen_precision="bf16")
+    base = {k: v.clone() for k, v in base_state_dict(model).items()}
+    trainer = pl.Trainer(max_steps=1, accelerator="cpu", precision="bf16-mixed", logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(model, torch.utils.data.DataLoader(PairData(), batch_size=1))
+    assert dtypes(model.model, lora=False) == {torch.bfloat16} and dtypes(model.model, lora=True) == {torch.float32}
+    assert all(torch.equal(v.to(base[k].dtype), base[k].to(v.dtype).to(base[k].dtype))
+               for k, v in base_state_dict(model).items())  # the base is the same weights, rounded once
+    model.save_lora_file(tmp_path / "lora.safetensors")
+    tensors, _ = read_lora(tmp_path / "lora.safetensors")
+    assert {t.dtype for k, t in tensors.items() if k.endswith(".weight")} == {torch.float32}
+    assert any(t.abs().sum() > 0 for k, t in tensors.items() if k.endswith("lora_up.weight"))  # it trained
