@@ -5,19 +5,32 @@ import contextlib
 import math
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import pytorch_lightning as pl
 import torch
 from omegaconf import OmegaConf
+from PIL import Image
 from torch.nn import functional as F
 
+import ldm.controlnet
+import ldm.eval.generation
+import ldm.inference
 import ldm.precision
-from conftest import REPO, randomise_zero_init
-from ldm.checkpoint import read_lora
+from conftest import REPO, TINY_CONFIG, randomise_zero_init
+from ldm.checkpoint import read_lora, save_weights
+from ldm.eval.compare import ModelSpec
+from ldm.eval.generation import SampleSettings, sample_model
+from ldm.inference import load_model, precision_scope, weights_dtype
+from ldm.model_config import load_config
+from ldm.modules.controlnet import ControlNet
 from ldm.modules.diffusionmodules.model import AttnBlock
+from ldm.modules.diffusionmodules.schedule import SCHEDULE_BUFFERS
 from ldm.modules.lora import base_state_dict, is_lora_key
 from ldm.precision import check_training_precision
 from ldm.util import UserError, instantiate_from_config
+from test_controlnet import PREFIX, TINY_CONTROLNET
+from test_controlnet_sampling import SAMPLING, shapes_image, txt2img
 from test_memory_savers import PairData
 from test_train_e2e import fresh_run_args, load_script, make_class_images, make_photos
 
@@ -64,7 +77,8 @@ def test_main_refuses_16_true_with_one_error_line(tiny_ckpt, tmp_path, monkeypat
 def test_bf16_on_a_gpu_without_native_bf16_is_refused_naming_what_to_use(monkeypatch, precision):
     fake_gpu(monkeypatch, (7, 5), "Tesla T4")
     with pytest.raises(UserError, match=rf"--precision {precision}: this GPU \(Tesla T4, compute capability 7.5\) "
-                                        r"has no native bfloat16.*16-mixed \(without --fused_backward\).*--precision 32"):
+                                        r"has no native bfloat16.*16-mixed \(without --fused_backward\).*"
+                                        r"--precision 32"):
         check_training_precision(torch.device("cuda", 0), precision)
 
 
@@ -162,3 +176,64 @@ def test_lora_trains_in_float32_on_a_bf16_base_and_saves_float32_lora_weights(tm
     tensors, _ = read_lora(tmp_path / "lora.safetensors")
     assert {t.dtype for k, t in tensors.items() if k.endswith(".weight")} == {torch.float32}
     assert any(t.abs().sum() > 0 for k, t in tensors.items() if k.endswith("lora_up.weight"))  # it trained
+
+
+@pytest.mark.parametrize("precision, device, dtype", [
+    ("autocast", "cuda", F16), ("bf16", "cuda", BF16), ("full", "cuda", F32),
+    ("autocast", "cpu", F32), ("bf16", "cpu", BF16), ("full", "cpu", F32), ("autocast", "mps", F32)])
+def test_the_sampling_weights_are_half_precision_on_a_gpu_unless_full(precision, device, dtype):
+    assert weights_dtype(precision, torch.device(device)) == dtype
+
+
+def test_sampling_in_bf16_on_a_gpu_without_native_bf16_is_refused(monkeypatch):
+    fake_gpu(monkeypatch, (7, 5), "Tesla T4")
+    with pytest.raises(UserError, match=r"--precision bf16: this GPU \(Tesla T4, .*\) has no native bfloat16; use "
+                                        "--precision autocast"):
+        precision_scope("bf16", torch.device("cuda", 0))
+
+
+def test_a_sampling_model_holds_half_weights_on_a_float32_noise_schedule(tiny_ckpt):
+    config = load_config(str(TINY_CONFIG))
+    full = load_model(config, str(tiny_ckpt), torch.device("cpu"), precision="full")
+    half = load_model(config, str(tiny_ckpt), torch.device("cpu"), precision="bf16")
+    for part in ("model", "first_stage_model", "cond_stage_model"):
+        assert dtypes(getattr(half, part), lora=False) == {BF16} and dtypes(getattr(full, part), lora=False) == {F32}
+    assert half.unet_dtype == BF16
+    for name in SCHEDULE_BUFFERS:
+        assert getattr(half, name).dtype == F32 and torch.equal(getattr(half, name), getattr(full, name))
+    weight = "model.diffusion_model.out.2.weight"
+    assert torch.equal(half.state_dict()[weight], full.state_dict()[weight].to(BF16))  # the file's, rounded once
+
+
+def test_txt2img_with_a_controlnet_samples_with_bf16_weights(tiny_ckpt, tmp_path, monkeypatch):
+    control, image = tmp_path / "control_tiny.pth", tmp_path / "shapes.png"
+    save_weights({PREFIX + k: v for k, v in ControlNet(**TINY_CONTROLNET).state_dict().items()}, control)
+    shapes_image().save(image)
+    seen = {}
+
+    def spy(module, name: str):
+        load = getattr(module, name)
+        monkeypatch.setattr(module, name, lambda *a, **k: seen.setdefault(name, load(*a, **k)))
+    spy(ldm.inference, "load_model")
+    spy(ldm.controlnet, "load_controlnet")
+    outdir = tmp_path / "out"
+    assert txt2img.main([*SAMPLING, "--ckpt", str(tiny_ckpt), "--outdir", str(outdir), "--precision", "bf16",
+                         "--controlnet", str(control), "--control_image", str(image), "--ddim_steps", "2",
+                         "--H", "32", "--W", "32"]) == 0  # small: a CPU without AVX-512 convolves bf16 slowly
+    assert seen["load_model"].unet_dtype == BF16 and seen["load_model"].alphas_cumprod.dtype == F32
+    assert {p.dtype for p in seen["load_controlnet"].parameters()} == {BF16}
+    sample = np.asarray(Image.open(outdir / "samples" / "00000.png"))
+    assert sample.shape == (32, 32, 3) and sample.std() > 0
+
+
+def test_evaluate_and_compare_sample_with_the_precision_they_are_given(tiny_ckpt, tmp_path, monkeypatch):
+    seen = []
+
+    def spy(model, prompt, seeds, *args, **kwargs):  # what the sampler would run with (the sampling: txt2img's test)
+        seen.append((model.unet_dtype, torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu")))
+        return [Image.new("RGB", (64, 64))] * len(seeds)
+    monkeypatch.setattr(ldm.eval.generation, "sample_images", spy)
+    for precision, expected in (("bf16", (BF16, True, BF16)), ("autocast", (F32, False, BF16))):
+        settings = SampleSettings([0, 1], steps=2, config=str(TINY_CONFIG), precision=precision)
+        sample_model(ModelSpec.parse(str(tiny_ckpt)), settings, ["a dog"], torch.device("cpu"), tmp_path / precision)
+        assert seen.pop() == expected
