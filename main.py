@@ -29,6 +29,7 @@ from ldm.callbacks import AtomicCheckpointIO, SetupCallback, StartAtStep, StepCh
 from ldm.checkpoint import CheckpointError, check_checkpoint_file, load_model_weights, parameters_on_meta
 from ldm.class_images import generate_class_images, generation_dtype
 from ldm.latent_cache import cache_latents
+from ldm.precision import check_training_precision
 from ldm.runs import Run, launched_per_process, new_run, resumed_run, warn_fresh_optimizer
 from ldm.train_flags import apply_flags
 from ldm.util import FLOAT32_MATMUL_PRECISION, DiskFullError, UserError, ensure_writable_dir, instantiate_from_config
@@ -381,7 +382,7 @@ def train(opt: argparse.Namespace, overrides: list[str]) -> int:
                              enable_checkpointing=False, **lightning.trainer)
     except MisconfigurationException as err:
         raise UserError(f"lightning.trainer: {err}") from None
-    warn_emulated_bf16(trainer)
+    check_training_precision(trainer.strategy.root_device, str(trainer.precision))
     set_learning_rate(model, config, trainer, opt.scale_lr)
     for folder, class_word, count in data.class_image_jobs():
         say(f"generating {count} class images in {folder} with the base model")
@@ -395,20 +396,6 @@ def train(opt: argparse.Namespace, overrides: list[str]) -> int:
     # the training stream starts from the seed, whatever building, loading and class-image generation drew before
     pl.seed_everything(opt.seed, workers=True, verbose=False)
     return fit(trainer, model, data, run)
-
-
-def cpu_has_bf16() -> bool:
-    """Whether this CPU computes bf16 natively (AVX-512 or AMX); with AVX2 only, bf16 is emulated."""
-    return torch.ops.mkldnn._is_mkldnn_bf16_supported()
-
-
-def warn_emulated_bf16(trainer: pl.Trainer) -> None:
-    """Say so when a run trains in bf16 on a CPU that emulates it (the lowmem configs do, by default)."""
-    if "bf16" in str(trainer.precision) and trainer.strategy.root_device.type == "cpu" and not cpu_has_bf16():
-        logging.getLogger(__name__).warning(
-            "--precision %s on a CPU without bf16 instructions (%s): bf16 is emulated here and several times slower "
-            "than float32; --precision 32 keeps the other memory savers (the README's memory table)",
-            trainer.precision, torch.backends.cpu.get_cpu_capability())
 
 
 def load_model(config: DictConfig, run: Run, opt: argparse.Namespace) -> pl.LightningModule:

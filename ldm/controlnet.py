@@ -96,11 +96,12 @@ def controlnet_params(model_config: DictConfig) -> dict:
 
 
 def load_controlnet(path: str, params: dict, device: torch.device, dtype: torch.dtype) -> nn.Module:
-    """A ControlNet built from `params` (on the meta device: no random init) with the weights of `path`."""
+    """A ControlNet built from `params` (on the meta device: no random init) with the weights of `path` loaded at
+    `dtype` (the UNet's: half precision on a GPU)."""
     with parameters_on_meta():
-        net = ControlNet(**params)
+        net = ControlNet(**params).to(dtype)
     load_controlnet_weights(net, path)
-    return net.eval().requires_grad_(False).to(device, dtype)
+    return net.eval().requires_grad_(False).to(device)
 
 
 def make_hint(setting: dict, width: int, height: int, opt: argparse.Namespace) -> torch.Tensor:

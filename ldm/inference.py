@@ -29,6 +29,7 @@ from ldm.models.diffusion.plms import PLMSSampler
 from ldm.models.diffusion.sampling import SAMPLERS as K_SAMPLERS
 from ldm.models.diffusion.sampling import DIFFUSERS_SCHEDULE, STOCHASTIC, Generator, randn
 from ldm.models.diffusion.sigmas import sigma_to_t
+from ldm.precision import cuda_has_bf16, gpu_name
 from ldm.util import DiskFullError, UserError, ensure_writable_dir, file_sha256, instantiate_from_config
 
 logger = logging.getLogger(__name__)
@@ -87,8 +88,7 @@ def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
         "that --ckpt comes from, else configs/stable-diffusion/v1-inference.yaml)")
     add("--ckpt", type=str, default="models/ldm/stable-diffusion-v1/model.ckpt", help=".ckpt or .safetensors")
     add("--seed", type=int, default=42, help="seed of the first image; image k gets seed + k")
-    add("--precision", choices=["autocast", "full", "bf16"], default="autocast",
-        help="autocast: fp16 mixed precision on a GPU (full on CPU); bf16: bfloat16 mixed precision; full: fp32")
+    add_precision_argument(parser)
     add("--device", choices=["auto", "cuda", "mps", "cpu"], default="auto", help="auto picks cuda, then mps, then cpu")
     add("--clip_skip", type=int, default=None, metavar="N",
         help="condition on the N-th text encoder layer from the end, as A1111: 1 the last, 2 the penultimate "
@@ -97,6 +97,13 @@ def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
         help="a kohya-format LoRA file (ours, kohya's, A1111's, civitai's) folded into --ckpt at SCALE (default 1); "
              "repeatable, the files add up")
     add_control_arguments(parser)
+
+
+def add_precision_argument(parser: argparse.ArgumentParser) -> None:
+    """--precision, as every sampling script takes it (load_model and precision_scope read it)."""
+    parser.add_argument("--precision", choices=["autocast", "full", "bf16"], default="autocast",
+                        help="autocast: fp16 weights and mixed precision on a CUDA GPU (full elsewhere); bf16: "
+                             "bfloat16 weights and mixed precision; full: fp32 weights")
 
 
 def resolve_sampler(opt: argparse.Namespace) -> str:
@@ -138,15 +145,26 @@ def precision_scope(precision: str, device: torch.device) -> ContextManager:
     """Mixed-precision autocast for `precision`, or nothing for full precision."""
     if precision == "full" or (precision == "autocast" and device.type == "cpu"):
         return contextlib.nullcontext()
-    if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        raise UserError("--precision bf16: this GPU has no bfloat16 support; use --precision autocast")
+    if precision == "bf16" and device.type == "cuda" and not cuda_has_bf16(device):
+        raise UserError(f"--precision bf16: this GPU ({gpu_name(device)}) has no native bfloat16; use --precision "
+                        "autocast")
     return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
 
 
-def load_model(config: DictConfig, ckpt_path: str, device: torch.device, use_ema: bool = False) -> nn.Module:
+def weights_dtype(precision: str, device: torch.device) -> torch.dtype:
+    """The dtype of a sampling model's weights: float16 under autocast on a CUDA GPU, bfloat16 with --precision
+    bf16, else float32 (--precision full, and autocast elsewhere)."""
+    if precision == "bf16":
+        return torch.bfloat16
+    return torch.float16 if precision == "autocast" and device.type == "cuda" else torch.float32
+
+
+def load_model(config: DictConfig, ckpt_path: str, device: torch.device, use_ema: bool = False,
+               precision: str = "full") -> nn.Module:
     """A LatentDiffusion built from `config`, with the weights of `ckpt_path` (its EMA UNet with `use_ema`), in eval
-    mode on `device`. A run config's `use_ema` only says how it trained: the sampling model holds one set of
-    weights."""
+    mode on `device`; the UNet, VAE and text encoder hold their weights at `weights_dtype(precision, device)`, the
+    noise schedule stays float32. A run config's `use_ema` only says how it trained: the sampling model holds one
+    set of weights."""
     check_checkpoint(ckpt_path)
     if OmegaConf.select(config, "model.params.use_ema"):
         config = OmegaConf.merge(config, {"model": {"params": {"use_ema": False}}})
@@ -155,6 +173,9 @@ def load_model(config: DictConfig, ckpt_path: str, device: torch.device, use_ema
             model = instantiate_from_config(config.model)
     except (KeyError, TypeError, ValueError, ImportError) as err:
         raise UserError(f"cannot build the model from the config: {err}") from None
+    dtype = weights_dtype(precision, device)
+    for part in (model.model, model.first_stage_model, model.cond_stage_model):
+        part.to(dtype)  # still on meta: the file's tensors load at this dtype
     try:
         load_model_weights(model, ckpt_path, use_ema=use_ema)
     except ShapeMismatchError as err:
@@ -352,7 +373,7 @@ def generate(opt: argparse.Namespace, init_img: Optional[str] = None) -> list[Pa
     if init is not None:
         img2img_steps(opt.ddim_steps, strength)
     scope = precision_scope(opt.precision, device)
-    model = load_model(config, opt.ckpt, device, use_ema=opt.use_ema)
+    model = load_model(config, opt.ckpt, device, use_ema=opt.use_ema, precision=opt.precision)
     loras = apply_lora_files(model, config.model, opt.lora)
     tolerances = (ADAPTIVE_TOLERANCES[0] if opt.rtol is None else opt.rtol,
                   ADAPTIVE_TOLERANCES[1] if opt.atol is None else opt.atol)

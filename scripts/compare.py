@@ -21,7 +21,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from ldm.eval.compare import (ModelSpec, Scorer, ToyPromptScorer, cost_row, default_prompts,  # noqa: E402
                               draw_comparison, mean, percent, table_rows, unique_labels, write_tables)
 from ldm.eval.generation import SampleSettings, model_config, sample_model  # noqa: E402
-from ldm.inference import check_checkpoint, choose_device, read_prompts, run_command  # noqa: E402
+from ldm.inference import (add_precision_argument, check_checkpoint, choose_device, read_prompts,  # noqa: E402
+                           run_command)
 from ldm.lora_files import check_lora_specs  # noqa: E402
 from ldm.util import UserError, ensure_writable_dir  # noqa: E402
 
@@ -48,6 +49,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     add("--config", default=None, help="model config for every model (default: each checkpoint's run config, "
         "else the SD v1 inference config)")
     add("--device", choices=["auto", "cuda", "mps", "cpu"], default="auto")
+    add_precision_argument(parser)
     add("--scorer", choices=["none", "toy"], default="none", help="toy: the toy world's scorer")
     add("--scorer_path", default=TOY_SCORER, help="the toy scorer's weights")
     add("--outdir", default="outputs/compare")
@@ -77,7 +79,7 @@ def make_scorer(opt: argparse.Namespace) -> Optional[Scorer]:
 def settings_of(opt: argparse.Namespace) -> SampleSettings:
     """The sampling settings every model shares."""
     return SampleSettings(list(range(opt.seed, opt.seed + opt.n)), opt.steps, opt.scale, opt.H, opt.W, opt.config,
-                          use_ema=opt.use_ema)
+                          use_ema=opt.use_ema, precision=opt.precision)
 
 
 def compare(opt: argparse.Namespace) -> str:

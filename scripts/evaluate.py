@@ -25,7 +25,8 @@ from ldm.data.personalized import DataError, list_images, load_rgb  # noqa: E402
 from ldm.eval.compare import ModelSpec, Scorer, ToyPromptScorer  # noqa: E402
 from ldm.eval.evaluate import Subject, evaluate_subject, paper_table, subject_class, subject_kind  # noqa: E402
 from ldm.eval.generation import SampleSettings, model_config  # noqa: E402
-from ldm.inference import check_checkpoint, choose_device, read_prompts, run_command  # noqa: E402
+from ldm.inference import (add_precision_argument, check_checkpoint, choose_device, read_prompts,  # noqa: E402
+                           run_command)
 from ldm.lora_files import check_lora_specs  # noqa: E402
 from ldm.util import UserError, atomic_write_text, ensure_writable_dir  # noqa: E402
 
@@ -55,6 +56,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     add("--W", type=int, default=None, help="image width (default: the config's native size)")
     add("--config", default=None, help="model config (default: the checkpoint's run config, else SD v1's)")
     add("--device", choices=["auto", "cuda", "mps", "cpu"], default="auto")
+    add_precision_argument(parser)
     add("--scorer", choices=["paper", "toy"], default="paper", help="paper: DINO, CLIP-I, CLIP-T; toy: the toy world's")
     add("--clip", default=None, help="a local CLIP ViT-B/32 folder (transformers format)")
     add("--dino", default=None, help="a local DINO ViT-S/16 folder (transformers format)")
@@ -141,7 +143,7 @@ def evaluate(opt: argparse.Namespace) -> str:
             check_model_folder(folder, kind, flag)
     subjects = subjects_of(opt)
     settings = SampleSettings(list(range(opt.seed, opt.seed + opt.n)), opt.steps, opt.scale, opt.H, opt.W,
-                              opt.config, opt.batch, opt.use_ema)
+                              opt.config, opt.batch, opt.use_ema, opt.precision)
     for subject in subjects:
         model_config(subject.model, settings)  # a bad config or size stops before any sampling
     outdir = Path(opt.outdir) if opt.outdir else default_outdir(subjects[0].model)

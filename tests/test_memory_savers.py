@@ -7,13 +7,12 @@ import pytorch_lightning as pl
 import torch
 from omegaconf import OmegaConf
 
-from conftest import REPO, TINY_CONFIG, build_tiny_model
+from conftest import TINY_CONFIG, build_tiny_model
 from ldm.checkpoint import CheckpointError, load_model_weights, on_meta, parameters_on_meta, save_weights
 from ldm.modules.diffusionmodules.schedule import SCHEDULE_BUFFERS
 from ldm.modules.encoders.modules import FrozenCLIPEmbedder
 from ldm.train_flags import apply_saver_flags
 from ldm.util import UserError, instantiate_from_config
-from test_train_e2e import load_script
 
 FINETUNE_CONFIG = "configs/tiny/v1-finetune_unfrozen.yaml"
 SMALL_TEXT = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2}
@@ -193,16 +192,6 @@ def test_the_saver_flags_go_into_the_model_config():
     untouched = OmegaConf.load(FINETUNE_CONFIG)
     apply_saver_flags(untouched, saver_flags())
     assert untouched == OmegaConf.load(FINETUNE_CONFIG)
-
-
-@pytest.mark.parametrize("precision, native, warned", [("bf16-true", False, True), ("bf16-mixed", False, True),
-                                                       ("bf16-true", True, False), ("32-true", False, False)])
-def test_bf16_on_a_cpu_that_emulates_it_is_named_with_the_way_out(monkeypatch, caplog, precision, native, warned):
-    main = load_script("dreambooth_main", REPO / "main.py")
-    monkeypatch.setattr(main, "cpu_has_bf16", lambda: native)
-    trainer = pl.Trainer(accelerator="cpu", precision=precision, logger=False, enable_progress_bar=False)
-    main.warn_emulated_bf16(trainer)
-    assert ("bf16 is emulated here" in caplog.text and "--precision 32" in caplog.text) == warned
 
 
 @pytest.mark.parametrize("device, kept", [("cpu", True), ("meta", False)])  # meta: any device but the CPU

@@ -12,7 +12,7 @@ from PIL import Image
 
 from ldm.eval.compare import ModelSpec
 from ldm.images import save_image
-from ldm.inference import load_model, sample_images
+from ldm.inference import load_model, precision_scope, sample_images
 from ldm.lora_files import apply_lora_files
 from ldm.model_config import latent_shape, native_size, sampling_config
 from ldm.util import file_sha256, free_memory
@@ -32,6 +32,7 @@ class SampleSettings:
     config: Optional[str] = None
     batch: int = 2  # images per sampler call
     use_ema: bool = False  # each checkpoint's EMA UNet (model_ema.*)
+    precision: str = "autocast"  # --precision: the weights' dtype and the autocast scope (ldm.inference)
 
 
 def model_config(spec: ModelSpec, settings: SampleSettings) -> tuple[DictConfig, tuple[int, int], tuple[int, ...]]:
@@ -47,7 +48,8 @@ def sample_model(spec: ModelSpec, settings: SampleSettings, prompts: Sequence[st
     model is freed before returning."""
     started = time.monotonic()
     config, (height, width), shape = model_config(spec, settings)
-    model = load_model(config, spec.ckpt, device, use_ema=settings.use_ema)
+    scope = precision_scope(settings.precision, device)
+    model = load_model(config, spec.ckpt, device, use_ema=settings.use_ema, precision=settings.precision)
     loras = apply_lora_files(model, config.model, spec.loras)
     loaded = time.monotonic()
     folder.mkdir(parents=True, exist_ok=True)
@@ -55,7 +57,7 @@ def sample_model(spec: ModelSpec, settings: SampleSettings, prompts: Sequence[st
             "checkpoint": Path(spec.ckpt).name, "checkpoint_sha256": file_sha256(spec.ckpt),
             **({"loras": loras} if loras else {}), **({"ema": True} if settings.use_ema else {})}
     images: dict[str, list[Image.Image]] = {}
-    with model.ema_scope():
+    with model.ema_scope(), scope:
         for k, prompt in enumerate(prompts):
             images[prompt] = []
             for first in range(0, len(settings.seeds), settings.batch):

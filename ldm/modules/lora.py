@@ -245,6 +245,18 @@ def is_lora_key(key: str) -> bool:
     return ".lora_A." in key or ".lora_B." in key
 
 
+def cast_base(module: nn.Module, dtype: torch.dtype) -> None:
+    """Store a module's floating-point weights and buffers in `dtype`, except its LoRA weights (those of an
+    injected module keep their own dtype, so that they train in float32 on a half-precision base)."""
+    for name, param in module.named_parameters():
+        if param.is_floating_point() and not is_lora_key(name):
+            param.data = param.data.to(dtype)
+    for part in module.modules():
+        for key, buffer in part._buffers.items():
+            if buffer is not None and buffer.is_floating_point():
+                part._buffers[key] = buffer.to(dtype)
+
+
 def base_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """An injected model's base weights under their SD v1 keys (peft's `.base_layer` undone, LoRA weights left out)."""
     return {key.replace(".base_layer.", "."): value for key, value in model.state_dict().items()

@@ -17,7 +17,7 @@ from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
 from ldm.modules.ema import LitEma
 from ldm.models.diffusion.lora_training import LoraTraining
 from ldm.models.diffusion.rollout import Rollout
-from ldm.modules.lora import LoraOptions
+from ldm.modules.lora import LoraOptions, cast_base
 from ldm.modules.losses import NoiseObjective, PriorPreservationLoss, concept_losses
 from ldm.optim import is_schedule_free, make_optimizer, uses_fused_backward
 from ldm.util import UserError, instantiate_from_config
@@ -132,7 +132,8 @@ class DDPM(pl.LightningModule):
 
     @property
     def unet_dtype(self) -> torch.dtype:
-        """The dtype the UNet holds its weights in (float32 unless trained with --precision bf16-true)."""
+        """The dtype the UNet holds its weights in (float32 unless trained with --precision bf16-true, or a LoRA
+        run's half-precision base)."""
         return self.model.diffusion_model.out[-1].weight.dtype
 
     def setup(self, stage: str) -> None:
@@ -240,18 +241,22 @@ class LatentDiffusion(LoraTraining, DDPM):
         return None if schedule.name == "constant" else schedule  # the constant rate needs no scheduler
 
     def setup(self, stage: str) -> None:
-        """Store the frozen parts (the VAE, and the text encoder when it does not train) in half precision under a
-        mixed-precision run, or as `frozen_precision` says; they compute under autocast as before."""
+        """Store the frozen parts (the VAE, the text encoder when it does not train, a LoRA run's base on an
+        accelerator) in half precision under a mixed-precision run, or as `frozen_precision` says; they compute
+        under autocast as before."""
         super().setup(stage)
         if self.compile_unet:
             self.compile_diffusion_model()
-        dtype = self.frozen_dtype(str(self.trainer.precision) if self._trainer is not None else "32-true")
+        trainer = self._trainer
+        dtype = self.frozen_dtype(str(trainer.precision) if trainer is not None else "32-true")
         if dtype is None:
             return
+        device = trainer.strategy.root_device if trainer is not None else self.device
         frozen = [self.first_stage_model] + ([] if self.cond_stage_trainable else [self.cond_stage_model])
+        frozen += self.frozen_base(device.type)
         for part in frozen:
-            part.to(dtype)
-        logger.info("frozen parts (%s) stored in %s", " and ".join(type(p).__name__ for p in frozen),
+            cast_base(part, dtype)
+        logger.info("frozen parts (%s) stored in %s", ", ".join(type(p).__name__ for p in frozen),
                     str(dtype).removeprefix("torch."))
 
     def compile_diffusion_model(self) -> None:
@@ -482,7 +487,9 @@ class LatentDiffusion(LoraTraining, DDPM):
                     (str(trainer.precision) == "16-mixed", "precision 16-mixed (its loss scaler unscales all "
                      "gradients before the step; use bf16-mixed or bf16-true)"),
                     (trainer.world_size > 1, f"{trainer.world_size} processes (each parameter would step before its "
-                     "gradient is averaged across them)")]
+                     "gradient is averaged across them)"),
+                    (bool(self.compile_unet), "compile_unet (--compile: the compiled UNet's backward returns all its "
+                     "gradients at once, so the fused backward would save nothing)")]
         for problem, why in problems:
             if problem:
                 raise UserError(f"model.params.optimizer.fused_backward (--fused_backward) does not work with {why}; "

@@ -24,6 +24,7 @@ class LoraTraining:
 
     lora: Optional[LoraOptions]
     lora_names: Optional[LoraNames] = None  # set once injected
+    frozen_precision: str
 
     def inject_lora(self, unet_params: dict) -> None:
         """Wrap the target modules in LoRA layers (call after loading the base weights); only they train from now."""
@@ -34,6 +35,14 @@ class LoraTraining:
         logger.info("LoRA rank %d (alpha %g, targets %s%s) on %d modules: %.2f M parameters train, the base stays "
                     "frozen", self.lora.rank, self.lora.alpha or self.lora.rank, self.lora.targets,
                     " and the text encoder" if self.lora.text_encoder else "", len(modules), trained / 1e6)
+
+    def frozen_base(self, device_type: str) -> list[nn.Module]:
+        """The modules whose frozen base a LoRA run stores at the frozen dtype beside float32 LoRA weights: the UNet,
+        and the text encoder when its LoRA trains; on an accelerator (the CPU keeps them in float32 unless
+        `frozen_precision` names a dtype), none without LoRA."""
+        if self.lora_names is None or (device_type == "cpu" and self.frozen_precision == "auto"):
+            return []
+        return [self.model] + ([self.cond_stage_model] if self.cond_stage_trainable else [])
 
     def trained_parameters(self, module: nn.Module) -> list[nn.Parameter]:
         """What the optimizer updates in `module`: all its parameters, or its LoRA weights only in a LoRA run (by

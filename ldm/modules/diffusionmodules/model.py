@@ -71,7 +71,8 @@ class ResnetBlock(nn.Module):
 
 
 class AttnBlock(nn.Module):
-    """Single-head self-attention over all H*W positions, with 1x1-conv projections and a residual."""
+    """Single-head self-attention over all H*W positions, with 1x1-conv projections and a residual; SDPA gets 4-D
+    tensors (B, 1, HW, C), so that a GPU runs its memory-efficient or flash kernel instead of the math one."""
 
     def __init__(self, in_channels: int) -> None:
         super().__init__()
@@ -84,9 +85,9 @@ class AttnBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c, height, width = x.shape
         h = self.norm(x)
-        q, k, v = (proj(h).flatten(2).transpose(1, 2) for proj in (self.q, self.k, self.v))
+        q, k, v = (proj(h).flatten(2).transpose(1, 2)[:, None] for proj in (self.q, self.k, self.v))
         h = F.scaled_dot_product_attention(q, k, v)
-        h = h.transpose(1, 2).reshape(b, c, height, width)
+        h = h[:, 0].transpose(1, 2).reshape(b, c, height, width)
         return x + self.proj_out(h)
 
 
