@@ -52,14 +52,17 @@ def optimizer_name(optimizer: torch.optim.Optimizer, pl_module: pl.LightningModu
 
 class StepTimer(Callback):
     """Wall time of every optimizer step, the start-up time (process start to the start of training: model loaded,
-    optimizer built) and the peak memory after the last step (CUDA max allocated on a GPU, and the process's peak
-    RSS), written to `output` as JSON once max_steps is reached, before the final last.ckpt is saved."""
+    optimizer built) and the peak memory after the last step (CUDA max allocated and reserved on a GPU, also per step,
+    callbacks of the step included; and the process's peak RSS), written to `output` as JSON once max_steps is
+    reached, before the final last.ckpt is saved."""
 
     def __init__(self, output: str):
         super().__init__()
         self.output = Path(output)
         self.steps: list[float] = []
         self.startup: Optional[float] = None
+        self.step_peaks: list[tuple[int, int]] = []  # CUDA (max allocated, max reserved) of each step
+        self._peaks = (0, 0)  # of the steps before the current one and of what came before training
         self._last = 0.0
         self._step = -1
         self._written = False
@@ -74,6 +77,10 @@ class StepTimer(Callback):
         started = process_start_time()
         self.startup = None if started is None else time.time() - started
         self._last, self._step = self._clock(pl_module), trainer.global_step
+        if pl_module.device.type == "cuda":  # loading and caching are not the first step's
+            self._peaks = (torch.cuda.max_memory_allocated(pl_module.device),
+                           torch.cuda.max_memory_reserved(pl_module.device))
+            torch.cuda.reset_peak_memory_stats(pl_module.device)
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
@@ -81,9 +88,18 @@ class StepTimer(Callback):
             return
         now = self._clock(pl_module)
         self.steps.append(now - self._last)
+        if pl_module.device.type == "cuda":
+            self._record_step_peak(pl_module.device)
         self._last, self._step = now, trainer.global_step
         if trainer.global_step >= trainer.max_steps:
             self.write(trainer, pl_module)
+
+    def _record_step_peak(self, device: torch.device) -> None:
+        """The step's own CUDA peaks (those of the earlier steps are kept for the whole run's), then a fresh count."""
+        peak = (torch.cuda.max_memory_allocated(device), torch.cuda.max_memory_reserved(device))
+        self.step_peaks.append(peak)
+        self._peaks = (max(self._peaks[0], peak[0]), max(self._peaks[1], peak[1]))
+        torch.cuda.reset_peak_memory_stats(device)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not self._written:  # stopped before max_steps
@@ -94,9 +110,12 @@ class StepTimer(Callback):
         if not trainer.is_global_zero:
             return
         device = pl_module.device
+        cuda = device.type == "cuda"
         result = {
             "steps": self.steps, "startup_s": self.startup, "peak_rss_bytes": peak_rss_bytes(),
-            "cuda_max_allocated_bytes": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
+            "cuda_max_allocated_bytes": max(self._peaks[0], torch.cuda.max_memory_allocated(device)) if cuda else None,
+            "cuda_max_reserved_bytes": max(self._peaks[1], torch.cuda.max_memory_reserved(device)) if cuda else None,
+            "cuda_step_peaks": self.step_peaks if cuda else None,
             "device": device.type, "torch_threads": torch.get_num_threads(), "precision": str(trainer.precision),
             "optimizer": optimizer_name(trainer.optimizers[0], pl_module) if trainer.optimizers else None,
             "gradient_checkpointing": any(getattr(m, "use_checkpoint", False) for m in pl_module.modules()),
