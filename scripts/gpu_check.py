@@ -29,15 +29,14 @@ from typing import Callable, Optional, Sequence
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+# Only light imports at the top: every stage's process loads this file, and the stages that need neither transformers
+# nor Lightning (env, sdpa, adamw8bit) start in a second instead of several.
 import torch  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 
 import ldm.adamw8bit  # noqa: E402
 from ldm import device_check  # noqa: E402
-from ldm.benchmarking import median_seconds, random_checkpoint, sample_once, write_photos  # noqa: E402
-from ldm.inference import load_model, precision_scope, run_command  # noqa: E402
 from ldm.model_config import latent_shape, load_config  # noqa: E402
-from ldm.models.diffusion.control import Control, ControlStack, controlled  # noqa: E402
 from ldm.util import UserError, atomic_write_text, ensure_writable_dir, instantiate_from_config  # noqa: E402
 
 STAGES = ("env", "sdpa", "adamw8bit", "lowmem", "fastest", "sampling")
@@ -118,6 +117,9 @@ def worker_train(spec: dict) -> dict:
 
 def worker_sampling(spec: dict) -> dict:
     """50 DDIM steps with guidance through the sampling path, then with a random ControlNet; times and peaks."""
+    from ldm.benchmarking import median_seconds, sample_once
+    from ldm.inference import load_model, precision_scope
+    from ldm.models.diffusion.control import Control, ControlStack, controlled
     device, config = torch.device(spec["device"]), load_config(spec["config"])
     model = load_model(config, spec["ckpt"], device)
     scope = precision_scope("autocast", device)
@@ -185,6 +187,7 @@ class Check:
 
     def checkpoint(self) -> Path:
         """The inference config's model with random weights (every stage's SD v1 file), written once."""
+        from ldm.benchmarking import random_checkpoint
         if self._ckpt is None:
             self._ckpt = random_checkpoint(load_config(self.config("v1-inference.yaml")), self.work)
         return self._ckpt
@@ -224,6 +227,7 @@ class Check:
     def train_argv(self, config: str, steps: int, tag: str, extra: Sequence[str]) -> tuple[list[str], Path, Path]:
         """main.py's arguments for `steps` steps at the check's size, batch 1 + 1 with prior preservation, no step
         files, with the StepTimer; the run folder and the timer's file."""
+        from ldm.benchmarking import write_photos
         photos, size = write_photos(self.work, self.sizes.size), self.sizes.size
         logdir, timer = self.work / "runs" / tag, self.work / "stages" / f"{tag}-timer.json"
         argv = ["--base", config, "-t", "--actual_resume", str(self.checkpoint()), "--data_root",
@@ -251,12 +255,17 @@ def gib(value: Optional[float]) -> str:
     return "n/a" if value is None else f"{value:.2f} GiB"
 
 
+def reserved(value: Optional[float]) -> str:
+    return "" if value is None else f", peak {value:.2f} GiB reserved"
+
+
 def stage_env(check: Check) -> dict:
     env = check.run("env", "env", {})
     check.env = env
     rows = [("versions", f"python {env['python']}, torch {env['torch']}, lightning {env['lightning']}, CUDA "
                          f"{env['cuda']}, cuDNN {env['cudnn']}, triton {env['triton']}"),
-            ("device", f"{env['name']} (compute capability {env['capability']})")]
+            ("device", f"{env['name']} ({'compute' if check.device == 'cuda' else 'CPU'} capability "
+                       f"{env['capability']})")]
     if check.device == "cuda":
         rows += [("native bf16", "yes" if env["bf16_native"] else "no: bf16 is emulated; use 16-mixed or fp32"),
                  ("memory", f"{env['free_gib']:.2f} GiB free of {env['total_gib']:.2f} GiB; cap {check.cap_gib:.2f} "
@@ -336,7 +345,7 @@ def stage_fastest(check: Check) -> dict:
     record.update(flops_per_step=flops, achieved_tflops=achieved, mfu=achieved / peak if peak else None,
                   steps_800_s=800 * record["s_per_step"], config=f"v1-finetune_unfrozen --precision {precision}")
     mfu = f"MFU {100 * record['mfu']:.1f} % of {peak:g} TFLOP/s" if peak else "MFU n/a (card not in the table)"
-    rows += [("FLOPs per step", f"{flops / 1e12:.3f} TFLOP counted (forward + backward), {achieved:.2f} TFLOP/s, "
+    rows += [("FLOPs per step", f"{flops / 1e12:.3g} TFLOP counted (forward + backward), {achieved:.3g} TFLOP/s, "
                                 f"{mfu}"),
              ("800 steps", f"{record['steps_800_s']:.0f} s (s/step x 800, start-up not included)")]
     return {**record, "rows": rows}
@@ -348,9 +357,8 @@ def stage_sampling(check: Check) -> dict:
             "size": check.sizes.size, "steps": check.sizes.ddim_steps, "repeats": check.sizes.repeats}
     result = check.run("sampling", "sampling", spec)
     what = f"{check.sizes.ddim_steps} DDIM steps, {check.sizes.size} px, guidance 7.5"
-    rows = [(what, f"{result['plain_s']:.3f} s, peak {gib(result['peak_reserved_gib'])} reserved"),
-            (f"{what}, ControlNet", f"{result['controlnet_s']:.3f} s, peak "
-                                    f"{gib(result['controlnet_peak_reserved_gib'])} reserved")]
+    rows = [(what, f"{result['plain_s']:.3f} s{reserved(result['peak_reserved_gib'])}"),
+            (f"{what}, ControlNet", f"{result['controlnet_s']:.3f} s{reserved(result['controlnet_peak_reserved_gib'])}")]
     return {**result, "rows": rows}
 
 
@@ -400,13 +408,13 @@ def target_rows(records: dict[str, dict]) -> list[tuple[str, str]]:
 
 def print_table(title: str, records: dict[str, dict], verdict_rows: list[tuple[str, str]]) -> None:
     print(title)
-    print(f"{'stage':<10} {'what':<40} result")
+    print(f"{'stage':<10} {'what':<44} result")
     for stage, record in records.items():
         rows = record.get("rows") or [("", f"{record['status']}: {record['error']}")]
         for what, result in rows:
-            print(f"{stage:<10} {what:<40} {result}")
+            print(f"{stage:<10} {what:<44} {result}")
     for what, result in verdict_rows:
-        print(f"{'verdict':<10} {what:<40} {result}")
+        print(f"{'verdict':<10} {what:<44} {result}")
 
 
 def parse_stages(text: str) -> list[str]:
@@ -467,6 +475,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     opt = parse_args(argv)
     if opt.worker:
         return run_worker(opt.spec)
+    from ldm.inference import run_command
     return run_command(lambda: self_check(opt))
 
 
