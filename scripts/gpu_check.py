@@ -51,7 +51,7 @@ class Sizes:
     configs: str
     controlnet: str
     size: int
-    lowmem_steps: int  # training steps of the lowmem run; the image logger runs at log_step
+    lowmem_steps: int  # training steps of the lowmem run; the image logger runs at log_step (only: 2 x log_step > it)
     log_step: int
     fastest_steps: int
     ddim_steps: int
@@ -60,7 +60,7 @@ class Sizes:
 
 
 FULL = Sizes("configs/stable-diffusion", "configs/controlnet/cldm_v15.yaml", 512, 5, 3, 8, 50, 3, 600)
-TINY = Sizes("configs/tiny", "configs/tiny/cldm_v15.yaml", 64, 4, 2, 4, 5, 1, 300)
+TINY = Sizes("configs/tiny", "configs/tiny/cldm_v15.yaml", 64, 4, 3, 4, 5, 1, 300)
 
 
 def progress(text: str) -> None:
@@ -244,7 +244,8 @@ class Check:
     def train(self, stage: str, config: str, steps: int, extra: Sequence[str], env: Optional[dict] = None) -> dict:
         argv, logdir, timer = self.train_argv(config, steps, stage, extra)
         try:
-            return self.run(stage, "train", {"argv": argv, "timer": str(timer)}, env)
+            result = self.run(stage, "train", {"argv": argv, "timer": str(timer)}, env)
+            return {**result, "sample_grids": len(list(logdir.glob("*/images/train/samples_*.png")))}
         finally:
             shutil.rmtree(logdir, ignore_errors=True)  # its last.ckpt: up to 13 GB at full size
 
@@ -296,14 +297,16 @@ def training_rows(result: dict, skip: int) -> tuple[dict, list]:
     """s/step (median of steps 2..N other than the `skip`-th, 1-based) and peak memory of a StepTimer result."""
     steps = [s for i, s in enumerate(result["steps"][1:], start=2) if i != skip]
     record = {"s_per_step": statistics.median(steps), "steps": result["steps"], "precision": result["precision"],
-              "optimizer": result["optimizer"], "peak_rss_gib": (result["peak_rss_bytes"] or 0) / GiB}
+              "optimizer": result["optimizer"], "peak_rss_gib": (result["peak_rss_bytes"] or 0) / GiB,
+              "startup_s": result["startup_s"]}
     peaks = result.get("cuda_step_peaks")
     if peaks:
         kept = [p for i, p in enumerate(peaks, start=1) if i != skip]
         record.update(peak_allocated_gib=max(p[0] for p in kept) / GiB, peak_reserved_gib=max(p[1] for p in kept) / GiB)
     memory = (f"peak {gib(record['peak_allocated_gib'])} allocated, {gib(record['peak_reserved_gib'])} reserved"
               if peaks else f"peak RSS {gib(record['peak_rss_gib'])} (the whole process)")
-    rows = [("training step", f"{record['s_per_step']:.3f} s/step, {memory} ({result['precision']}, "
+    startup = "" if result["startup_s"] is None else f", start-up {result['startup_s']:.1f} s"
+    rows = [("training step", f"{record['s_per_step']:.3f} s/step, {memory}{startup} ({result['precision']}, "
                               f"{result['optimizer']})")]
     return record, rows
 
@@ -318,14 +321,16 @@ def stage_lowmem(check: Check) -> dict:
     env = {"PYTORCH_CUDA_ALLOC_CONF": os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")}
     result = check.train("lowmem", check.config("v1-finetune_lowmem.yaml"), sizes.lowmem_steps, extra, env)
     record, rows = training_rows(result, sizes.log_step)
-    record["image_logging_s"] = result["steps"][sizes.log_step - 1] - record["s_per_step"]
+    record.update(image_logging_s=result["steps"][sizes.log_step - 1] - record["s_per_step"],
+                  sample_grids=result["sample_grids"])
     peaks = result.get("cuda_step_peaks")
     if peaks:
         record.update(logging_allocated_gib=peaks[sizes.log_step - 1][0] / GiB,
                       logging_reserved_gib=peaks[sizes.log_step - 1][1] / GiB)
     memory = (f", peak {gib(record['logging_allocated_gib'])} allocated, {gib(record['logging_reserved_gib'])} "
               "reserved" if peaks else "")
-    rows.append(("image-logging step", f"+{record['image_logging_s']:.2f} s over a step{memory}"))
+    rows.append(("image-logging step", f"+{record['image_logging_s']:.2f} s over a step{memory}, "
+                                       f"{record['sample_grids']} sample grids written"))
     return {**record, "rows": rows, "settings": extra}
 
 
@@ -447,8 +452,9 @@ def self_check(opt: argparse.Namespace) -> str:
     stages = parse_stages(opt.stages)
     if opt.device == "cuda" and not torch.cuda.is_available():
         raise UserError(f"--device cuda: PyTorch {torch.__version__} sees no CUDA GPU here; use --device cpu")
-    if opt.vram is not None and opt.vram <= 0:
-        raise UserError(f"--vram {opt.vram}: must be a positive number of GiB")
+    if opt.vram is not None and (opt.vram <= 0 or opt.device == "cpu" or not torch.cuda.is_available()):
+        raise UserError(f"--vram {opt.vram}: caps a CUDA card's memory, so it needs a card and a positive number of "
+                        "GiB")
     out = Path(opt.out or f"outputs/gpu-check/{datetime.datetime.now():%Y%m%d-%H%M%S}.json")
     ensure_writable_dir(out.parent, "--out")
     with tempfile.TemporaryDirectory() as tmp:

@@ -32,8 +32,10 @@ def test_tiny_runs_every_stage_and_reports_numbers(tmp_path, capsys):
     assert eight["parity_bfloat16"] > 0.99 and abs(eight["rounding_moved"] - 0.3) < 0.02
     assert eight["syncs_per_step"] is None  # counted on CUDA only
     lowmem, fastest, sampling = stages["lowmem"], stages["fastest"], stages["sampling"]
-    assert lowmem["s_per_step"] > 0 and lowmem["image_logging_s"] > -lowmem["s_per_step"] and lowmem["peak_rss_gib"] > 0
+    assert lowmem["s_per_step"] > 0 and lowmem["peak_rss_gib"] > 0 and lowmem["startup_s"] > 0
+    assert lowmem["sample_grids"] == 2 and isinstance(lowmem["image_logging_s"], float)  # instance and class
     assert len(lowmem["steps"]) == gpu_check.TINY.lowmem_steps and lowmem["optimizer"].startswith("adamw8bit_torch")
+    assert len(list((tmp_path / "work").glob("random-*.ckpt"))) == 1  # one random checkpoint for every stage
     assert fastest["flops_per_step"] > 1e9 and fastest["mfu"] is None  # a CPU is not in the table of peaks
     assert fastest["steps_800_s"] == pytest.approx(800 * fastest["s_per_step"])
     assert sampling["plain_s"] > 0 and sampling["controlnet_s"] > 0
@@ -68,10 +70,13 @@ def test_a_failed_stage_is_one_line_and_the_others_still_run(tmp_path, capsys, m
     assert list(stages) == ["env", "sdpa", "adamw8bit"] and stages["adamw8bit"]["status"] == "ok"
 
 
-def test_unknown_stages_are_one_line(capsys):
+def test_unknown_stages_and_a_cap_without_a_card_are_one_line(capsys):
     assert gpu_check.main(["--stages", "env,warp"]) == 1
     assert capsys.readouterr().err.strip().splitlines() == [
         "error: --stages 'env,warp': expected a comma-separated subset of env,sdpa,adamw8bit,lowmem,fastest,sampling"]
+    assert gpu_check.main(["--device", "cpu", "--vram", "6"]) == 1
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "error: --vram 6.0: caps a CUDA card's memory, so it needs a card and a positive number of GiB"]
 
 
 def test_out_of_memory_in_a_stage_process_does_not_fit(tmp_path, monkeypatch):
@@ -81,7 +86,7 @@ def test_out_of_memory_in_a_stage_process_does_not_fit(tmp_path, monkeypatch):
         return SimpleNamespace(returncode=1)
 
     monkeypatch.setattr(subprocess, "run", oom)
-    opt = gpu_check.parse_args(["--tiny", "--device", "cpu", "--vram", "6"])
+    opt = gpu_check.parse_args(["--tiny", "--device", "cpu"])
     check = gpu_check.Check(opt, tmp_path)
     with pytest.raises(gpu_check.StageFailed) as caught:
         check.run("lowmem", "train", {})
