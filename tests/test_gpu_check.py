@@ -1,6 +1,7 @@
 """sd-gpu-check (scripts/gpu_check.py): the --tiny run on the CPU runs every stage and reports numbers in its table
 and JSON; a failed stage is one line and exit status 1, an out-of-memory stage "does not fit"; the StepTimer's per-step
-CUDA peaks that the lowmem stage reads; SDPA shapes, FLOP counts and card peaks from the configs."""
+CUDA peaks that the lowmem stage reads; SDPA shapes from the config, card peaks by name; the library's 8-bit self-check
+is preferred where it exists."""
 import json
 import subprocess
 from types import SimpleNamespace
@@ -8,6 +9,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+import ldm.adamw8bit
 from conftest import REPO, load_script
 from ldm import device_check
 from ldm.callbacks.timing import StepTimer
@@ -93,7 +95,7 @@ def test_out_of_memory_in_a_stage_process_does_not_fit(tmp_path, monkeypatch):
     assert caught.value.status == "does not fit"
 
 
-def test_the_attention_shapes_and_flops_come_from_the_config():
+def test_the_attention_shapes_come_from_the_config_and_known_cards_have_peaks():
     shapes = device_check.attention_shapes(load_config(FULL_INFERENCE), 512)
     assert shapes == {"UNet head dim 40": (8, 4096, 40), "UNet head dim 80": (8, 1024, 80),
                       "UNet head dim 160": (8, 256, 160), "VAE 1 head of 512": (1, 4096, 512)}
@@ -125,3 +127,9 @@ def test_the_step_timer_keeps_each_steps_cuda_peaks(tmp_path, monkeypatch):
     result = json.loads(output.read_text())
     assert result["cuda_step_peaks"] == [[4, 6], [7, 8], [3, 6]]
     assert (result["cuda_max_allocated_bytes"], result["cuda_max_reserved_bytes"]) == (9, 10)
+
+
+def test_the_8_bit_stage_uses_the_librarys_own_self_check_where_it_exists(monkeypatch):
+    monkeypatch.setattr(ldm.adamw8bit, "adamw8bit_self_check", lambda device: {"parity": 1.0, "on": device.type},
+                        raising=False)
+    assert gpu_check.adamw8bit_check(torch.device("cpu")) == {"parity": 1.0, "on": "cpu"}
