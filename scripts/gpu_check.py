@@ -458,7 +458,7 @@ def self_check(opt: argparse.Namespace) -> str:
     out = Path(opt.out or f"outputs/gpu-check/{datetime.datetime.now():%Y%m%d-%H%M%S}.json")
     ensure_writable_dir(out.parent, "--out")
     with tempfile.TemporaryDirectory() as tmp:
-        work = Path(opt.workdir or tmp)
+        work = Path(opt.workdir or tmp).resolve()  # the stage processes run in the repository
         work.mkdir(parents=True, exist_ok=True)
         check = Check(opt, work)
         records = run_stages(check, stages)
