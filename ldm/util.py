@@ -61,6 +61,10 @@ def format_bytes(n: float) -> str:
     return f"{n:.0f} B" if power == 0 else f"{n / 1000 ** power:.1f} {units[power]}"
 
 
+# the GPU peaks of closed spans (span_peak), per device, since reset_peak_memory
+_folded_peaks: dict[torch.device, tuple[int, int]] = {}
+
+
 def free_memory(device: torch.device) -> None:
     """Collect garbage and, on a GPU, hand the caching allocator's unused blocks back to the driver."""
     gc.collect()
@@ -80,11 +84,13 @@ def peak_rss_bytes() -> Optional[int]:
 
 def peak_memory_stats(device: torch.device) -> dict[str, Optional[int]]:
     """The peak memory since the last `reset_peak_memory`: the process's peak RSS, and on a GPU the peak bytes the
-    tensors held (allocated) and the caching allocator held (reserved, what the card must have)."""
+    tensors held (allocated) and the caching allocator held (reserved, what the card must have), the peaks of the
+    spans that `span_peak` closed included."""
     cuda = device.type == "cuda"
+    folded = _folded_peaks.get(device, (0, 0))
     return {"peak_rss_bytes": peak_rss_bytes(),
-            "cuda_max_allocated_bytes": torch.cuda.max_memory_allocated(device) if cuda else None,
-            "cuda_max_reserved_bytes": torch.cuda.max_memory_reserved(device) if cuda else None}
+            "cuda_max_allocated_bytes": max(folded[0], torch.cuda.max_memory_allocated(device)) if cuda else None,
+            "cuda_max_reserved_bytes": max(folded[1], torch.cuda.max_memory_reserved(device)) if cuda else None}
 
 
 def peak_memory_text(device: torch.device) -> str:
@@ -100,7 +106,18 @@ def peak_memory_text(device: torch.device) -> str:
 def reset_peak_memory(device: torch.device) -> None:
     """Start the GPU's peak counters afresh (the process's peak RSS cannot be reset)."""
     if device.type == "cuda":
+        _folded_peaks.pop(device, None)
         torch.cuda.reset_peak_memory_stats(device)
+
+
+def span_peak(device: torch.device) -> tuple[int, int]:
+    """The GPU's (allocated, reserved) peak since the last span closed (one training step), then a fresh count for
+    the next; `peak_memory_stats` still reports the peak since `reset_peak_memory`."""
+    peak = (torch.cuda.max_memory_allocated(device), torch.cuda.max_memory_reserved(device))
+    folded = _folded_peaks.get(device, (0, 0))
+    _folded_peaks[device] = (max(folded[0], peak[0]), max(folded[1], peak[1]))
+    torch.cuda.reset_peak_memory_stats(device)
+    return peak
 
 
 def backend_settings() -> dict[str, Any]:

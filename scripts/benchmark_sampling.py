@@ -4,26 +4,23 @@ Any of our samplers can be timed; those without a diffusers scheduler of the sam
 sides run with the same settings (weights' dtype, TF32, cuDNN autotuning), printed above the times.
 """
 import argparse
-import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Optional, Sequence
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
-from ldm.checkpoint import save_weights  # noqa: E402
 from ldm.benchmark_reference import backend_text, default_backend  # noqa: E402
-from ldm.inference import (SAMPLER_NAMES, USER_ERRORS, choose_device, load_model, make_generators,  # noqa: E402
-                           sample_latents)
+from ldm.benchmarking import median_seconds, random_checkpoint, sample_once  # noqa: E402
+from ldm.inference import (SAMPLER_NAMES, USER_ERRORS, choose_device, load_model, precision_scope,  # noqa: E402
+                           weights_dtype)
 from ldm.model_config import latent_shape, load_config, native_size  # noqa: E402
-from ldm.models.diffusion.sampling import randn  # noqa: E402
 from ldm.modules.encoders.modules import TOKENIZER_DIR, load_tokenizer  # noqa: E402
 from ldm.offline import import_offline  # noqa: E402
-from ldm.util import apply_backend_settings, backend_settings, instantiate_from_config  # noqa: E402
+from ldm.util import apply_backend_settings, backend_settings  # noqa: E402
 
 # Our sampler name -> (diffusers scheduler class, config overrides giving the same schedule).
 SCHEDULERS = {
@@ -58,41 +55,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def seconds(run: Callable[[], object], device: torch.device) -> float:
-    """Wall time of one call of `run`, waiting for the GPU to finish."""
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    run()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return time.perf_counter() - start
-
-
-def median_seconds(runs: Sequence[Callable[[], object]], repeats: int, device: torch.device) -> list[float]:
-    """Median time of each of `runs`, timed in turn (so a load change on the machine hits all), after a warm-up."""
-    times: list[list[float]] = [[] for _ in runs]
-    for k in range(repeats + 1):
-        for run, bucket in zip(runs, times):
-            elapsed = seconds(run, device)
-            if k:
-                bucket.append(elapsed)
-    return [statistics.median(bucket) for bucket in times]
-
-
 def side_settings(precision: str, device: torch.device) -> dict:
-    """What both sides run with: the weights' dtype (fp16 for `autocast` on a GPU, else fp32) and the backend flags
-    (main.py's TF32 matmuls, TF32 convolutions, no cuDNN autotuning)."""
-    half = precision == "autocast" and device.type != "cpu"
-    return {"dtype": torch.float16 if half else torch.float32, **default_backend()}
-
-
-def to_dtype(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
-    """Our model with its UNet, VAE and text encoder in `dtype`, the noise schedule left in float32, as diffusers'
-    pipeline holds its parts under `torch_dtype`."""
-    for part in (model.model, model.first_stage_model, model.cond_stage_model):
-        part.to(dtype)
-    return model
+    """What both sides run with: the weights' dtype (ldm.inference.weights_dtype: fp16 for `autocast` on a GPU, else
+    fp32) and the backend flags (main.py's TF32 matmuls, TF32 convolutions, no cuDNN autotuning)."""
+    return {"dtype": weights_dtype(precision, device), **default_backend()}
 
 
 def build_pipeline(ckpt: str, config: str, model: torch.nn.Module, sampler: str, dtype: torch.dtype):
@@ -122,12 +88,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         settings = side_settings(opt.precision, device)
         apply_backend_settings(settings)
         with tempfile.TemporaryDirectory() as tmp:
-            ckpt = opt.ckpt
-            if ckpt is None:
-                torch.manual_seed(0)
-                ckpt = str(Path(tmp) / "random.ckpt")
-                save_weights(instantiate_from_config(config.model).state_dict(), ckpt)
-            model = to_dtype(load_model(config, ckpt, device), settings["dtype"])
+            ckpt = opt.ckpt or str(random_checkpoint(config, Path(tmp)))
+            model = load_model(config, ckpt, device, precision=opt.precision)
             pipe = (build_pipeline(ckpt, opt.config, model, opt.sampler, settings["dtype"])
                     if opt.sampler in SCHEDULERS else None)
     except USER_ERRORS as err:
@@ -135,13 +97,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 1
     prompt, n = ["a photo of sks dog"] * opt.n_samples, opt.n_samples
 
-    @torch.no_grad()
     def ours() -> torch.Tensor:
-        cond, uncond = model.get_learned_conditioning(prompt), model.get_learned_conditioning([""] * n)
-        generators = make_generators(range(n))
-        noise = randn((n, *shape), generators, device)
-        z = sample_latents(model, opt.sampler, opt.steps, cond, uncond, opt.scale, noise, generators, progress=False)
-        return model.decode_first_stage(z)
+        return sample_once(model, opt.sampler, opt.steps, n, shape, opt.scale, precision_scope(opt.precision, device))
 
     def theirs() -> torch.Tensor:
         return pipe(prompt, num_inference_steps=opt.steps, guidance_scale=opt.scale, height=height, width=width,

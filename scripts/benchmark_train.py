@@ -15,6 +15,7 @@ reference runs with the TF32 and cuDNN autotuning flags that its set trained wit
 """
 import argparse
 import json
+import logging
 import os
 import shlex
 import shutil
@@ -33,8 +34,8 @@ sys.path.insert(0, str(REPO))
 # Nothing of Lightning at the top: each worker process imports what its own side needs, so that the reference's
 # start-up time holds no Lightning import (and ours holds what main.py imports).
 from ldm.util import UserError  # noqa: E402
-from ldm.benchmark_reference import (N_PHOTOS, WORKERS, backend_text, default_backend,  # noqa: E402
-                                     reference_parser)
+from ldm.benchmark_reference import WORKERS, backend_text, default_backend, reference_parser  # noqa: E402
+from ldm.benchmarking import config_key, random_checkpoint, write_photos  # noqa: E402
 from ldm.convert import diffusers_unet_config  # noqa: E402
 from ldm.offline import import_offline  # noqa: E402
 
@@ -128,41 +129,6 @@ def check_size(config, size: int) -> None:
     if size < multiple or size % multiple:
         raise UserError(f"--size {size}: must be a positive multiple of {multiple} for this model (autoencoder and "
                         f"UNet levels); try {max(multiple, size // multiple * multiple)}")
-
-
-def config_key(config) -> str:
-    import hashlib
-    from omegaconf import OmegaConf
-    return hashlib.sha1(OmegaConf.to_yaml(config.model).encode()).hexdigest()[:12]
-
-
-def write_photos(work: Path, size: int) -> Path:
-    """A few random PNGs at `size` in <work>/photos-<size>/{instance,class}."""
-    import numpy as np
-    from PIL import Image
-    folder = work / f"photos-{size}"
-    rng = np.random.default_rng(0)
-    for kind in ("instance", "class"):
-        (folder / kind).mkdir(parents=True, exist_ok=True)
-        for i in range(N_PHOTOS):
-            path = folder / kind / f"{i}.png"
-            if not path.is_file():
-                Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(path)
-    return folder
-
-
-def random_checkpoint(config, work: Path) -> Path:
-    """The config's model with seeded random weights as an SD v1 .ckpt, written once per model config."""
-    path = work / f"random-{config_key(config)}.ckpt"
-    if path.is_file():
-        return path
-    import torch
-    from ldm.checkpoint import save_weights
-    from ldm.util import instantiate_from_config
-    progress(f"writing a random-weight checkpoint of the config's model: {path}")
-    torch.manual_seed(0)
-    save_weights(instantiate_from_config(config.model).state_dict(), path)
-    return path
 
 
 def diffusers_parts(config) -> dict[str, Any]:
@@ -399,6 +365,7 @@ def benchmark(opt: argparse.Namespace) -> None:
         opt.device = "cuda" if torch.cuda.is_available() else "cpu"
     elif opt.device == "cuda" and not torch.cuda.is_available():
         raise UserError(f"--device cuda: PyTorch {torch.__version__} sees no CUDA GPU here")
+    logging.basicConfig(level=logging.INFO, format="%(message)s")  # the progress lines of ldm.benchmarking
     config = load_train_config(opt.config)
     check_size(config, opt.size)
     with tempfile.TemporaryDirectory() as tmp:

@@ -1,11 +1,11 @@
 """scripts/benchmark_sampling.py runs for a sampler diffusers has and for one it lacks (tiny config, one repeat),
 both sides with the same settings."""
-import copy
 
 import pytest
 import torch
 
 from conftest import TINY_CONFIG, load_script
+from ldm.inference import weights_dtype
 
 pytest.importorskip("diffusers", reason="the benchmark compares against diffusers' pipeline")
 benchmark = load_script("benchmark_sampling")
@@ -23,12 +23,12 @@ def test_benchmark_prints_times(capsys, sampler, compared):
     assert "both sides: weights float32, TF32 matmul high, cuDNN TF32 on, autotune off" in out
 
 
-def test_both_sides_hold_the_same_weights_dtype(tiny_model):
+def test_both_sides_hold_the_same_weights_dtype():
     gpu = benchmark.side_settings("autocast", torch.device("cuda"))
     assert gpu["dtype"] == torch.float16 and not gpu["cudnn_benchmark"]
     assert benchmark.side_settings("autocast", torch.device("cpu"))["dtype"] == torch.float32
     assert benchmark.side_settings("full", torch.device("cuda"))["dtype"] == torch.float32
-    ours = benchmark.to_dtype(copy.deepcopy(tiny_model), gpu["dtype"])  # diffusers' pipeline gets gpu["dtype"] too
-    assert ours.unet_dtype == torch.float16 and ours.first_stage_model.decoder.conv_out.weight.dtype == torch.float16
-    assert next(ours.cond_stage_model.parameters()).dtype == torch.float16
-    assert ours.alphas_cumprod.dtype == torch.float32  # the noise schedule stays float32
+    for precision, device in (("autocast", "cuda"), ("autocast", "cpu"), ("full", "cuda"), ("bf16", "cpu")):
+        # our model is loaded at weights_dtype (its dtypes are tested in test_precision); the pipeline gets the same
+        device = torch.device(device)
+        assert benchmark.side_settings(precision, device)["dtype"] == weights_dtype(precision, device)

@@ -19,7 +19,8 @@ from conftest import REPO, TINY_CONFIG
 COMMANDS = {"sd-dreambooth-train": "main:main", "sd-txt2img": "dreambooth_scripts.stable_txt2img:main",
             "sd-img2img": "dreambooth_scripts.img2img:main", "sd-evaluate": "dreambooth_scripts.evaluate:main",
             "sd-compare": "dreambooth_scripts.compare:main", "sd-merge-lora": "dreambooth_scripts.merge_lora:main",
-            "sd-prune-ckpt": "dreambooth_scripts.prune_ckpt:main", "sd-toy-demo": "dreambooth_scripts.toy_demo:main"}
+            "sd-prune-ckpt": "dreambooth_scripts.prune_ckpt:main", "sd-toy-demo": "dreambooth_scripts.toy_demo:main",
+            "sd-gpu-check": "dreambooth_scripts.gpu_check:main"}
 SOURCES = ("ldm", "scripts", "configs", "main.py", "setup.py", "pyproject.toml", "README.md", "requirements.txt",
            "requirements-test.txt")
 
@@ -79,7 +80,7 @@ def test_an_editable_install_gives_commands_that_work_from_any_folder(source, tm
         str(source))
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
-    for command in ("sd-dreambooth-train", "sd-evaluate", "sd-toy-demo"):  # each imports torch: a few seconds
+    for command in ("sd-dreambooth-train", "sd-evaluate", "sd-toy-demo", "sd-gpu-check"):  # each imports torch
         proc = subprocess.run([str(venv / "bin" / command), "--help"], cwd=elsewhere, capture_output=True, text=True,
                               timeout=120)
         assert proc.returncode == 0 and proc.stdout.startswith(f"usage: {command}"), command + proc.stderr[-2000:]

@@ -13,7 +13,7 @@ from pytorch_lightning.callbacks import Callback
 
 from ldm.optim import uses_fused_backward
 from ldm.per_param_optim import PerParameterOptimizer
-from ldm.util import atomic_write, backend_settings, peak_memory_stats
+from ldm.util import atomic_write, backend_settings, peak_memory_stats, reset_peak_memory, span_peak
 
 logger = logging.getLogger(__name__)
 
@@ -41,15 +41,16 @@ def optimizer_name(optimizer: torch.optim.Optimizer, pl_module: pl.LightningModu
 
 class StepTimer(Callback):
     """Wall time of every optimizer step, the start-up time (process start to the start of training: model loaded,
-    optimizer built) and the peak memory after the last step (ldm.util.peak_memory_stats: CUDA max allocated and
-    reserved on a GPU, and the process's peak RSS) and the backend flags, written to `output` as JSON once max_steps
-    is reached, before the final last.ckpt is saved."""
+    optimizer built), the peak memory since the start of training (ldm.util.peak_memory_stats: CUDA max allocated
+    and reserved on a GPU, also per step with the step's callbacks; the process's peak RSS) and the backend flags,
+    written to `output` as JSON once max_steps is reached, before the final last.ckpt is saved."""
 
     def __init__(self, output: str):
         super().__init__()
         self.output = Path(output)
         self.steps: list[float] = []
         self.startup: Optional[float] = None
+        self.step_peaks: list[tuple[int, int]] = []  # CUDA (max allocated, max reserved) of each step
         self._last = 0.0
         self._step = -1
         self._written = False
@@ -66,6 +67,7 @@ class StepTimer(Callback):
         self.startup = None if started is None else time.time() - started
         self.backend = backend_settings()  # what main.py and the trainer set: the benchmark's reference copies it
         self._last, self._step = self._clock(pl_module), trainer.global_step
+        reset_peak_memory(pl_module.device)  # loading and caching are not the first step's
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
@@ -73,6 +75,8 @@ class StepTimer(Callback):
             return
         now = self._clock(pl_module)
         self.steps.append(now - self._last)
+        if pl_module.device.type == "cuda":
+            self.step_peaks.append(span_peak(pl_module.device))
         self._last, self._step = now, trainer.global_step
         if trainer.global_step >= trainer.max_steps:
             self.write(trainer, pl_module)
@@ -86,8 +90,10 @@ class StepTimer(Callback):
         if not trainer.is_global_zero:
             return
         device = pl_module.device
+        cuda = device.type == "cuda"
         result = {
             "steps": self.steps, "startup_s": self.startup, **peak_memory_stats(device), "backend": self.backend,
+            "cuda_step_peaks": self.step_peaks if cuda else None,
             "device": device.type, "torch_threads": torch.get_num_threads(), "precision": str(trainer.precision),
             "optimizer": optimizer_name(trainer.optimizers[0], pl_module) if trainer.optimizers else None,
             "gradient_checkpointing": any(getattr(m, "use_checkpoint", False) for m in pl_module.modules()),
