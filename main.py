@@ -334,8 +334,8 @@ def fit(trainer: pl.Trainer, model: pl.LightningModule, data: pl.LightningDataMo
     finally:
         os.environ.pop(RUN_DIR_ENV, None)
     if checkpoints.stop_reason:
-        say(f"stopped by {checkpoints.stop_reason} at step {trainer.global_step}; saved {checkpoints.last_path}. "
-            f"Resume with: python main.py -t -r {run.logdir}")
+        say(f"stopped by {checkpoints.stop_reason} at step {trainer.global_step}; "
+            f"{checkpoints.stop_message(trainer.global_step)}")
         return 143 if checkpoints.stop_reason == "SIGTERM" else 130
     # (under ddp_spawn the callbacks ran in the workers, and this process's trainer is still at step 0)
     if not next(c for c in trainer.callbacks if isinstance(c, StepProgress)).trained and trainer.global_step:
