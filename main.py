@@ -30,7 +30,7 @@ from ldm.checkpoint import CheckpointError, check_checkpoint_file, load_model_we
 from ldm.class_images import generate_class_images
 from ldm.latent_cache import cache_latents
 from ldm.runs import Run, launched_per_process, new_run, resumed_run, warn_fresh_optimizer
-from ldm.train_flags import apply_flags
+from ldm.train_flags import apply_flags, fix_text_encoder_stop
 from ldm.util import DiskFullError, UserError, ensure_writable_dir, instantiate_from_config
 
 RUN_DIR_ENV = "DREAMBOOTH_RUN_DIR"  # tells the DDP worker processes, which re-run this script, the run folder
@@ -99,7 +99,8 @@ def get_parser() -> argparse.ArgumentParser:
     add("--lr_warmup_steps", type=float, default=None,
         help="linear warmup steps of the schedule, or a fraction of max_steps below 1")
     add("--stop_text_encoder_training", type=float, default=None, metavar="N",
-        help="freeze the text encoder from step N (a fraction of max_steps below 1; model.params.cond_stage_stop_step)")
+        help="freeze the text encoder from step N (a fraction of max_steps below 1, made a step when the run starts, "
+             "so a resume keeps it; model.params.cond_stage_stop_step)")
     add("--freeze_text_encoder", action="store_true", help="train the UNet only (less memory)")
     add("--cache_latents", action="store_true", help="encode the training images once with the VAE, and each caption "
         "once with a frozen text encoder, so that a step runs the UNet only (data.params.cache_latents, "
@@ -359,6 +360,7 @@ def train(opt: argparse.Namespace, overrides: list[str]) -> int:
     apply_flags(config, opt)
     lightning = config.pop("lightning")
     lightning.trainer = trainer_options(lightning.get("trainer") or OmegaConf.create(), opt)
+    fix_text_encoder_stop(config, lightning.trainer.max_steps)
     if run.weights and run.step >= lightning.trainer.max_steps:
         raise UserError(f"{run.weights} is at step {run.step} and max_steps is {lightning.trainer.max_steps}: pass "
                         f"--max_steps above {run.step} to train further")
