@@ -29,7 +29,8 @@ from ldm.callbacks import AtomicCheckpointIO, SetupCallback, StartAtStep, StepCh
 from ldm.checkpoint import CheckpointError, check_checkpoint_file, load_model_weights, parameters_on_meta
 from ldm.class_images import generate_class_images
 from ldm.latent_cache import cache_latents
-from ldm.runs import Run, launched_per_process, new_run, resumed_run, warn_fresh_optimizer
+from ldm.runs import (Run, launched_per_process, new_run, resumed_run, run_lock, takes_run_lock,
+                      warn_fresh_optimizer)
 from ldm.train_flags import apply_flags, fix_text_encoder_stop
 from ldm.util import DiskFullError, UserError, ensure_writable_dir, instantiate_from_config
 
@@ -57,7 +58,8 @@ def get_parser() -> argparse.ArgumentParser:
     flag = {"type": str2bool, "nargs": "?", "const": True, "default": False}
     add("-n", "--name", default="", help="job name, the suffix of the run folder logs/<timestamp>_<name>")
     add("-r", "--resume", default="",
-        help="resume a run folder (from its checkpoints/last.ckpt), a checkpoint in it, or 'latest' under --logdir")
+        help="resume a run folder (from its checkpoints/last.ckpt), a checkpoint in it, or 'latest': the run under "
+             "--logdir whose last.ckpt was written last (not the newest-created folder, unless none has one)")
     add("--resume_weights_only", action="store_true",
         help="with -r: continue from the newest weights-only step_N.ckpt at step N with a fresh optimizer")
     add("-b", "--base", nargs="*", default=[], metavar="config.yaml", help="configs, merged left to right")
@@ -128,6 +130,9 @@ def get_parser() -> argparse.ArgumentParser:
     add("--lora_text_encoder", action="store_true",
         help="also train LoRA on the text encoder's attention and MLP (model.params.lora.text_encoder)")
     add("--safetensors", action="store_true", help="also save fp16 .safetensors weights next to each checkpoint")
+    add("--threads", type=int, default=None, metavar="N", help="CPU threads per process (torch.set_num_threads and "
+        "OMP_NUM_THREADS; default: torch's, one per core). On a busy machine fewer threads can be much faster; the "
+        "start line says how many")
     add("--save_precision", default=None, metavar="fp16|bf16|fp32",
         help="precision of the weights-only step_N.ckpt files and the .safetensors copies (default: step files as "
              "trained, copies fp16); last.ckpt keeps full precision (lightning.modelcheckpoint.params.save_precision)")
@@ -148,6 +153,17 @@ def parse_devices(text: str) -> int | list[int] | str:
     if text == "auto":
         return text
     return parse_gpus(text)
+
+
+def set_threads(threads: Optional[int]) -> None:
+    """--threads: torch's CPU threads in this process, and OMP_NUM_THREADS for the processes it starts (DDP workers
+    re-run this script with the flag)."""
+    if threads is None:
+        return
+    if threads < 1:
+        raise UserError(f"--threads {threads}: expected 1 or more CPU threads")
+    os.environ["OMP_NUM_THREADS"] = str(threads)
+    torch.set_num_threads(threads)
 
 
 def run_folder(opt: argparse.Namespace, now: str) -> Run:
@@ -354,8 +370,17 @@ def train(opt: argparse.Namespace, overrides: list[str]) -> int:
         raise UserError("--actual_resume is required: the Stable Diffusion v1 checkpoint to fine-tune")
     if not opt.resume:
         check_checkpoint_file(opt.actual_resume, "--actual_resume")
+    set_threads(opt.threads)
     now = datetime.datetime.now().strftime("%Y-%m-%dT%H-%M-%S")
     run = run_folder(opt, now)
+    if not takes_run_lock():
+        return train_run(opt, overrides, run, now)
+    with run_lock(run.logdir, run.created):
+        return train_run(opt, overrides, run, now)
+
+
+def train_run(opt: argparse.Namespace, overrides: list[str], run: Run, now: str) -> int:
+    """Train in the run folder that `train` chose (and locked)."""
     config = load_config(run.configs, overrides)
     apply_flags(config, opt)
     lightning = config.pop("lightning")
