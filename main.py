@@ -30,8 +30,9 @@ from ldm.checkpoint import CheckpointError, check_checkpoint_file, load_model_we
 from ldm.class_images import generate_class_images, generation_dtype
 from ldm.latent_cache import cache_latents
 from ldm.precision import check_training_precision
-from ldm.runs import Run, launched_per_process, new_run, resumed_run, warn_fresh_optimizer
-from ldm.train_flags import apply_flags
+from ldm.runs import (Run, launched_per_process, new_run, resumed_run, run_lock, takes_run_lock,
+                      warn_fresh_optimizer)
+from ldm.train_flags import apply_flags, fix_text_encoder_stop
 from ldm.util import FLOAT32_MATMUL_PRECISION, DiskFullError, UserError, ensure_writable_dir, instantiate_from_config
 
 RUN_DIR_ENV = "DREAMBOOTH_RUN_DIR"  # tells the DDP worker processes, which re-run this script, the run folder
@@ -58,7 +59,8 @@ def get_parser() -> argparse.ArgumentParser:
     flag = {"type": str2bool, "nargs": "?", "const": True, "default": False}
     add("-n", "--name", default="", help="job name, the suffix of the run folder logs/<timestamp>_<name>")
     add("-r", "--resume", default="",
-        help="resume a run folder (from its checkpoints/last.ckpt), a checkpoint in it, or 'latest' under --logdir")
+        help="resume a run folder (from its checkpoints/last.ckpt), a checkpoint in it, or 'latest': the run under "
+             "--logdir whose last.ckpt was written last (not the newest-created folder, unless none has one)")
     add("--resume_weights_only", action="store_true",
         help="with -r: continue from the newest weights-only step_N.ckpt at step N with a fresh optimizer")
     add("-b", "--base", nargs="*", default=[], metavar="config.yaml", help="configs, merged left to right")
@@ -100,7 +102,8 @@ def get_parser() -> argparse.ArgumentParser:
     add("--lr_warmup_steps", type=float, default=None,
         help="linear warmup steps of the schedule, or a fraction of max_steps below 1")
     add("--stop_text_encoder_training", type=float, default=None, metavar="N",
-        help="freeze the text encoder from step N (a fraction of max_steps below 1; model.params.cond_stage_stop_step)")
+        help="freeze the text encoder from step N (a fraction of max_steps below 1, made a step when the run starts, "
+             "so a resume keeps it; model.params.cond_stage_stop_step)")
     add("--freeze_text_encoder", action="store_true", help="train the UNet only (less memory)")
     add("--cache_latents", action="store_true", help="encode the training images once with the VAE, and each caption "
         "once with a frozen text encoder, so that a step runs the UNet only (data.params.cache_latents, "
@@ -128,6 +131,9 @@ def get_parser() -> argparse.ArgumentParser:
     add("--lora_text_encoder", action="store_true",
         help="also train LoRA on the text encoder's attention and MLP (model.params.lora.text_encoder)")
     add("--safetensors", action="store_true", help="also save fp16 .safetensors weights next to each checkpoint")
+    add("--threads", type=int, default=None, metavar="N", help="CPU threads per process (torch.set_num_threads and "
+        "OMP_NUM_THREADS; default: torch's, one per core). On a busy machine fewer threads can be much faster; the "
+        "start line says how many")
     add("--save_precision", default=None, metavar="fp16|bf16|fp32",
         help="precision of the weights-only step_N.ckpt files and the .safetensors copies (default: step files as "
              "trained, copies fp16); last.ckpt keeps full precision (lightning.modelcheckpoint.params.save_precision)")
@@ -148,6 +154,17 @@ def parse_devices(text: str) -> int | list[int] | str:
     if text == "auto":
         return text
     return parse_gpus(text)
+
+
+def set_threads(threads: Optional[int]) -> None:
+    """--threads: torch's CPU threads in this process, and OMP_NUM_THREADS for the processes it starts (DDP workers
+    re-run this script with the flag)."""
+    if threads is None:
+        return
+    if threads < 1:
+        raise UserError(f"--threads {threads}: expected 1 or more CPU threads")
+    os.environ["OMP_NUM_THREADS"] = str(threads)
+    torch.set_num_threads(threads)
 
 
 def run_folder(opt: argparse.Namespace, now: str) -> Run:
@@ -335,8 +352,8 @@ def fit(trainer: pl.Trainer, model: pl.LightningModule, data: pl.LightningDataMo
     finally:
         os.environ.pop(RUN_DIR_ENV, None)
     if checkpoints.stop_reason:
-        say(f"stopped by {checkpoints.stop_reason} at step {trainer.global_step}; saved {checkpoints.last_path}. "
-            f"Resume with: python main.py -t -r {run.logdir}")
+        say(f"stopped by {checkpoints.stop_reason} at step {trainer.global_step}; "
+            f"{checkpoints.stop_message(trainer.global_step)}")
         return 143 if checkpoints.stop_reason == "SIGTERM" else 130
     # (under ddp_spawn the callbacks ran in the workers, and this process's trainer is still at step 0)
     if not next(c for c in trainer.callbacks if isinstance(c, StepProgress)).trained and trainer.global_step:
@@ -354,12 +371,22 @@ def train(opt: argparse.Namespace, overrides: list[str]) -> int:
         raise UserError("--actual_resume is required: the Stable Diffusion v1 checkpoint to fine-tune")
     if not opt.resume:
         check_checkpoint_file(opt.actual_resume, "--actual_resume")
+    set_threads(opt.threads)
     now = datetime.datetime.now().strftime("%Y-%m-%dT%H-%M-%S")
     run = run_folder(opt, now)
+    if not takes_run_lock():
+        return train_run(opt, overrides, run, now)
+    with run_lock(run.logdir, run.created):
+        return train_run(opt, overrides, run, now)
+
+
+def train_run(opt: argparse.Namespace, overrides: list[str], run: Run, now: str) -> int:
+    """Train in the run folder that `train` chose (and locked)."""
     config = load_config(run.configs, overrides)
     apply_flags(config, opt)
     lightning = config.pop("lightning")
     lightning.trainer = trainer_options(lightning.get("trainer") or OmegaConf.create(), opt)
+    fix_text_encoder_stop(config, lightning.trainer.max_steps)
     if run.weights and run.step >= lightning.trainer.max_steps:
         raise UserError(f"{run.weights} is at step {run.step} and max_steps is {lightning.trainer.max_steps}: pass "
                         f"--max_steps above {run.step} to train further")

@@ -1,11 +1,14 @@
 """main.py's flags written into the run's config (data, model and Lightning keys), so that the saved config alone can
 resume the run."""
 import argparse
+import logging
 
 from omegaconf import DictConfig, OmegaConf
 
 from ldm.data.concepts import concepts_from_flags
 from ldm.util import UserError
+
+logger = logging.getLogger(__name__)
 
 
 def apply_flags(config: DictConfig, opt: argparse.Namespace) -> None:
@@ -107,3 +110,14 @@ def apply_lora_flags(config: DictConfig, opt: argparse.Namespace) -> None:
         params.cond_stage_stop_step = None if not params.cond_stage_trainable else params.get("cond_stage_stop_step")
     if params.get("lora") and not opt.resume:
         params.lora.base_checkpoint, params.lora.base_ema = opt.actual_resume, opt.use_ema_weights
+
+
+def fix_text_encoder_stop(config: DictConfig, max_steps: int) -> None:
+    """A stop step given as a fraction of max_steps becomes a step when the run starts, written into the config the
+    run saves, so that a resume with a larger --max_steps keeps it."""
+    params = config.model.params
+    stop = params.get("cond_stage_stop_step")
+    if stop is not None and 0 < stop < 1:
+        params.cond_stage_stop_step = max(1, round(stop * max_steps))
+        logger.info("the text encoder trains until step %d (%g of max_steps %d; model.params.cond_stage_stop_step)",
+                    params.cond_stage_stop_step, stop, max_steps)

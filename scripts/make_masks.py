@@ -3,8 +3,9 @@
     python scripts/make_masks.py --input_dir photos/ --text dog --clipseg models/clipseg-rd64-refined
 
 writes `name.mask.png` beside each photo (or into --output_dir), which training then uses (white = learn): the
-pixels CLIPSeg scores above --threshold, grown by --padding pixels and feathered by --feather pixels. Download the
-model once: `hf download CIDAS/clipseg-rd64-refined --local-dir models/clipseg-rd64-refined`.
+pixels CLIPSeg scores above --threshold, grown by --padding pixels and feathered by --feather pixels. A photo that
+has a mask already (a hand-edited one, say) keeps it unless --overwrite. Download the model once:
+`hf download CIDAS/clipseg-rd64-refined --local-dir models/clipseg-rd64-refined`.
 """
 import argparse
 import sys
@@ -15,7 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from tqdm import tqdm  # noqa: E402
 
-from ldm.data.masks import MASK_TAG  # noqa: E402
+from ldm.data.masks import MASK_TAG, mask_path  # noqa: E402
 from ldm.data.personalized import list_images, load_rgb  # noqa: E402
 from ldm.images import save_image  # noqa: E402
 from ldm.inference import choose_device, run_command  # noqa: E402
@@ -34,7 +35,15 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     add("--padding", type=int, default=8, help="pixels the mask grows by around the subject")
     add("--feather", type=float, default=4.0, help="the width of the soft edge, in pixels")
     add("--device", default="auto", help="cpu, cuda, mps or auto")
+    add("--overwrite", action="store_true", help="replace the masks that exist (default: keep them, and say how many)")
     return parser.parse_args(argv)
+
+
+def has_mask(photo: Path, output: Path) -> bool:
+    """Whether the photo has a mask that training would use, or one at the path this script writes."""
+    if (output / f"{photo.stem}{MASK_TAG}.png").exists():
+        return True
+    return output.resolve() == photo.parent.resolve() and mask_path(photo) is not None
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -47,12 +56,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         output = Path(opt.output_dir or opt.input_dir)
         ensure_writable_dir(output, "--output_dir")
         output.mkdir(parents=True, exist_ok=True)
-        masker = ClipSegMasker(opt.clipseg, choose_device(opt.device))
-        for photo in tqdm(photos, desc=f"masks of '{opt.text}'", unit="photo"):
+        todo = photos if opt.overwrite else [photo for photo in photos if not has_mask(photo, output)]
+        kept = len(photos) - len(todo)
+        masker = ClipSegMasker(opt.clipseg, choose_device(opt.device)) if todo else None
+        for photo in tqdm(todo, desc=f"masks of '{opt.text}'", unit="photo"):
             mask = masker.mask(load_rgb(photo), opt.text, opt.threshold, opt.padding, opt.feather)
             save_image(mask, output / f"{photo.stem}{MASK_TAG}.png",
                        {"text": opt.text, "threshold": opt.threshold, "padding": opt.padding, "feather": opt.feather})
-        return f"wrote {len(photos)} masks to {output}"
+        return f"wrote {len(todo)} masks to {output}" + (
+            f"; kept {kept} that existed (--overwrite replaces them)" if kept else "")
     return run_command(work)
 
 

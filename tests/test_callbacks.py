@@ -8,6 +8,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from ldm.callbacks import StepCheckpoint, StepProgress, quiet_lightning
 
@@ -18,7 +19,7 @@ class Trainer(SimpleNamespace):
     def __init__(self, root: Path, max_steps: int = 6):
         super().__init__(global_step=0, max_steps=max_steps, is_global_zero=True, received_sigterm=False,
                          num_devices=1, precision="32-true", log_every_n_steps=2, default_root_dir=str(root),
-                         datamodule=None, last_saved=[], optimizers=[],
+                         datamodule=None, last_saved=[], optimizers=[], ckpt_path=None,
                          strategy=SimpleNamespace(reduce_boolean_decision=lambda decision, all: decision))
 
     def save_checkpoint(self, path: Path, weights_only: bool) -> None:
@@ -54,6 +55,22 @@ def test_keep_last_n_prunes_older_step_files_and_their_safetensors(tmp_path, tin
         "last.ckpt", "last.safetensors", "step_3.ckpt", "step_3.safetensors", "step_4.ckpt", "step_4.safetensors"]
     with pytest.raises(ValueError, match="keep_last_n >= 1"):
         StepCheckpoint(str(tmp_path), keep_last_n=0)
+
+
+def test_the_stop_message_says_saved_only_for_a_last_ckpt_of_that_step(tmp_path, tiny_model):
+    trainer, callback = Trainer(tmp_path), StepCheckpoint(str(tmp_path / "checkpoints"), every_n_train_steps=2)
+    run_steps(callback, trainer, tiny_model, 2)
+    trainer.global_step = 3
+    assert callback.stop_message(3) == (f"step 3 was not saved; kept {tmp_path}/checkpoints/last.ckpt (step 2) and "
+                                        f"step_2.ckpt. Resume with: python main.py -t -r {tmp_path}")
+    callback.on_exception(trainer, tiny_model, SIGTERMException())
+    assert trainer.last_saved == [2, 3] and callback.stop_reason == "SIGTERM"
+    assert callback.stop_message(3) == (f"saved {tmp_path}/checkpoints/last.ckpt. Resume with: python main.py -t -r "
+                                        f"{tmp_path}")
+    callback.on_exception(trainer, tiny_model, KeyboardInterrupt())  # a second Ctrl-C quits without saving
+    assert trainer.last_saved == [2, 3]
+    empty = StepCheckpoint(str(tmp_path / "other"))
+    assert empty.stop_message(0) == "step 0 was not saved, and no checkpoint was written"
 
 
 class Terminal(io.StringIO):

@@ -147,6 +147,28 @@ def test_make_masks_thresholds_pads_and_feathers(tmp_path, clipseg_folder):
     assert ((soft > 0) & (soft < 255)).any()
 
 
+def test_make_masks_keeps_existing_masks_unless_overwrite(tmp_path, clipseg_folder, capsys):
+    from conftest import load_script
+    make_masks = load_script("make_masks")
+    photos = tmp_path / "photos"
+    (photos / "masks").mkdir(parents=True)
+    for name in ("a", "b", "c"):
+        Image.new("RGB", (64, 48), (40, 90, 200)).save(photos / f"{name}.png")
+    Image.new("L", (64, 48), 255).save(photos / "a.mask.png")  # hand-edited masks, beside and in masks/
+    Image.new("L", (64, 48), 128).save(photos / "masks" / "b.png")
+    hand_made = (photos / "a.mask.png").read_bytes()
+    args = ["--input_dir", str(photos), "--text", "dog", "--clipseg", str(clipseg_folder)]
+    assert make_masks.main(args) == 0
+    assert capsys.readouterr().out.strip() == (f"wrote 1 masks to {photos}; kept 2 that existed (--overwrite "
+                                               "replaces them)")
+    assert (photos / "a.mask.png").read_bytes() == hand_made and not (photos / "b.mask.png").exists()
+    assert (photos / "c.mask.png").is_file()
+    assert make_masks.main(args[:-1] + [str(tmp_path / "no-model")]) == 0  # nothing to do: no model is loaded
+    assert make_masks.main(args + ["--overwrite"]) == 0
+    assert capsys.readouterr().out.strip().endswith(f"wrote 3 masks to {photos}")
+    assert (photos / "a.mask.png").read_bytes() != hand_made
+
+
 def test_make_masks_names_the_model_to_download(tmp_path, capsys):
     from conftest import load_script
     (tmp_path / "photos").mkdir()

@@ -57,6 +57,26 @@ def test_the_text_encoder_trains_until_the_stop_step_and_never_after(stopped_run
     assert text_encoder_states(folder / "last.ckpt") == 0
 
 
+def test_a_fractional_stop_is_fixed_as_a_step_and_a_resume_never_trains_the_text_encoder_again(tmp_path, tiny_ckpt):
+    """0.5 of 2 steps stops at step 1; resumed to 6 (0.5 of it would be 3), then to 7 with a later stop flag."""
+    photos, reg = make_photos(tmp_path / "photos"), make_class_images(tmp_path / "class", 2)
+    quick = ["lightning.modelcheckpoint.params.every_n_train_steps=1",
+             "lightning.callbacks.image_logger.params.disabled=true"]
+    proc = run_main(*fresh_run_args(tiny_ckpt, photos, reg, tmp_path / "logs", "--max_steps", "2",
+                                    "--stop_text_encoder_training", "0.5", *quick))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "the text encoder trains until step 1 (0.5 of max_steps 2" in proc.stderr
+    (run,) = (tmp_path / "logs").iterdir()
+    assert "cond_stage_stop_step: 1\n" in "".join(p.read_text() for p in (run / "configs").glob("*.yaml"))
+    for extra in (["--max_steps", "6"], ["--max_steps", "7", "--stop_text_encoder_training", "100"]):
+        proc = run_main("-r", str(run), *extra)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    folder = run / "checkpoints"
+    text = [weights(folder / f"step_{step}.ckpt", TEXT) for step in range(1, 8)]
+    assert all(same(text[0], later) for later in text[1:])
+    assert not same(*(weights(folder / f"step_{step}.ckpt", "model.diffusion_model.") for step in (6, 7)))
+
+
 def test_the_warmup_goes_on_where_the_resume_left_it(stopped_run):
     rates = {int(row["step"]): float(row["train/lr"]) for row in metrics(stopped_run) if row.get("train/lr")}
     assert sorted(rates) == [0, 1, 2, 3, 4]

@@ -206,7 +206,7 @@ def test_resume_continues_from_the_saved_step(first_run, tmp_path):
     proc = run_main("-r", "latest", "-l", str(tmp_path), "--max_steps", "6",
                     "lightning.modelcheckpoint.params.keep_last_n=2")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert f"-r latest: {run} (the newest of 1 runs in {tmp_path})" in proc.stderr
+    assert f"-r latest: {run} (its last.ckpt is the newest of 1 runs in {tmp_path})" in proc.stderr
     assert "removed 1 temporary files of interrupted writes (.step_6.ckpt.tmp-123456)" in proc.stderr
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == [
         "last.ckpt", "last.safetensors", "step_4.ckpt", "step_4.safetensors", "step_6.ckpt", "step_6.safetensors"]

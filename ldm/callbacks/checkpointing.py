@@ -1,6 +1,7 @@
 """Checkpoints of a DreamBooth run: weights-only `step_<N>.ckpt` files, the resumable `last.ckpt`, atomic writes."""
 import logging
 import re
+import shlex
 import signal
 import threading
 from pathlib import Path
@@ -10,6 +11,7 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import Callback
 from pytorch_lightning.plugins import TorchCheckpointIO
+from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from ldm.checkpoint import (CheckpointError, check_finite, precision_dtype, remove_stale_temp_files, save_checkpoint,
                             save_weights)
@@ -70,7 +72,9 @@ def is_lora_run(pl_module: pl.LightningModule) -> bool:
 class StepCheckpoint(Callback):
     """`step_<N>.ckpt` (weights only, SD v1 layout) every `every_n_train_steps` steps, and `last.ckpt` (resumable:
     weights, optimizer, step) every `save_last_every_n_steps` steps (default: with every step file; 0: only at the
-    end), at the end, and at the next step boundary after Ctrl-C or SIGTERM, so a crash of any kind can resume.
+    end), at the end, and at the next step boundary after Ctrl-C or SIGTERM, so a crash of any kind can resume. A
+    SIGTERM that comes after this callback's look at the step (while the image logger or validation runs) is saved
+    when Lightning raises it, at the step it ends.
 
     A press of Ctrl-C stops after the current step; a second one quits at once without saving. Weights that are not
     finite are never written, so the previous checkpoint stays the last good one. `keep_last_n` keeps only the newest
@@ -101,26 +105,39 @@ class StepCheckpoint(Callback):
         self.stop_reason: Optional[str] = None
         self._sigint_requested = False
         self._previous_sigint: Any = None
-        self._weights_step = self._last_step = self._start_step = -1
+        self._weights_step = self._last_step = self._start_step = self._last_ckpt_step = -1
 
     @property
     def last_path(self) -> Path:
         return self.dirpath / "last.ckpt"
 
+    def _kept(self) -> list[str]:
+        """The checkpoints a resume can start from: last.ckpt (with its step when this run knows it), the newest step
+        file."""
+        steps = step_files(self.dirpath) if self.dirpath.is_dir() else []
+        kept = []
+        if self.last_path.is_file():
+            kept.append(f"{self.last_path}" + (f" (step {self._last_ckpt_step})" if self._last_ckpt_step >= 0 else ""))
+        if steps:
+            kept.append(str(steps[-1][1]) if not kept else steps[-1][1].name)
+        return kept
+
+    def _resume_command(self) -> str:
+        weights_only = "" if self.last_path.is_file() else " --resume_weights_only"
+        return f"python main.py -t -r {shlex.quote(str(self.dirpath.parent))}{weights_only}"
+
     def resume_hint(self) -> str:
         """After a full disk: which checkpoints the run keeps, and the command that resumes from them."""
-        steps = step_files(self.dirpath) if self.dirpath.is_dir() else []
-        kept = [str(self.last_path)] if self.last_path.is_file() else []
-        kept += [str(steps[-1][1]) if not kept else steps[-1][1].name] if steps else []
+        kept = self._kept()
         if not kept:
             return "no checkpoint was written yet"
-        command = f"python main.py -t -r {self.dirpath.parent}" + ("" if self.last_path.is_file()
-                                                                   else " --resume_weights_only")
-        return f"kept {' and '.join(kept)}; free some space, then resume with: {command}"
+        return f"kept {' and '.join(kept)}; free some space, then resume with: {self._resume_command()}"
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._start_step = trainer.global_step
         self.last_good = self.last_path if self.last_path.is_file() else None  # a resumed run's checkpoint
+        resumed = trainer.ckpt_path is not None and Path(trainer.ckpt_path) == self.last_path
+        self._last_ckpt_step = self._start_step if resumed else -1
         if trainer.is_global_zero and self.dirpath.is_dir():
             remove_stale_temp_files(self.dirpath)
         if threading.current_thread() is threading.main_thread():  # Python allows signal handlers only there
@@ -152,6 +169,28 @@ class StepCheckpoint(Callback):
             trainer.should_stop = True
         elif self.save_last_every_n_steps and step % self.save_last_every_n_steps == 0 and step != self._start_step:
             self.save_last(trainer, pl_module)
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        """Save last.ckpt at the step a SIGTERM ended (Lightning raises it after the step's callbacks ran)."""
+        if not isinstance(exception, SIGTERMException):
+            return
+        self.stop_reason = "SIGTERM"
+        step = trainer.global_step
+        if step in (self._last_step, self._start_step):
+            return
+        if not weights_are_finite(pl_module):
+            logger.warning("SIGTERM at step %d: the weights hold NaN or inf, so last.ckpt was not written", step)
+            return
+        self.save_last(trainer, pl_module)
+
+    def stop_message(self, step: int) -> str:
+        """After Ctrl-C or SIGTERM at `step`: "saved" only for a last.ckpt written at that step, else what is kept."""
+        if self._last_step == step and self.last_path.is_file():
+            return f"saved {self.last_path}. Resume with: {self._resume_command()}"
+        kept = self._kept()
+        if not kept:
+            return f"step {step} was not saved, and no checkpoint was written"
+        return f"step {step} was not saved; kept {' and '.join(kept)}. Resume with: {self._resume_command()}"
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         nothing_new = trainer.global_step == self._start_step and self.last_path.is_file()
@@ -198,6 +237,7 @@ class StepCheckpoint(Callback):
             self._check_finite(pl_module, self.last_path)
             self._last_step = trainer.global_step
             trainer.save_checkpoint(self.last_path, weights_only=False)
+            self._last_ckpt_step = trainer.global_step
             if trainer.is_global_zero:
                 if is_lora_run(pl_module):  # the LoRA file to sample with and share
                     pl_module.save_lora_file(self.last_path.with_suffix(".safetensors"), self.weights_dtype)

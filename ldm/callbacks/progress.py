@@ -100,9 +100,10 @@ class StepProgress(Callback):
             return
         trainable = sum(p.numel() for p in pl_module.parameters() if p.requires_grad)
         frozen = sum(p.numel() for p in pl_module.parameters() if not p.requires_grad)
-        logger.info("training steps %d to %d on %s (%d device(s), precision %s): %.1f M trainable parameters, "
+        threads = f", {torch.get_num_threads()} CPU thread(s)" if pl_module.device.type == "cpu" else ""
+        logger.info("training steps %d to %d on %s (%d device(s)%s, precision %s): %.1f M trainable parameters, "
                     "%.1f M frozen", trainer.global_step, trainer.max_steps, pl_module.device.type,
-                    trainer.num_devices, trainer.precision, trainable / 1e6, frozen / 1e6)
+                    trainer.num_devices, threads, trainer.precision, trainable / 1e6, frozen / 1e6)
         stream = self.stream or sys.stderr
         if stream.isatty():
             self._bar = self._exit.enter_context(tqdm(total=trainer.max_steps, initial=trainer.global_step,

@@ -26,6 +26,7 @@ logger = logging.getLogger(__name__)
 
 FROZEN_PRECISIONS = ("auto", "fp32", "fp16", "bf16")  # auto: half under 16-mixed or bf16-mixed, else as loaded
 CAPTION_BATCH = 32  # captions per text-encoder call when every caption is cached before training
+TEXT_ENCODER_STOPPED_AT = "text_encoder_stopped_at"  # the key of last.ckpt that records the step of the freeze
 
 
 class DiffusionWrapper(nn.Module):
@@ -209,6 +210,7 @@ class LatentDiffusion(LoraTraining, DDPM):
         self.cond_stage_trainable = cond_stage_trainable
         self.cond_stage_lr = cond_stage_lr  # main.py scales it as it scales base_learning_rate
         self.cond_stage_stop_step = cond_stage_stop_step
+        self.text_encoder_stopped_at: Optional[int] = None  # from last.ckpt: a resume never trains it again
         if lr_schedule and scheduler_config:
             raise UserError("model.params.lr_schedule (--lr_scheduler) and model.params.scheduler_config are both "
                             "set: keep one")
@@ -402,11 +404,24 @@ class LatentDiffusion(LoraTraining, DDPM):
         return params
 
     def text_encoder_stop_step(self) -> Optional[int]:
-        """The step from which the text encoder is frozen (cond_stage_stop_step, a fraction of max_steps below 1)."""
+        """The step from which the text encoder is frozen (cond_stage_stop_step, a fraction of max_steps below 1), or
+        the step at which the resumed run froze it, whichever is earlier."""
         stop = self.cond_stage_stop_step
-        if stop is None:
-            return None
-        return round(stop * self.trainer.max_steps) if stop < 1 else int(stop)
+        if stop is not None:
+            stop = round(stop * self.trainer.max_steps) if stop < 1 else int(stop)
+        stops = [step for step in (stop, self.text_encoder_stopped_at) if step is not None]
+        return min(stops) if stops else None
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """last.ckpt also records the step at which the text encoder was frozen."""
+        super().on_save_checkpoint(checkpoint)
+        if self.text_encoder_stopped_at is not None:
+            checkpoint[TEXT_ENCODER_STOPPED_AT] = self.text_encoder_stopped_at
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """A resumed run's text encoder stays frozen from the step at which its run froze it."""
+        super().on_load_checkpoint(checkpoint)
+        self.text_encoder_stopped_at = checkpoint.get(TEXT_ENCODER_STOPPED_AT)
 
     def on_fit_start(self) -> None:
         super().on_fit_start()
@@ -464,6 +479,7 @@ class LatentDiffusion(LoraTraining, DDPM):
         stop = self.text_encoder_stop_step()
         if stop is not None and self.cond_stage_trainable and self.global_step >= stop:
             self.stop_text_encoder_training(stop)
+            self.text_encoder_stopped_at = stop
 
     def stop_text_encoder_training(self, stop: int) -> None:
         """Freeze the text encoder and drop its optimizer state; its parameter group stays (empty of gradients), so
