@@ -454,8 +454,7 @@ class LatentDiffusion(LoraTraining, DDPM):
 
     def stop_text_encoder_training(self, stop: int) -> None:
         """Freeze the text encoder and drop its optimizer state; its parameter group stays (empty of gradients), so
-        that a resumed run's optimizer state still matches the groups. Under DDP the model is wrapped anew, since a
-        wrapper expects a gradient for every parameter that trained when it was built (and would wait for them)."""
+        that a resumed run's optimizer state still matches the groups; under DDP the model is wrapped anew."""
         self.cond_stage_trainable = False
         self.cond_stage_model.requires_grad_(False).train(False)
         for optimizer in self.trainer.optimizers:
@@ -465,7 +464,7 @@ class LatentDiffusion(LoraTraining, DDPM):
         strategy = self.trainer.strategy
         if isinstance(strategy, DDPStrategy) and isinstance(strategy.model, DistributedDataParallel):
             strategy.model = strategy.model.module
-            strategy.configure_ddp()  # the new wrapper reduces the UNet's gradients only
+            strategy.configure_ddp()  # a wrapper waits for the gradients of all that trained when it was built
         logger.info("step %d: the text encoder is frozen from step %d on (stop_text_encoder_training); the UNet "
                     "trains on", self.global_step, stop)
 
