@@ -22,10 +22,12 @@ from lightning_fabric.utilities.exceptions import MisconfigurationException
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 from pytorch_lightning.loggers import CSVLogger, Logger
+from pytorch_lightning.strategies import DDPStrategy, Strategy
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 from pytorch_lightning.utilities.rank_zero import rank_zero_only
 
-from ldm.callbacks import AtomicCheckpointIO, SetupCallback, StartAtStep, StepCheckpoint, StepProgress, quiet_lightning
+from ldm.callbacks import (AtomicCheckpointIO, RankSeed, SetupCallback, StartAtStep, StepCheckpoint, StepProgress,
+                           quiet_lightning)
 from ldm.checkpoint import CheckpointError, check_checkpoint_file, load_model_weights, parameters_on_meta
 from ldm.class_images import generate_class_images, generation_dtype
 from ldm.latent_cache import cache_latents
@@ -278,12 +280,13 @@ def build(config: DictConfig, where: str, **extra: Any) -> Any:
         return instantiate_from_config(config, **extra)
 
 
-def make_callbacks(lightning: DictConfig, run: Run, now: str, config: DictConfig) -> list[pl.Callback]:
-    """Our callbacks in the order their hooks run: the start step first, progress and its summary last."""
+def make_callbacks(lightning: DictConfig, run: Run, now: str, config: DictConfig, seed: int) -> list[pl.Callback]:
+    """Our callbacks in the order their hooks run: the seeds first (so that an optimizer step's shared stream ends
+    before any other callback draws), then the start step, progress and its summary last."""
     checkpoint_config = OmegaConf.merge(
         {"target": "ldm.callbacks.StepCheckpoint", "params": {"dirpath": str(run.logdir / "checkpoints")}},
         lightning.get("modelcheckpoint") or {})
-    callbacks = [StartAtStep(run.step)] if run.weights else []
+    callbacks = [RankSeed(seed)] + ([StartAtStep(run.step)] if run.weights else [])
     callbacks += [SetupCallback(str(run.logdir), now, config, lightning),
                   build(checkpoint_config, "lightning.modelcheckpoint")]
     for name, callback_config in (lightning.get("callbacks") or {}).items():
@@ -399,17 +402,20 @@ def train_run(opt: argparse.Namespace, overrides: list[str], run: Run, now: str)
                         "would generate them at once: generate them first, with one process "
                         "(scripts/stable_txt2img.py, or a run with --num_class_images on one device)")
 
+    if data.grouped():  # its batch sampler (ldm/data/buckets.py) takes each rank's batches itself
+        lightning.trainer.use_distributed_sampler = False
     model = load_model(config, run, opt)
     torch.set_float32_matmul_precision(FLOAT32_MATMUL_PRECISION)  # TF32 matmuls: faster, and fine for training
     if opt.resume and opt.actual_resume:
         say(f"resuming: the weights come from {run.checkpoint or run.weights}, not --actual_resume {opt.actual_resume}")
     try:
         trainer = pl.Trainer(default_root_dir=str(run.logdir), logger=make_loggers(run.logdir, now),
-                             callbacks=make_callbacks(lightning, run, now, config), plugins=[AtomicCheckpointIO()],
-                             enable_checkpointing=False, **lightning.trainer)
+                             callbacks=make_callbacks(lightning, run, now, config, opt.seed),
+                             plugins=[AtomicCheckpointIO()], enable_checkpointing=False, **lightning.trainer)
     except MisconfigurationException as err:
         raise UserError(f"lightning.trainer: {err}") from None
     check_training_precision(trainer.strategy.root_device, str(trainer.precision))
+    bucket_view_gradients(trainer.strategy)
     set_learning_rate(model, config, trainer, opt.scale_lr)
     for folder, class_word, count in data.class_image_jobs():
         say(f"generating {count} class images in {folder} with the base model")
@@ -420,9 +426,17 @@ def train_run(opt: argparse.Namespace, overrides: list[str], run: Run, now: str)
         data.setup("fit")
     if data.cache_latents:
         cache_latents(model, data, run.logdir / "cache", trainer.strategy.root_device, run.checkpoint)
-    # the training stream starts from the seed, whatever building, loading and class-image generation drew before
+    # the training stream starts from the seed, whatever building, loading and class-image generation drew before;
+    # RankSeed then gives each DDP rank its own (data shuffling keeps this one on every rank)
     pl.seed_everything(opt.seed, workers=True, verbose=False)
     return fit(trainer, model, data, run)
+
+
+def bucket_view_gradients(strategy: Strategy) -> None:
+    """Under DDP each gradient is a view of its all-reduce bucket, so that the gradients are held once, not twice;
+    Lightning hands a DDPStrategy's extra arguments to DistributedDataParallel, however the strategy was chosen."""
+    if isinstance(strategy, DDPStrategy):
+        strategy._ddp_kwargs.setdefault("gradient_as_bucket_view", True)
 
 
 def load_model(config: DictConfig, run: Run, opt: argparse.Namespace) -> pl.LightningModule:

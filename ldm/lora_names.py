@@ -4,7 +4,7 @@ kohya's sd-scripts name a UNet module by its diffusers path with `_` for `.`; fi
 path instead (`lora_unet_input_blocks_1_1_...`), and both are read. Text-encoder names always keep `text_model`
 (`lora_te_text_model_encoder_layers_0_self_attn_q_proj`), as A1111 and ComfyUI expect."""
 import re
-from typing import Iterable, Mapping, Sequence
+from typing import Iterable, Mapping, Optional, Sequence
 
 UNET = "model.diffusion_model."
 TEXT = "cond_stage_model.transformer."  # our TextTransformer keeps CLIP's `text_model.` level below it
@@ -15,7 +15,7 @@ TARGETS = {
     "attention": re.compile(ATTENTION),
     "transformer": re.compile(rf"proj_in|proj_out|{ATTENTION}|transformer_blocks\.\d+\.ff\.net\.(0\.proj|2)"),
 }
-TEXT_TARGET = re.compile(r"\d+\.(self_attn\.(q|k|v|out)_proj|mlp\.fc[12])")
+TEXT_TARGET = re.compile(r"(\d+)\.(self_attn\.(q|k|v|out)_proj|mlp\.fc[12])")  # group 1: the layer
 UNET_BLOCK = re.compile(r"((?:input_blocks|output_blocks)\.\d+\.1|middle_block\.1)\.(.+)")
 
 
@@ -52,15 +52,21 @@ class LoraNames:
         """From a config's `model.params.unet_config.params`."""
         return cls(list(params["channel_mult"]), int(params["num_res_blocks"]), list(params["attention_resolutions"]))
 
-    def targets(self, module_names: Iterable[str], targets: str = "transformer",
-                text_encoder: bool = False) -> list[str]:
+    def targets(self, module_names: Iterable[str], targets: str = "transformer", text_encoder: bool = False,
+                text_layers: Optional[int] = None) -> list[str]:
         """Which of `module_names` (a LatentDiffusion's) a target set covers: `attention` or `transformer` in the
-        UNet, plus the text encoder's attention and MLP Linears if `text_encoder`."""
+        UNet, plus the text encoder's attention and MLP Linears if `text_encoder`, in its first `text_layers` layers
+        (all when None; with clip_skip the later ones never reach the conditioning)."""
         if targets not in TARGETS:
             raise ValueError(f"LoRA targets {targets!r}: use one of {', '.join(TARGETS)}")
         return [name for name in module_names if self._inner(name, TARGETS[targets])
-                or (text_encoder and name.startswith(TEXT_LAYERS)
-                    and TEXT_TARGET.fullmatch(name[len(TEXT_LAYERS):]))]
+                or (text_encoder and self._text_target(name, text_layers))]
+
+    @staticmethod
+    def _text_target(name: str, text_layers: Optional[int]) -> bool:
+        """Whether `name` is a text encoder Linear that LoRA targets, in one of the first `text_layers` layers."""
+        match = TEXT_TARGET.fullmatch(name[len(TEXT_LAYERS):]) if name.startswith(TEXT_LAYERS) else None
+        return bool(match) and (text_layers is None or int(match[1]) < text_layers)
 
     def _inner(self, name: str, leaf: re.Pattern) -> bool:
         """Whether `name` is a module of a UNet SpatialTransformer whose path below it matches `leaf`."""
@@ -72,7 +78,7 @@ class LoraNames:
         if self._inner(name, TARGETS["transformer"]):
             block, inner = UNET_BLOCK.fullmatch(name[len(UNET):]).groups()
             return "lora_unet_" + f"{self.blocks[block]}.{inner}".replace(".", "_")
-        if name.startswith(TEXT_LAYERS) and TEXT_TARGET.fullmatch(name[len(TEXT_LAYERS):]):
+        if self._text_target(name, None):
             return "lora_te_" + name[len(TEXT):].replace(".", "_")
         raise ValueError(f"{name} is not a module that LoRA files name (a UNet transformer's or the text encoder's)")
 

@@ -7,6 +7,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+import torch.distributed as dist
 from PIL import Image
 
 from conftest import REPO, build_tiny_model
@@ -66,6 +67,25 @@ def test_batches_come_from_one_bucket_and_class_examples_from_one_of_their_own()
     for batch in seen:
         assert len({instance[i % 5] for i, _ in batch}) == 1
         assert len({["C", "D", "C"][j] for _, j in batch}) == 1
+
+
+def test_ranks_split_one_shuffle_into_as_many_batches_each_whatever_their_own_random_state(monkeypatch):
+    keys = [(0, "AB"[i % 2]) for i in range(9)]  # 5 batches of 2 (A: 3, B: 2): one rank would take a step less
+    batches = BucketBatches(keys, class_buckets=None, batch_size=2, seed=3)
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_world_size", lambda: 2)
+    epochs = []
+    for _ in range(2):
+        ranks = []
+        for rank in (0, 1):
+            monkeypatch.setattr(dist, "get_rank", lambda rank=rank: rank)
+            torch.manual_seed(100 + rank)  # each rank's own timesteps and noise must not change its share
+            batches.epoch = len(epochs)
+            ranks.append(list(batches))
+        assert len(ranks[0]) == len(ranks[1]) == len(batches) == 3
+        assert sorted(i for share in ranks for batch in share for i in batch) == sorted([*range(9), *ranks[0][0]])
+        epochs.append(ranks)
+    assert epochs[0] != epochs[1], "the same order every epoch"
 
 
 def test_examples_of_different_sizes_take_two_forwards():

@@ -9,6 +9,7 @@ from omegaconf import OmegaConf
 
 from conftest import FULL_CONFIG, REPO, TINY_CONFIG, build_tiny_model, randomise_zero_init
 from ldm.checkpoint import CheckpointError, read_lora, save_lora, save_weights
+from ldm.lora_files import apply_lora_files
 from ldm.lora_names import LoraNames
 from ldm.modules.attention import SpatialTransformer
 from ldm.modules.lora import (base_state_dict, inject_lora, load_lora_tensors, lora_layers, lora_tensors, merge_lora,
@@ -322,3 +323,31 @@ def test_bf16_file_merges(tmp_path) -> None:
     merged = tiny()
     merge_lora(merged.state_dict(), tensors, NAMES)
     assert_outputs_close(outputs(merged)[:1], outputs(model)[:1], atol=3e-2)
+
+
+def tiny_with_clip_skip(clip_skip: int):
+    """The tiny model (2 text encoder layers) conditioned on its text encoder's `clip_skip`-th layer from the end."""
+    config = OmegaConf.load(TINY_CONFIG)
+    config.model.params.cond_stage_config.params.clip_skip = clip_skip
+    torch.manual_seed(0)
+    return randomise_zero_init(instantiate_from_config(config.model)).eval(), config
+
+
+def test_clip_skip_leaves_the_skipped_text_layers_without_lora_and_the_file_samples(tmp_path) -> None:
+    model, config = tiny_with_clip_skip(2)
+    names = inject_lora(model, NAMES, rank=4, text_encoder=True)
+    text = [n for n in names if n.startswith("cond_stage_model.")]
+    assert len(text) == 6 and all(".layers.0." in n for n in text), "LoRA on the layer that clip_skip 2 skips"
+    randomise_lora(model)
+    batch = {"jpg": torch.rand(2, 64, 64, 3) * 2 - 1, "txt": ["a photo of sks dog"] * 2}
+    model.shared_step(batch)["loss"].backward()
+    dead = [n for n, p in model.named_parameters() if p.requires_grad and (p.grad is None or not p.grad.any())]
+    assert dead == [], "LoRA weights that the loss never reaches (DDP waits for their gradients)"
+    path = tmp_path / "clip_skip.safetensors"
+    save_lora(lora_tensors(model, NAMES), path, base_hash="0" * 64)
+    assert not [k for k in read_lora(path)[0] if "encoder_layers_1_" in k]
+    plain, _ = tiny_with_clip_skip(2)
+    apply_lora_files(plain, config.model, [str(path)])  # what txt2img --lora does
+    with torch.no_grad():
+        merged, injected = (m.get_learned_conditioning(["a photo of sks dog"]) for m in (plain, model))
+    assert (merged - injected).abs().max() <= 1e-5

@@ -39,20 +39,23 @@ def bucket_box(width: int, height: int, bucket: tuple[int, int]) -> tuple[int, i
 class BucketBatches:
     """Batches of item indices, or of (item index, class index) pairs: the items of a batch share a key (concept,
     bucket), and so do its class examples, which come from that concept's class images (their bucket drawn in
-    proportion to them); shuffled every epoch; under DDP each rank takes every world-size-th batch."""
+    proportion to them); shuffled every epoch from `seed` + epoch, alike on every rank; under DDP each rank takes
+    every world-size-th batch (the list padded with its first batches, so that every rank takes as many steps), and
+    draws its batches' class examples itself."""
 
     def __init__(self, keys: Sequence[tuple[int, Hashable]], class_buckets: Optional[Sequence[Sequence]],
-                 batch_size: int):
-        self.keys, self.batch_size = list(keys), batch_size
+                 batch_size: int, seed: int = 0):
+        self.keys, self.batch_size, self.seed = list(keys), batch_size, seed
         self.class_buckets = None if class_buckets is None else [list(buckets) for buckets in class_buckets]
+        self.epoch = 0
 
-    def _batches(self) -> list[list[int]]:
+    def _batches(self, generator: torch.Generator) -> list[list[int]]:
         groups: dict = {}
-        for index in torch.randperm(len(self.keys)).tolist():
+        for index in torch.randperm(len(self.keys), generator=generator).tolist():
             groups.setdefault(self.keys[index], []).append(index)
         batches = [group[i:i + self.batch_size] for group in groups.values()
                    for i in range(0, len(group), self.batch_size)]
-        return [batches[i] for i in torch.randperm(len(batches)).tolist()]
+        return [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
 
     def _class_indices(self, concept: int, n: int) -> list[int]:
         buckets = self.class_buckets[concept]
@@ -64,7 +67,10 @@ class BucketBatches:
     def __iter__(self) -> Iterator[list]:
         rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() \
             else (0, 1)
-        for batch in self._batches()[rank::world]:
+        batches = self._batches(torch.Generator().manual_seed(self.seed + self.epoch))
+        self.epoch += 1
+        batches += [batches[k % len(batches)] for k in range(-len(batches) % world)]
+        for batch in batches[rank::world]:
             if self.class_buckets is None:
                 yield batch
             else:

@@ -1,4 +1,5 @@
 """The Lightning data module of a DreamBooth run: instance (`train`) and class (`reg`) datasets from their configs."""
+import os
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -137,7 +138,8 @@ class DataModuleFromConfig(pl.LightningDataModule):
             class_buckets = None if self.class_prior is None else [
                 [concept.class_prior.target_size(k) for k in range(len(concept.class_prior.paths))]
                 for concept in self.concepts]
-            batches = BucketBatches(keys, class_buckets, self.batch_size)
+            # seeded as Lightning seeds its DistributedSampler: alike on every rank
+            batches = BucketBatches(keys, class_buckets, self.batch_size, seed=int(os.environ.get("PL_GLOBAL_SEED", 0)))
             return DataLoader(dataset, batch_sampler=batches, num_workers=self.num_workers,
                               persistent_workers=self.num_workers > 0)
         return DataLoader(dataset, batch_size=self.batch_size, shuffle=True, num_workers=self.num_workers,

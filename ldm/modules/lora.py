@@ -177,10 +177,12 @@ def merge_lora(state: MutableMapping[str, torch.Tensor], tensors: Mapping[str, t
 def inject_lora(model: nn.Module, names: LoraNames, rank: int = 4, alpha: float | None = None,
                 targets: str = "transformer", text_encoder: bool = False) -> list[str]:
     """Wrap the target modules of a LatentDiffusion in peft LoRA layers and return their names; only the LoRA
-    weights then train. Initialised as kohya's (down Kaiming-uniform, up zero), so the model is unchanged at first."""
+    weights then train. Initialised as kohya's (down Kaiming-uniform, up zero), so the model is unchanged at first.
+    The text encoder's layers after its clip_skip one get none: they never reach the conditioning."""
     if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
         raise UserError(f"LoRA rank {rank!r}: expected a positive integer (4, 8 and 16 are usual)")
-    module_names = names.targets((n for n, _ in model.named_modules()), targets, text_encoder)
+    text_layers = model.cond_stage_model.reached_layers if text_encoder else None
+    module_names = names.targets((n for n, _ in model.named_modules()), targets, text_encoder, text_layers)
     if not module_names:
         raise UserError("no module to put LoRA on: the model is not a LatentDiffusion with SD v1 transformers")
     peft = _peft()

@@ -6,8 +6,10 @@ from typing import Any, Iterator, Mapping, Optional, Sequence, Union
 import pytorch_lightning as pl
 import torch
 from einops import rearrange
+from pytorch_lightning.strategies import DDPStrategy
 from torch import nn
 from torch.nn import functional as F
+from torch.nn.parallel import DistributedDataParallel
 
 from ldm.data.personalized import MASK_KEY, MOMENTS_KEY
 from ldm.lr_scheduler import LRSchedule, lr_lambda
@@ -483,13 +485,17 @@ class LatentDiffusion(LoraTraining, DDPM):
 
     def stop_text_encoder_training(self, stop: int) -> None:
         """Freeze the text encoder and drop its optimizer state; its parameter group stays (empty of gradients), so
-        that a resumed run's optimizer state still matches the groups."""
+        that a resumed run's optimizer state still matches the groups; under DDP the model is wrapped anew."""
         self.cond_stage_trainable = False
         self.cond_stage_model.requires_grad_(False).train(False)
         for optimizer in self.trainer.optimizers:
             for param in self.cond_stage_model.parameters():
                 param.grad = None
                 optimizer.state.pop(param, None)
+        strategy = self.trainer.strategy
+        if isinstance(strategy, DDPStrategy) and isinstance(strategy.model, DistributedDataParallel):
+            strategy.model = strategy.model.module
+            strategy.configure_ddp()  # a wrapper waits for the gradients of all that trained when it was built
         logger.info("step %d: the text encoder is frozen from step %d on (stop_text_encoder_training); the UNet "
                     "trains on", self.global_step, stop)
 

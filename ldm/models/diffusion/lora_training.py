@@ -32,9 +32,14 @@ class LoraTraining:
         modules = inject_lora(self, self.lora_names, **self.lora.injection())
         self.strict_loading = False  # last.ckpt holds the LoRA weights only; on_load_checkpoint checks them
         trained = sum(p.numel() for p in self.parameters() if p.requires_grad)
+        text, skip = "", self.cond_stage_model.clip_skip
+        if self.lora.text_encoder:
+            reached = self.cond_stage_model.reached_layers
+            text = " and the text encoder" + (f" (its layers 1-{reached}: clip_skip {skip} skips the rest)"
+                                              if skip > 1 else "")
         logger.info("LoRA rank %d (alpha %g, targets %s%s) on %d modules: %.2f M parameters train, the base stays "
-                    "frozen", self.lora.rank, self.lora.alpha or self.lora.rank, self.lora.targets,
-                    " and the text encoder" if self.lora.text_encoder else "", len(modules), trained / 1e6)
+                    "frozen", self.lora.rank, self.lora.alpha or self.lora.rank, self.lora.targets, text,
+                    len(modules), trained / 1e6)
 
     def frozen_base(self, device_type: str) -> list[nn.Module]:
         """The modules whose frozen base a LoRA run stores at the frozen dtype beside float32 LoRA weights: the UNet,

@@ -92,9 +92,13 @@ class FrozenCLIPEmbedder(nn.Module):
     def requires_grad_(self, requires_grad: bool = True) -> "FrozenCLIPEmbedder":
         """As nn.Module's, but the layers after the `clip_skip` one stay frozen (no gradient reaches them; DDP errs)."""
         super().requires_grad_(requires_grad)
-        layers = self.transformer.text_model.encoder.layers
-        layers[len(layers) - self.clip_skip + 1:].requires_grad_(False)
+        self.transformer.text_model.encoder.layers[self.reached_layers:].requires_grad_(False)
         return self
+
+    @property
+    def reached_layers(self) -> int:
+        """How many encoder layers the output depends on: those up to the `clip_skip`-th from the end."""
+        return len(self.transformer.text_model.encoder.layers) - self.clip_skip + 1
 
     def freeze(self) -> None:
         """Put the encoder in eval mode and stop its gradients."""
