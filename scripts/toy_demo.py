@@ -139,7 +139,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                f"a photo of a {CLASS_WORD}", "--n_samples", str(batch), "--n_iter",
                str(math.ceil(opt.class_images / batch)), "--seed", "0", "--ddim_steps", str(opt.ddim_steps),
                "--scale", str(opt.scale), "--outdir", str(outdir / "class_images"), *SAMPLING)
-    class_folder = outdir / "class_images" / "samples"
+    class_folder = outdir / "class_images"
     models = {"base": ["--ckpt", opt.base],
               "fine-tuned": fine_tune(runner, "dreambooth", class_folder, opt, *overrides)}
     if opt.drift:
