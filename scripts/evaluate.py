@@ -27,7 +27,7 @@ from ldm.eval.evaluate import Subject, evaluate_subject, paper_table, subject_cl
 from ldm.eval.generation import SampleSettings, model_config  # noqa: E402
 from ldm.inference import check_checkpoint, choose_device, read_prompts, run_command  # noqa: E402
 from ldm.lora_files import check_lora_specs  # noqa: E402
-from ldm.util import UserError, atomic_write_text, ensure_writable_dir  # noqa: E402
+from ldm.util import UserError, atomic_write_text, ensure_writable_dir, user_or_project_path  # noqa: E402
 
 logger = logging.getLogger("evaluate")
 TOY_SCORER = "data/toy/scorer.safetensors"
@@ -53,12 +53,13 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     add("--batch", type=int, default=8, help="images sampled at once")
     add("--H", type=int, default=None, help="image height (default: the config's native size)")
     add("--W", type=int, default=None, help="image width (default: the config's native size)")
-    add("--config", default=None, help="model config (default: the checkpoint's run config, else SD v1's)")
+    add("--config", type=user_or_project_path, default=None,
+        help="model config (default: the checkpoint's run config, else SD v1's)")
     add("--device", choices=["auto", "cuda", "mps", "cpu"], default="auto")
     add("--scorer", choices=["paper", "toy"], default="paper", help="paper: DINO, CLIP-I, CLIP-T; toy: the toy world's")
     add("--clip", default=None, help="a local CLIP ViT-B/32 folder (transformers format)")
     add("--dino", default=None, help="a local DINO ViT-S/16 folder (transformers format)")
-    add("--scorer_path", default=TOY_SCORER, help="the toy scorer's weights")
+    add("--scorer_path", type=user_or_project_path, default=TOY_SCORER, help="the toy scorer's weights")
     add("--outdir", default=None)
     return parser.parse_args(argv)
 
