@@ -35,7 +35,8 @@ from ldm.precision import check_training_precision
 from ldm.runs import (Run, launched_per_process, new_run, resumed_run, run_lock, takes_run_lock,
                       warn_fresh_optimizer)
 from ldm.train_flags import apply_flags, fix_text_encoder_stop
-from ldm.util import FLOAT32_MATMUL_PRECISION, DiskFullError, UserError, ensure_writable_dir, instantiate_from_config
+from ldm.util import (FLOAT32_MATMUL_PRECISION, DiskFullError, UserError, ensure_writable_dir, instantiate_from_config,
+                      user_or_project_path)
 
 RUN_DIR_ENV = "DREAMBOOTH_RUN_DIR"  # tells the DDP worker processes, which re-run this script, the run folder
 say = rank_zero_only(print)
@@ -65,14 +66,16 @@ def get_parser() -> argparse.ArgumentParser:
              "--logdir whose last.ckpt was written last (not the newest-created folder, unless none has one)")
     add("--resume_weights_only", action="store_true",
         help="with -r: continue from the newest weights-only step_N.ckpt at step N with a fresh optimizer")
-    add("-b", "--base", nargs="*", default=[], metavar="config.yaml", help="configs, merged left to right")
+    add("-b", "--base", nargs="*", type=user_or_project_path, default=[], metavar="config.yaml",
+        help="configs, merged left to right (configs/... not in the working folder: the project's own)")
     add("-t", "--train", **flag, help="train (required unless resuming: there is nothing else to do)")
     add("--no-test", **flag, help="accepted for compatibility; DreamBooth has no test stage")
     add("-s", "--seed", type=int, default=23, help="seed for seed_everything")
     add("-f", "--postfix", default="", help="appended to the run folder name")
     add("-l", "--logdir", default="logs", help="where run folders are created")
     add("--scale_lr", **flag, help="scale base_learning_rate by devices x batch size x gradient accumulation")
-    add("--actual_resume", default=None, help="the Stable Diffusion v1 checkpoint to fine-tune (.ckpt/.safetensors)")
+    add("--actual_resume", type=user_or_project_path, default=None,
+        help="the Stable Diffusion v1 checkpoint to fine-tune (.ckpt/.safetensors)")
     add("--use_ema_weights", action="store_true", help="start from the file's EMA UNet weights (default: non-EMA)")
     add("--data_root", action="append", help="folder of photos of the subject (instance images); repeat it, with "
         "--token, to train several subjects at once (data.params.concepts)")

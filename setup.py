@@ -1,5 +1,7 @@
-"""The package list for pyproject.toml: the ldm library, main.py, and scripts/ as `dreambooth_scripts`."""
+"""The package list for pyproject.toml: the ldm library, main.py, scripts/ as `dreambooth_scripts`, and the project's
+own configs/ and data/ (YAML configs, toy weights, toy photos) as `dreambooth_configs` and `dreambooth_data`, which
+ldm.util.project_path finds."""
 from setuptools import find_packages, setup
 
-setup(packages=find_packages(include=["ldm", "ldm.*"]) + ["dreambooth_scripts"],
-      package_dir={"dreambooth_scripts": "scripts"}, py_modules=["main"])
+FOLDERS = {"dreambooth_scripts": "scripts", "dreambooth_configs": "configs", "dreambooth_data": "data"}
+setup(packages=find_packages(include=["ldm", "ldm.*"]) + list(FOLDERS), package_dir=FOLDERS, py_modules=["main"])

@@ -30,7 +30,8 @@ from ldm.models.diffusion.sampling import SAMPLERS as K_SAMPLERS
 from ldm.models.diffusion.sampling import DIFFUSERS_SCHEDULE, STOCHASTIC, Generator, randn
 from ldm.models.diffusion.sigmas import sigma_to_t
 from ldm.precision import cuda_has_bf16, gpu_name
-from ldm.util import DiskFullError, UserError, ensure_writable_dir, file_sha256, instantiate_from_config
+from ldm.util import (DiskFullError, UserError, ensure_writable_dir, file_sha256, instantiate_from_config,
+                      user_or_project_path)
 
 logger = logging.getLogger(__name__)
 
@@ -84,9 +85,10 @@ def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
     add("--use_ema", action="store_true", help="sample with the file's EMA UNet (model_ema.*: a run trained with "
         "use_ema, or a *-full-ema file)")
     add("--from-file", type=str, help="read prompts from this file, one per line")
-    add("--config", type=str, default=None, help="model config (default: the saved config of the training run "
-        "that --ckpt comes from, else configs/stable-diffusion/v1-inference.yaml)")
-    add("--ckpt", type=str, default="models/ldm/stable-diffusion-v1/model.ckpt", help=".ckpt or .safetensors")
+    add("--config", type=user_or_project_path, default=None, help="model config (default: the saved config of the "
+        "training run that --ckpt comes from, else configs/stable-diffusion/v1-inference.yaml)")
+    add("--ckpt", type=user_or_project_path, default="models/ldm/stable-diffusion-v1/model.ckpt",
+        help=".ckpt or .safetensors (configs/... and data/... that are not in the working folder: the project's own)")
     add("--seed", type=int, default=42, help="seed of the first image; image k gets seed + k")
     add_precision_argument(parser)
     add("--device", choices=["auto", "cuda", "mps", "cpu"], default="auto", help="auto picks cuda, then mps, then cpu")

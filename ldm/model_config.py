@@ -9,11 +9,11 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from ldm.checkpoint import CheckpointError, ShapeMismatchError, check_compatible
-from ldm.util import UserError, instantiate_from_config
+from ldm.util import UserError, instantiate_from_config, project_path
 
 logger = logging.getLogger(__name__)
 
-CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+CONFIGS = project_path("configs")
 DEFAULT_CONFIG = CONFIGS / "stable-diffusion" / "v1-inference.yaml"
 REQUIRED_CONFIG_KEYS = ("model.target", "model.params.channels", "model.params.unet_config.params.channel_mult",
                         "model.params.first_stage_config.params.ddconfig.ch_mult")

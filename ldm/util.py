@@ -211,3 +211,23 @@ def file_sha256(path: str) -> str:
         return digest.hexdigest()
     stat = os.stat(path)
     return _sha256(os.path.realpath(path), stat.st_size, stat.st_mtime_ns)
+
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent  # a clone's root, or site-packages once installed
+PROJECT_FOLDERS = {"configs": "dreambooth_configs", "data": "dreambooth_data"}  # a clone's folder: its installed name
+
+
+def project_path(relative: str | os.PathLike) -> Path:
+    """A file of the project's own (`configs/...` or `data/...`), in the installed package or else in the clone."""
+    top, *rest = Path(relative).parts
+    installed = PROJECT_ROOT / PROJECT_FOLDERS[top]
+    return (installed if installed.is_dir() else PROJECT_ROOT / top).joinpath(*rest)
+
+
+def user_or_project_path(path: str) -> str:
+    """`path` as given when it exists (relative to the working folder); else the project's own file of that name
+    (`configs/toy/v1-inference.yaml`, `data/toy/toy-v1.safetensors`) when there is one; else `path` unchanged."""
+    if not path or Path(path).exists() or Path(path).is_absolute() or Path(path).parts[0] not in PROJECT_FOLDERS:
+        return path
+    own = project_path(path)
+    return str(own) if own.exists() else path

@@ -24,7 +24,7 @@ from ldm.eval.generation import SampleSettings, model_config, sample_model  # no
 from ldm.inference import (add_precision_argument, check_checkpoint, choose_device, read_prompts,  # noqa: E402
                            run_command)
 from ldm.lora_files import check_lora_specs  # noqa: E402
-from ldm.util import UserError, ensure_writable_dir  # noqa: E402
+from ldm.util import UserError, ensure_writable_dir, user_or_project_path  # noqa: E402
 
 logger = logging.getLogger("compare")
 TOY_SCORER = "data/toy/scorer.safetensors"
@@ -46,12 +46,12 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     add("--use_ema", action="store_true", help="sample every model with its EMA UNet (model_ema.*)")
     add("--H", type=int, default=None, help="image height (default: the config's native size)")
     add("--W", type=int, default=None, help="image width (default: the config's native size)")
-    add("--config", default=None, help="model config for every model (default: each checkpoint's run config, "
-        "else the SD v1 inference config)")
+    add("--config", type=user_or_project_path, default=None, help="model config for every model (default: each "
+        "checkpoint's run config, else the SD v1 inference config)")
     add("--device", choices=["auto", "cuda", "mps", "cpu"], default="auto")
     add_precision_argument(parser)
     add("--scorer", choices=["none", "toy"], default="none", help="toy: the toy world's scorer")
-    add("--scorer_path", default=TOY_SCORER, help="the toy scorer's weights")
+    add("--scorer_path", type=user_or_project_path, default=TOY_SCORER, help="the toy scorer's weights")
     add("--outdir", default="outputs/compare")
     return parser.parse_args(argv)
 

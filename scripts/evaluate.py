@@ -28,7 +28,7 @@ from ldm.eval.generation import SampleSettings, model_config  # noqa: E402
 from ldm.inference import (add_precision_argument, check_checkpoint, choose_device, read_prompts,  # noqa: E402
                            run_command)
 from ldm.lora_files import check_lora_specs  # noqa: E402
-from ldm.util import UserError, atomic_write_text, ensure_writable_dir  # noqa: E402
+from ldm.util import UserError, atomic_write_text, ensure_writable_dir, user_or_project_path  # noqa: E402
 
 logger = logging.getLogger("evaluate")
 TOY_SCORER = "data/toy/scorer.safetensors"
@@ -54,13 +54,14 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     add("--batch", type=int, default=2, help="images per sampler call (more is faster on a large GPU)")
     add("--H", type=int, default=None, help="image height (default: the config's native size)")
     add("--W", type=int, default=None, help="image width (default: the config's native size)")
-    add("--config", default=None, help="model config (default: the checkpoint's run config, else SD v1's)")
+    add("--config", type=user_or_project_path, default=None,
+        help="model config (default: the checkpoint's run config, else SD v1's)")
     add("--device", choices=["auto", "cuda", "mps", "cpu"], default="auto")
     add_precision_argument(parser)
     add("--scorer", choices=["paper", "toy"], default="paper", help="paper: DINO, CLIP-I, CLIP-T; toy: the toy world's")
     add("--clip", default=None, help="a local CLIP ViT-B/32 folder (transformers format)")
     add("--dino", default=None, help="a local DINO ViT-S/16 folder (transformers format)")
-    add("--scorer_path", default=TOY_SCORER, help="the toy scorer's weights")
+    add("--scorer_path", type=user_or_project_path, default=TOY_SCORER, help="the toy scorer's weights")
     add("--outdir", default=None)
     return parser.parse_args(argv)
 

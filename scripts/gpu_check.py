@@ -37,7 +37,8 @@ from omegaconf import OmegaConf  # noqa: E402
 from ldm.adamw8bit import adamw8bit_self_check  # noqa: E402
 from ldm import device_check  # noqa: E402
 from ldm.model_config import latent_shape, load_config  # noqa: E402
-from ldm.util import UserError, atomic_write_text, ensure_writable_dir, instantiate_from_config  # noqa: E402
+from ldm.util import (UserError, atomic_write_text, ensure_writable_dir, instantiate_from_config,  # noqa: E402
+                      project_path)
 
 STAGES = ("env", "sdpa", "adamw8bit", "lowmem", "fastest", "sampling")
 GiB = device_check.GiB
@@ -116,7 +117,7 @@ def worker_sampling(spec: dict) -> dict:
     from ldm.inference import load_model, precision_scope
     from ldm.models.diffusion.control import Control, ControlStack, controlled
     device, config = torch.device(spec["device"]), load_config(spec["config"])
-    model = load_model(config, spec["ckpt"], device)
+    model = load_model(config, spec["ckpt"], device, precision="autocast")  # fp16 weights on a GPU, as users sample
     scope = precision_scope("autocast", device)
     shape = latent_shape(config, spec["size"], spec["size"])
 
@@ -169,7 +170,7 @@ class Check:
         self._ckpt: Optional[Path] = None
 
     def config(self, name: str) -> str:
-        return str(REPO / self.sizes.configs / name)
+        return str(project_path(f"{self.sizes.configs}/{name}"))  # the clone's, or the installed package's
 
     @property
     def cap_gib(self) -> Optional[float]:
@@ -353,12 +354,12 @@ def stage_fastest(check: Check) -> dict:
 
 def stage_sampling(check: Check) -> dict:
     spec = {"config": check.config("v1-inference.yaml"), "ckpt": str(check.checkpoint()),
-            "controlnet": str(REPO / check.sizes.controlnet),
+            "controlnet": str(project_path(check.sizes.controlnet)),
             "size": check.sizes.size, "steps": check.sizes.ddim_steps, "repeats": check.sizes.repeats}
     result = check.run("sampling", "sampling", spec)
     what = f"{check.sizes.ddim_steps} DDIM steps, {check.sizes.size} px, guidance 7.5"
-    rows = [(what, f"{result['plain_s']:.3f} s{reserved(result['peak_reserved_gib'])}"),
-            (f"{what}, ControlNet", f"{result['controlnet_s']:.3f} s{reserved(result['controlnet_peak_reserved_gib'])}")]
+    controlnet = f"{result['controlnet_s']:.3f} s{reserved(result['controlnet_peak_reserved_gib'])}"
+    rows = [(what, f"{result['plain_s']:.3f} s{reserved(result['peak_reserved_gib'])}"), (f"{what}, ControlNet", controlnet)]
     return {**result, "rows": rows}
 
 

@@ -22,17 +22,18 @@ from ldm.checkpoint import (EMA_PREFIX, UNET_PREFIX, WEIGHT_SUFFIXES, Checkpoint
 from ldm.lora_files import check_lora_specs, lora_names, parse_lora_spec  # noqa: E402
 from ldm.model_config import DEFAULT_CONFIG, check_fits, sampling_config, shown  # noqa: E402
 from ldm.modules.lora import merge_lora  # noqa: E402
-from ldm.util import UserError, format_bytes  # noqa: E402
+from ldm.util import UserError, format_bytes, user_or_project_path  # noqa: E402
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("base", help="the SD v1 checkpoint the LoRA files were trained on (.ckpt or .safetensors)")
+    parser.add_argument("base", type=user_or_project_path,
+                        help="the SD v1 checkpoint the LoRA files were trained on (.ckpt or .safetensors)")
     parser.add_argument("loras", nargs="+", metavar="LORA[:SCALE]", help="kohya-format LoRA files, each at a scale")
     parser.add_argument("-o", "--output", required=True, help="the merged checkpoint: .ckpt or .safetensors")
-    parser.add_argument("--config", default=None, help="the base's model config (its UNet's shape; default: as "
-                        "sampling chooses, the run's own for a file in a run's checkpoints/, else "
-                        f"{shown(DEFAULT_CONFIG)}); a base it does not fit is refused, naming the config that fits")
+    parser.add_argument("--config", type=user_or_project_path, default=None, help="the base's model config (its "
+                        "UNet's shape; default: as sampling chooses, the run's own for a file in a run's checkpoints/, "
+                        f"else {shown(DEFAULT_CONFIG)}); a base it does not fit is refused, naming the config that fits")
     parser.add_argument("--half", action="store_true", help="write fp16 weights (default: as the base stores them)")
     parser.add_argument("--ema", action="store_true", help="merge into the base's EMA UNet weights and keep those")
     return parser.parse_args(argv)

@@ -9,8 +9,12 @@
 
     python scripts/pretrain_toy_model.py --stage all
 
-Intermediate files go to --workdir (outputs/toy-pretrain); the results are data/toy/toy-v1.safetensors (the base
-model, fp16, EMA weights), data/toy/scorer.safetensors and data/toy/pretraining.json (settings and measurements).
+Intermediate files go to --workdir (outputs/toy-pretrain); so do the results, toy-v1.safetensors (the base model,
+fp16, EMA weights), scorer.safetensors and pretraining.json (settings and measurements), unless --data_dir names
+another folder: only `--data_dir data/toy` replaces the committed files, and only then is the measured scale factor
+written into every toy config (configs/toy/*.yaml); otherwise the script says which value they would need. The
+diffusion stage resumes the work folder's state.ckpt (it says so); `--init` with such a state is refused unless
+`--fresh` starts over.
 """
 import argparse
 import json
@@ -23,7 +27,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 import torch
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -33,11 +37,13 @@ from ldm.data.toy_world import BOX_SUBJECT  # noqa: E402
 from ldm.eval.toy_scorer import (ToyScorer, fit_scorer, fit_subject_head, load_scorer, save_scorer,  # noqa: E402
                                  validate_scorer)
 from ldm.pretraining import DiffusionPretraining, SceneLatents, psnr, random_scenes, render_all, train_vae  # noqa: E402
-from ldm.util import instantiate_from_config  # noqa: E402
+from ldm.inference import run_command  # noqa: E402
+from ldm.model_config import shown  # noqa: E402
+from ldm.util import UserError, instantiate_from_config, project_path  # noqa: E402
 
-REPO = Path(__file__).resolve().parent.parent
-CONFIGS = [REPO / "configs" / "toy" / "v1-inference.yaml", REPO / "configs" / "toy" / "v1-finetune_unfrozen.yaml"]
-DATA = REPO / "data" / "toy"
+TOY_CONFIGS = project_path("configs/toy")
+MODEL_CONFIG = TOY_CONFIGS / "v1-inference.yaml"
+DATA = project_path("data/toy")  # the committed results
 logger = logging.getLogger("pretrain_toy_model")
 
 
@@ -46,10 +52,11 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     add = parser.add_argument
     add("--stage", choices=["vae", "scorer", "box_head", "latents", "diffusion", "all"], default="all")
     add("--workdir", default="outputs/toy-pretrain", help="intermediate files (VAE, latents, resumable state)")
-    add("--data_dir", default=str(DATA), help="where the results go: toy-v1.safetensors, scorer.safetensors, "
-        "pretraining.json")
-    add("--configs", nargs="+", default=[str(p) for p in CONFIGS],
-        help="the model config (first) and the configs that get the measured scale factor")
+    add("--data_dir", default=None, help="where the results go: toy-v1.safetensors, scorer.safetensors, "
+        "pretraining.json (default: --workdir; data/toy replaces the committed files and updates configs/toy/*.yaml)")
+    add("--configs", nargs="+", default=None, help="the model config (first) and the configs that get the measured "
+        "scale factor (default: configs/toy/v1-inference.yaml, and every toy config only with --data_dir data/toy)")
+    add("--fresh", action="store_true", help="start the diffusion stage over, replacing the work folder's state")
     add("--seed", type=int, default=0)
     add("--threads", type=int, default=1, help="torch threads (1 is fastest when the machine is shared)")
     add("--vae_steps", type=int, default=4000)
@@ -64,21 +71,52 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     add("--batch_size", type=int, default=32)
     add("--lr", type=float, default=3e-4)
     add("--init", help="start the diffusion stage (and take the VAE) from these weights, e.g. an earlier "
-        "data/toy/toy-v1.safetensors, when its resumable state is gone; the step count goes on from pretraining.json")
+        "data/toy/toy-v1.safetensors, when its resumable state is gone (else refused unless --fresh); the step count "
+        "goes on from pretraining.json")
     add("--interval", type=int, default=2000, help="save, and measure prompt following, every this many steps")
     add("--eval_samples", type=int, default=8, help="samples per prompt when measuring prompt following (0: skip)")
     return parser.parse_args(argv)
 
 
-def write_scale_factor(paths: Sequence[str], value: float) -> None:
-    """Put the measured scale factor into the configs, keeping their comments."""
-    for path in map(Path, paths):
+def scale_factor_configs(opt: argparse.Namespace) -> list[Path]:
+    """The configs that get the measured scale factor: --configs, else every toy config when the results replace the
+    committed ones, else none."""
+    if opt.configs:
+        return [Path(p) for p in opt.configs]
+    committed = Path(opt.data_dir).resolve() == DATA.resolve()
+    return sorted(TOY_CONFIGS.glob("*.yaml")) if committed else []
+
+
+def write_scale_factor(opt: argparse.Namespace, value: float) -> None:
+    """Put the measured scale factor into the configs, keeping their comments; or say which configs would need it."""
+    paths = scale_factor_configs(opt)
+    for path in paths:
         text = re.sub(r"(\n\s+scale_factor: )[0-9.e+-]+", rf"\g<1>{value:.5f}", path.read_text(), count=1)
         path.write_text(text)
+    if paths:
+        logger.info("scale_factor %.5f written into %s", value, ", ".join(map(shown, paths)))
+    else:
+        logger.info("scale_factor %.5f: the weights in %s need model.params.scale_factor: %.5f in the configs that "
+                    "sample or fine-tune them (configs/toy/*.yaml hold the committed model's; --data_dir data/toy "
+                    "replaces that model and updates them)", value, opt.data_dir, value)
+
+
+def model_config(opt: argparse.Namespace, record: dict) -> DictConfig:
+    """The model config, with the scale factor that the vae stage measured for these results."""
+    config = OmegaConf.load(opt.configs[0] if opt.configs else MODEL_CONFIG)
+    if "scale_factor" in record.get("vae", {}):
+        config.model.params.scale_factor = record["vae"]["scale_factor"]
+    return config
+
+
+def scorer_path(opt: argparse.Namespace) -> Path:
+    """The scorer of the results, or the committed one until a scorer stage wrote one."""
+    path = Path(opt.data_dir) / "scorer.safetensors"
+    return path if path.is_file() else DATA / "scorer.safetensors"
 
 
 def vae_stage(opt: argparse.Namespace, workdir: Path, record: dict) -> None:
-    vae = instantiate_from_config(OmegaConf.load(opt.configs[0]).model.params.first_stage_config)
+    vae = instantiate_from_config(model_config(opt, record).model.params.first_stage_config)
     torch.manual_seed(opt.seed)
     images = render_all(random_scenes(opt.vae_pool, seed=opt.seed))
     started = time.monotonic()
@@ -90,12 +128,13 @@ def vae_stage(opt: argparse.Namespace, workdir: Path, record: dict) -> None:
                      "held_out_psnr_db": round(psnr(vae, held_out), 2), "scale_factor": round(scale, 5)}
     logger.info("vae: %s", record["vae"])
     save_weights(vae.state_dict(), workdir / "vae.safetensors")
-    write_scale_factor(opt.configs, scale)
+    write_scale_factor(opt, scale)
 
 
 def load_vae(opt: argparse.Namespace, workdir: Path) -> torch.nn.Module:
     """The VAE of the vae stage, or that of the --init weights when the stage's file is not there."""
-    vae = instantiate_from_config(OmegaConf.load(opt.configs[0]).model.params.first_stage_config)
+    vae = instantiate_from_config(OmegaConf.load(opt.configs[0] if opt.configs else MODEL_CONFIG)
+                                  .model.params.first_stage_config)
     path = workdir / "vae.safetensors"
     if path.is_file() or not opt.init:
         vae.load_state_dict(read_state_dict(path))
@@ -119,7 +158,7 @@ def scorer_stage(opt: argparse.Namespace, workdir: Path, record: dict) -> None:
 
 def box_head_stage(opt: argparse.Namespace, workdir: Path, record: dict) -> None:
     vae = load_vae(opt, workdir)
-    path = Path(opt.data_dir) / "scorer.safetensors"
+    path = scorer_path(opt)
     started = time.monotonic()
     scorer = ToyScorer()
     missing = scorer.load_state_dict(read_state_dict(path), strict=False).missing_keys  # the box head is refitted
@@ -132,7 +171,7 @@ def box_head_stage(opt: argparse.Namespace, workdir: Path, record: dict) -> None
                           "minutes": round((time.monotonic() - started) / 60, 1),
                           "validation": {k: round(v, 4) for k, v in validation.items() if "subject_box" in k}}
     logger.info("box head validation: %s", json.dumps(record["box_head"]["validation"], indent=1))
-    save_scorer(scorer, path)
+    save_scorer(scorer, Path(opt.data_dir) / "scorer.safetensors")
 
 
 def latents_stage(opt: argparse.Namespace, workdir: Path, record: dict) -> None:
@@ -145,8 +184,14 @@ def latents_stage(opt: argparse.Namespace, workdir: Path, record: dict) -> None:
 
 
 def diffusion_stage(opt: argparse.Namespace, workdir: Path, record: dict) -> None:
-    model = instantiate_from_config(OmegaConf.load(opt.configs[0]).model)
+    model = instantiate_from_config(model_config(opt, record).model)
     state_path = workdir / "state.ckpt"
+    if state_path.is_file() and opt.init and not opt.fresh:
+        raise UserError(f"--init {opt.init}: {state_path} holds a diffusion state to resume; pass --fresh to start "
+                        f"over from --init (the state is replaced), or leave out --init to resume it")
+    if state_path.is_file() and opt.fresh:
+        logger.info("--fresh: %s is not resumed and will be replaced", state_path)
+        state_path.unlink()
     if opt.init and not state_path.is_file():
         load_model_weights(model, opt.init)
     elif not state_path.is_file():
@@ -156,7 +201,7 @@ def diffusion_stage(opt: argparse.Namespace, workdir: Path, record: dict) -> Non
     trainer = DiffusionPretraining(model, latents, lr=opt.lr, batch_size=opt.batch_size, seed=opt.seed)
     if state_path.is_file():
         trainer.load_state(read_checkpoint(state_path))
-        logger.info("resumed the diffusion stage at step %d from %s", trainer.step, state_path)
+        logger.info("resuming the diffusion stage from %s at step %d (--fresh starts over)", state_path, trainer.step)
     elif opt.init:
         trainer.restart_at(record.get("diffusion", {}).get("steps", 0), seed=opt.seed + 1)
         logger.info("went on from %s at step %d with a fresh optimizer", opt.init, trainer.step)
@@ -169,9 +214,9 @@ def diffusion_stage(opt: argparse.Namespace, workdir: Path, record: dict) -> Non
         save_weights(trainer.ema_state_dict(), out, dtype=torch.float16)
         following = {}
         if opt.eval_samples:
-            evaluated = instantiate_from_config(OmegaConf.load(opt.configs[0]).model)
+            evaluated = instantiate_from_config(model_config(opt, record).model)
             load_model_weights(evaluated, out)
-            scorer = load_scorer(Path(opt.data_dir) / "scorer.safetensors")
+            scorer = load_scorer(scorer_path(opt))
             following = prompt_following(evaluated.eval(), scorer, samples=opt.eval_samples)
         record["diffusion"].update(steps=step, seconds=round(time.monotonic() - started), batch_size=opt.batch_size,
                                    lr=opt.lr, scenes=len(latents.scenes))
@@ -190,21 +235,35 @@ def save_record(opt: argparse.Namespace, record: dict) -> None:
     (Path(opt.data_dir) / "pretraining.json").write_text(json.dumps(record, indent=1) + "\n")
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    opt = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s: %(message)s")
+def first_record(opt: argparse.Namespace) -> dict:
+    """The results' pretraining.json; without one, with --init the committed record (its step count goes on)."""
+    for path in (Path(opt.data_dir) / "pretraining.json", DATA / "pretraining.json" if opt.init else None):
+        if path is not None and path.is_file():
+            return json.loads(path.read_text())
+    return {}
+
+
+def pretrain(opt: argparse.Namespace) -> str:
+    """Run the chosen stages; where the results are."""
     torch.set_num_threads(opt.threads)
     workdir = Path(opt.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
+    opt.data_dir = opt.data_dir or str(workdir)
     Path(opt.data_dir).mkdir(parents=True, exist_ok=True)
-    record_path = Path(opt.data_dir) / "pretraining.json"
-    record = json.loads(record_path.read_text()) if record_path.is_file() else {}
+    logger.info("results go to %s%s", opt.data_dir, " (the committed toy model's files: they are replaced)"
+                if Path(opt.data_dir).resolve() == DATA.resolve() else "")
+    record = first_record(opt)
     record.setdefault("machine", f"{torch.get_num_threads()} torch thread(s), torch {torch.__version__}")
     stages = ["vae", "scorer", "box_head", "latents", "diffusion"] if opt.stage == "all" else [opt.stage]
     for stage in stages:
         STAGES[stage](opt, workdir, record)
         save_record(opt, record)
-    return 0
+    return f"results in {opt.data_dir}: toy-v1.safetensors, scorer.safetensors, pretraining.json"
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    opt = parse_args(argv)
+    return run_command(lambda: pretrain(opt))
 
 
 if __name__ == "__main__":

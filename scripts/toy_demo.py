@@ -22,25 +22,30 @@ from typing import Optional, Sequence
 
 from omegaconf import OmegaConf
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+SCRIPTS = Path(__file__).resolve().parent  # scripts/ in a clone, dreambooth_scripts/ once installed
+sys.path.insert(0, str(SCRIPTS.parent))
 
 from ldm.eval.toy_demo import CLASS_WORD, IDENTIFIER, PROMPTS, draw_picture, percent, score_folder, write_report  # noqa: E402
 from ldm.eval.toy_scorer import load_scorer  # noqa: E402
+from ldm.model_config import shown  # noqa: E402
+from ldm.util import project_path, user_or_project_path  # noqa: E402
 
 BASE = "data/toy/toy-v1.safetensors"
-SCORER = "data/toy/scorer.safetensors"
-SUBJECT = "data/toy/subject"
-INFERENCE_CONFIG, FINETUNE_CONFIG = "configs/toy/v1-inference.yaml", "configs/toy/v1-finetune_unfrozen.yaml"
+SCORER = shown(project_path("data/toy/scorer.safetensors"))
+SUBJECT = shown(project_path("data/toy/subject"))
+INFERENCE_CONFIG = shown(project_path("configs/toy/v1-inference.yaml"))
+FINETUNE_CONFIG = "configs/toy/v1-finetune_unfrozen.yaml"
 SAMPLING = ["--config", INFERENCE_CONFIG, "--device", "cpu", "--skip_grid"]
+COMMANDS = {"main.py": SCRIPTS.parent / "main.py", "stable_txt2img.py": SCRIPTS / "stable_txt2img.py"}
 
 
 def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add = parser.add_argument
-    add("--outdir", default="outputs/demo", help="made afresh (an older one is replaced)")
-    add("--base", default=BASE, help="the base model (default: the committed toy model)")
-    add("--config", default=FINETUNE_CONFIG, help="the fine-tune config, e.g. configs/toy/v1-finetune_lowmem.yaml")
+    add("--outdir", default="outputs/demo", help="made afresh (an older one is replaced), in the working folder")
+    add("--base", type=user_or_project_path, default=BASE, help="the base model (default: the committed toy model)")
+    add("--config", type=user_or_project_path, default=FINETUNE_CONFIG,
+        help="the fine-tune config, e.g. configs/toy/v1-finetune_lowmem.yaml")
     add("--set", nargs="+", default=[], metavar="KEY=VALUE",
         help="config overrides for the fine-tune, as main.py takes them, e.g. model.base_learning_rate=1e-4")
     add("--drift", action="store_true", help="also fine-tune with reg_weight 0 and compare")
@@ -66,13 +71,13 @@ class Runner:
         self.stages: dict[str, float] = {}
 
     def run(self, stage: str, name: str, script: str, *args: str) -> None:
-        command = ["python", script, *args]
+        command = ["python", shown(COMMANDS[script]), *args]
         self.commands.append(shlex.join(command))
         print(f"[{stage}] {shlex.join(command)}", flush=True)
         started = time.monotonic()
         log = self.logs / f"{name}.log"
         with open(log, "w") as handle:
-            proc = subprocess.run([sys.executable, *command[1:]], cwd=REPO, env=self.env, stdout=handle,
+            proc = subprocess.run([sys.executable, *command[1:]], env=self.env, stdout=handle,
                                   stderr=subprocess.STDOUT)
         seconds = time.monotonic() - started
         self.stages[stage] = round(self.stages.get(stage, 0.0) + seconds, 1)
@@ -102,7 +107,7 @@ def fine_tune(runner: Runner, name: str, class_folder: Path, opt: argparse.Names
 def sample(runner: Runner, name: str, model: list[str], prompts: Path, opt: argparse.Namespace) -> Path:
     """The demo's prompts from one model (its sampling flags), the same seeds for every prompt and model."""
     outdir = runner.outdir / "samples" / name
-    runner.run("samples", f"samples-{name}", "scripts/stable_txt2img.py", *model, "--from-file",
+    runner.run("samples", f"samples-{name}", "stable_txt2img.py", *model, "--from-file",
                str(prompts), "--n_samples", str(opt.samples), "--n_iter", "1", "--fixed_code", "--seed", "1000",
                "--ddim_steps", str(opt.ddim_steps), "--scale", str(opt.scale), "--outdir", str(outdir), *SAMPLING)
     return outdir / "samples"
@@ -123,7 +128,7 @@ def quick_settings(opt: argparse.Namespace) -> list[str]:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     opt = parse_args(argv)
     for path in (opt.base, SCORER, SUBJECT):
-        if not (REPO / path).exists():
+        if not Path(path).exists():
             print(f"error: {path} is missing; scripts/pretrain_toy_model.py and scripts/make_toy_subject.py make it",
                   file=sys.stderr)
             return 1
@@ -135,11 +140,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     overrides = quick_settings(opt) if opt.quick else []
     runner = Runner(outdir, opt.threads)
     batch = min(10, opt.class_images)
-    runner.run("class images", "class-images", "scripts/stable_txt2img.py", "--ckpt", opt.base, "--prompt",
+    runner.run("class images", "class-images", "stable_txt2img.py", "--ckpt", opt.base, "--prompt",
                f"a photo of a {CLASS_WORD}", "--n_samples", str(batch), "--n_iter",
                str(math.ceil(opt.class_images / batch)), "--seed", "0", "--ddim_steps", str(opt.ddim_steps),
                "--scale", str(opt.scale), "--outdir", str(outdir / "class_images"), *SAMPLING)
-    class_folder = outdir / "class_images" / "samples"
+    class_folder = outdir / "class_images"
     models = {"base": ["--ckpt", opt.base],
               "fine-tuned": fine_tune(runner, "dreambooth", class_folder, opt, *overrides)}
     if opt.drift:
@@ -149,7 +154,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     prompts.write_text("\n".join(PROMPTS) + "\n")
     folders = {name: sample(runner, name.replace(" ", "_"), model, prompts, opt) for name, model in models.items()}
     started = time.monotonic()
-    scorer = load_scorer(REPO / SCORER)
+    scorer = load_scorer(SCORER)
     rates = {name: score_folder(folder, scorer) for name, folder in folders.items()}
     draw_picture(outdir / "report.png", folders, rates)
     runner.stages["scoring"] = round(time.monotonic() - started, 1)

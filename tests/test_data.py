@@ -265,3 +265,27 @@ def test_minimum_image_size_skips_small_photos(tmp_path, caplog):
     assert len(dataset(tmp_path).paths) == 2
     with pytest.raises(DataError, match="every image is smaller than minimum_image_size 100"):
         dataset(tmp_path, minimum_image_size=100)
+
+
+def test_a_class_folder_of_stable_txt2img_is_read_from_its_samples_subfolder(tmp_path, caplog):
+    instance, outdir = folder_with(tmp_path / "i", 1), tmp_path / "class_images" / "dog"
+    outdir.mkdir(parents=True)
+    samples = folder_with(outdir / "samples", 2)  # what `stable_txt2img.py --outdir class_images/dog` writes
+    with caplog.at_level(logging.INFO, logger="ldm.data.personalized"):
+        module = DataModuleFromConfig(**data_config(instance, str(outdir), num_class_images=3))
+    assert [r.message for r in caplog.records if "samples/ subfolder" in r.message] == [
+        f"class images: {outdir} holds no images, using its samples/ subfolder ({samples})"]
+    assert module.class_image_jobs() == [(samples, "dog", 1)]  # --num_class_images writes where the reader reads
+    folder_with(outdir / "samples" / "more", 1)
+    Image.open(Path(samples) / "0.png").save(Path(samples) / "2.png")
+    module.setup("fit")
+    assert module.class_prior.paths[0].parent == Path(samples) and len(module.class_prior.paths) == 3
+
+
+def test_a_class_folder_with_images_of_its_own_or_an_empty_samples_subfolder_is_read_itself(tmp_path):
+    instance, own, empty = folder_with(tmp_path / "i", 1), folder_with(tmp_path / "own", 1), tmp_path / "empty"
+    folder_with(tmp_path / "own" / "samples", 2)
+    (empty / "samples").mkdir(parents=True)
+    assert DataModuleFromConfig(**data_config(instance, own)).class_folder == own
+    module = DataModuleFromConfig(**data_config(instance, str(empty), num_class_images=2))
+    assert module.class_image_jobs() == [(str(empty), "dog", 2)]

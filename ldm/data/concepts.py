@@ -13,7 +13,7 @@ from typing import Any, Mapping, Optional, Sequence
 from omegaconf import OmegaConf
 from torch.utils.data import Dataset
 
-from ldm.data.personalized import DEFAULT_IDENTIFIER, DataError
+from ldm.data.personalized import DEFAULT_IDENTIFIER, DataError, class_image_folder
 
 CONCEPT_KEYS = {"data_root", "identifier", "class_word", "reg_data_root", "repeats", "class_repeats", "name"}
 
@@ -49,7 +49,8 @@ def with_params(config: Mapping, **params: Any) -> Mapping:
 def concept_configs(train: Mapping, reg: Optional[Mapping], concepts: Optional[Sequence[Mapping]] = None,
                     resolutions: Optional[Sequence[int]] = None) -> list[ConceptConfig]:
     """The concepts of a run: one per entry of `concepts` (or the single one of `train`/`reg`), at each of
-    `resolutions` (named `<name>@<size>` when there are several)."""
+    `resolutions` (named `<name>@<size>` when there are several). A class folder whose images are all in its
+    `samples/` subfolder (as scripts/stable_txt2img.py writes them) stands for that subfolder."""
     if concepts is not None and not concepts:
         raise DataError("data.params.concepts is empty: list the subjects, or remove the key")
     entries = [dict(entry) for entry in concepts] if concepts else [{}]
@@ -72,15 +73,20 @@ def concept_configs(train: Mapping, reg: Optional[Mapping], concepts: Optional[S
     sizes = list(resolutions) if resolutions else [None]
     if resolutions and (any(not isinstance(size, int) or size < 8 for size in sizes) or len(set(sizes)) < len(sizes)):
         raise DataError(f"data.params.resolutions must be distinct sizes of at least 8 pixels, got {list(sizes)}")
+    reg_root = None if reg is None else (OmegaConf.create(reg).get("params") or {}).get("data_root")
+    class_folders: dict[str, str] = {}
     result = []
     for entry, name in zip(entries, names):
+        class_root = entry.get("reg_data_root") or reg_root
+        if reg is not None and class_root and str(class_root) not in class_folders:
+            class_folders[str(class_root)] = class_image_folder(str(class_root))
         for size in sizes:
             shared = {"size": size, "class_word": entry.get("class_word")}
             result.append(ConceptConfig(
                 name=name if size is None or len(sizes) == 1 else f"{name}@{size}",
                 train=with_params(train, data_root=entry.get("data_root"), identifier=entry.get("identifier"),
                                   repeats=entry.get("repeats"), **shared),
-                reg=None if reg is None else with_params(reg, data_root=entry.get("reg_data_root"),
+                reg=None if reg is None else with_params(reg, data_root=class_folders.get(str(class_root)),
                                                          repeats=entry.get("class_repeats"), **shared)))
     return result
 

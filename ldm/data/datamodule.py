@@ -8,16 +8,8 @@ from torch.utils.data import DataLoader, Dataset
 
 from ldm.data.buckets import BucketBatches
 from ldm.data.concepts import Concept, ConceptPairs, class_set_key, concept_configs
-from ldm.data.personalized import DEFAULT_CLASS_WORD, IMAGE_SUFFIXES, DataError
+from ldm.data.personalized import DEFAULT_CLASS_WORD, DataError, count_images
 from ldm.util import instantiate_from_config
-
-
-def count_images(folder: str | Path | None) -> int:
-    """How many image files `folder` holds (0 when it does not exist); hidden files are not counted."""
-    if folder is None or not Path(folder).is_dir():
-        return 0
-    return sum(1 for p in Path(folder).iterdir()
-               if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_SUFFIXES)
 
 
 def datasets_of(datasets: Mapping[str, Dataset], role: str) -> dict[str, Dataset]:

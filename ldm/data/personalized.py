@@ -26,6 +26,25 @@ INTERPOLATIONS = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resamp
 IMAGE_SUFFIXES = frozenset(ext for ext, fmt in Image.registered_extensions().items() if fmt in Image.OPEN)
 MOMENTS_KEY = "moments"  # cached VAE posterior parameters (mean and logvar), yielded instead of `image`
 MASK_KEY = "mask"  # a photo's loss mask [H, W], when its folder has masks
+SAMPLES_FOLDER = "samples"  # where scripts/stable_txt2img.py --outdir DIR writes its images: DIR/samples/
+
+
+def count_images(folder: str | Path | None) -> int:
+    """How many image files `folder` holds (0 when it does not exist); hidden files are not counted."""
+    if folder is None or not Path(folder).is_dir():
+        return 0
+    return sum(1 for p in Path(folder).iterdir()
+               if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_SUFFIXES)
+
+
+def class_image_folder(folder: str) -> str:
+    """The folder that holds the class images of `folder`: `folder/samples` when only it holds images (what
+    `scripts/stable_txt2img.py --outdir folder` wrote), else `folder` itself."""
+    samples = Path(folder) / SAMPLES_FOLDER
+    if count_images(folder) == 0 and count_images(samples) > 0:
+        logger.info("class images: %s holds no images, using its %s/ subfolder (%s)", folder, SAMPLES_FOLDER, samples)
+        return str(samples)
+    return folder
 
 
 def list_images(folder: str | Path) -> list[Path]:

@@ -17,7 +17,7 @@ from PIL import Image, ImageDraw
 from ldm.checkpoint import read_lora
 from ldm.images import default_font, make_grid
 from ldm.lora_files import parse_lora_spec
-from ldm.util import UserError
+from ldm.util import UserError, user_or_project_path
 
 logger = logging.getLogger(__name__)
 SUMMARY_FILE = "summary.json"  # what a training run writes beside its checkpoints/ folder (ldm/callbacks/progress.py)
@@ -34,7 +34,8 @@ class ModelSpec:
 
     @classmethod
     def parse(cls, text: str) -> "ModelSpec":
-        """`[LABEL=]CKPT[+LORA[:SCALE]]...`; the label defaults to the stem of the last file."""
+        """`[LABEL=]CKPT[+LORA[:SCALE]]...`; the label defaults to the stem of the last file (a CKPT `data/...` that is
+        not in the working folder is the project's own)."""
         label, sep, files = text.partition("=")
         if not sep or re.search(r"[/\\]", label):  # an "=" inside a path (logs/lr=1e-6/...) is no label
             label, files = "", text
@@ -45,7 +46,8 @@ class ModelSpec:
             raise UserError(f"--model {text}: the label names the folder samples/<label>/; choose another")
         for lora in loras:
             parse_lora_spec(lora)
-        return cls(label or Path(parse_lora_spec(loras[-1])[0] if loras else ckpt).stem, ckpt, loras)
+        return cls(label or Path(parse_lora_spec(loras[-1])[0] if loras else ckpt).stem, user_or_project_path(ckpt),
+                   loras)
 
     def files(self) -> list[Path]:
         """What the model adds to its base: the LoRA files, or the checkpoint itself."""

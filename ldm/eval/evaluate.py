@@ -13,9 +13,9 @@ from PIL import Image
 from ldm.eval.compare import ModelSpec, Scorer, mean
 from ldm.eval.generation import SampleSettings, sample_model
 from ldm.images import labelled_grid
-from ldm.util import UserError, atomic_write_text
+from ldm.util import UserError, atomic_write_text, project_path
 
-DREAMBENCH = Path(__file__).resolve().parents[2] / "data" / "dreambench" / "prompts_and_classes.json"
+DREAMBENCH = project_path("data/dreambench/prompts_and_classes.json")
 # DreamBench's prompt lists, in order: recontextualisation, then (live subjects) accessorisation, then properties.
 GROUPS = {"object": (("recontextualization", 20), ("property", 5)),
           "live": (("recontextualization", 10), ("accessorization", 10), ("property", 5))}
