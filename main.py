@@ -26,8 +26,10 @@ from pytorch_lightning.utilities.exceptions import SIGTERMException
 from pytorch_lightning.utilities.rank_zero import rank_zero_only
 
 from ldm.callbacks import AtomicCheckpointIO, SetupCallback, StartAtStep, StepCheckpoint, StepProgress, quiet_lightning
-from ldm.checkpoint import CheckpointError, check_checkpoint_file, load_model_weights, parameters_on_meta
+from ldm.checkpoint import check_checkpoint_file, load_model_weights, parameters_on_meta
 from ldm.class_images import generate_class_images
+from ldm.cli import run_command
+from ldm.config import check_config, check_sections
 from ldm.latent_cache import cache_latents
 from ldm.runs import Run, launched_per_process, new_run, resumed_run, warn_fresh_optimizer
 from ldm.train_flags import apply_flags
@@ -36,8 +38,6 @@ from ldm.util import DiskFullError, UserError, ensure_writable_dir, instantiate_
 RUN_DIR_ENV = "DREAMBOOTH_RUN_DIR"  # tells the DDP worker processes, which re-run this script, the run folder
 say = rank_zero_only(print)
 
-
-USER_ERRORS = (UserError, CheckpointError)
 
 
 def str2bool(value: str | bool) -> bool:
@@ -189,6 +189,7 @@ def load_config(paths: Sequence[str], overrides: Sequence[str]) -> DictConfig:
         if section not in config:
             raise UserError(f"the merged config has no '{section}' section; start from "
                             "configs/stable-diffusion/v1-finetune_unfrozen.yaml")
+    check_sections(config)
     return config
 
 
@@ -239,7 +240,8 @@ def make_loggers(logdir: Path, now: str) -> list[Logger]:
 
 @contextlib.contextmanager
 def config_errors(where: str) -> Iterator[None]:
-    """Report a config that names a wrong key or class as a user error (other errors keep their traceback)."""
+    """Report a config that names a wrong key or class, or a value its constructor refuses, as a user error (other
+    errors keep their traceback)."""
     try:
         yield
     except (KeyError, ImportError) as err:
@@ -252,10 +254,13 @@ def config_errors(where: str) -> Iterator[None]:
         if "unexpected keyword argument" in str(err) or "required positional argument" in str(err):
             raise UserError(f"config {where}: {err}") from None
         raise
+    except ValueError as err:  # a constructor refusing a value of the config
+        raise UserError(f"config {where}: {err}") from None
 
 
 def build(config: DictConfig, where: str, **extra: Any) -> Any:
     """`instantiate_from_config` with config mistakes reported as user errors."""
+    check_config(config, where)
     with config_errors(where):
         return instantiate_from_config(config, **extra)
 
@@ -285,6 +290,8 @@ def prepare_data(config: DictConfig, resuming: bool):
     missing = data.missing_class_images()
     if data.num_class_images and data.reg_config is not None and data.class_folder is None:
         raise UserError("data.params.num_class_images is set but there is no class folder: pass --reg_data_root")
+    for folder, _, _ in data.class_image_jobs():  # generated class images must have somewhere to go
+        ensure_writable_dir(folder, "--reg_data_root")
     if missing and resuming:
         folders = ", ".join(folder for folder, _, _ in data.class_image_jobs())
         raise UserError(f"{folders}: {missing} class images are missing; a resumed run does not generate them (the "
@@ -357,6 +364,7 @@ def train(opt: argparse.Namespace, overrides: list[str]) -> int:
     run = run_folder(opt, now)
     config = load_config(run.configs, overrides)
     apply_flags(config, opt)
+    check_config(config)  # every key known, every value of its type, before anything is built
     lightning = config.pop("lightning")
     lightning.trainer = trainer_options(lightning.get("trainer") or OmegaConf.create(), opt)
     if run.weights and run.step >= lightning.trainer.max_steps:
@@ -379,7 +387,7 @@ def train(opt: argparse.Namespace, overrides: list[str]) -> int:
         trainer = pl.Trainer(default_root_dir=str(run.logdir), logger=make_loggers(run.logdir, now),
                              callbacks=make_callbacks(lightning, run, now, config), plugins=[AtomicCheckpointIO()],
                              enable_checkpointing=False, **lightning.trainer)
-    except MisconfigurationException as err:
+    except (MisconfigurationException, ValueError) as err:  # Lightning refuses a value (--precision foo, ...)
         raise UserError(f"lightning.trainer: {err}") from None
     warn_emulated_bf16(trainer)
     set_learning_rate(model, config, trainer, opt.scale_lr)
@@ -439,18 +447,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     flags = [arg for arg in overrides if arg.startswith("-") or "=" not in arg]
     if flags:
         parser.error(f"unrecognized arguments: {' '.join(flags)} (config overrides are written a.b=c)")
-    # the other processes of a DDP run (launched by Lightning, torchrun or SLURM) show their warnings only
-    logging.basicConfig(level=logging.INFO if rank_zero_only.rank == 0 else logging.WARNING,
-                        format="%(levelname)s: %(message)s")
     quiet_lightning()
-    try:
-        return train(opt, overrides)
-    except USER_ERRORS as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    # the other processes of a DDP run (launched by Lightning, torchrun or SLURM) show their warnings only
+    return run_command(lambda: train(opt, overrides), level=logging.INFO if rank_zero_only.rank == 0 else logging.WARNING)
 
 
 if __name__ == "__main__":

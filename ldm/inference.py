@@ -3,7 +3,6 @@ import argparse
 import contextlib
 import logging
 import re
-import sys
 from pathlib import Path
 from typing import Callable, ContextManager, Optional, Sequence
 
@@ -15,6 +14,7 @@ from torch import Tensor, nn
 
 from ldm.checkpoint import (CheckpointError, ShapeMismatchError, check_checkpoint_file, load_model_weights,
                             parameters_on_meta)
+from ldm.cli import run_command  # noqa: F401 (the scripts' entry; ldm.cli is its home)
 from ldm.controlnet import add_control_arguments, build_controls, check_control_options
 from ldm.data.personalized import open_image
 from ldm.images import make_grid, read_metadata, save_image, to_pil  # noqa: F401 (read_metadata: for callers)
@@ -35,21 +35,6 @@ SAMPLER_NAMES = ("ddim", "plms", *K_SAMPLERS)
 NO_SCHEDULE = ("ddim", "plms", "dpm_fast", "dpm_adaptive")  # --karras does not apply to them
 ADAPTIVE_TOLERANCES = (0.05, 0.0078)  # k-diffusion's rtol, atol
 CLIP_SKIP_KEY = "model.params.cond_stage_config.params.clip_skip"  # what --clip_skip sets
-
-
-USER_ERRORS = (UserError, CheckpointError)
-
-
-def run_command(work: Callable[[], str], level: int = logging.INFO) -> int:
-    """A command line's body: log at `level`, print what `work` returns; a user error is one `error:` line and exit
-    status 1."""
-    logging.basicConfig(level=level, format="%(levelname)s: %(message)s")
-    try:
-        print(work())
-    except USER_ERRORS as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
-    return 0
 
 
 def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:

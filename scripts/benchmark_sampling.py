@@ -15,7 +15,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 
 from ldm.checkpoint import save_weights  # noqa: E402
-from ldm.inference import (SAMPLER_NAMES, USER_ERRORS, choose_device, load_model, make_generators,  # noqa: E402
+from ldm.cli import run_command  # noqa: E402
+from ldm.inference import (SAMPLER_NAMES, choose_device, load_model, make_generators,  # noqa: E402
                            precision_scope, sample_latents)
 from ldm.model_config import latent_shape, load_config, native_size  # noqa: E402
 from ldm.models.diffusion.sampling import randn  # noqa: E402
@@ -98,24 +99,25 @@ def build_pipeline(ckpt: str, config: str, model: torch.nn.Module, sampler: str,
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     opt = parse_args(argv)
-    try:
-        device, config = choose_device(opt.device), load_config(opt.config)
-        height, width = opt.H or native_size(config), opt.W or native_size(config)
-        shape = latent_shape(config, height, width)
-        scope = precision_scope(opt.precision, device)
-        with tempfile.TemporaryDirectory() as tmp:
-            ckpt = opt.ckpt
-            if ckpt is None:
-                torch.manual_seed(0)
-                ckpt = str(Path(tmp) / "random.ckpt")
-                save_weights(instantiate_from_config(config.model).state_dict(), ckpt)
-            model = load_model(config, ckpt, device)
-            half = opt.precision == "autocast" and device.type != "cpu"
-            pipe = (build_pipeline(ckpt, opt.config, model, opt.sampler, torch.float16 if half else torch.float32)
-                    if opt.sampler in SCHEDULERS else None)
-    except USER_ERRORS as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
+    return run_command(lambda: benchmark(opt))
+
+
+def benchmark(opt: argparse.Namespace) -> None:
+    """Time our sampler, and diffusers' where it has one, on the same model and prompt."""
+    device, config = choose_device(opt.device), load_config(opt.config)
+    height, width = opt.H or native_size(config), opt.W or native_size(config)
+    shape = latent_shape(config, height, width)
+    scope = precision_scope(opt.precision, device)
+    with tempfile.TemporaryDirectory() as tmp:
+        ckpt = opt.ckpt
+        if ckpt is None:
+            torch.manual_seed(0)
+            ckpt = str(Path(tmp) / "random.ckpt")
+            save_weights(instantiate_from_config(config.model).state_dict(), ckpt)
+        model = load_model(config, ckpt, device)
+        half = opt.precision == "autocast" and device.type != "cpu"
+        pipe = (build_pipeline(ckpt, opt.config, model, opt.sampler, torch.float16 if half else torch.float32)
+                if opt.sampler in SCHEDULERS else None)
     prompt, n = ["a photo of sks dog"] * opt.n_samples, opt.n_samples
 
     @torch.no_grad()
@@ -138,10 +140,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print(f"ours      {times[0]:.3f} s (median of {opt.repeats}), {times[0] / n:.3f} s/image")
     if pipe is None:
         print(f"diffusers has no scheduler of the {opt.sampler} algorithm: timed ours alone")
-        return 0
+        return
     print(f"diffusers {times[1]:.3f} s (median of {opt.repeats})")
     print(f"ratio ours / diffusers = {times[0] / times[1]:.2f}")
-    return 0
 
 
 if __name__ == "__main__":

@@ -25,7 +25,8 @@ from ldm.data.personalized import DataError, list_images, load_rgb  # noqa: E402
 from ldm.eval.compare import ModelSpec, Scorer, ToyPromptScorer  # noqa: E402
 from ldm.eval.evaluate import Subject, evaluate_subject, paper_table, subject_class, subject_kind  # noqa: E402
 from ldm.eval.generation import SampleSettings, model_config  # noqa: E402
-from ldm.inference import check_checkpoint, choose_device, read_prompts, run_command  # noqa: E402
+from ldm.cli import run_command  # noqa: E402
+from ldm.inference import check_checkpoint, choose_device, read_prompts  # noqa: E402
 from ldm.lora_files import check_lora_specs  # noqa: E402
 from ldm.util import UserError, atomic_write_text, ensure_writable_dir  # noqa: E402
 

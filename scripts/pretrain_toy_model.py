@@ -28,6 +28,7 @@ from omegaconf import OmegaConf
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from ldm.checkpoint import load_model_weights, read_checkpoint, read_state_dict, save_checkpoint, save_weights  # noqa: E402
+from ldm.cli import run_command  # noqa: E402
 from ldm.eval.toy_metrics import prompt_following  # noqa: E402
 from ldm.data.toy_world import BOX_SUBJECT  # noqa: E402
 from ldm.eval.toy_scorer import (ToyScorer, fit_scorer, fit_subject_head, load_scorer, save_scorer,  # noqa: E402
@@ -193,6 +194,11 @@ def save_record(opt: argparse.Namespace, record: dict) -> None:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     opt = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s: %(message)s")
+    return run_command(lambda: pretrain(opt))
+
+
+def pretrain(opt: argparse.Namespace) -> None:
+    """Run the stages that --stage names, keeping the record of each."""
     torch.set_num_threads(opt.threads)
     workdir = Path(opt.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
@@ -204,7 +210,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     for stage in stages:
         STAGES[stage](opt, workdir, record)
         save_record(opt, record)
-    return 0
 
 
 if __name__ == "__main__":
