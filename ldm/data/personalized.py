@@ -13,7 +13,7 @@ from PIL import Image, ImageOps
 from torch.utils.data import Dataset
 
 from ldm.data.buckets import bucket_box, bucket_sizes, nearest_bucket
-from ldm.data.captions import STRATEGIES, caption_of, fill
+from ldm.data.captions import STRATEGIES, caption_of, check_placeholders, fill
 from ldm.data.masks import MASK_FOLDER, is_mask_file, load_mask, mask_path
 from ldm.util import UserError
 
@@ -171,6 +171,10 @@ class PersonalizedBase(Dataset):
         self.moments: torch.Tensor | Sequence[torch.Tensor] | None = None
         self.identifier, self.class_word = identifier, class_word
         self.template = template or (CLASS_TEMPLATE if reg else INSTANCE_TEMPLATE)
+        try:
+            check_placeholders(self.template, f"{role}: template")
+        except UserError as err:
+            raise DataError(str(err)) from None
         self.caption_strategy, self.caption_dropout = caption_strategy, caption_dropout
         sides = {path: short_side(path, size) for path in list_images(data_root)}
         self.paths = [path for path, side in sides.items() if side >= minimum_image_size]
