@@ -155,6 +155,19 @@ def test_bad_options_are_refused() -> None:
         inject_lora(tiny(), NAMES, targets="all")
 
 
+def test_a_rank_above_the_narrowest_target_is_refused_before_any_layer_is_built() -> None:
+    model = tiny()
+    before = sum(p.numel() for p in model.parameters())
+    with pytest.raises(UserError, match=r"LoRA rank 100000 \(--rank\) is above the width of the narrowest target "
+                                        r"module, .* use at most \d+ ") as refused:
+        inject_lora(model, NAMES, rank=100000, text_encoder=True)
+    assert sum(p.numel() for p in model.parameters()) == before
+    widest = int(str(refused.value).split("use at most ")[1].split()[0])
+    assert inject_lora(tiny(), NAMES, rank=widest, text_encoder=True)  # the highest rank that adds capacity
+    with pytest.raises(UserError, match=f"LoRA rank {widest + 1} "):
+        inject_lora(tiny(), NAMES, rank=widest + 1, text_encoder=True)
+
+
 def test_merge_gives_the_applied_output(tmp_path) -> None:
     model = tiny()
     inject_lora(model, NAMES, rank=4, alpha=3, text_encoder=True)
