@@ -26,6 +26,7 @@ from pytorch_lightning.utilities.exceptions import SIGTERMException
 from pytorch_lightning.utilities.rank_zero import rank_zero_only
 
 from ldm.callbacks import AtomicCheckpointIO, SetupCallback, StartAtStep, StepCheckpoint, StepProgress, quiet_lightning
+from ldm.callbacks.checkpointing import resume_command
 from ldm.checkpoint import check_checkpoint_file, load_model_weights, parameters_on_meta
 from ldm.class_images import generate_class_images
 from ldm.cli import run_command
@@ -342,7 +343,7 @@ def fit(trainer: pl.Trainer, model: pl.LightningModule, data: pl.LightningDataMo
         os.environ.pop(RUN_DIR_ENV, None)
     if checkpoints.stop_reason:
         say(f"stopped by {checkpoints.stop_reason} at step {trainer.global_step}; saved {checkpoints.last_path}. "
-            f"Resume with: python main.py -t -r {run.logdir}")
+            f"Resume with: {resume_command(run.logdir)}")
         return 143 if checkpoints.stop_reason == "SIGTERM" else 130
     # (under ddp_spawn the callbacks ran in the workers, and this process's trainer is still at step 0)
     if not next(c for c in trainer.callbacks if isinstance(c, StepProgress)).trained and trainer.global_step:

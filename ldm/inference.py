@@ -126,11 +126,12 @@ def precision_scope(precision: str, device: torch.device) -> ContextManager:
     return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
 
 
-def load_model(config: DictConfig, ckpt_path: str, device: torch.device, use_ema: bool = False) -> nn.Module:
+def load_model(config: DictConfig, ckpt_path: str, device: torch.device, use_ema: bool = False,
+               flag: str = "--ckpt") -> nn.Module:
     """A LatentDiffusion built from `config`, with the weights of `ckpt_path` (its EMA UNet with `use_ema`), in eval
-    mode on `device`. A run config's `use_ema` only says how it trained: the sampling model holds one set of
-    weights."""
-    check_checkpoint(ckpt_path)
+    mode on `device`; `flag` is the option that named the file. A run config's `use_ema` only says how it trained: the
+    sampling model holds one set of weights."""
+    check_checkpoint(ckpt_path, flag)
     if OmegaConf.select(config, "model.params.use_ema"):
         config = OmegaConf.merge(config, {"model": {"params": {"use_ema": False}}})
     try:
@@ -146,9 +147,10 @@ def load_model(config: DictConfig, ckpt_path: str, device: torch.device, use_ema
     return model.eval().requires_grad_(False).to(device)
 
 
-def check_checkpoint(ckpt_path: str) -> None:
-    """Refuse a --ckpt that is missing, unreadable, a folder or not a weight file, before any model is built."""
-    check_checkpoint_file(ckpt_path, "pass --ckpt path/to/sd-v1-x.ckpt or .safetensors")
+def check_checkpoint(ckpt_path: str, flag: str = "--ckpt") -> None:
+    """Refuse a checkpoint (named by `flag`) that is missing, unreadable, a folder or not a weight file, before any
+    model is built."""
+    check_checkpoint_file(ckpt_path, f"pass {flag} path/to/sd-v1-x.ckpt or .safetensors")
 
 
 def read_prompts(prompt: Optional[str], from_file: Optional[str]) -> list[str]:

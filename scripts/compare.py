@@ -86,8 +86,8 @@ def compare(opt: argparse.Namespace) -> str:
     specs = [ModelSpec.parse(text) for text in opt.model]
     unique_labels(specs)
     for spec in specs:
-        check_checkpoint(spec.ckpt)
-        check_lora_specs(spec.loras)
+        check_checkpoint(spec.ckpt, "--model")
+        check_lora_specs(spec.loras, "--model CKPT+LORA")
         model_config(spec, settings_of(opt))  # a bad config or size stops the run before any model is sampled
     if opt.n < 1 or opt.steps < 1:
         raise UserError("--n and --steps must be at least 1")

@@ -76,8 +76,8 @@ def resolve_model(text: str, subject: str) -> ModelSpec:
             path = matches[-1]
         files.append(path)
     spec = ModelSpec(spec.label, files[0], files[1:])
-    check_checkpoint(spec.ckpt)
-    check_lora_specs(spec.loras)
+    check_checkpoint(spec.ckpt, "--model")
+    check_lora_specs(spec.loras, "--model CKPT+LORA")
     return spec
 
 

@@ -52,7 +52,7 @@ def check_paths(opt: argparse.Namespace) -> Path:
 def merge(opt: argparse.Namespace) -> list[str]:
     """Merge and write; one line per LoRA file and one for the output."""
     output = check_paths(opt)
-    check_lora_specs(opt.loras)
+    check_lora_specs(opt.loras, "LORA")
     names = lora_names(load_config(opt.config).model)
     state = select_unet_weights(to_sd_layout(read_state_dict(opt.base)), opt.ema)
     if not any(key.startswith(UNET_PREFIX) for key in state):

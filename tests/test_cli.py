@@ -1,6 +1,7 @@
 """Every command line ends a user error in one `error:` line (ldm.cli.run_command), and a bug keeps its traceback."""
 import json
 import logging
+import re
 from pathlib import Path
 
 import pytest
@@ -90,10 +91,15 @@ BAD_PATH_SCRIPTS = ("stable_txt2img", "img2img", "merge_lora", "prune_ckpt", "co
 
 
 @pytest.mark.parametrize("name", BAD_PATH_SCRIPTS)
-def test_every_script_ends_a_bad_path_in_one_error_line(tmp_path, capsys, name):
-    status = load_script(name).main(bad_path_args(tmp_path)[name])
-    error_lines(capsys)
+def test_every_script_ends_a_bad_path_in_one_error_line_naming_its_own_flags(tmp_path, capsys, name):
+    script = load_script(name)
+    with pytest.raises(SystemExit):
+        script.main(["--help"])
+    options = set(re.findall(r"--[\w-]+", capsys.readouterr().out))
+    status = script.main(bad_path_args(tmp_path)[name])
+    line = error_lines(capsys)[0]
     assert status == 1
+    assert set(re.findall(r"(?<![\w-])--[a-zA-Z][\w-]*", line)) <= options, line  # no flag of another command
 
 
 def test_an_unwritable_output_is_one_line_before_any_weights_are_read(tmp_path, tiny_ckpt, capsys):

@@ -310,6 +310,14 @@ def test_read_lora_refuses_what_is_not_a_lora_file(tmp_path) -> None:
     save_weights({"unet.down_blocks.0.attentions.0.proj_in.lora_A.weight": torch.ones(2, 2)}, peft_style)
     with pytest.raises(CheckpointError, match="a LoRA in another format .* reads kohya-format files"):
         read_lora(peft_style)
+    run = tmp_path / "my run" / "checkpoints"
+    run.mkdir(parents=True)
+    model = tiny()
+    inject_lora(model, NAMES, rank=4)
+    save_weights({k: v for k, v in model.state_dict().items() if ".lora_" in k}, run / "last.ckpt")
+    with pytest.raises(CheckpointError, match=f"last.ckpt is a LoRA run's resumable checkpoint, not its LoRA file: "
+                                              f"pass {re.escape(str(run / 'last.safetensors'))}, written beside it"):
+        read_lora(run / "last.ckpt")
     other = tmp_path / "other.safetensors"
     save_weights({"weight": torch.ones(2)}, other)
     with pytest.raises(CheckpointError, match="is not a LoRA file: none of its 1 tensors"):

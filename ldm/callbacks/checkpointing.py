@@ -1,6 +1,7 @@
 """Checkpoints of a DreamBooth run: weights-only `step_<N>.ckpt` files, the resumable `last.ckpt`, atomic writes."""
 import logging
 import re
+import shlex
 import signal
 import threading
 from pathlib import Path
@@ -67,6 +68,12 @@ def is_lora_run(pl_module: pl.LightningModule) -> bool:
     return getattr(pl_module, "lora_names", None) is not None
 
 
+def resume_command(run_dir: Path, weights_only: bool = False) -> str:
+    """The command that resumes a run folder, quoted for a POSIX shell (paths with spaces)."""
+    return shlex.join(["python", "main.py", "-t", "-r", str(run_dir), *(["--resume_weights_only"] if weights_only
+                                                                        else [])])
+
+
 class StepCheckpoint(Callback):
     """`step_<N>.ckpt` (weights only, SD v1 layout) every `every_n_train_steps` steps, and `last.ckpt` (resumable:
     weights, optimizer, step) every `save_last_every_n_steps` steps (default: with every step file; 0: only at the
@@ -114,8 +121,7 @@ class StepCheckpoint(Callback):
         kept += [str(steps[-1][1]) if not kept else steps[-1][1].name] if steps else []
         if not kept:
             return "no checkpoint was written yet"
-        command = f"python main.py -t -r {self.dirpath.parent}" + ("" if self.last_path.is_file()
-                                                                   else " --resume_weights_only")
+        command = resume_command(self.dirpath.parent, weights_only=not self.last_path.is_file())
         return f"kept {' and '.join(kept)}; free some space, then resume with: {command}"
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

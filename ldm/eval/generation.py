@@ -48,7 +48,7 @@ def sample_model(spec: ModelSpec, settings: SampleSettings, prompts: Sequence[st
     model is freed before returning."""
     started = time.monotonic()
     config, (height, width), shape = model_config(spec, settings)
-    model = load_model(config, spec.ckpt, device, use_ema=settings.use_ema)
+    model = load_model(config, spec.ckpt, device, use_ema=settings.use_ema, flag="--model")
     loras = apply_lora_files(model, config.model, spec.loras)
     loaded = time.monotonic()
     folder.mkdir(parents=True, exist_ok=True)
