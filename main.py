@@ -450,7 +450,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(flags)} (config overrides are written a.b=c)")
     quiet_lightning()
     # the other processes of a DDP run (launched by Lightning, torchrun or SLURM) show their warnings only
-    return run_command(lambda: train(opt, overrides), level=logging.INFO if rank_zero_only.rank == 0 else logging.WARNING)
+    level = logging.INFO if rank_zero_only.rank == 0 else logging.WARNING
+    return run_command(lambda: train(opt, overrides), level=level)
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ import typing
 from typing import Any, Mapping, Optional
 
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from ldm.util import UserError, get_obj_from_str
 
@@ -32,9 +33,9 @@ def describe_type(hint: Any) -> str:
         return "one of " + ", ".join(repr(a) for a in args)
     if origin in (typing.Union, types.UnionType):
         return " or ".join(describe_type(a) for a in args if a is not type(None)) + " or null"
-    if origin is not None:
-        return {list: "a list", tuple: "a list", dict: "a mapping"}.get(origin, "a " + getattr(origin, "__name__", str(origin)))
-    return getattr(hint, "__name__", str(hint))
+    named = {list: "a list", tuple: "a list", collections.abc.Sequence: "a list", dict: "a mapping",
+             collections.abc.Mapping: "a mapping"}
+    return named.get(origin or hint) or getattr(hint, "__name__", str(hint))
 
 
 def fits(value: Any, hint: Any) -> bool:
@@ -134,5 +135,8 @@ def check_target(node: Mapping[str, Any], where: str) -> None:
 
 def check_config(config: DictConfig | Mapping, where: str = "") -> None:
     """Check every key and value of a (part of a) run config; interpolations are resolved first."""
-    container = OmegaConf.to_container(config, resolve=True) if isinstance(config, DictConfig) else dict(config)
+    try:
+        container = OmegaConf.to_container(config, resolve=True) if isinstance(config, DictConfig) else dict(config)
+    except OmegaConfBaseException as err:  # an interpolation ${...} that names nothing
+        raise UserError(f"config {where or 'file'}: {' '.join(str(err).split())}") from None
     check_node(container, where)

@@ -121,7 +121,7 @@ def test_a_malformed_diffusers_config_is_one_line_naming_it(tmp_path, capsys):
     folder = tmp_path / "pipeline"
     for part in ("unet", "vae", "text_encoder"):
         (folder / part).mkdir(parents=True)
-        (folder / part / "config.json").write_text('{"_class_name": "UNet2DConditionModel",' if part == "unet" else "{}")
+        (folder / part / "config.json").write_text('{"_class_name": "UNet2D' if part == "unet" else "{}")
     (folder / "model_index.json").write_text("{}")
     assert load_script("convert_diffusers_to_sd").main([str(folder), "-o", str(tmp_path / "x.safetensors")]) == 1
     assert f"{folder / 'unet' / 'config.json'}: malformed JSON" in error_lines(capsys)[0]

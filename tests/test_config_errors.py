@@ -69,6 +69,7 @@ def test_class_images_with_nowhere_to_go_are_one_line(main_module, tmp_path, tin
     ("model.params.use_ema=maybe", "config model.params.use_ema = 'maybe': expected bool"),
     ("model.params.unet_config.params.num_res_blockz=2",
      "config key model.params.unet_config.params.num_res_blockz is unknown to"),
+    ("model.base_learning_rate=${nowhere}", "Interpolation key 'nowhere' not found"),
     ("lightning.callbacks.image_logger.params.batch_frequency=often",
      "config lightning.callbacks.image_logger.params.batch_frequency = 'often': expected int"),
 ])
