@@ -28,8 +28,10 @@ from pytorch_lightning.utilities.rank_zero import rank_zero_only
 
 from ldm.callbacks import (AtomicCheckpointIO, RankSeed, SetupCallback, StartAtStep, StepCheckpoint, StepProgress,
                            quiet_lightning)
-from ldm.checkpoint import CheckpointError, check_checkpoint_file, load_model_weights, parameters_on_meta
+from ldm.checkpoint import check_checkpoint_file, load_model_weights, parameters_on_meta
 from ldm.class_images import generate_class_images, generation_dtype
+from ldm.cli import run_command
+from ldm.config import check_config, check_sections
 from ldm.latent_cache import cache_latents
 from ldm.precision import check_training_precision
 from ldm.runs import (Run, launched_per_process, new_run, resumed_run, run_lock, takes_run_lock,
@@ -41,8 +43,6 @@ from ldm.util import (FLOAT32_MATMUL_PRECISION, DiskFullError, UserError, ensure
 RUN_DIR_ENV = "DREAMBOOTH_RUN_DIR"  # tells the DDP worker processes, which re-run this script, the run folder
 say = rank_zero_only(print)
 
-
-USER_ERRORS = (UserError, CheckpointError)
 
 
 def str2bool(value: str | bool) -> bool:
@@ -212,6 +212,7 @@ def load_config(paths: Sequence[str], overrides: Sequence[str]) -> DictConfig:
         if section not in config:
             raise UserError(f"the merged config has no '{section}' section; start from "
                             "configs/stable-diffusion/v1-finetune_unfrozen.yaml")
+    check_sections(config)
     return config
 
 
@@ -262,7 +263,8 @@ def make_loggers(logdir: Path, now: str) -> list[Logger]:
 
 @contextlib.contextmanager
 def config_errors(where: str) -> Iterator[None]:
-    """Report a config that names a wrong key or class as a user error (other errors keep their traceback)."""
+    """Report a config that names a wrong key or class, or a value its constructor refuses, as a user error (other
+    errors keep their traceback)."""
     try:
         yield
     except (KeyError, ImportError) as err:
@@ -275,10 +277,13 @@ def config_errors(where: str) -> Iterator[None]:
         if "unexpected keyword argument" in str(err) or "required positional argument" in str(err):
             raise UserError(f"config {where}: {err}") from None
         raise
+    except ValueError as err:  # a constructor refusing a value of the config
+        raise UserError(f"config {where}: {err}") from None
 
 
 def build(config: DictConfig, where: str, **extra: Any) -> Any:
     """`instantiate_from_config` with config mistakes reported as user errors."""
+    check_config(config, where)
     with config_errors(where):
         return instantiate_from_config(config, **extra)
 
@@ -309,6 +314,8 @@ def prepare_data(config: DictConfig, resuming: bool):
     missing = data.missing_class_images()
     if data.num_class_images and data.reg_config is not None and data.class_folder is None:
         raise UserError("data.params.num_class_images is set but there is no class folder: pass --reg_data_root")
+    for folder, _, _ in data.class_image_jobs():  # generated class images must have somewhere to go
+        ensure_writable_dir(folder, "--reg_data_root")
     if missing and resuming:
         folders = ", ".join(folder for folder, _, _ in data.class_image_jobs())
         raise UserError(f"{folders}: {missing} class images are missing; a resumed run does not generate them (the "
@@ -390,6 +397,7 @@ def train_run(opt: argparse.Namespace, overrides: list[str], run: Run, now: str)
     """Train in the run folder that `train` chose (and locked)."""
     config = load_config(run.configs, overrides)
     apply_flags(config, opt)
+    check_config(config)  # every key known, every value of its type, before anything is built
     lightning = config.pop("lightning")
     lightning.trainer = trainer_options(lightning.get("trainer") or OmegaConf.create(), opt)
     fix_text_encoder_stop(config, lightning.trainer.max_steps)
@@ -415,7 +423,7 @@ def train_run(opt: argparse.Namespace, overrides: list[str], run: Run, now: str)
         trainer = pl.Trainer(default_root_dir=str(run.logdir), logger=make_loggers(run.logdir, now),
                              callbacks=make_callbacks(lightning, run, now, config, opt.seed),
                              plugins=[AtomicCheckpointIO()], enable_checkpointing=False, **lightning.trainer)
-    except MisconfigurationException as err:
+    except (MisconfigurationException, ValueError) as err:  # Lightning refuses a value (--precision foo, ...)
         raise UserError(f"lightning.trainer: {err}") from None
     check_training_precision(trainer.strategy.root_device, str(trainer.precision))
     bucket_view_gradients(trainer.strategy)
@@ -470,18 +478,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     flags = [arg for arg in overrides if arg.startswith("-") or "=" not in arg]
     if flags:
         parser.error(f"unrecognized arguments: {' '.join(flags)} (config overrides are written a.b=c)")
-    # the other processes of a DDP run (launched by Lightning, torchrun or SLURM) show their warnings only
-    logging.basicConfig(level=logging.INFO if rank_zero_only.rank == 0 else logging.WARNING,
-                        format="%(levelname)s: %(message)s")
     quiet_lightning()
-    try:
-        return train(opt, overrides)
-    except USER_ERRORS as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    # the other processes of a DDP run (launched by Lightning, torchrun or SLURM) show their warnings only
+    level = logging.INFO if rank_zero_only.rank == 0 else logging.WARNING
+    return run_command(lambda: train(opt, overrides), level=level)
 
 
 if __name__ == "__main__":

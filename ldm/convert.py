@@ -17,7 +17,7 @@ from ldm.checkpoint import (REQUIRED_GROUPS, CheckpointError, check_compatible, 
 from ldm.model_config import DEFAULT_CONFIG, native_size
 from ldm.offline import import_offline
 from ldm.modules.encoders.modules import TEXT_CONFIG_KEYS, TOKENIZER_DIR, build_text_config, load_tokenizer
-from ldm.util import UserError, atomic_write_text, instantiate_from_config
+from ldm.util import UserError, atomic_write_text, instantiate_from_config, read_json
 
 PARTS = ("unet", "vae", "text_encoder")
 WEIGHT_STEMS = {"unet": "diffusion_pytorch_model", "vae": "diffusion_pytorch_model", "text_encoder": "model"}
@@ -103,7 +103,7 @@ def folder_configs(folder: Path) -> dict[str, dict[str, Any]]:
                 continue
             raise CheckpointError(f"{folder} is a diffusers folder without {part}/{name}: not a Stable Diffusion "
                                   "pipeline")
-        configs[part] = json.loads(path.read_text())
+        configs[part] = read_json(path)
     for part, expected in CLASSES.items():
         found = configs[part].get("_class_name") or (configs[part].get("architectures") or [expected])[0]
         if found != expected:

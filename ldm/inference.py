@@ -4,7 +4,6 @@ import contextlib
 import logging
 import math
 import re
-import sys
 from pathlib import Path
 from typing import Callable, ContextManager, Optional, Sequence
 
@@ -39,21 +38,6 @@ SAMPLER_NAMES = ("ddim", "plms", *K_SAMPLERS)
 NO_SCHEDULE = ("ddim", "plms", "dpm_fast", "dpm_adaptive")  # --karras does not apply to them
 ADAPTIVE_TOLERANCES = (0.05, 0.0078)  # k-diffusion's rtol, atol
 CLIP_SKIP_KEY = "model.params.cond_stage_config.params.clip_skip"  # what --clip_skip sets
-
-
-USER_ERRORS = (UserError, CheckpointError)
-
-
-def run_command(work: Callable[[], str], level: int = logging.INFO) -> int:
-    """A command line's body: log at `level`, print what `work` returns; a user error is one `error:` line and exit
-    status 1."""
-    logging.basicConfig(level=level, format="%(levelname)s: %(message)s")
-    try:
-        print(work())
-    except USER_ERRORS as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
-    return 0
 
 
 def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
@@ -162,12 +146,12 @@ def weights_dtype(precision: str, device: torch.device) -> torch.dtype:
 
 
 def load_model(config: DictConfig, ckpt_path: str, device: torch.device, use_ema: bool = False,
-               precision: str = "full") -> nn.Module:
+               precision: str = "full", flag: str = "--ckpt") -> nn.Module:
     """A LatentDiffusion built from `config`, with the weights of `ckpt_path` (its EMA UNet with `use_ema`), in eval
     mode on `device`; the UNet, VAE and text encoder hold their weights at `weights_dtype(precision, device)`, the
-    noise schedule stays float32. A run config's `use_ema` only says how it trained: the sampling model holds one
-    set of weights."""
-    check_checkpoint(ckpt_path)
+    noise schedule stays float32; `flag` is the option that named the file. A run config's `use_ema` only says how
+    it trained: the sampling model holds one set of weights."""
+    check_checkpoint(ckpt_path, flag)
     if OmegaConf.select(config, "model.params.use_ema"):
         config = OmegaConf.merge(config, {"model": {"params": {"use_ema": False}}})
     try:
@@ -185,9 +169,10 @@ def load_model(config: DictConfig, ckpt_path: str, device: torch.device, use_ema
     return model.eval().requires_grad_(False).to(device)
 
 
-def check_checkpoint(ckpt_path: str) -> None:
-    """Refuse a --ckpt that is missing, unreadable, a folder or not a weight file, before any model is built."""
-    check_checkpoint_file(ckpt_path, "pass --ckpt path/to/sd-v1-x.ckpt or .safetensors")
+def check_checkpoint(ckpt_path: str, flag: str = "--ckpt") -> None:
+    """Refuse a checkpoint (named by `flag`) that is missing, unreadable, a folder or not a weight file, before any
+    model is built."""
+    check_checkpoint_file(ckpt_path, f"pass {flag} path/to/sd-v1-x.ckpt or .safetensors")
 
 
 def read_prompts(prompt: Optional[str], from_file: Optional[str]) -> list[str]:

@@ -27,10 +27,11 @@ def parse_lora_spec(spec: str) -> tuple[str, float]:
                         f"{path}:0.8") from None
 
 
-def check_lora_specs(specs: Sequence[str]) -> None:
-    """Refuse a missing or unreadable --lora file (or a bad scale) before any model is loaded."""
+def check_lora_specs(specs: Sequence[str], where: str = "--lora") -> None:
+    """Refuse a missing or unreadable LoRA file (or a bad scale) before any model is loaded; `where` names the
+    argument that gave it."""
     for spec in specs:
-        check_checkpoint_file(parse_lora_spec(spec)[0], "--lora takes a kohya-format .safetensors LoRA file")
+        check_checkpoint_file(parse_lora_spec(spec)[0], f"{where} takes a kohya-format .safetensors LoRA file")
 
 
 def lora_names(model_config: Mapping) -> LoraNames:

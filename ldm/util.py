@@ -5,6 +5,7 @@ import functools
 import gc
 import hashlib
 import importlib
+import json
 import math
 import os
 import shutil
@@ -47,6 +48,16 @@ def instantiate_from_config(config: Mapping, **extra: Any) -> Any:
         raise KeyError(f"config for {config['target']} has unknown keys {sorted(unknown)}; expected 'target' and 'params'")
     params = dict(config.get("params") or {})
     return get_obj_from_str(config["target"])(**params, **extra)
+
+
+def read_json(path: str | os.PathLike) -> Any:
+    """A user's JSON file; a malformed or non-UTF-8 one is a UserError naming it."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise UserError(f"{path}: not a UTF-8 text file") from None
+    except json.JSONDecodeError as err:
+        raise UserError(f"{path}: malformed JSON ({err})") from None
 
 
 def count_params(module: torch.nn.Module) -> int:
@@ -167,6 +178,8 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], None], size: i
     except Exception as err:
         if _is_disk_full(err):
             raise DiskFullError(path, size, shutil.disk_usage(path.parent).free) from None
+        if isinstance(err, OSError) and err.filename == str(tmp):  # name the file the user asked for
+            raise UserError(f"cannot write {path}: {err.strerror}") from None
         raise
     finally:
         tmp.unlink(missing_ok=True)

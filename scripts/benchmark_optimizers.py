@@ -19,6 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 
+from ldm.cli import run_command  # noqa: E402
 from ldm.optim import make_optimizer, state_tensors  # noqa: E402
 from ldm.util import UserError, instantiate_from_config  # noqa: E402
 
@@ -76,10 +77,15 @@ def time_optimizer(name: str, shapes: list[torch.Size], dtype: torch.dtype, step
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     opt = parse_args(argv)
+    return run_command(lambda: benchmark(opt))
+
+
+def benchmark(opt: argparse.Namespace) -> None:
+    """Time each optimizer of --optimizers on the UNet's parameters that --million selects."""
     try:
         shapes = unet_shapes(opt.config)
     except (OSError, KeyError, AttributeError) as err:
-        raise SystemExit(f"error: {opt.config}: no UNet config to take shapes from ({err})") from None
+        raise UserError(f"{opt.config}: no UNet config to take shapes from ({err})") from None
     taken = take(shapes, opt.million)
     total, selected = sum(s.numel() for s in shapes), sum(s.numel() for s in taken)
     print(f"{len(taken)} of the UNet's {len(shapes)} parameters: {selected / 1e6:.1f} M of {total / 1e6:.1f} M, "
@@ -93,7 +99,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             continue
         print(f"{name:<18} {row['first']:>9.2f}s {row['step']:>7.3f}s {row['step'] * total / selected:>10.2f}s "
               f"{row['bytes']:>14.2f}", flush=True)
-    return 0
 
 
 if __name__ == "__main__":

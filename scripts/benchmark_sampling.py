@@ -15,8 +15,8 @@ import torch  # noqa: E402
 
 from ldm.benchmark_reference import backend_text, default_backend  # noqa: E402
 from ldm.benchmarking import median_seconds, random_checkpoint, sample_once  # noqa: E402
-from ldm.inference import (SAMPLER_NAMES, USER_ERRORS, choose_device, load_model, precision_scope,  # noqa: E402
-                           weights_dtype)
+from ldm.cli import run_command  # noqa: E402
+from ldm.inference import SAMPLER_NAMES, choose_device, load_model, precision_scope, weights_dtype  # noqa: E402
 from ldm.model_config import latent_shape, load_config, native_size  # noqa: E402
 from ldm.modules.encoders.modules import TOKENIZER_DIR, load_tokenizer  # noqa: E402
 from ldm.offline import import_offline  # noqa: E402
@@ -81,20 +81,21 @@ def build_pipeline(ckpt: str, config: str, model: torch.nn.Module, sampler: str,
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     opt = parse_args(argv)
-    try:
-        device, config = choose_device(opt.device), load_config(opt.config)
-        height, width = opt.H or native_size(config), opt.W or native_size(config)
-        shape = latent_shape(config, height, width)
-        settings = side_settings(opt.precision, device)
-        apply_backend_settings(settings)
-        with tempfile.TemporaryDirectory() as tmp:
-            ckpt = opt.ckpt or str(random_checkpoint(config, Path(tmp)))
-            model = load_model(config, ckpt, device, precision=opt.precision)
-            pipe = (build_pipeline(ckpt, opt.config, model, opt.sampler, settings["dtype"])
-                    if opt.sampler in SCHEDULERS else None)
-    except USER_ERRORS as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
+    return run_command(lambda: benchmark(opt))
+
+
+def benchmark(opt: argparse.Namespace) -> None:
+    """Time our sampler, and diffusers' where it has one, on the same model and prompt."""
+    device, config = choose_device(opt.device), load_config(opt.config)
+    height, width = opt.H or native_size(config), opt.W or native_size(config)
+    shape = latent_shape(config, height, width)
+    settings = side_settings(opt.precision, device)
+    apply_backend_settings(settings)
+    with tempfile.TemporaryDirectory() as tmp:
+        ckpt = opt.ckpt or str(random_checkpoint(config, Path(tmp)))
+        model = load_model(config, ckpt, device, precision=opt.precision)
+        pipe = (build_pipeline(ckpt, opt.config, model, opt.sampler, settings["dtype"])
+                if opt.sampler in SCHEDULERS else None)
     prompt, n = ["a photo of sks dog"] * opt.n_samples, opt.n_samples
 
     def ours() -> torch.Tensor:
@@ -111,10 +112,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print(f"ours      {times[0]:.3f} s (median of {opt.repeats}), {times[0] / n:.3f} s/image")
     if pipe is None:
         print(f"diffusers has no scheduler of the {opt.sampler} algorithm: timed ours alone")
-        return 0
+        return
     print(f"diffusers {times[1]:.3f} s (median of {opt.repeats})")
     print(f"ratio ours / diffusers = {times[0] / times[1]:.2f}")
-    return 0
 
 
 if __name__ == "__main__":

@@ -33,6 +33,7 @@ sys.path.insert(0, str(REPO))
 
 # Nothing of Lightning at the top: each worker process imports what its own side needs, so that the reference's
 # start-up time holds no Lightning import (and ours holds what main.py imports).
+from ldm.cli import run_command  # noqa: E402
 from ldm.util import UserError  # noqa: E402
 from ldm.benchmark_reference import WORKERS, backend_text, default_backend, reference_parser  # noqa: E402
 from ldm.benchmarking import config_key, random_checkpoint, write_photos  # noqa: E402
@@ -393,12 +394,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         spec = json.loads(Path(opt.spec).read_text())
         Path(spec["output"]).write_text(json.dumps(WORKERS[opt.worker](spec), indent=1))
         return 0
-    try:
-        benchmark(opt)
-    except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
-    return 0
+    return run_command(lambda: benchmark(opt))
 
 
 if __name__ == "__main__":

@@ -6,8 +6,14 @@ The merge list `bpe_simple_vocab_16e6.txt.gz` ships inside the `open-clip-torch`
 import argparse
 import gzip
 import json
+import sys
 import zipfile
 from pathlib import Path
+from typing import Optional, Sequence
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from ldm.cli import run_command  # noqa: E402
 
 BPE_NAME = "bpe_simple_vocab_16e6.txt.gz"
 NUM_MERGES = 49152 - 256 - 2  # CLIP's vocab is 49408 = 2 * 256 byte tokens + 48894 merges + 2 specials
@@ -53,22 +59,26 @@ def build(bpe_text: str) -> tuple[dict[str, int], list[str]]:
     return vocab, merges
 
 
-def main() -> None:
+def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("source", type=Path, help=f"path to {BPE_NAME} or to an open_clip_torch-*.whl carrying it")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"output folder (default: {DEFAULT_OUT})")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    return run_command(lambda: write_tokenizer(args.source, args.out))
 
-    vocab, merges = build(read_bpe_text(args.source))
-    args.out.mkdir(parents=True, exist_ok=True)
-    vocab_path, merges_path = args.out / "vocab.json", args.out / "merges.txt"
+
+def write_tokenizer(source: Path, out: Path) -> str:
+    """vocab.json and merges.txt in `out`, from the BPE file `source`; what was written."""
+    vocab, merges = build(read_bpe_text(source))
+    out.mkdir(parents=True, exist_ok=True)
+    vocab_path, merges_path = out / "vocab.json", out / "merges.txt"
     vocab_path.write_text(json.dumps(vocab, ensure_ascii=False) + "\n", encoding="utf-8")
     merges_path.write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
-    print(f"wrote {vocab_path} ({len(vocab)} tokens, {vocab_path.stat().st_size} bytes)")
-    print(f"wrote {merges_path} ({len(merges)} merges, {merges_path.stat().st_size} bytes)")
+    return (f"wrote {vocab_path} ({len(vocab)} tokens, {vocab_path.stat().st_size} bytes)\n"
+            f"wrote {merges_path} ({len(merges)} merges, {merges_path.stat().st_size} bytes)")
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -21,8 +21,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from ldm.eval.compare import (ModelSpec, Scorer, ToyPromptScorer, cost_row, default_prompts,  # noqa: E402
                               draw_comparison, mean, percent, table_rows, unique_labels, write_tables)
 from ldm.eval.generation import SampleSettings, model_config, sample_model  # noqa: E402
-from ldm.inference import (add_precision_argument, check_checkpoint, choose_device, read_prompts,  # noqa: E402
-                           run_command)
+from ldm.cli import run_command  # noqa: E402
+from ldm.inference import add_precision_argument, check_checkpoint, choose_device, read_prompts  # noqa: E402
 from ldm.lora_files import check_lora_specs  # noqa: E402
 from ldm.util import UserError, ensure_writable_dir, user_or_project_path  # noqa: E402
 
@@ -87,8 +87,8 @@ def compare(opt: argparse.Namespace) -> str:
     specs = [ModelSpec.parse(text) for text in opt.model]
     unique_labels(specs)
     for spec in specs:
-        check_checkpoint(spec.ckpt)
-        check_lora_specs(spec.loras)
+        check_checkpoint(spec.ckpt, "--model")
+        check_lora_specs(spec.loras, "--model CKPT+LORA")
         model_config(spec, settings_of(opt))  # a bad config or size stops the run before any model is sampled
     if opt.n < 1 or opt.steps < 1:
         raise UserError("--n and --steps must be at least 1")

@@ -17,7 +17,7 @@ import torch  # noqa: E402
 
 from ldm.checkpoint import export_weights  # noqa: E402
 from ldm.convert import is_diffusers_folder  # noqa: E402
-from ldm.inference import run_command  # noqa: E402
+from ldm.cli import run_command  # noqa: E402
 from ldm.util import UserError  # noqa: E402
 
 

@@ -19,9 +19,9 @@ import torch  # noqa: E402
 
 from ldm.checkpoint import ShapeMismatchError, read_state_dict, select_unet_weights, to_sd_layout  # noqa: E402
 from ldm.convert import write_diffusers_folder  # noqa: E402
-from ldm.inference import run_command  # noqa: E402
+from ldm.cli import run_command  # noqa: E402
 from ldm.model_config import choose_config, load_config, with_fitting_config  # noqa: E402
-from ldm.util import UserError  # noqa: E402
+from ldm.util import UserError, ensure_writable_dir  # noqa: E402
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
@@ -41,6 +41,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         output = Path(opt.output)
         if output.exists() and (not output.is_dir() or any(output.iterdir())):
             raise UserError(f"-o {output} exists and is not an empty folder; choose a new one")
+        ensure_writable_dir(output, "-o")
         config_path = choose_config(opt.config, opt.checkpoint)
         state = select_unet_weights(to_sd_layout(read_state_dict(opt.checkpoint)), opt.ema)
         try:

@@ -25,8 +25,8 @@ from ldm.data.personalized import DataError, list_images, load_rgb  # noqa: E402
 from ldm.eval.compare import ModelSpec, Scorer, ToyPromptScorer  # noqa: E402
 from ldm.eval.evaluate import Subject, evaluate_subject, paper_table, subject_class, subject_kind  # noqa: E402
 from ldm.eval.generation import SampleSettings, model_config  # noqa: E402
-from ldm.inference import (add_precision_argument, check_checkpoint, choose_device, read_prompts,  # noqa: E402
-                           run_command)
+from ldm.cli import run_command  # noqa: E402
+from ldm.inference import add_precision_argument, check_checkpoint, choose_device, read_prompts  # noqa: E402
 from ldm.lora_files import check_lora_specs  # noqa: E402
 from ldm.util import UserError, atomic_write_text, ensure_writable_dir, user_or_project_path  # noqa: E402
 
@@ -78,8 +78,8 @@ def resolve_model(text: str, subject: str) -> ModelSpec:
             path = matches[-1]
         files.append(path)
     spec = ModelSpec(spec.label, files[0], files[1:])
-    check_checkpoint(spec.ckpt)
-    check_lora_specs(spec.loras)
+    check_checkpoint(spec.ckpt, "--model")
+    check_lora_specs(spec.loras, "--model CKPT+LORA")
     return spec
 
 

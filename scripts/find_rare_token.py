@@ -16,7 +16,8 @@ from typing import Optional, Sequence
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from ldm.inference import choose_device, load_model, run_command, sampling_mode  # noqa: E402
+from ldm.cli import run_command  # noqa: E402
+from ldm.inference import choose_device, load_model, sampling_mode  # noqa: E402
 from ldm.model_config import sampling_config  # noqa: E402
 from ldm.modules.encoders.modules import TOKENIZER_DIR, load_tokenizer  # noqa: E402
 from ldm.rare_tokens import candidates, image_changes, text_changes  # noqa: E402

@@ -36,6 +36,7 @@ from omegaconf import OmegaConf  # noqa: E402
 
 from ldm.adamw8bit import adamw8bit_self_check  # noqa: E402
 from ldm import device_check  # noqa: E402
+from ldm.cli import run_command  # noqa: E402
 from ldm.model_config import latent_shape, load_config  # noqa: E402
 from ldm.util import (UserError, atomic_write_text, ensure_writable_dir, instantiate_from_config,  # noqa: E402
                       project_path)
@@ -477,7 +478,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     opt = parse_args(argv)
     if opt.worker:
         return run_worker(opt.spec)
-    from ldm.inference import run_command
     return run_command(lambda: self_check(opt))
 
 

@@ -1,13 +1,13 @@
 """Image-to-image sampling: noise an init image to --strength and denoise it toward the prompt (SDEdit)."""
 import argparse
-import logging
 import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from ldm.inference import USER_ERRORS, add_sampling_arguments, generate  # noqa: E402
+from ldm.cli import run_command  # noqa: E402
+from ldm.inference import add_sampling_arguments, generate  # noqa: E402
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
@@ -28,14 +28,11 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     opt = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
-    try:
+
+    def work() -> str:
         written = generate(opt, init_img=opt.init_img)
-    except USER_ERRORS as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
-    print(f"Your samples are ready and waiting for you here: {opt.outdir} ({len(written)} files written)")
-    return 0
+        return f"Your samples are ready and waiting for you here: {opt.outdir} ({len(written)} files written)"
+    return run_command(work)
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from ldm.cli import run_command  # noqa: E402
 from ldm.data.toy_world import CONTEXTS, SUBJECTS, object_mask, render, subject_scene  # noqa: E402
 
 # (x, y, size): where the object stands and its half-height, as fractions of the side.
@@ -33,6 +34,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--size", type=int, default=64, help="side in pixels")
     parser.add_argument("--masks", action="store_true", help="also write subject-N.mask.png: the object, exactly")
     opt = parser.parse_args(argv)
+    return run_command(lambda: write_subject(opt))
+
+
+def write_subject(opt: argparse.Namespace) -> str:
+    """The subject's photos (and masks) in --output_dir; what was written."""
     folder = Path(opt.output_dir)
     folder.mkdir(parents=True, exist_ok=True)
     for index, (x, y, size) in enumerate(LAYOUTS):
@@ -42,8 +48,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if opt.masks:
             mask = (object_mask(scene, opt.size) * 255).round().astype(np.uint8)
             Image.fromarray(mask).save(folder / f"subject-{index + 1}.mask.png")
-    print(f"wrote {len(LAYOUTS)} photos of the {opt.subject} subject to {folder}")
-    return 0
+    return f"wrote {len(LAYOUTS)} photos of the {opt.subject} subject to {folder}"
 
 
 if __name__ == "__main__":

@@ -19,10 +19,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from ldm.checkpoint import (EMA_PREFIX, UNET_PREFIX, WEIGHT_SUFFIXES, CheckpointError, read_lora,  # noqa: E402
                             read_state_dict, save_weights, select_unet_weights, to_sd_layout)
+from ldm.cli import run_command  # noqa: E402
 from ldm.lora_files import check_lora_specs, lora_names, parse_lora_spec  # noqa: E402
 from ldm.model_config import DEFAULT_CONFIG, check_fits, sampling_config, shown  # noqa: E402
 from ldm.modules.lora import merge_lora  # noqa: E402
-from ldm.util import UserError, format_bytes, user_or_project_path  # noqa: E402
+from ldm.util import UserError, ensure_writable_dir, format_bytes, user_or_project_path  # noqa: E402
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
@@ -47,13 +48,14 @@ def check_paths(opt: argparse.Namespace) -> Path:
     inputs = [Path(opt.base), *(Path(parse_lora_spec(spec)[0]) for spec in opt.loras)]
     if output.exists() and any(output.resolve() == path.resolve() for path in inputs if path.exists()):
         raise UserError(f"{output} is one of the inputs; write the merged checkpoint to another file")
+    ensure_writable_dir(output.parent, "-o")
     return output
 
 
 def merge(opt: argparse.Namespace) -> list[str]:
     """Merge and write; one line per LoRA file and one for the output."""
     output = check_paths(opt)
-    check_lora_specs(opt.loras)
+    check_lora_specs(opt.loras, "LORA")
     config = sampling_config(opt.config, opt.base)
     state = select_unet_weights(to_sd_layout(read_state_dict(opt.base)), opt.ema)
     if not any(key.startswith(UNET_PREFIX) for key in state):
@@ -73,14 +75,7 @@ def merge(opt: argparse.Namespace) -> list[str]:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     opt = parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
-    try:
-        lines = merge(opt)
-    except (UserError, CheckpointError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
-    print("\n".join(lines))
-    return 0
+    return run_command(lambda: "\n".join(merge(opt)), level=logging.WARNING)
 
 
 if __name__ == "__main__":

@@ -14,8 +14,8 @@ from typing import Optional, Sequence
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from ldm.checkpoint import PRECISIONS, CheckpointError, export_weights, precision_dtype  # noqa: E402
-from ldm.util import UserError  # noqa: E402
+from ldm.checkpoint import PRECISIONS, export_weights, precision_dtype  # noqa: E402
+from ldm.cli import run_command  # noqa: E402
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
@@ -30,13 +30,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     opt = parse_args(argv)
-    try:
-        report = export_weights(opt.input, opt.output, precision_dtype(opt.precision, "--precision"), opt.ema)
-    except (UserError, CheckpointError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
-    print(report.summary())
-    return 0
+    return run_command(lambda: export_weights(opt.input, opt.output, precision_dtype(opt.precision, "--precision"),
+                                              opt.ema).summary())
 
 
 if __name__ == "__main__":

@@ -1,13 +1,13 @@
 """Text-to-image sampling from a Stable Diffusion v1 checkpoint (class images before DreamBooth, results after)."""
 import argparse
-import logging
 import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from ldm.inference import USER_ERRORS, add_sampling_arguments, generate  # noqa: E402
+from ldm.cli import run_command  # noqa: E402
+from ldm.inference import add_sampling_arguments, generate  # noqa: E402
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
@@ -22,14 +22,11 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     opt = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
-    try:
+
+    def work() -> str:
         written = generate(opt)
-    except USER_ERRORS as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
-    print(f"Your samples are ready and waiting for you here: {opt.outdir} ({len(written)} files written)")
-    return 0
+        return f"Your samples are ready and waiting for you here: {opt.outdir} ({len(written)} files written)"
+    return run_command(work)
 
 
 if __name__ == "__main__":

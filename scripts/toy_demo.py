@@ -25,10 +25,11 @@ from omegaconf import OmegaConf
 SCRIPTS = Path(__file__).resolve().parent  # scripts/ in a clone, dreambooth_scripts/ once installed
 sys.path.insert(0, str(SCRIPTS.parent))
 
+from ldm.cli import run_command  # noqa: E402
 from ldm.eval.toy_demo import CLASS_WORD, IDENTIFIER, PROMPTS, draw_picture, percent, score_folder, write_report  # noqa: E402
 from ldm.eval.toy_scorer import load_scorer  # noqa: E402
 from ldm.model_config import shown  # noqa: E402
-from ldm.util import project_path, user_or_project_path  # noqa: E402
+from ldm.util import UserError, project_path, user_or_project_path  # noqa: E402
 
 BASE = "data/toy/toy-v1.safetensors"
 SCORER = shown(project_path("data/toy/scorer.safetensors"))
@@ -127,11 +128,14 @@ def quick_settings(opt: argparse.Namespace) -> list[str]:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     opt = parse_args(argv)
+    return run_command(lambda: demo(opt))
+
+
+def demo(opt: argparse.Namespace) -> int:
+    """The whole demo: class images, fine-tuning, sampling, scoring, the report."""
     for path in (opt.base, SCORER, SUBJECT):
         if not Path(path).exists():
-            print(f"error: {path} is missing; scripts/pretrain_toy_model.py and scripts/make_toy_subject.py make it",
-                  file=sys.stderr)
-            return 1
+            raise UserError(f"{path} is missing; scripts/pretrain_toy_model.py and scripts/make_toy_subject.py make it")
     outdir = Path(opt.outdir)
     if outdir.exists():
         shutil.rmtree(outdir)

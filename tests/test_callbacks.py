@@ -2,6 +2,7 @@
 bar on a terminal, and the Lightning lines that are silenced."""
 import io
 import logging
+import shlex
 import warnings
 from pathlib import Path
 from types import SimpleNamespace
@@ -11,6 +12,7 @@ import torch
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from ldm.callbacks import StepCheckpoint, StepProgress, quiet_lightning
+from ldm.callbacks.checkpointing import resume_command
 
 
 class Trainer(SimpleNamespace):
@@ -110,3 +112,9 @@ def test_lightning_noise_is_silenced_and_its_other_lines_kept():
         warnings.warn("The 'train_dataloader' does not have many workers which may be a bottleneck.")
     assert not caught
     assert shown("Restoring states from the checkpoint path at logs/x/checkpoints/last.ckpt")
+
+
+def test_the_resume_command_is_quoted_for_the_shell():
+    assert resume_command(Path("logs/my run")) == "python main.py -t -r 'logs/my run'"
+    assert shlex.split(resume_command(Path("logs/it's"), weights_only=True)) == [
+        "python", "main.py", "-t", "-r", "logs/it's", "--resume_weights_only"]

@@ -50,7 +50,9 @@ def test_round_trip_with_position_ids_and_ema(tmp_path, tiny_model, suffix):
     assert_same_weights(tiny_model, plain)
     n_unet = sum(k.startswith("model.diffusion_model.") for k in tiny_model.state_dict())
     assert report.unexpected["EMA"] == n_unet + 2 and report.loaded["UNet"] == n_unet
-    load_model_weights(ema, path, use_ema=True)
+    ema_report = load_model_weights(ema, path, use_ema=True)
+    assert not ema_report.unexpected and "ignored" not in ema_report.summary()  # the EMA copies were used
+    assert ema_report.summary().endswith("(the UNet from the file's EMA weights)")
     key = "model.diffusion_model.out.2.bias"
     assert torch.equal(ema.state_dict()[key], tiny_model.state_dict()[key] + 1.0)
     assert_same_weights(tiny_model, ema, prefix="first_stage_model.")

@@ -111,7 +111,10 @@ def test_concept_config_mistakes_are_named(folders):
                               ([{"identifier": "x", "reg_data_root": "b"}], "has no data_root"),
                               ([{"data_root": "a", "identifier": "x"}], "has no reg_data_root"),
                               ([{"data_root": "a", "identifier": "x", "reg_data_root": "b"},
-                                {"data_root": "c", "identifier": "x", "reg_data_root": "b"}], "names repeat")):
+                                {"data_root": "c", "identifier": "x", "reg_data_root": "b"}], "names repeat"),
+                              ([{"data_root": "a", "identifier": "x", "reg_data_root": "b"},
+                                {"data_root": "./a/", "identifier": "y", "reg_data_root": "b"}],
+                               r"concepts\[0\] and \[1\] train on the same photos \(./a/; --data_root given twice\?\)")):
         with pytest.raises(DataError, match=message):
             concept_configs(train, reg, concepts)
     assert len(concept_configs(train, None, [{"data_root": "a", "identifier": "x"}])) == 1  # no class images needed

@@ -79,12 +79,41 @@ def test_crops_and_flip(tmp_path):
 def test_captions_templates_and_caption_files(tmp_path):
     solid("RGB").save(tmp_path / "a.jpg")
     solid("RGB").save(tmp_path / "b.jpg")
-    (tmp_path / "b.txt").write_text("a {identifier} {class_word} on the beach, {curly}\n")
+    (tmp_path / "b.txt").write_text("a {identifier} {class_word} on the beach\n")
     data = dataset(tmp_path, identifier="zwx", class_word="cat")
-    assert data.captions == ["photo of a zwx cat", "a zwx cat on the beach, {curly}"]
+    assert data.captions == ["photo of a zwx cat", "a zwx cat on the beach"]
     assert dataset(tmp_path, reg=True, class_word="cat").captions[0] == "photo of a cat"
     (tmp_path / "a.txt").write_text("  \n")
     with pytest.raises(DataError, match=r"a\.txt.*empty"):
+        dataset(tmp_path)
+
+
+@pytest.mark.parametrize("text, message", [
+    ("a {identifer} dog", r"b\.txt: unknown placeholder \{identifer\} in 'a \{identifer\} dog'; the known ones are "
+                          r"\{identifier\} and \{class_word\}"),
+    ("a {identifier dog", r"b\.txt: unbalanced brace in 'a \{identifier dog'"),
+    ("a identifier} dog", r"b\.txt: unbalanced brace"),
+    ("a {{identifier}} dog", r"b\.txt: unbalanced brace"),
+])
+def test_unknown_placeholders_and_stray_braces_in_captions_are_errors(tmp_path, text, message):
+    solid("RGB").save(tmp_path / "b.jpg")
+    (tmp_path / "b.txt").write_text(text)
+    with pytest.raises(DataError, match=message):
+        dataset(tmp_path)
+
+
+def test_a_template_with_an_unknown_placeholder_is_an_error(tmp_path):
+    solid("RGB").save(tmp_path / "b.jpg")
+    with pytest.raises(DataError, match=r"class images \(reg\): template: unknown placeholder \{class\}"):
+        dataset(tmp_path, reg=True, template="a photo of a {class}")
+
+
+def test_caption_files_lose_their_byte_order_mark_and_must_be_utf8(tmp_path):
+    solid("RGB").save(tmp_path / "b.jpg")
+    (tmp_path / "b.txt").write_bytes("\ufeffa {identifier} dog on the café terrace\n".encode("utf-8"))
+    assert dataset(tmp_path).captions == ["a sks dog on the café terrace"]
+    (tmp_path / "b.txt").write_bytes("a {identifier} dog on the café terrace\n".encode("latin-1"))
+    with pytest.raises(DataError, match=r"b\.txt: not UTF-8 text .*save it as UTF-8"):
         dataset(tmp_path)
 
 

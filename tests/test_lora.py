@@ -156,6 +156,19 @@ def test_bad_options_are_refused() -> None:
         inject_lora(tiny(), NAMES, targets="all")
 
 
+def test_a_rank_above_the_narrowest_target_is_refused_before_any_layer_is_built() -> None:
+    model = tiny()
+    before = sum(p.numel() for p in model.parameters())
+    with pytest.raises(UserError, match=r"LoRA rank 100000 \(--rank\) is above the width of the narrowest target "
+                                        r"module, .* use at most \d+ ") as refused:
+        inject_lora(model, NAMES, rank=100000, text_encoder=True)
+    assert sum(p.numel() for p in model.parameters()) == before
+    widest = int(str(refused.value).split("use at most ")[1].split()[0])
+    assert inject_lora(tiny(), NAMES, rank=widest, text_encoder=True)  # the highest rank that adds capacity
+    with pytest.raises(UserError, match=f"LoRA rank {widest + 1} "):
+        inject_lora(tiny(), NAMES, rank=widest + 1, text_encoder=True)
+
+
 def test_merge_gives_the_applied_output(tmp_path) -> None:
     model = tiny()
     inject_lora(model, NAMES, rank=4, alpha=3, text_encoder=True)
@@ -298,6 +311,14 @@ def test_read_lora_refuses_what_is_not_a_lora_file(tmp_path) -> None:
     save_weights({"unet.down_blocks.0.attentions.0.proj_in.lora_A.weight": torch.ones(2, 2)}, peft_style)
     with pytest.raises(CheckpointError, match="a LoRA in another format .* reads kohya-format files"):
         read_lora(peft_style)
+    run = tmp_path / "my run" / "checkpoints"
+    run.mkdir(parents=True)
+    model = tiny()
+    inject_lora(model, NAMES, rank=4)
+    save_weights({k: v for k, v in model.state_dict().items() if ".lora_" in k}, run / "last.ckpt")
+    with pytest.raises(CheckpointError, match=f"last.ckpt is a LoRA run's resumable checkpoint, not its LoRA file: "
+                                              f"pass {re.escape(str(run / 'last.safetensors'))}, written beside it"):
+        read_lora(run / "last.ckpt")
     other = tmp_path / "other.safetensors"
     save_weights({"weight": torch.ones(2)}, other)
     with pytest.raises(CheckpointError, match="is not a LoRA file: none of its 1 tensors"):

@@ -1,6 +1,7 @@
 """Masked loss: masks found beside photos or in masks/, cut, resized and mirrored with their photo, a floor; an
 all-white mask gives the unmasked loss bit for bit, a black region changes nothing; cached latents keep masks; a
 run trains with them."""
+import logging
 import subprocess
 import sys
 
@@ -46,6 +47,29 @@ def test_masks_are_found_cut_and_mirrored_with_their_photos(tmp_path):
     Image.new("L", (50, 50)).save(tmp_path / "c.mask.png")
     with pytest.raises(DataError, match="c.mask.png: the mask is 50x50, its photo 64x64"):
         PersonalizedBase(str(tmp_path), size=32, repeats=1).example(2)
+
+
+@pytest.mark.parametrize("mask, message", [
+    (Image.new("L", (64, 64), 0), "a.mask.png: the mask has no white pixel (its brightest is 0 of 255)"),
+    (Image.new("L", (64, 64), 1), "a.mask.png: the mask has no white pixel (its brightest is 1 of 255)"),
+    (b"\x89PNG\r\n\x1a\n truncated", "a.mask.png: cannot read this image"),
+])
+def test_black_and_corrupt_masks_are_refused_when_the_data_is_set_up(tmp_path, mask, message):
+    Image.new("RGB", (64, 64), (10, 200, 10)).save(tmp_path / "a.png")
+    if isinstance(mask, bytes):
+        (tmp_path / "a.mask.png").write_bytes(mask)
+    else:
+        mask.save(tmp_path / "a.mask.png")
+    with pytest.raises(DataError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        PersonalizedBase(str(tmp_path), size=32, repeats=1)
+
+
+def test_the_log_says_how_many_photos_have_a_mask(tmp_path, caplog):
+    photo_with_mask(tmp_path, "a")
+    Image.new("RGB", (64, 64), (10, 200, 10)).save(tmp_path / "c.png")
+    with caplog.at_level(logging.INFO, logger="ldm.data.personalized"):
+        PersonalizedBase(str(tmp_path), size=32, repeats=1)
+    assert "1 of 2 photos have a loss mask" in caplog.text
 
 
 def test_cached_latents_keep_the_masks(tmp_path):

@@ -69,6 +69,12 @@ def is_lora_run(pl_module: pl.LightningModule) -> bool:
     return getattr(pl_module, "lora_names", None) is not None
 
 
+def resume_command(run_dir: Path, weights_only: bool = False) -> str:
+    """The command that resumes a run folder, quoted for a POSIX shell (paths with spaces)."""
+    return shlex.join(["python", "main.py", "-t", "-r", str(run_dir), *(["--resume_weights_only"] if weights_only
+                                                                        else [])])
+
+
 class StepCheckpoint(Callback):
     """`step_<N>.ckpt` (weights only, SD v1 layout) every `every_n_train_steps` steps, and `last.ckpt` (resumable:
     weights, optimizer, step) every `save_last_every_n_steps` steps (default: with every step file; 0: only at the
@@ -123,8 +129,7 @@ class StepCheckpoint(Callback):
         return kept
 
     def _resume_command(self) -> str:
-        weights_only = "" if self.last_path.is_file() else " --resume_weights_only"
-        return f"python main.py -t -r {shlex.quote(str(self.dirpath.parent))}{weights_only}"
+        return resume_command(self.dirpath.parent, weights_only=not self.last_path.is_file())
 
     def resume_hint(self) -> str:
         """After a full disk: which checkpoints the run keeps, and the command that resumes from them."""

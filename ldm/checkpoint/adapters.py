@@ -51,6 +51,9 @@ def _not_a_lora(path: Path, tensors: Mapping[str, torch.Tensor]) -> str:
     if set(REQUIRED_GROUPS) <= groups:
         return f"{path} is a full SD v1 checkpoint, not a LoRA file: pass it as the base checkpoint (--ckpt)"
     example = next(iter(tensors), None)
+    if any(".lora_A." in key and group_of(key) in REQUIRED_GROUPS for key in tensors):  # our LoRA run's last.ckpt
+        return (f"{path} is a LoRA run's resumable checkpoint, not its LoRA file: pass "
+                f"{path.with_suffix('.safetensors')}, written beside it (kohya format, as other SD tools read it)")
     if example and "lora" in example.lower():
         return (f"{path} is a LoRA in another format (keys like {example}); this tool reads kohya-format files "
                 "(keys lora_unet_*, lora_te_*), which A1111, ComfyUI and kohya's sd-scripts write")

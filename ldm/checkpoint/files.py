@@ -8,6 +8,7 @@ import numpy as np
 import torch
 
 from ldm.modules.diffusionmodules.schedule import SCHEDULE_BUFFERS
+from ldm.util import UserError
 
 UNET_PREFIX = "model.diffusion_model."
 TEXT_PREFIX = "cond_stage_model.transformer."
@@ -20,7 +21,7 @@ LORA_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")  # kohya's;
 IGNORED_KEYS = ("cond_stage_model.transformer.text_model.embeddings.position_ids",)
 
 
-class CheckpointError(Exception):
+class CheckpointError(UserError):
     """A weight file that cannot be used, with a message meant for the user."""
 
 

@@ -23,6 +23,7 @@ class LoadReport:
     unexpected: Counter = field(default_factory=Counter)
     examples: dict[str, str] = field(default_factory=dict)
     filled: list[str] = field(default_factory=list)
+    ema_unet: bool = False  # the UNet was loaded from the file's EMA copy (model_ema.*)
 
     def ignored(self) -> str:
         """The tensors the model has no place for, by kind: "2 EMA tensors, 1 other (e.g. lora.up.weight)"."""
@@ -31,7 +32,7 @@ class LoadReport:
 
     def summary(self) -> str:
         parts = [f"{group} {n}" for group, n in sorted(self.loaded.items())]
-        text = "loaded " + ", ".join(parts)
+        text = "loaded " + ", ".join(parts) + (" (the UNet from the file's EMA weights)" if self.ema_unet else "")
         if self.unexpected:
             text += "; ignored " + self.ignored()
         return text
@@ -101,6 +102,9 @@ def load_model_weights(model: nn.Module, path: str | os.PathLike, use_ema: bool 
     file_state = select_unet_weights(to_sd_layout(read_state_dict(path)), use_ema)
     model_state = model.state_dict()
     report = check_compatible(model_state, file_state, str(path))
+    if use_ema:  # the file's EMA copies are the UNet now: used, not ignored
+        report.unexpected.pop("EMA", None)
+        report.ema_unet = True
     state = {k: v for k, v in file_state.items() if k in model_state}
     del file_state
     check_finite(state, str(path))

@@ -15,7 +15,7 @@ import torch
 
 from ldm.checkpoint.files import (GROUPS, REQUIRED_GROUPS, CheckpointError, check_finite, group_of, read_weights,
                                   select_unet_weights, to_sd_layout)
-from ldm.util import UserError, atomic_write
+from ldm.util import UserError, atomic_write, ensure_writable_dir
 
 logger = logging.getLogger(__name__)
 
@@ -181,6 +181,7 @@ def export_weights(source: str | os.PathLike, dest: str | os.PathLike, dtype: to
         raise UserError(f"{dest}: the output must end in .ckpt or .safetensors (it chooses the format)")
     if dest.exists() and dest.resolve() == source.resolve():
         raise UserError(f"{dest} is the input file; write the pruned weights to another file")
+    ensure_writable_dir(dest.parent, "-o")
     state, training_state = read_weights(source)
     state = to_sd_layout(state)
     for group, prefix in GROUPS:

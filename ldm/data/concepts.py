@@ -64,6 +64,12 @@ def concept_configs(train: Mapping, reg: Optional[Mapping], concepts: Optional[S
         if concepts and reg is not None and not entry.get("reg_data_root"):
             raise DataError(f"data.params.concepts[{index}] has no reg_data_root (its class images); or set "
                             "data.params.reg=null to train without prior preservation")
+    roots = [str(Path(entry["data_root"]).resolve()) for entry in entries if concepts]
+    for index, root in enumerate(roots):
+        if root in roots[:index]:
+            raise DataError(f"data.params.concepts[{roots.index(root)}] and [{index}] train on the same photos "
+                            f"({entries[index]['data_root']}; --data_root given twice?): one folder is one subject, "
+                            "with one identifier")
     train_params = OmegaConf.create(train).get("params") or {}
     names = [entry.get("name") or entry.get("identifier") or train_params.get("identifier") or DEFAULT_IDENTIFIER
              for entry in entries]

@@ -30,14 +30,24 @@ def mask_path(photo: Path) -> Optional[Path]:
     return found[0] if found else None
 
 
+def check_mask(mask: Image.Image, path: Path, photo_size: tuple[int, int]) -> None:
+    """Refuse, before training, a mask (upright, mode L) of another size than its photo, or one with no white pixel:
+    an all-black mask would make the photo's loss exactly 0 at every step."""
+    if mask.size != photo_size:
+        raise UserError(f"{path}: the mask is {mask.size[0]}x{mask.size[1]}, its photo {photo_size[0]}x"
+                        f"{photo_size[1]}; a mask must have its photo's size")
+    brightest = mask.getextrema()[1]
+    if brightest < 255:
+        raise UserError(f"{path}: the mask has no white pixel (its brightest is {brightest} of 255), so its photo "
+                        "would teach nothing: paint the subject white (a mask saved with values 0 and 1 looks black)")
+
+
 def load_mask(path: Path, photo_size: tuple[int, int], box: tuple[int, int, int, int], size: tuple[int, int],
               flip: bool, floor: float) -> torch.Tensor:
     """The mask as [height, width] (of `size`, width first) float in [floor, 1], cut by the photo's crop `box` and
     mirrored with it."""
     mask = load_rgb(path).convert("L")  # as the photos are read: EXIF orientation, 16-bit scaled, alpha over white
-    if mask.size != photo_size:
-        raise UserError(f"{path}: the mask is {mask.size[0]}x{mask.size[1]}, its photo {photo_size[0]}x"
-                        f"{photo_size[1]}; a mask must have its photo's size")
+    check_mask(mask, path, photo_size)
     mask = mask.resize(size, Image.Resampling.BOX, box=box)
     if flip:
         mask = ImageOps.mirror(mask)

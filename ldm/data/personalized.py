@@ -10,9 +10,9 @@ from PIL import Image, ImageOps
 from torch.utils.data import Dataset
 
 from ldm.data.buckets import bucket_box, bucket_sizes, nearest_bucket
-from ldm.data.captions import STRATEGIES, caption_of, fill
+from ldm.data.captions import STRATEGIES, caption_of, check_placeholders, fill
 from ldm.data.image_files import DataError, load_rgb, open_image, reading, to_rgb
-from ldm.data.masks import MASK_FOLDER, is_mask_file, load_mask, mask_path
+from ldm.data.masks import MASK_FOLDER, check_mask, is_mask_file, load_mask, mask_path
 from ldm.util import UserError
 
 logger = logging.getLogger(__name__)
@@ -141,6 +141,10 @@ class PersonalizedBase(Dataset):
         self.moments: torch.Tensor | Sequence[torch.Tensor] | None = None
         self.identifier, self.class_word = identifier, class_word
         self.template = template or (CLASS_TEMPLATE if reg else INSTANCE_TEMPLATE)
+        try:
+            check_placeholders(self.template, f"{role}: template")
+        except UserError as err:
+            raise DataError(str(err)) from None
         self.caption_strategy, self.caption_dropout = caption_strategy, caption_dropout
         sides = {path: short_side(path, size) for path in list_images(data_root)}
         self.paths = [path for path, side in sides.items() if side >= minimum_image_size]
@@ -160,11 +164,24 @@ class PersonalizedBase(Dataset):
             self.bucket_of = [nearest_bucket(*upright_size(path), sizes) for path in self.paths]
         self.mask_paths = [mask_path(path) for path in self.paths]
         self.masked, self.mask_floor = any(self.mask_paths), mask_floor  # with any mask, every photo has one
+        if self.masked:
+            self._check_masks(data_root)
         self._masks: dict[tuple[int, bool], torch.Tensor] = {}
         small = [path.name for path in self.paths if sides[path] < size]
         if small:
             logger.warning("%s: %d images are smaller than %d pixels and will be upscaled (blurry): %s",
                            data_root, len(small), size, ", ".join(small[:5]))
+
+    def _check_masks(self, data_root: str) -> None:
+        """Decode every mask now, as the photos are, and log how many photos have one."""
+        for photo, mask in zip(self.paths, self.mask_paths):
+            if mask is not None:
+                try:  # read as load_mask reads it: upright, 16-bit scaled, alpha over white
+                    check_mask(load_rgb(mask).convert("L"), mask, upright_size(photo))
+                except UserError as err:
+                    raise DataError(str(err)) from None
+        logger.info("%s: %d of %d photos have a loss mask (the others learn everywhere)", data_root,
+                    sum(m is not None for m in self.mask_paths), len(self.paths))
 
     def _caption(self, image_path: Path) -> str:
         try:

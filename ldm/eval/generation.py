@@ -49,7 +49,8 @@ def sample_model(spec: ModelSpec, settings: SampleSettings, prompts: Sequence[st
     started = time.monotonic()
     config, (height, width), shape = model_config(spec, settings)
     scope = precision_scope(settings.precision, device)
-    model = load_model(config, spec.ckpt, device, use_ema=settings.use_ema, precision=settings.precision)
+    model = load_model(config, spec.ckpt, device, use_ema=settings.use_ema, precision=settings.precision,
+                       flag="--model")
     loras = apply_lora_files(model, config.model, spec.loras)
     loaded = time.monotonic()
     folder.mkdir(parents=True, exist_ok=True)

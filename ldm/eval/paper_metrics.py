@@ -15,6 +15,7 @@ from ldm.util import UserError
 DOWNLOADS = {"clip": "openai/clip-vit-base-patch32", "dino": "facebook/dino-vits16",
              "clipseg": "CIDAS/clipseg-rd64-refined"}
 BATCH = 16
+WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "model.safetensors.index.json", "pytorch_model.bin.index.json")
 
 
 def check_model_folder(folder: str | Path, kind: str, flag: str) -> Path:
@@ -24,6 +25,9 @@ def check_model_folder(folder: str | Path, kind: str, flag: str) -> Path:
         found = "is not a folder" if not path.is_dir() else "holds no config.json"
         raise UserError(f"{flag} {folder} {found}: download {DOWNLOADS[kind]} into it once, e.g. `hf download "
                         f"{DOWNLOADS[kind]} --local-dir {folder}` (nothing is fetched at run time)")
+    if not any((path / name).is_file() for name in WEIGHT_FILES):
+        raise UserError(f"{flag} {folder} has a config.json but no weights ({' or '.join(WEIGHT_FILES[:2])}): an "
+                        f"interrupted download? Download {DOWNLOADS[kind]} into it again")
     return path
 
 

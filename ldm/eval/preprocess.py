@@ -1,6 +1,5 @@
 """The image preprocessing of transformers' CLIPImageProcessor and ViTImageProcessor (resize, centre crop, rescale,
 normalise), read from a model folder's preprocessor_config.json and done with PIL and NumPy (no torchvision)."""
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -8,6 +7,8 @@ from typing import Any, Optional, Sequence
 import numpy as np
 import torch
 from PIL import Image
+
+from ldm.util import read_json
 
 CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
 # The processors' class defaults, for keys a preprocessor_config.json leaves out.
@@ -44,7 +45,7 @@ class Preprocess:
     def from_folder(cls, folder: str | Path, kind: str) -> "Preprocess":
         """The steps of `folder`'s preprocessor_config.json, with the defaults of `kind` ("clip" or "vit")."""
         path = Path(folder) / "preprocessor_config.json"
-        config = json.loads(path.read_text()) if path.is_file() else {}
+        config = read_json(path) if path.is_file() else {}
         values = {**DEFAULTS[kind], **{k: v for k, v in config.items() if k in cls.__dataclass_fields__}}
         values["size"] = _size(values["size"], square=kind == "vit")
         values["crop_size"] = _size(values["crop_size"], square=True)

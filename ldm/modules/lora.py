@@ -10,7 +10,7 @@ Sampling needs no peft: `merge_lora` folds one file into plain weights; call it 
 import logging
 from collections import Counter
 from dataclasses import dataclass, field, fields
-from typing import Any, Mapping, MutableMapping, Optional
+from typing import Any, Mapping, MutableMapping, Optional, Sequence
 
 import torch
 from torch import nn
@@ -174,6 +174,20 @@ def merge_lora(state: MutableMapping[str, torch.Tensor], tensors: Mapping[str, t
     return report
 
 
+def check_rank(model: nn.Module, module_names: Sequence[str], rank: int) -> None:
+    """Refuse a rank above the width (the smaller of in and out features) of the narrowest target module: past it a
+    LoRA adds parameters, not capacity (and --rank 100000 would build billions of them)."""
+    modules = dict(model.named_modules())
+    widths = {name: (getattr(modules[name], "in_features", None) or modules[name].in_channels,
+                     getattr(modules[name], "out_features", None) or modules[name].out_channels)
+              for name in module_names}
+    narrowest = min(widths, key=lambda name: min(widths[name]))
+    if rank > min(widths[narrowest]):
+        features = "x".join(map(str, widths[narrowest]))
+        raise UserError(f"LoRA rank {rank} (--rank) is above the width of the narrowest target module, {narrowest} "
+                        f"({features}): use at most {min(widths[narrowest])} (4, 8 and 16 are usual)")
+
+
 def inject_lora(model: nn.Module, names: LoraNames, rank: int = 4, alpha: float | None = None,
                 targets: str = "transformer", text_encoder: bool = False) -> list[str]:
     """Wrap the target modules of a LatentDiffusion in peft LoRA layers and return their names; only the LoRA
@@ -185,6 +199,7 @@ def inject_lora(model: nn.Module, names: LoraNames, rank: int = 4, alpha: float 
     module_names = names.targets((n for n, _ in model.named_modules()), targets, text_encoder, text_layers)
     if not module_names:
         raise UserError("no module to put LoRA on: the model is not a LatentDiffusion with SD v1 transformers")
+    check_rank(model, module_names, rank)
     peft = _peft()
     config = peft.LoraConfig(r=rank, lora_alpha=rank if alpha is None else alpha, target_modules=module_names,
                              lora_dropout=0.0, init_lora_weights=True, bias="none")
