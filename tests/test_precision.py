@@ -32,18 +32,10 @@ from ldm.util import UserError, instantiate_from_config
 from test_controlnet import PREFIX, TINY_CONTROLNET
 from test_controlnet_sampling import SAMPLING, shapes_image, txt2img
 from test_memory_savers import PairData
+from test_memory_savers import finetune_model
 from test_train_e2e import fresh_run_args, load_script, make_class_images, make_photos
 
-FINETUNE_CONFIG = "configs/tiny/v1-finetune_unfrozen.yaml"
 LORA_CONFIG = "configs/tiny/v1-finetune_lora.yaml"
-
-
-def finetune_model(**params):
-    config = OmegaConf.load(FINETUNE_CONFIG)
-    config.model.params.update(params)
-    model = instantiate_from_config(config.model)
-    model.learning_rate = 1e-4
-    return model
 
 
 def fake_gpu(monkeypatch, capability: tuple[int, int], name: str) -> None:

@@ -30,12 +30,17 @@ def mask_path(photo: Path) -> Optional[Path]:
     return found[0] if found else None
 
 
-def check_mask(mask: Image.Image, path: Path, photo_size: tuple[int, int]) -> None:
-    """Refuse, before training, a mask (upright, mode L) of another size than its photo, or one with no white pixel:
-    an all-black mask would make the photo's loss exactly 0 at every step."""
+def check_mask_size(mask: Image.Image, path: Path, photo_size: tuple[int, int]) -> None:
+    """Refuse a mask (upright) of another size than its photo."""
     if mask.size != photo_size:
         raise UserError(f"{path}: the mask is {mask.size[0]}x{mask.size[1]}, its photo {photo_size[0]}x"
                         f"{photo_size[1]}; a mask must have its photo's size")
+
+
+def check_mask(mask: Image.Image, path: Path, photo_size: tuple[int, int]) -> None:
+    """Refuse, before training, a mask (upright, mode L) of another size than its photo, or one with no white pixel:
+    an all-black mask would make the photo's loss exactly 0 at every step."""
+    check_mask_size(mask, path, photo_size)
     brightest = mask.getextrema()[1]
     if brightest < 255:
         raise UserError(f"{path}: the mask has no white pixel (its brightest is {brightest} of 255), so its photo "
@@ -47,7 +52,7 @@ def load_mask(path: Path, photo_size: tuple[int, int], box: tuple[int, int, int,
     """The mask as [height, width] (of `size`, width first) float in [floor, 1], cut by the photo's crop `box` and
     mirrored with it."""
     mask = load_rgb(path).convert("L")  # as the photos are read: EXIF orientation, 16-bit scaled, alpha over white
-    check_mask(mask, path, photo_size)
+    check_mask_size(mask, path, photo_size)  # check_mask read every mask whole before training
     mask = mask.resize(size, Image.Resampling.BOX, box=box)
     if flip:
         mask = ImageOps.mirror(mask)
