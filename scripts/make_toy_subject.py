@@ -25,7 +25,7 @@ DEFAULT_CONTEXTS = ("plain", "street", "kitchen", "plain", "snow")
 LAYOUTS = ((0.5, 0.82, 0.2), (0.32, 0.9, 0.15), (0.66, 0.76, 0.23), (0.42, 0.7, 0.13), (0.6, 0.93, 0.18))
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output_dir", default="data/toy/subject")
     parser.add_argument("--subject", choices=SUBJECTS, default="ball", help="which subject, by its class word")
@@ -33,7 +33,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         help="backgrounds, used in turn")
     parser.add_argument("--size", type=int, default=64, help="side in pixels")
     parser.add_argument("--masks", action="store_true", help="also write subject-N.mask.png: the object, exactly")
-    opt = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    opt = parse_args(argv)
     return run_command(lambda: write_subject(opt))
 
 

@@ -2,7 +2,6 @@
 folder outside the repository: class images with scripts/stable_txt2img.py, the fine-tune with main.py, samples
 from its last.ckpt. Only the substitutions below change the commands (no weights or GPU here, and few steps)."""
 import os
-import re
 import shlex
 import shutil
 import subprocess
@@ -11,6 +10,7 @@ from pathlib import Path
 
 from conftest import REPO
 from ldm.inference import read_metadata
+from readme_text import fenced_blocks, join_continuations, section
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
 # (as written, substituted): the toy model and its configs for Stable Diffusion v1, the CPU for a GPU, few steps and
@@ -29,9 +29,8 @@ APPENDED = {  # flags added at the end of each step's command
 
 def workflow_commands() -> list[str]:
     """The bash blocks of the README's workflow section, each joined into one line."""
-    section = REPO.joinpath("README.md").read_text().split("## The DreamBooth workflow", 1)[1].split("\n## ", 1)[0]
-    blocks = re.findall(r"```bash\n(.*?)```", section, re.S)
-    return [re.sub(r"\\\n\s*", "", block).strip() for block in blocks]
+    blocks = fenced_blocks(section("## The DreamBooth workflow"), ("bash",))
+    return [join_continuations(block).strip() for block in blocks]
 
 
 def run_step(step: int, command: str, cwd: Path) -> subprocess.CompletedProcess:
