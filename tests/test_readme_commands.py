@@ -169,8 +169,9 @@ def test_every_config_and_script_the_readme_names_exists():
 
 
 def test_each_skip_matches_a_readme_command():
-    commands = readme_commands(readme())
+    commands, blocks = readme_commands(readme()), fenced_blocks(readme())
     assert [prefix for prefix, _ in SKIPPED if not any(c.startswith(prefix) for c in commands)] == []
+    assert [first for first, _ in NOT_COMMANDS if not any(b.lstrip().startswith(first) for b in blocks)] == []
 
 
 def test_the_check_fails_on_broken_readme_lines():
