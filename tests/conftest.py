@@ -23,6 +23,19 @@ TINY_CONFIG = REPO / "configs" / "tiny" / "v1-inference.yaml"
 FULL_CONFIG = REPO / "configs" / "stable-diffusion" / "v1-inference.yaml"
 SPEC = REPO / "tests" / "data" / "sd-v1-state-dict.tsv"  # a copy of the project's shared spec
 
+# The files that take longest (about a minute or more each on 2 cores), run first: `make test` gives each file to one of
+# two workers in collection order, and a long file started last would leave the other worker idle at the end.
+LONGEST_FIRST = ("test_packaging.py", "test_toy_demo.py", "test_train_e2e.py", "test_savers_e2e.py",
+                 "test_distributed.py", "test_toy_model.py", "test_recipe_e2e.py", "test_gpu_check.py",
+                 "test_lora_train.py", "test_ema.py")
+
+
+def pytest_collection_modifyitems(items: list) -> None:
+    """Order the collected tests with LONGEST_FIRST's files first, the rest as collected."""
+    rank = {name: k for k, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
+
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # The tiny models are far faster on one thread than on two cores that pytest and PyTorch compete for.
 torch.set_num_threads(1)
