@@ -17,6 +17,7 @@ from torch import nn
 
 from ldm.checkpoint import CheckpointError
 from ldm.lora_names import TARGETS, LoraNames
+from ldm.offline import import_offline
 from ldm.util import UserError
 
 logger = logging.getLogger(__name__)
@@ -31,7 +32,7 @@ OTHER_KINDS = {"lora_mid": "LoCon Tucker (lora_mid)", "hada_": "LoHa (hada_)", "
 
 def _peft():
     try:
-        import peft
+        peft = import_offline("peft")  # peft imports bitsandbytes where installed: no hub, no kernel warning
     except ImportError:
         raise UserError("LoRA training needs peft: pip install 'peft>=0.13'") from None
     return peft
