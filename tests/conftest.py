@@ -23,11 +23,12 @@ TINY_CONFIG = REPO / "configs" / "tiny" / "v1-inference.yaml"
 FULL_CONFIG = REPO / "configs" / "stable-diffusion" / "v1-inference.yaml"
 SPEC = REPO / "tests" / "data" / "sd-v1-state-dict.tsv"  # a copy of the project's shared spec
 
-# The files that take longest (about a minute or more each on 2 cores), run first: `make test` gives each file to one of
-# two workers in collection order, and a long file started last would leave the other worker idle at the end.
-LONGEST_FIRST = ("test_packaging.py", "test_toy_demo.py", "test_train_e2e.py", "test_savers_e2e.py",
-                 "test_distributed.py", "test_toy_model.py", "test_recipe_e2e.py", "test_gpu_check.py",
-                 "test_lora_train.py", "test_ema.py")
+# The files that take longest (half a minute to two minutes each on 2 cores, 2026-12-07), longest first: `make test`
+# gives each file to one of two workers in collection order, and a long file started last would leave the other worker
+# idle at the end.
+LONGEST_FIRST = ("test_savers_e2e.py", "test_distributed.py", "test_packaging.py", "test_train_e2e.py",
+                 "test_lora_train.py", "test_toy_demo.py", "test_toy_model.py", "test_recipe_e2e.py",
+                 "test_gpu_check.py", "test_benchmark_train.py", "test_txt2img_cli.py", "test_ema.py")
 
 
 def pytest_collection_modifyitems(items: list) -> None:
