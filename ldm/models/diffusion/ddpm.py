@@ -6,10 +6,8 @@ from typing import Any, Iterator, Mapping, Optional, Sequence, Union
 import pytorch_lightning as pl
 import torch
 from einops import rearrange
-from pytorch_lightning.strategies import DDPStrategy
 from torch import nn
 from torch.nn import functional as F
-from torch.nn.parallel import DistributedDataParallel
 
 from ldm.data.personalized import MASK_KEY, MOMENTS_KEY
 from ldm.lr_scheduler import LRSchedule, lr_lambda
@@ -19,6 +17,7 @@ from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
 from ldm.modules.ema import LitEma
 from ldm.models.diffusion.lora_training import LoraTraining
 from ldm.models.diffusion.rollout import Rollout
+from ldm.models.diffusion.text_encoder_stop import TextEncoderStop
 from ldm.modules.lora import LoraOptions, cast_base
 from ldm.modules.losses import NoiseObjective, PriorPreservationLoss, concept_losses
 from ldm.optim import is_schedule_free, make_optimizer, uses_fused_backward
@@ -28,7 +27,6 @@ logger = logging.getLogger(__name__)
 
 FROZEN_PRECISIONS = ("auto", "fp32", "fp16", "bf16")  # auto: half under 16-mixed or bf16-mixed, else as loaded
 CAPTION_BATCH = 32  # captions per text-encoder call when every caption is cached before training
-TEXT_ENCODER_STOPPED_AT = "text_encoder_stopped_at"  # the key of last.ckpt that records the step of the freeze
 
 
 class DiffusionWrapper(nn.Module):
@@ -176,7 +174,7 @@ class DDPM(pl.LightningModule):
         optimizer.zero_grad(set_to_none=self.device.type != "cpu")
 
 
-class LatentDiffusion(LoraTraining, DDPM):
+class LatentDiffusion(TextEncoderStop, LoraTraining, DDPM):
     """Diffusion in the VAE's latent space, conditioned on CLIP text embeddings through cross-attention; with
     `lora`, a LoRA run (ldm/models/diffusion/lora_training.py)."""
 
@@ -405,26 +403,6 @@ class LatentDiffusion(LoraTraining, DDPM):
             params += self.trained_parameters(self.cond_stage_model)
         return params
 
-    def text_encoder_stop_step(self) -> Optional[int]:
-        """The step from which the text encoder is frozen (cond_stage_stop_step, a fraction of max_steps below 1), or
-        the step at which the resumed run froze it, whichever is earlier."""
-        stop = self.cond_stage_stop_step
-        if stop is not None:
-            stop = round(stop * self.trainer.max_steps) if stop < 1 else int(stop)
-        stops = [step for step in (stop, self.text_encoder_stopped_at) if step is not None]
-        return min(stops) if stops else None
-
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """last.ckpt also records the step at which the text encoder was frozen."""
-        super().on_save_checkpoint(checkpoint)
-        if self.text_encoder_stopped_at is not None:
-            checkpoint[TEXT_ENCODER_STOPPED_AT] = self.text_encoder_stopped_at
-
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """A resumed run's text encoder stays frozen from the step at which its run froze it."""
-        super().on_load_checkpoint(checkpoint)
-        self.text_encoder_stopped_at = checkpoint.get(TEXT_ENCODER_STOPPED_AT)
-
     def on_fit_start(self) -> None:
         super().on_fit_start()
         self.text_embeddings.clear()  # Lightning may have restored other text encoder weights since they were made
@@ -476,28 +454,6 @@ class LatentDiffusion(LoraTraining, DDPM):
         finally:
             for part in self.offloaded:
                 part.to("cpu")
-
-    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
-        stop = self.text_encoder_stop_step()
-        if stop is not None and self.cond_stage_trainable and self.global_step >= stop:
-            self.stop_text_encoder_training(stop)
-            self.text_encoder_stopped_at = stop
-
-    def stop_text_encoder_training(self, stop: int) -> None:
-        """Freeze the text encoder and drop its optimizer state; its parameter group stays (empty of gradients), so
-        that a resumed run's optimizer state still matches the groups; under DDP the model is wrapped anew."""
-        self.cond_stage_trainable = False
-        self.cond_stage_model.requires_grad_(False).train(False)
-        for optimizer in self.trainer.optimizers:
-            for param in self.cond_stage_model.parameters():
-                param.grad = None
-                optimizer.state.pop(param, None)
-        strategy = self.trainer.strategy
-        if isinstance(strategy, DDPStrategy) and isinstance(strategy.model, DistributedDataParallel):
-            strategy.model = strategy.model.module
-            strategy.configure_ddp()  # a wrapper waits for the gradients of all that trained when it was built
-        logger.info("step %d: the text encoder is frozen from step %d on (stop_text_encoder_training); the UNet "
-                    "trains on", self.global_step, stop)
 
     def check_fused_backward(self) -> None:
         """Refuse the trainer settings that need the full set of gradients, which a fused backward never holds."""
