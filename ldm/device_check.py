@@ -17,7 +17,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from ldm.model_config import latent_shape
-from ldm.util import instantiate_from_config
+from ldm.util import instantiate_from_config, peak_memory_stats
 
 logger = logging.getLogger(__name__)
 
@@ -130,8 +130,7 @@ def step_flops(config: DictConfig, size: int) -> int:
 
 
 def cuda_peaks(device: torch.device) -> dict[str, Optional[float]]:
-    """The CUDA allocator's peak allocated and reserved GiB so far (None off CUDA)."""
-    if device.type != "cuda":
-        return {"peak_allocated_gib": None, "peak_reserved_gib": None}
-    return {"peak_allocated_gib": torch.cuda.max_memory_allocated(device) / GiB,
-            "peak_reserved_gib": torch.cuda.max_memory_reserved(device) / GiB}
+    """ldm.util.peak_memory_stats's CUDA peaks (allocated and reserved) in GiB (None off CUDA)."""
+    stats = peak_memory_stats(device)
+    peaks = {kind: stats[f"cuda_max_{kind}_bytes"] for kind in ("allocated", "reserved")}
+    return {f"peak_{kind}_gib": None if value is None else value / GiB for kind, value in peaks.items()}

@@ -39,7 +39,7 @@ from ldm import device_check  # noqa: E402
 from ldm.cli import run_command  # noqa: E402
 from ldm.model_config import latent_shape, load_config  # noqa: E402
 from ldm.util import (UserError, atomic_write_text, ensure_writable_dir, instantiate_from_config,  # noqa: E402
-                      project_path)
+                      project_path, reset_peak_memory)
 
 STAGES = ("env", "sdpa", "adamw8bit", "lowmem", "fastest", "sampling")
 GiB = device_check.GiB
@@ -126,6 +126,7 @@ def worker_sampling(spec: dict) -> dict:
         return sample_once(model, "ddim", spec["steps"], 1, shape, 7.5, scope)
 
     result = {"plain_s": median_seconds([sample], spec["repeats"], device)[0], **device_check.cuda_peaks(device)}
+    reset_peak_memory(device)  # the ControlNet's peaks are its own
     torch.manual_seed(0)
     net = instantiate_from_config(OmegaConf.load(spec["controlnet"]).model.params.control_stage_config)
     net = net.eval().requires_grad_(False).to(device, next(model.model.parameters()).dtype)
