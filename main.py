@@ -36,7 +36,7 @@ from ldm.latent_cache import cache_latents
 from ldm.precision import check_training_precision
 from ldm.runs import (Run, launched_per_process, new_run, resumed_run, run_lock, takes_run_lock,
                       warn_fresh_optimizer)
-from ldm.train_flags import apply_flags, fix_text_encoder_stop
+from ldm.train_flags import apply_flags, fix_step_fractions
 from ldm.util import (FLOAT32_MATMUL_PRECISION, DiskFullError, UserError, ensure_writable_dir, instantiate_from_config,
                       user_or_project_path)
 
@@ -400,7 +400,7 @@ def train_run(opt: argparse.Namespace, overrides: list[str], run: Run, now: str)
     check_config(config)  # every key known, every value of its type, before anything is built
     lightning = config.pop("lightning")
     lightning.trainer = trainer_options(lightning.get("trainer") or OmegaConf.create(), opt)
-    fix_text_encoder_stop(config, lightning.trainer.max_steps)
+    fix_step_fractions(config, lightning.trainer.max_steps)
     if run.weights and run.step >= lightning.trainer.max_steps:
         raise UserError(f"{run.weights} is at step {run.step} and max_steps is {lightning.trainer.max_steps}: pass "
                         f"--max_steps above {run.step} to train further")

@@ -112,12 +112,19 @@ def apply_lora_flags(config: DictConfig, opt: argparse.Namespace) -> None:
         params.lora.base_checkpoint, params.lora.base_ema = opt.actual_resume, opt.use_ema_weights
 
 
-def fix_text_encoder_stop(config: DictConfig, max_steps: int) -> None:
-    """A stop step given as a fraction of max_steps becomes a step when the run starts, written into the config the
-    run saves, so that a resume with a larger --max_steps keeps it."""
+def fix_step_fractions(config: DictConfig, max_steps: int) -> None:
+    """Steps given as a fraction of max_steps (the text encoder's stop step, the learning-rate warmup) become steps
+    when the run starts, written into the config the run saves, so that a resume with a larger --max_steps keeps
+    them where they were."""
     params = config.model.params
     stop = params.get("cond_stage_stop_step")
     if stop is not None and 0 < stop < 1:
         params.cond_stage_stop_step = max(1, round(stop * max_steps))
         logger.info("the text encoder trains until step %d (%g of max_steps %d; model.params.cond_stage_stop_step)",
                     params.cond_stage_stop_step, stop, max_steps)
+    schedule = params.get("lr_schedule")
+    warmup = schedule.get("warmup_steps") if schedule is not None else None
+    if warmup is not None and 0 < warmup < 1:
+        schedule.warmup_steps = round(warmup * max_steps)  # as LRSchedule.warmup rounds a fraction
+        logger.info("the learning rate warms up over %d steps (%g of max_steps %d; model.params.lr_schedule)",
+                    schedule.warmup_steps, warmup, max_steps)

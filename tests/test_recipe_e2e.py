@@ -77,6 +77,18 @@ def test_a_fractional_stop_is_fixed_as_a_step_and_a_resume_never_trains_the_text
     assert not same(*(weights(folder / f"step_{step}.ckpt", "model.diffusion_model.") for step in (6, 7)))
 
 
+def test_step_fractions_become_steps_once_so_a_longer_resume_keeps_them():
+    main = load_script("dreambooth_main_fractions", REPO / "main.py")
+    config = main.load_config([str(REPO / TINY)], [])
+    opt = main.get_parser().parse_args(["--base", TINY, "-t", "--stop_text_encoder_training", "0.5",
+                                        "--lr_warmup_steps", "0.1"])
+    main.apply_flags(config, opt)
+    main.fix_step_fractions(config, 100)
+    assert config.model.params.cond_stage_stop_step == 50 and config.model.params.lr_schedule.warmup_steps == 10
+    main.fix_step_fractions(config, 260)  # a resume with a larger --max_steps reads the saved config
+    assert config.model.params.cond_stage_stop_step == 50 and config.model.params.lr_schedule.warmup_steps == 10
+
+
 def test_the_warmup_goes_on_where_the_resume_left_it(stopped_run):
     rates = {int(row["step"]): float(row["train/lr"]) for row in metrics(stopped_run) if row.get("train/lr")}
     assert sorted(rates) == [0, 1, 2, 3, 4]
