@@ -8,6 +8,9 @@ from types import SimpleNamespace
 from typing import Any
 
 from ldm.convert import diffusers_unet_config
+from ldm.data.personalized import CLASS_TEMPLATE, DEFAULT_CLASS_WORD, DEFAULT_IDENTIFIER, INSTANCE_TEMPLATE
+from ldm.modules.diffusionmodules.openaimodel import UNetModel
+from ldm.modules.encoders.modules import TOKENIZER_DIR, load_tokenizer
 from ldm.util import FLOAT32_MATMUL_PRECISION, apply_backend_settings, backend_settings, peak_memory_stats
 
 PRECISIONS = {"no": None, "fp16": "float16", "bf16": "bfloat16"}  # train_dreambooth.py's --mixed_precision
@@ -60,7 +63,6 @@ def dreambooth_batch(photos: Path, step: int, size: int, tokenizer: Any) -> dict
     import numpy as np
     import torch
     from PIL import Image, ImageOps
-    from ldm.data.personalized import CLASS_TEMPLATE, DEFAULT_CLASS_WORD, DEFAULT_IDENTIFIER, INSTANCE_TEMPLATE
     pixels = []
     for kind in ("instance", "class"):
         image = ImageOps.exif_transpose(Image.open(photos / kind / f"{step % N_PHOTOS}.png")).convert("RGB")
@@ -82,7 +84,6 @@ def load_reference(flags: argparse.Namespace, folder: str, device: Any) -> Simpl
     import torch
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel
-    from ldm.modules.encoders.modules import TOKENIZER_DIR, load_tokenizer
     ref = SimpleNamespace(tokenizer=load_tokenizer(TOKENIZER_DIR),
                           noise_scheduler=DDPMScheduler.from_pretrained(folder, subfolder="scheduler"),
                           text_encoder=CLIPTextModel.from_pretrained(folder, subfolder="text_encoder"),
@@ -160,7 +161,6 @@ def unet_worker(spec: dict, ours: bool) -> dict:
     apply_backend_settings(spec["backend"])
     torch.manual_seed(0)
     if ours:
-        from ldm.modules.diffusionmodules.openaimodel import UNetModel
         model = UNetModel(**params)
     else:
         from diffusers import UNet2DConditionModel

@@ -77,12 +77,16 @@ def test_a_fractional_stop_is_fixed_as_a_step_and_a_resume_never_trains_the_text
     assert not same(*(weights(folder / f"step_{step}.ckpt", "model.diffusion_model.") for step in (6, 7)))
 
 
+def flagged_config(main, *flags: str, base: str = TINY):
+    """main.py's config of `base` with main.py's `flags` applied."""
+    config = main.load_config([str(REPO / base)], [])
+    main.apply_flags(config, main.get_parser().parse_args(["--base", TINY, "-t", *flags]))
+    return config
+
+
 def test_step_fractions_become_steps_once_so_a_longer_resume_keeps_them():
-    main = load_script("dreambooth_main_fractions", REPO / "main.py")
-    config = main.load_config([str(REPO / TINY)], [])
-    opt = main.get_parser().parse_args(["--base", TINY, "-t", "--stop_text_encoder_training", "0.5",
-                                        "--lr_warmup_steps", "0.1"])
-    main.apply_flags(config, opt)
+    main = load_script("dreambooth_main_recipe", REPO / "main.py")
+    config = flagged_config(main, "--stop_text_encoder_training", "0.5", "--lr_warmup_steps", "0.1")
     main.fix_step_fractions(config, 100)
     assert config.model.params.cond_stage_stop_step == 50 and config.model.params.lr_schedule.warmup_steps == 10
     main.fix_step_fractions(config, 260)  # a resume with a larger --max_steps reads the saved config
@@ -97,18 +101,12 @@ def test_the_warmup_goes_on_where_the_resume_left_it(stopped_run):
 
 def test_the_recipe_flags_go_into_the_config_that_the_run_saves():
     main = load_script("dreambooth_main_recipe", REPO / "main.py")
-    config = main.load_config([str(REPO / TINY)], [])
-    opt = main.get_parser().parse_args(["--base", TINY, "-t", "--stop_text_encoder_training", "0.5",
-                                        "--lr_warmup_steps", "0.1"])
-    main.apply_flags(config, opt)
+    config = flagged_config(main, "--stop_text_encoder_training", "0.5", "--lr_warmup_steps", "0.1")
     assert config.model.params.cond_stage_stop_step == 0.5
     assert dict(config.model.params.lr_schedule) == {"warmup_steps": 0.1, "name": "constant_with_warmup"}
-    opt = main.get_parser().parse_args(["--base", TINY, "-t", "--lr_scheduler", "cosine"])
-    config = main.load_config([str(REPO / TINY)], [])
-    main.apply_flags(config, opt)
+    config = flagged_config(main, "--lr_scheduler", "cosine")
     assert dict(config.model.params.lr_schedule) == {"name": "cosine"}
-    toy = main.load_config([str(REPO / "configs/toy/v1-finetune_unfrozen.yaml")], [])
-    main.apply_flags(toy, main.get_parser().parse_args(["--base", TINY, "-t", "--freeze_text_encoder"]))
+    toy = flagged_config(main, "--freeze_text_encoder", base="configs/toy/v1-finetune_unfrozen.yaml")
     assert toy.model.params.cond_stage_stop_step is None  # the toy recipe's stop step gives way to the flag
 
 
