@@ -17,10 +17,8 @@ from typing import Any, Iterator, Optional, Sequence
 
 import pytorch_lightning as pl
 import torch
-import yaml
 from lightning_fabric.utilities.exceptions import MisconfigurationException
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
 from pytorch_lightning.loggers import CSVLogger, Logger
 from pytorch_lightning.strategies import DDPStrategy, Strategy
 from pytorch_lightning.utilities.exceptions import SIGTERMException
@@ -31,11 +29,10 @@ from ldm.callbacks import (AtomicCheckpointIO, RankSeed, SetupCallback, StartAtS
 from ldm.checkpoint import check_checkpoint_file, load_model_weights, parameters_on_meta
 from ldm.class_images import generate_class_images, generation_dtype
 from ldm.cli import run_command
-from ldm.config import check_config, check_sections
+from ldm.config import check_config, load_run_config
+from ldm.inference.precision import check_training_precision
 from ldm.latent_cache import cache_latents
-from ldm.precision import check_training_precision
-from ldm.runs import (Run, launched_per_process, new_run, resumed_run, run_lock, takes_run_lock,
-                      warn_fresh_optimizer)
+from ldm.runs import Run, launched_per_process, new_run, resumed_run, run_lock, takes_run_lock, warn_fresh_optimizer
 from ldm.train_flags import apply_flags, fix_step_fractions
 from ldm.util import (FLOAT32_MATMUL_PRECISION, DiskFullError, UserError, ensure_writable_dir, instantiate_from_config,
                       user_or_project_path)
@@ -191,29 +188,6 @@ def run_folder(opt: argparse.Namespace, now: str) -> Run:
     run = new_run(opt.logdir, opt.name or (Path(opt.base[0]).stem if opt.base else ""), opt.postfix, now)
     run.configs = opt.base
     return run
-
-
-def load_config(paths: Sequence[str], overrides: Sequence[str]) -> DictConfig:
-    if not paths:
-        raise UserError("no config: pass --base configs/stable-diffusion/v1-finetune_unfrozen.yaml")
-    configs = []
-    for path in paths:
-        if not Path(path).is_file():
-            raise UserError(f"config not found: {path}")
-        try:
-            configs.append(OmegaConf.load(path))
-        except (OmegaConfBaseException, yaml.YAMLError, ValueError) as err:
-            raise UserError(f"{path}: not a readable YAML config ({err})") from None
-    try:
-        config = OmegaConf.merge(*configs, OmegaConf.from_dotlist(list(overrides)))
-    except (OmegaConfBaseException, ValueError) as err:
-        raise UserError(f"cannot apply the overrides {' '.join(overrides)}: {err}") from None
-    for section in ("model", "data"):
-        if section not in config:
-            raise UserError(f"the merged config has no '{section}' section; start from "
-                            "configs/stable-diffusion/v1-finetune_unfrozen.yaml")
-    check_sections(config)
-    return config
 
 
 def trainer_options(trainer_config: DictConfig, opt: argparse.Namespace) -> dict[str, Any]:
@@ -395,7 +369,7 @@ def train(opt: argparse.Namespace, overrides: list[str]) -> int:
 
 def train_run(opt: argparse.Namespace, overrides: list[str], run: Run, now: str) -> int:
     """Train in the run folder that `train` chose (and locked)."""
-    config = load_config(run.configs, overrides)
+    config = load_run_config(run.configs, overrides)
     apply_flags(config, opt)
     check_config(config)  # every key known, every value of its type, before anything is built
     lightning = config.pop("lightning")

@@ -9,7 +9,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ldm.images import save_image
-from ldm.inference import SAMPLER_NAMES, next_index, sample_images, sampling_mode
+from ldm.inference.flags import SAMPLER_NAMES
+from ldm.inference.sampling import sample_images, sampling_mode
+from ldm.inference.txt2img import next_index
 from ldm.util import UserError, free_memory
 
 logger = logging.getLogger(__name__)

@@ -1,19 +1,27 @@
-"""Checks of a merged run config: every key is known and every value has its type, from the keyword arguments (and
-their type hints) of the classes that the config's `target:`s name; a mistake is one line naming the key."""
+"""Configs: the one YAML reader; a run's merged config (main.py's --base files and overrides), checked so that every
+key is known and every value has its type, from the keyword arguments (and their type hints) of the classes that the
+config's `target:`s name, a mistake being one line naming the key; and a model config's sizes (native image size,
+latent shapes)."""
 import collections.abc
 import inspect
+import os
 import types
 import typing
-from typing import Any, Mapping, Optional
+from pathlib import Path
+from typing import Any, Mapping, Optional, Sequence
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from ldm.util import UserError, get_obj_from_str
+from ldm.util import UserError, get_obj_from_str, project_path
 
 TOP_LEVEL_KEYS = ("model", "data", "lightning")
 LIGHTNING_KEYS = ("trainer", "modelcheckpoint", "callbacks", "loss_plot", "progress")
 NODE_KEYS = {"target": str, "params": dict, "base_learning_rate": float}  # the lr sits beside target in model configs
+CONFIGS = project_path("configs")
+DEFAULT_CONFIG = CONFIGS / "stable-diffusion" / "v1-inference.yaml"
+REQUIRED_CONFIG_KEYS = ("model.target", "model.params.channels", "model.params.unet_config.params.channel_mult",
+                        "model.params.first_stage_config.params.ddconfig.ch_mult")
 
 
 def check_sections(config: DictConfig) -> None:
@@ -140,3 +148,80 @@ def check_config(config: DictConfig | Mapping, where: str = "") -> None:
     except OmegaConfBaseException as err:  # an interpolation ${...} that names nothing
         raise UserError(f"config {where or 'file'}: {' '.join(str(err).split())}") from None
     check_node(container, where)
+
+
+def shown(path: str | os.PathLike) -> str:
+    """A path as the user would type it: relative to the working folder when it lies below it."""
+    path = Path(path)
+    return str(path.relative_to(Path.cwd())) if path.is_absolute() and path.is_relative_to(Path.cwd()) else str(path)
+
+
+def read_yaml(path: str | os.PathLike, missing_hint: str = "") -> DictConfig:
+    """A YAML file as an OmegaConf config, with a one-line error when it is missing or malformed."""
+    if not Path(path).is_file():
+        raise UserError(f"config not found: {path}{missing_hint}")
+    try:
+        return OmegaConf.load(path)
+    except Exception as err:  # yaml and omegaconf raise many error types for a malformed file
+        raise UserError(f"{path}: not a readable YAML config ({err})") from None
+
+
+def load_config(path: str) -> DictConfig:
+    """The YAML model config, with a one-line error when it is missing, malformed or not an SD v1 model config."""
+    config = read_yaml(path, " (pass --config configs/stable-diffusion/v1-inference.yaml)")
+    for key in REQUIRED_CONFIG_KEYS:
+        if OmegaConf.select(config, key) is None:
+            raise UserError(f"{path}: has no {key}; is it an SD v1 model config such as v1-inference.yaml?")
+    return config
+
+
+def load_run_config(paths: Sequence[str], overrides: Sequence[str]) -> DictConfig:
+    """main.py's config: the --base files merged in order, then the key=value overrides, every key checked."""
+    if not paths:
+        raise UserError("no config: pass --base configs/stable-diffusion/v1-finetune_unfrozen.yaml")
+    configs = [read_yaml(path) for path in paths]
+    try:
+        config = OmegaConf.merge(*configs, OmegaConf.from_dotlist(list(overrides)))
+    except (OmegaConfBaseException, ValueError) as err:
+        raise UserError(f"cannot apply the overrides {' '.join(overrides)}: {err}") from None
+    for section in ("model", "data"):
+        if section not in config:
+            raise UserError(f"the merged config has no '{section}' section; start from "
+                            "configs/stable-diffusion/v1-finetune_unfrozen.yaml")
+    check_sections(config)
+    return config
+
+
+def vae_factor(config: DictConfig) -> int:
+    """The autoencoder's downsampling factor f, 2^(levels - 1)."""
+    return 2 ** (len(config.model.params.first_stage_config.params.ddconfig.ch_mult) - 1)
+
+
+def native_size(config: DictConfig) -> int:
+    """The image side the model was trained at: latent image_size times f (512 for SD v1)."""
+    return config.model.params.image_size * vae_factor(config)
+
+
+def size_multiple(config: DictConfig) -> int:
+    """Image sides must be multiples of this: f times the UNet's 2^(levels - 1) (64 for SD v1)."""
+    return vae_factor(config) * 2 ** (len(config.model.params.unet_config.params.channel_mult) - 1)
+
+
+def latent_shape(config: DictConfig, height: int, width: int, channels: Optional[int] = None,
+                 factor: Optional[int] = None) -> tuple[int, int, int]:
+    """Latent (C, H/f, W/f) for an image size, checked against the autoencoder and UNet of `config`; `channels` and
+    `factor` (--C, --f) default to the config's."""
+    channels = config.model.params.channels if channels is None else channels
+    factor = vae_factor(config) if factor is None else factor
+    if factor != vae_factor(config):
+        raise UserError(f"--f {factor} does not match the autoencoder of the config (f={vae_factor(config)}); drop --f")
+    if channels != config.model.params.channels:
+        raise UserError(f"--C {channels} does not match the config's {config.model.params.channels} latent channels; "
+                        "drop --C")
+    multiple = size_multiple(config)
+    for flag, size in (("--H", height), ("--W", width)):
+        if size <= 0 or size % multiple:
+            nearest = sorted({max(size // multiple, 1) * multiple, (size // multiple + 1) * multiple})
+            raise UserError(f"{flag} {size} must be a positive multiple of {multiple} for this model "
+                            f"(autoencoder x{factor}, UNet levels); try {' or '.join(map(str, nearest))}")
+    return channels, height // factor, width // factor

@@ -10,9 +10,8 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from ldm.adamw8bit import AdamW8bit
-from ldm.offline import import_offline
 from ldm.per_param_optim import Params, PerParameterOptimizer, as_param_groups
-from ldm.util import UserError, get_obj_from_str
+from ldm.util import UserError, get_obj_from_str, import_offline
 
 logger = logging.getLogger(__name__)
 

@@ -18,11 +18,12 @@ from typing import Optional, Sequence
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from ldm.cli import run_command  # noqa: E402
 from ldm.eval.compare import (ModelSpec, Scorer, ToyPromptScorer, cost_row, default_prompts,  # noqa: E402
                               draw_comparison, mean, percent, table_rows, unique_labels, write_tables)
 from ldm.eval.generation import SampleSettings, model_config, sample_model  # noqa: E402
-from ldm.cli import run_command  # noqa: E402
-from ldm.inference import add_precision_argument, check_checkpoint, choose_device, read_prompts  # noqa: E402
+from ldm.inference.flags import add_precision_argument, read_prompts  # noqa: E402
+from ldm.inference.loading import check_checkpoint, choose_device  # noqa: E402
 from ldm.lora_files import check_lora_specs  # noqa: E402
 from ldm.util import UserError, ensure_writable_dir, user_or_project_path  # noqa: E402
 

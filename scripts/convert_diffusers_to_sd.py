@@ -16,7 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 
 from ldm.checkpoint import export_weights  # noqa: E402
-from ldm.convert import is_diffusers_folder  # noqa: E402
+from ldm.checkpoint.diffusers import is_diffusers_folder  # noqa: E402
 from ldm.cli import run_command  # noqa: E402
 from ldm.util import UserError  # noqa: E402
 

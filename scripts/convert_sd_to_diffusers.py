@@ -18,9 +18,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 
 from ldm.checkpoint import ShapeMismatchError, read_state_dict, select_unet_weights, to_sd_layout  # noqa: E402
-from ldm.convert import write_diffusers_folder  # noqa: E402
+from ldm.checkpoint.diffusers import write_diffusers_folder  # noqa: E402
+from ldm.checkpoint.fitting import with_fitting_config  # noqa: E402
 from ldm.cli import run_command  # noqa: E402
-from ldm.model_config import choose_config, load_config, with_fitting_config  # noqa: E402
+from ldm.config import load_config  # noqa: E402
+from ldm.inference.loading import choose_config  # noqa: E402
 from ldm.util import UserError, ensure_writable_dir  # noqa: E402
 
 

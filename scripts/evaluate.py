@@ -21,12 +21,13 @@ from typing import Callable, Optional, Sequence
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from ldm.cli import run_command  # noqa: E402
 from ldm.data.personalized import DataError, list_images, load_rgb  # noqa: E402
 from ldm.eval.compare import ModelSpec, Scorer, ToyPromptScorer  # noqa: E402
 from ldm.eval.evaluate import Subject, evaluate_subject, paper_table, subject_class, subject_kind  # noqa: E402
 from ldm.eval.generation import SampleSettings, model_config  # noqa: E402
-from ldm.cli import run_command  # noqa: E402
-from ldm.inference import add_precision_argument, check_checkpoint, choose_device, read_prompts  # noqa: E402
+from ldm.inference.flags import add_precision_argument, read_prompts  # noqa: E402
+from ldm.inference.loading import check_checkpoint, choose_device  # noqa: E402
 from ldm.lora_files import check_lora_specs  # noqa: E402
 from ldm.util import UserError, atomic_write_text, ensure_writable_dir, user_or_project_path  # noqa: E402
 

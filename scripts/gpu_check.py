@@ -26,18 +26,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+SCRIPTS = Path(__file__).resolve().parent  # scripts/ in a clone, dreambooth_scripts/ once installed
+REPO = SCRIPTS.parent
+sys.path[:0] = [str(REPO), str(SCRIPTS)]  # ldm, and benchmarks/ beside this file
 
 # Only light imports at the top: every stage's process loads this file, and the stages that need neither transformers
 # nor Lightning (env, sdpa, adamw8bit) start in a second instead of several.
 import torch  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 
+from benchmarks import device_check  # noqa: E402
 from ldm.adamw8bit import adamw8bit_self_check  # noqa: E402
-from ldm import device_check  # noqa: E402
 from ldm.cli import run_command  # noqa: E402
-from ldm.model_config import latent_shape, load_config  # noqa: E402
+from ldm.config import latent_shape, load_config  # noqa: E402
 from ldm.util import (UserError, atomic_write_text, ensure_writable_dir, instantiate_from_config,  # noqa: E402
                       project_path, reset_peak_memory)
 
@@ -114,8 +115,9 @@ def worker_train(spec: dict) -> dict:
 
 def worker_sampling(spec: dict) -> dict:
     """50 DDIM steps with guidance through the sampling path, then with a random ControlNet; times and peaks."""
-    from ldm.benchmarking import median_seconds, sample_once
-    from ldm.inference import load_model, precision_scope
+    from benchmarks.common import median_seconds
+    from ldm.inference.sampling import sample_once
+    from ldm.inference.loading import load_model, precision_scope
     from ldm.models.diffusion.control import Control, ControlStack, controlled
     device, config = torch.device(spec["device"]), load_config(spec["config"])
     model = load_model(config, spec["ckpt"], device, precision="autocast")  # fp16 weights on a GPU, as users sample
@@ -185,7 +187,7 @@ class Check:
 
     def checkpoint(self) -> Path:
         """The inference config's model with random weights (every stage's SD v1 file), written once."""
-        from ldm.benchmarking import random_checkpoint
+        from benchmarks.common import random_checkpoint
         if self._ckpt is None:
             self._ckpt = random_checkpoint(load_config(self.config("v1-inference.yaml")), self.work)
         return self._ckpt
@@ -225,7 +227,7 @@ class Check:
     def train_argv(self, config: str, steps: int, tag: str, extra: Sequence[str]) -> tuple[list[str], Path, Path]:
         """main.py's arguments for `steps` steps at the check's size, batch 1 + 1 with prior preservation, no step
         files, with the StepTimer; the run folder and the timer's file."""
-        from ldm.benchmarking import write_photos
+        from benchmarks.common import write_photos
         photos, size = write_photos(self.work, self.sizes.size), self.sizes.size
         logdir, timer = self.work / "runs" / tag, self.work / "stages" / f"{tag}-timer.json"
         argv = ["--base", config, "-t", "--actual_resume", str(self.checkpoint()), "--data_root",

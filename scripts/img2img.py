@@ -7,7 +7,8 @@ from typing import Optional, Sequence
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from ldm.cli import run_command  # noqa: E402
-from ldm.inference import add_sampling_arguments, generate  # noqa: E402
+from ldm.inference.flags import add_sampling_arguments  # noqa: E402
+from ldm.inference.txt2img import generate  # noqa: E402
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:

@@ -19,9 +19,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from ldm.checkpoint import (EMA_PREFIX, UNET_PREFIX, WEIGHT_SUFFIXES, CheckpointError, read_lora,  # noqa: E402
                             read_state_dict, save_weights, select_unet_weights, to_sd_layout)
+from ldm.checkpoint.fitting import check_fits  # noqa: E402
 from ldm.cli import run_command  # noqa: E402
+from ldm.config import DEFAULT_CONFIG, shown  # noqa: E402
+from ldm.inference.loading import sampling_config  # noqa: E402
 from ldm.lora_files import check_lora_specs, lora_names, parse_lora_spec  # noqa: E402
-from ldm.model_config import DEFAULT_CONFIG, check_fits, sampling_config, shown  # noqa: E402
 from ldm.modules.lora import merge_lora  # noqa: E402
 from ldm.util import UserError, ensure_writable_dir, format_bytes, user_or_project_path  # noqa: E402
 

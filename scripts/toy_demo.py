@@ -26,9 +26,10 @@ SCRIPTS = Path(__file__).resolve().parent  # scripts/ in a clone, dreambooth_scr
 sys.path.insert(0, str(SCRIPTS.parent))
 
 from ldm.cli import run_command  # noqa: E402
-from ldm.eval.toy_demo import CLASS_WORD, IDENTIFIER, PROMPTS, draw_picture, percent, score_folder, write_report  # noqa: E402
+from ldm.config import shown  # noqa: E402
+from ldm.eval.toy_demo import (CLASS_WORD, IDENTIFIER, PROMPTS, draw_picture, percent, score_folder,  # noqa: E402
+                               write_report)
 from ldm.eval.toy_scorer import load_scorer  # noqa: E402
-from ldm.model_config import shown  # noqa: E402
 from ldm.util import UserError, project_path, user_or_project_path  # noqa: E402
 
 BASE = "data/toy/toy-v1.safetensors"

@@ -1,10 +1,10 @@
-"""scripts/benchmark_optimizers.py: the UNet's shapes from the meta device, a row per optimizer, a skip line for an
+"""scripts/benchmarks/optimizers.py: the UNet's shapes from the meta device, a row per optimizer, a skip line for an
 unknown one."""
 import re
 
 from conftest import TINY_CONFIG, load_script
 
-benchmark = load_script("benchmark_optimizers")
+benchmark = load_script("benchmarks/optimizers")
 
 
 def test_it_takes_the_unets_first_shapes():

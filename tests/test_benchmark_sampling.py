@@ -1,14 +1,14 @@
-"""scripts/benchmark_sampling.py runs for a sampler diffusers has and for one it lacks (tiny config, one repeat),
+"""scripts/benchmarks/sampling.py runs for a sampler diffusers has and for one it lacks (tiny config, one repeat),
 both sides with the same settings."""
 
 import pytest
 import torch
 
 from conftest import TINY_CONFIG, load_script
-from ldm.inference import weights_dtype
+from ldm.inference.loading import weights_dtype
 
 pytest.importorskip("diffusers", reason="the benchmark compares against diffusers' pipeline")
-benchmark = load_script("benchmark_sampling")
+benchmark = load_script("benchmarks/sampling")
 
 
 @pytest.mark.parametrize("sampler,compared", [("unipc", True), ("dpm_fast", False)])

@@ -1,4 +1,4 @@
-"""scripts/benchmark_train.py on the tiny config: main.py against diffusers' DreamBooth step, the UNets alone, and
+"""scripts/benchmarks/train.py on the tiny config: main.py against diffusers' DreamBooth step, the UNets alone, and
 one-line errors."""
 import json
 import re
@@ -11,7 +11,7 @@ from conftest import REPO, load_script
 from ldm.util import apply_backend_settings, backend_settings, count_params, instantiate_from_config
 
 pytest.importorskip("diffusers", reason="the benchmark compares against diffusers' UNet and training step")
-benchmark = load_script("benchmark_train")
+benchmark = load_script("benchmarks/train")
 TINY = str(REPO / "configs" / "tiny" / "v1-finetune_unfrozen.yaml")
 NUMBER = r"(\d+\.\d+)"
 # name, median s/step (min-max), memory GiB, start-up s, then the ratio to the reference or "-", then the settings

@@ -73,22 +73,24 @@ def bad_path_args(tmp_path: Path) -> dict[str, list[str]]:
         "build_clip_tokenizer": [str(tmp_path / "missing.txt.gz"), "--out", str(tmp_path / "tok")],
         "pretrain_toy_model": ["--workdir", str(a_file / "work"), "--data_dir", str(tmp_path / "data")],
         "toy_demo": ["--base", str(missing), "--outdir", str(tmp_path / "demo")],
-        "benchmark_train": ["--config", str(tmp_path / "missing.yaml"), "--workdir", str(tmp_path / "w")],
-        "benchmark_optimizers": ["--config", str(tmp_path / "missing.yaml")],
-        "benchmark_sampling": ["--config", str(tmp_path / "missing.yaml")],
+        "benchmarks/train": ["--config", str(tmp_path / "missing.yaml"), "--workdir", str(tmp_path / "w")],
+        "benchmarks/optimizers": ["--config", str(tmp_path / "missing.yaml")],
+        "benchmarks/sampling": ["--config", str(tmp_path / "missing.yaml")],
         "gpu_check": ["--tiny", "--device", "cpu", "--stages", "env", "--workdir", str(a_file / "work")],
     }
 
 
 def test_every_script_is_covered_below(tmp_path):
     scripts = {path.stem for path in (REPO / "scripts").glob("*.py") if path.stem != "__init__"}
+    scripts |= {f"benchmarks/{path.stem}" for path in (REPO / "scripts" / "benchmarks").glob("*.py")
+                if "def main(" in path.read_text()}
     assert scripts == set(BAD_PATH_SCRIPTS) == set(bad_path_args(tmp_path))
 
 
 BAD_PATH_SCRIPTS = ("stable_txt2img", "img2img", "merge_lora", "prune_ckpt", "convert_sd_to_diffusers",
                     "convert_diffusers_to_sd", "make_masks", "evaluate", "compare", "find_rare_token",
-                    "make_toy_subject", "build_clip_tokenizer", "pretrain_toy_model", "toy_demo", "benchmark_train",
-                    "benchmark_optimizers", "benchmark_sampling", "gpu_check")
+                    "make_toy_subject", "build_clip_tokenizer", "pretrain_toy_model", "toy_demo", "benchmarks/train",
+                    "benchmarks/optimizers", "benchmarks/sampling", "gpu_check")
 
 
 @pytest.mark.parametrize("name", BAD_PATH_SCRIPTS)

@@ -10,10 +10,13 @@ from PIL import Image, ImageDraw
 
 from conftest import TINY_CONFIG, build_tiny_model, load_script, randomise_zero_init
 from ldm.checkpoint import save_lora, save_weights
+from ldm.config import load_config
 from ldm.controlnet import load_controlnet
 from ldm.data.hints import canny, read_hint
-from ldm.inference import SAMPLER_NAMES, load_model, read_metadata, sample_latents
-from ldm.model_config import load_config
+from ldm.images import read_metadata
+from ldm.inference.flags import SAMPLER_NAMES
+from ldm.inference.loading import load_model
+from ldm.inference.sampling import sample_latents
 from ldm.models.diffusion.control import Control, ControlStack, controlled
 from ldm.modules.controlnet import ControlNet
 from ldm.modules.lora import inject_lora, lora_tensors

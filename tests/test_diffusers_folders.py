@@ -13,9 +13,10 @@ from omegaconf import OmegaConf
 
 from conftest import FULL_CONFIG, REPO, TINY_CONFIG, build_tiny_model, load_script, randomise_zero_init, read_spec
 from ldm.checkpoint import group_of, read_state_dict, save_weights
-from ldm.convert import diffusers_names
-from ldm.inference import load_model, sample_latents
-from ldm.model_config import load_config, sampling_config
+from ldm.checkpoint.diffusers import diffusers_names
+from ldm.config import load_config
+from ldm.inference.loading import load_model, sampling_config
+from ldm.inference.sampling import sample_latents
 from ldm.modules.encoders.modules import TOKENIZER_DIR, load_tokenizer
 from test_monitors import make_folder
 

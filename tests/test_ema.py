@@ -11,7 +11,7 @@ from PIL import Image
 from conftest import REPO, build_tiny_model
 from ldm.checkpoint import read_state_dict
 from ldm.images import read_metadata
-from ldm.inference import load_model
+from ldm.inference.loading import load_model
 from ldm.modules.ema import LitEma
 from test_monitors import make_folder
 

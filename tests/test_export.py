@@ -17,8 +17,9 @@ from conftest import REPO, TINY_CONFIG, build_tiny_model, load_script, randomise
 from ldm.callbacks import StepCheckpoint
 from ldm.checkpoint import (UNET_PREFIX, ema_key, export_weights, group_of, load_model_weights, read_state_dict,
                             save_checkpoint, save_weights)
-from ldm.inference import load_model, sample_images
-from ldm.model_config import load_config
+from ldm.config import load_config
+from ldm.inference.loading import load_model
+from ldm.inference.sampling import sample_images
 from other_tools import check_a1111_ckpt
 from test_train_e2e import ENV, fresh_run_args, make_class_images, make_photos, run_main
 

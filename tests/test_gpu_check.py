@@ -12,7 +12,7 @@ import torch
 from conftest import REPO, load_script
 from ldm import device_check
 from ldm.callbacks.timing import StepTimer
-from ldm.model_config import load_config
+from ldm.config import load_config
 
 gpu_check = load_script("gpu_check")
 FULL_INFERENCE = str(REPO / "configs" / "stable-diffusion" / "v1-inference.yaml")

@@ -8,7 +8,7 @@ from PIL import Image, features
 
 from ldm.data.hints import read_hint
 from ldm.data.masks import load_mask
-from ldm.inference import init_size, load_init_image
+from ldm.inference.txt2img import init_size, load_init_image
 from ldm.util import UserError
 
 WIDTH, HEIGHT = 48, 32  # multiples of the tiny model's 16 pixels, so that --keep_size keeps every pixel

@@ -14,8 +14,8 @@ from torch.utils.data import default_collate
 
 from conftest import build_tiny_model, randomise_zero_init
 from ldm import latent_cache
-from ldm.data.datamodule import DataModuleFromConfig
 from ldm.data.concepts import ConceptPairs
+from ldm.data.datamodule import DataModuleFromConfig
 from ldm.latent_cache import cache_latents
 from ldm.util import UserError
 from test_train_e2e import fresh_run_args, make_class_images, make_photos, run_main

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from conftest import build_tiny_model
-from ldm.inference import sample_images
+from ldm.inference.sampling import sample_images
 from ldm.modules.losses import NoiseObjective
 from ldm.modules.losses.noise_objective import elementwise_loss, huber_threshold, snr, timestep_weights
 from ldm.util import UserError

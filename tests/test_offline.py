@@ -1,4 +1,4 @@
-"""Optional packages are imported with the Hugging Face hub switched off (ldm/offline.py), and bitsandbytes' warning
+"""Optional packages are imported with the Hugging Face hub switched off (ldm/util.py), and bitsandbytes' warning
 about the hub kernel that it did not fetch is dropped."""
 import logging
 import os
@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import ldm.optim
-from ldm.offline import UNUSED_KERNEL_LOGGER, UNUSED_KERNEL_WARNING, import_offline
+from ldm.util import UNUSED_KERNEL_LOGGER, UNUSED_KERNEL_WARNING, import_offline
 
 REPO = Path(__file__).resolve().parents[1]
 # a module that records, when imported, whether the hub was off for it and logs as bitsandbytes' CPU backend does
@@ -75,7 +75,7 @@ def test_bitsandbytes_imports_without_the_hub_warning():
     """On a CPU with AVX-512 bf16 a plain `import bitsandbytes` asks the hub for a kernel and warns without it."""
     pytest.importorskip("bitsandbytes", reason="bitsandbytes is not installed (pip install bitsandbytes)")
     env = {key: value for key, value in os.environ.items() if key != "HF_HUB_OFFLINE"}
-    code = ("from ldm.offline import import_offline; import_offline('bitsandbytes.optim'); "
+    code = ("from ldm.util import import_offline; import_offline('bitsandbytes.optim'); "
             "from bitsandbytes.functional import has_avx512bf16; print(has_avx512bf16())")
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True,
                             timeout=120)

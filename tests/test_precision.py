@@ -15,19 +15,19 @@ from torch.nn import functional as F
 
 import ldm.controlnet
 import ldm.eval.generation
-import ldm.inference
-import ldm.precision
+import ldm.inference.txt2img
+import ldm.inference.precision
 from conftest import REPO, TINY_CONFIG, randomise_zero_init
 from ldm.checkpoint import read_lora, save_weights
+from ldm.config import load_config
 from ldm.eval.compare import ModelSpec
 from ldm.eval.generation import SampleSettings, sample_model
-from ldm.inference import load_model, precision_scope, weights_dtype
-from ldm.model_config import load_config
+from ldm.inference.loading import load_model, precision_scope, weights_dtype
+from ldm.inference.precision import check_training_precision
 from ldm.modules.controlnet import ControlNet
 from ldm.modules.diffusionmodules.model import AttnBlock
 from ldm.modules.diffusionmodules.schedule import SCHEDULE_BUFFERS
 from ldm.modules.lora import base_state_dict, is_lora_key
-from ldm.precision import check_training_precision
 from ldm.util import UserError, instantiate_from_config
 from test_controlnet import PREFIX, TINY_CONTROLNET
 from test_controlnet_sampling import SAMPLING, shapes_image, txt2img
@@ -84,7 +84,7 @@ def test_what_a_gpu_computes_natively_is_accepted(monkeypatch, capability, preci
 @pytest.mark.parametrize("precision, native, warned", [("bf16-true", False, True), ("bf16-mixed", False, True),
                                                        ("bf16-true", True, False), ("32-true", False, False)])
 def test_bf16_on_a_cpu_that_emulates_it_is_named_with_the_way_out(monkeypatch, caplog, precision, native, warned):
-    monkeypatch.setattr(ldm.precision, "cpu_has_bf16", lambda: native)
+    monkeypatch.setattr(ldm.inference.precision, "cpu_has_bf16", lambda: native)
     trainer = pl.Trainer(accelerator="cpu", precision=precision, logger=False, enable_progress_bar=False)
     check_training_precision(trainer.strategy.root_device, str(trainer.precision))
     assert ("bf16 is emulated here" in caplog.text and "--precision 32" in caplog.text) == warned
@@ -206,7 +206,7 @@ def test_txt2img_with_a_controlnet_samples_with_bf16_weights(tiny_ckpt, tmp_path
     def spy(module, name: str):
         load = getattr(module, name)
         monkeypatch.setattr(module, name, lambda *a, **k: seen.setdefault(name, load(*a, **k)))
-    spy(ldm.inference, "load_model")
+    spy(ldm.inference.txt2img, "load_model")
     spy(ldm.controlnet, "load_controlnet")
     outdir = tmp_path / "out"
     assert txt2img.main([*SAMPLING, "--ckpt", str(tiny_ckpt), "--outdir", str(outdir), "--precision", "bf16",

@@ -179,7 +179,7 @@ def test_the_check_fails_on_broken_readme_lines():
     override, a config that is not there, a make target that is not there, a script that is not there."""
     broken = """
 ```bash
-python scripts/benchmark_optimizers.py --million 200 --dtype fp32|bf16 --steps 3
+python scripts/benchmarks/optimizers.py --million 200 --dtype fp32|bf16 --steps 3
 python scripts/evaluate.py --model last.ckpt --ckpt last.ckpt
 sd-dreambooth-train -t -n dog modle..base_learning_rate=1e-3
 python main.py --base configs/stable-diffusion/v1-finetune_nothing.yaml -t
@@ -192,5 +192,5 @@ python main.py --base configs/stable-diffusion/v1-finetune_nothing.yaml -t
     assert "shell operator" in check(commands[0]) and "--ckpt" in check(commands[1])
     assert "'modle..base_learning_rate=1e-3' is neither" in check(commands[2])
     assert "no such config" in check(commands[3])
-    fixed = "python scripts/benchmark_optimizers.py --million 200 --dtype fp32 --steps 3"
+    fixed = "python scripts/benchmarks/optimizers.py --million 200 --dtype fp32 --steps 3"
     assert check(fixed) == "" and check("sd-dreambooth-train -t -n dog model.base_learning_rate=1e-3") == ""

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from conftest import REPO
-from ldm.inference import read_metadata
+from ldm.images import read_metadata
 from readme_text import fenced_blocks, join_continuations, section
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}

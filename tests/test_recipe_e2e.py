@@ -79,7 +79,7 @@ def test_a_fractional_stop_is_fixed_as_a_step_and_a_resume_never_trains_the_text
 
 def flagged_config(main, *flags: str, base: str = TINY):
     """main.py's config of `base` with main.py's `flags` applied."""
-    config = main.load_config([str(REPO / base)], [])
+    config = main.load_run_config([str(REPO / base)], [])
     main.apply_flags(config, main.get_parser().parse_args(["--base", TINY, "-t", *flags]))
     return config
 

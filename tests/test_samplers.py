@@ -151,8 +151,8 @@ def tiny_pair(tiny_file):
     """Our tiny LatentDiffusion and diffusers' StableDiffusionPipeline, both from one SD v1 file written here."""
     from conftest import TINY_CONFIG
 
-    from ldm.inference import load_model
-    from ldm.model_config import load_config
+    from ldm.inference.loading import load_model
+    from ldm.config import load_config
 
     path = tiny_file
     ours = load_model(load_config(str(TINY_CONFIG)), str(path), torch.device("cpu"))
@@ -187,7 +187,7 @@ PIPELINE_CASES = [
 @pytest.mark.parametrize("name,scheduler,options,eta", PIPELINE_CASES)
 def test_tiny_model_matches_diffusers_pipeline(tiny_pair, monkeypatch, name, scheduler, options, eta):
     """Ours (UNet, sampler) against diffusers (its converted UNet, its scheduler) on the same weights and noise."""
-    from ldm.inference import sample_latents
+    from ldm.inference.sampling import sample_latents
 
     fake_scipy_quad(monkeypatch)
     model, pipe, sd_scheduler_config, cond, uncond = tiny_pair

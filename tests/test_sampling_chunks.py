@@ -12,18 +12,18 @@ import torch
 from omegaconf import OmegaConf
 
 import ldm.class_images
-import ldm.inference
+import ldm.inference.sampling
 from conftest import REPO, build_tiny_model
 from ldm.callbacks import ImageLogger, ValidationSamples
 from ldm.class_images import generate_class_images, generation_dtype, sampling_copy
-from ldm.inference import sample_images
+from ldm.inference.sampling import sample_images
 
 
 @pytest.fixture
 def calls(monkeypatch, tiny_model):
     """The batch sizes handed to the sampler (`sample_latents`) and to the decoder, recorded as `sampled`, `decoded`."""
     seen = SimpleNamespace(sampled=[], decoded=[])
-    sample, decode = ldm.inference.sample_latents, tiny_model.decode_first_stage
+    sample, decode = ldm.inference.sampling.sample_latents, tiny_model.decode_first_stage
 
     def spy_sample(model, sampler, steps, cond, uncond, scale, noise, *args, **kwargs):
         seen.sampled.append(noise.shape[0])
@@ -33,7 +33,7 @@ def calls(monkeypatch, tiny_model):
         seen.decoded.append(z.shape[0])
         return decode(z, *args, **kwargs)
 
-    monkeypatch.setattr(ldm.inference, "sample_latents", spy_sample)
+    monkeypatch.setattr(ldm.inference.sampling, "sample_latents", spy_sample)
     monkeypatch.setattr(tiny_model, "decode_first_stage", spy_decode)
     return seen
 

@@ -25,7 +25,7 @@ from safetensors.torch import load_file
 from conftest import REPO, build_tiny_model
 from ldm.callbacks import AtomicCheckpointIO, StepCheckpoint
 from ldm.checkpoint import CheckpointError, save_weights
-from ldm.inference import read_metadata
+from ldm.images import read_metadata
 from other_tools import check_a1111_ckpt, parse_infotext
 
 TINY = "configs/tiny/v1-finetune_unfrozen.yaml"

@@ -17,9 +17,9 @@ from PIL import Image
 
 from conftest import FULL_CONFIG, REPO, TINY_CONFIG, build_tiny_model, load_script, randomise_zero_init
 from ldm.checkpoint import save_weights
-from ldm.images import SAMPLER_DISPLAY_NAMES
-from ldm.inference import SAMPLER_NAMES, read_metadata
-from ldm.model_config import load_config, native_size
+from ldm.config import load_config, native_size
+from ldm.images import SAMPLER_DISPLAY_NAMES, read_metadata
+from ldm.inference.flags import SAMPLER_NAMES
 from ldm.models.diffusion.sampling import STOCHASTIC
 from other_tools import parse_infotext
 

@@ -6,7 +6,7 @@ import torch
 from omegaconf import OmegaConf
 
 from conftest import read_spec
-from ldm.convert import diffusers_unet_config
+from ldm.checkpoint.diffusers import diffusers_unet_config
 from ldm.modules.diffusionmodules.openaimodel import UNetModel
 from ldm.modules.diffusionmodules.util import timestep_embedding
 from ldm.util import count_params, instantiate_from_config

@@ -1,5 +1,5 @@
 """Per-step wall times, start-up time and peak memory of a training run, written as JSON for
-scripts/benchmark_train.py."""
+scripts/benchmarks/train.py."""
 import json
 import logging
 import os

@@ -17,7 +17,7 @@ from ldm.data.captions import fill
 from ldm.data.datamodule import datasets_of
 from ldm.data.personalized import load_rgb
 from ldm.images import labelled_grid, read_metadata, save_image
-from ldm.inference import sample_images, sampling_mode
+from ldm.inference.sampling import sample_images, sampling_mode
 from ldm.optim import optimizer_eval_mode
 from ldm.util import free_memory
 

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from ldm.checkpoint.files import (LORA_PREFIXES, REQUIRED_GROUPS, CheckpointError, check_checkpoint_file, check_finite,
-                                  group_of, read_weights)
+                                  group_of, read_weight_file)
 from ldm.checkpoint.loading import on_meta
 from ldm.checkpoint.writing import save_weights
 from ldm.util import UserError
@@ -64,7 +64,7 @@ def read_lora(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[st
     """The tensors (as stored: fp32, fp16 or bf16) and metadata of a kohya-format LoRA file (.safetensors, or an
     old .pt/.ckpt read by the safe unpickler, which has no metadata)."""
     path = check_checkpoint_file(path)
-    tensors = read_weights(path)[0]
+    tensors = read_weight_file(path)[0]
     if not any(k.startswith(LORA_PREFIXES) for k in tensors):
         raise CheckpointError(_not_a_lora(path, tensors))
     check_finite(tensors, str(path))
@@ -78,7 +78,7 @@ def read_controlnet(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """The tensors of an original-layout SD 1.5 ControlNet file (.pth/.ckpt read by the safe unpickler, or
     .safetensors), keyed as the ControlNet module's state dict (without `control_model.`)."""
     path = check_checkpoint_file(path, "pass --controlnet path/to/control_v11p_sd15_canny.pth or .safetensors")
-    tensors = read_weights(path)[0]
+    tensors = read_weight_file(path)[0]
     if any(k.startswith(CONTROL_PREFIX) for k in tensors):
         others = sum(not k.startswith(CONTROL_PREFIX) for k in tensors)
         if others:

@@ -153,14 +153,9 @@ def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"{path}: not a readable .safetensors file ({err})") from None
 
 
-def read_weights(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], list[str]]:
+def read_weight_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], list[str]]:
     """The tensors of a weight file, and the names of the other entries beside its `state_dict` (training state)."""
     path = check_checkpoint_file(path)
-    if path.is_dir():
-        from ldm.convert import (
-            read_diffusers_folder,  # convert.py reads the parts' files through this module
-        )
-        return read_diffusers_folder(path), []
     if path.suffix == ".safetensors":
         return _read_safetensors(path), []
     content, others = _read_pickle(path), []
@@ -170,12 +165,6 @@ def read_weights(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], list
     if not isinstance(content, Mapping):
         raise CheckpointError(f"{path}: holds a {type(content).__name__}, not a state dict")
     return {k: v for k, v in content.items() if isinstance(v, torch.Tensor)}, others
-
-
-def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """The tensors of a .ckpt/.pt/.pth (under `state_dict` or flat) or .safetensors file, on the CPU; a diffusers
-    pipeline folder's under SD v1 keys."""
-    return read_weights(path)[0]
 
 
 def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:

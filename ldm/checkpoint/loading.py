@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from ldm.checkpoint.files import (LORA_PREFIXES, REQUIRED_GROUPS, UNET_PREFIX, CheckpointError, ShapeMismatchError,
-                                  check_finite, ema_key, group_of, read_state_dict, select_unet_weights, to_sd_layout)
+                                  check_finite, ema_key, group_of, select_unet_weights, to_sd_layout)
 
 logger = logging.getLogger(__name__)
 
@@ -94,12 +94,14 @@ def on_meta(model: nn.Module) -> list[str]:
     return [name for name, tensor in (*model.named_parameters(), *model.named_buffers()) if tensor.is_meta]
 
 
-def load_model_weights(model: nn.Module, path: str | os.PathLike, use_ema: bool = False) -> LoadReport:
-    """Load an SD v1 file into a LatentDiffusion; every UNet, VAE and text-encoder tensor must come from the file.
+def load_state(model: nn.Module, file_state: dict[str, torch.Tensor], path: str | os.PathLike,
+               use_ema: bool = False) -> LoadReport:
+    """Load the tensors read from the SD v1 file `path` into a LatentDiffusion; every UNet, VAE and text-encoder
+    tensor must come from the file.
 
     A model built under `parameters_on_meta` takes the file's tensors themselves (cast to the model's dtypes), so
     that one copy of the weights is held, not two."""
-    file_state = select_unet_weights(to_sd_layout(read_state_dict(path)), use_ema)
+    file_state = select_unet_weights(to_sd_layout(file_state), use_ema)
     model_state = model.state_dict()
     report = check_compatible(model_state, file_state, str(path))
     if use_ema:  # the file's EMA copies are the UNet now: used, not ignored

@@ -1,5 +1,5 @@
 """Writing weight files: .ckpt in the zip layout that A1111's safe unpickler accepts, .safetensors, precisions,
-atomic writes, and exports of a checkpoint's weights."""
+atomic writes."""
 import logging
 import os
 import pickle
@@ -13,9 +13,8 @@ from typing import Any, BinaryIO, Mapping
 
 import torch
 
-from ldm.checkpoint.files import (GROUPS, REQUIRED_GROUPS, CheckpointError, check_finite, group_of, read_weights,
-                                  select_unet_weights, to_sd_layout)
-from ldm.util import UserError, atomic_write, ensure_writable_dir
+from ldm.checkpoint.files import group_of
+from ldm.util import UserError, atomic_write
 
 logger = logging.getLogger(__name__)
 
@@ -170,27 +169,3 @@ class ExportReport:
 
 
 WEIGHT_SUFFIXES = (".ckpt", ".safetensors")
-
-
-def export_weights(source: str | os.PathLike, dest: str | os.PathLike, dtype: torch.dtype | None = None,
-                   use_ema: bool = False) -> ExportReport:
-    """Write the weights of any SD v1 file (resumable, full-EMA, weights-only) as a weights-only SD v1 file in
-    `dtype` (None: as stored), with the EMA UNet in place of the UNet's if `use_ema`; EMA copies are left out."""
-    source, dest = Path(source), Path(dest)
-    if dest.suffix not in WEIGHT_SUFFIXES:
-        raise UserError(f"{dest}: the output must end in .ckpt or .safetensors (it chooses the format)")
-    if dest.exists() and dest.resolve() == source.resolve():
-        raise UserError(f"{dest} is the input file; write the pruned weights to another file")
-    ensure_writable_dir(dest.parent, "-o")
-    state, training_state = read_weights(source)
-    state = to_sd_layout(state)
-    for group, prefix in GROUPS:
-        if group in REQUIRED_GROUPS and not any(k.startswith(prefix) for k in state):
-            raise CheckpointError(f"{source} has no {group} weights ({prefix}*); is it a full SD v1 checkpoint?")
-    state = select_unet_weights(state, use_ema)
-    weights = {k: v for k, v in state.items() if group_of(k) != "EMA"}
-    check_finite(weights, str(source))
-    tensors = cast_weights(weights, dtype)
-    save_weights(tensors, dest)
-    return ExportReport(path=dest, tensors=len(tensors), size=dest.stat().st_size, precision=precision_names(tensors),
-                        ema=use_ema, ema_left_out=len(state) - len(weights), training_state=training_state)

@@ -10,11 +10,12 @@ import torch
 from omegaconf import DictConfig
 from PIL import Image
 
+from ldm.config import latent_shape, native_size
 from ldm.eval.compare import ModelSpec
 from ldm.images import save_image
-from ldm.inference import load_model, precision_scope, sample_images
+from ldm.inference.loading import load_model, precision_scope, sampling_config
+from ldm.inference.sampling import sample_images
 from ldm.lora_files import apply_lora_files
-from ldm.model_config import latent_shape, native_size, sampling_config
 from ldm.util import file_sha256, free_memory
 
 logger = logging.getLogger(__name__)

@@ -8,8 +8,8 @@ from typing import Any, Optional, Sequence
 from PIL import Image
 
 from ldm.data.toy_world import COMPARED_CONTEXTS, CONTEXT_PHRASES
-from ldm.eval.toy_scorer import ToyScorer
 from ldm.eval.compare import draw_comparison
+from ldm.eval.toy_scorer import ToyScorer
 from ldm.images import read_metadata
 
 IDENTIFIER, CLASS_WORD = "sks", "ball"

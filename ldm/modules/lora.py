@@ -17,8 +17,7 @@ from torch import nn
 
 from ldm.checkpoint import CheckpointError
 from ldm.lora_names import TARGETS, LoraNames
-from ldm.offline import import_offline
-from ldm.util import UserError
+from ldm.util import UserError, import_offline
 
 logger = logging.getLogger(__name__)
 

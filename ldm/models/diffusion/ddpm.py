@@ -11,13 +11,13 @@ from torch.nn import functional as F
 
 from ldm.data.personalized import MASK_KEY, MOMENTS_KEY
 from ldm.lr_scheduler import LRSchedule, lr_lambda
+from ldm.models.diffusion.lora_training import LoraTraining
+from ldm.models.diffusion.rollout import Rollout
+from ldm.models.diffusion.text_encoder_stop import TextEncoderStop
 from ldm.modules.diffusionmodules.schedule import (SCHEDULE_BUFFERS, extract_into_tensor, make_beta_schedule,
                                                    schedule_buffers)
 from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
 from ldm.modules.ema import LitEma
-from ldm.models.diffusion.lora_training import LoraTraining
-from ldm.models.diffusion.rollout import Rollout
-from ldm.models.diffusion.text_encoder_stop import TextEncoderStop
 from ldm.modules.lora import LoraOptions, cast_base
 from ldm.modules.losses import NoiseObjective, PriorPreservationLoss, concept_losses
 from ldm.optim import is_schedule_free, make_optimizer, uses_fused_backward

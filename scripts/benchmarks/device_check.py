@@ -16,7 +16,7 @@ from omegaconf import DictConfig
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from ldm.model_config import latent_shape
+from ldm.config import latent_shape
 from ldm.util import instantiate_from_config, peak_memory_stats
 
 logger = logging.getLogger(__name__)

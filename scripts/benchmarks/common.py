@@ -1,21 +1,19 @@
 """What the benchmarks and the GPU self-check share: a config's model with seeded random weights written as an SD v1
-checkpoint, synthetic photos to train on, one text-to-image sample, and wall times that wait for the GPU."""
+checkpoint, synthetic photos to train on, and wall times that wait for the GPU."""
 import hashlib
 import logging
 import statistics
 import time
 from pathlib import Path
-from typing import Callable, ContextManager, Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 
-from ldm.benchmark_reference import N_PHOTOS
+from benchmarks.reference import N_PHOTOS
 from ldm.checkpoint import save_weights
-from ldm.inference import make_generators, sample_latents
-from ldm.models.diffusion.sampling import randn
 from ldm.util import instantiate_from_config
 
 logger = logging.getLogger(__name__)
@@ -72,13 +70,3 @@ def median_seconds(runs: Sequence[Callable[[], object]], repeats: int, device: t
     return [statistics.median(bucket) for bucket in times]
 
 
-@torch.no_grad()
-def sample_once(model: torch.nn.Module, sampler: str, steps: int, n: int, shape: Sequence[int], scale: float,
-                scope: ContextManager, prompt: str = "a photo of sks dog") -> torch.Tensor:
-    """`n` images of `prompt` with guidance `scale` (seeds 0..n-1) through the sampling scripts' own path, decoded."""
-    with scope:
-        cond, uncond = model.get_learned_conditioning([prompt] * n), model.get_learned_conditioning([""] * n)
-        generators = make_generators(range(n))
-        noise = randn((n, *shape), generators, model.alphas_cumprod.device)
-        z = sample_latents(model, sampler, steps, cond, uncond, scale, noise, generators, progress=False)
-        return model.decode_first_stage(z)

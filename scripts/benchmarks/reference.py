@@ -1,4 +1,4 @@
-"""The reference side of scripts/benchmark_train.py, run in worker processes of their own: the step that diffusers'
+"""The reference side of scripts/benchmarks/train.py, run in worker processes of their own: the step that diffusers'
 examples/dreambooth/train_dreambooth.py takes (its flags, batch, models and optimizer), and a UNet's forward and
 backward alone (ours or diffusers'). Nothing of Lightning is imported, so that the reference's start-up holds none."""
 import argparse
@@ -7,7 +7,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
-from ldm.convert import diffusers_unet_config
+from ldm.checkpoint.diffusers import diffusers_unet_config
 from ldm.data.personalized import CLASS_TEMPLATE, DEFAULT_CLASS_WORD, DEFAULT_IDENTIFIER, INSTANCE_TEMPLATE
 from ldm.modules.diffusionmodules.openaimodel import UNetModel
 from ldm.modules.encoders.modules import TOKENIZER_DIR, load_tokenizer

@@ -9,18 +9,19 @@ import tempfile
 from pathlib import Path
 from typing import Optional, Sequence
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path[:0] = [str(Path(__file__).resolve().parents[2]), str(Path(__file__).resolve().parents[1])]
 
 import torch  # noqa: E402
 
-from ldm.benchmark_reference import backend_text, default_backend  # noqa: E402
-from ldm.benchmarking import median_seconds, random_checkpoint, sample_once  # noqa: E402
+from benchmarks.reference import backend_text, default_backend  # noqa: E402
+from benchmarks.common import median_seconds, random_checkpoint  # noqa: E402
 from ldm.cli import run_command  # noqa: E402
-from ldm.inference import SAMPLER_NAMES, choose_device, load_model, precision_scope, weights_dtype  # noqa: E402
-from ldm.model_config import latent_shape, load_config, native_size  # noqa: E402
+from ldm.config import latent_shape, load_config, native_size  # noqa: E402
+from ldm.inference.flags import SAMPLER_NAMES  # noqa: E402
+from ldm.inference.loading import choose_device, load_model, precision_scope, weights_dtype  # noqa: E402
+from ldm.inference.sampling import sample_once  # noqa: E402
 from ldm.modules.encoders.modules import TOKENIZER_DIR, load_tokenizer  # noqa: E402
-from ldm.offline import import_offline  # noqa: E402
-from ldm.util import apply_backend_settings, backend_settings  # noqa: E402
+from ldm.util import apply_backend_settings, backend_settings, import_offline  # noqa: E402
 
 # Our sampler name -> (diffusers scheduler class, config overrides giving the same schedule).
 SCHEDULERS = {

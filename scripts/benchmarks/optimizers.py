@@ -2,7 +2,7 @@
 the meta device: no weights are read), with random gradients; prints seconds per step, the state's bytes per
 parameter, and both scaled to the whole UNet.
 
-    python scripts/benchmark_optimizers.py --config configs/stable-diffusion/v1-inference.yaml --million 100 \\
+    python scripts/benchmarks/optimizers.py --config configs/stable-diffusion/v1-inference.yaml --million 100 \\
         --optimizers adamw,adamw8bit_torch,adamw8bit --dtype bf16
 
 The first step is reported apart: it allocates the state and, for adamw8bit_torch, compiles its kernel.
@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Optional, Sequence
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path[:0] = [str(Path(__file__).resolve().parents[2]), str(Path(__file__).resolve().parents[1])]
 
 import torch  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402

@@ -2,7 +2,7 @@
 examples/dreambooth/train_dreambooth.py takes on a model of the same sizes; or, with --unet_only, the two UNets'
 forward and backward alone. Every run is a process of its own; the weights are random and the photos synthetic.
 
-    python scripts/benchmark_train.py --config configs/stable-diffusion/v1-finetune_unfrozen.yaml --size 256 \\
+    python scripts/benchmarks/train.py --config configs/stable-diffusion/v1-finetune_unfrozen.yaml --size 256 \\
         --set fp32="" --set lowmem="--optimizer adamw8bit --fused_backward" \\
         --reference diffusers --reference_flags "--gradient_checkpointing"
 
@@ -28,17 +28,16 @@ from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+REPO = Path(__file__).resolve().parents[2]
+sys.path[:0] = [str(REPO), str(REPO / "scripts")]
 
 # Nothing of Lightning at the top: each worker process imports what its own side needs, so that the reference's
 # start-up time holds no Lightning import (and ours holds what main.py imports).
+from benchmarks.reference import WORKERS, backend_text, default_backend, reference_parser  # noqa: E402
+from benchmarks.common import config_key, random_checkpoint, write_photos  # noqa: E402
+from ldm.checkpoint.diffusers import diffusers_unet_config  # noqa: E402
 from ldm.cli import run_command  # noqa: E402
-from ldm.util import UserError  # noqa: E402
-from ldm.benchmark_reference import WORKERS, backend_text, default_backend, reference_parser  # noqa: E402
-from ldm.benchmarking import config_key, random_checkpoint, write_photos  # noqa: E402
-from ldm.convert import diffusers_unet_config  # noqa: E402
-from ldm.offline import import_offline  # noqa: E402
+from ldm.util import UserError, import_offline  # noqa: E402
 
 DEFAULT_CONFIG = "configs/tiny/v1-finetune_unfrozen.yaml"
 GiB = 2 ** 30
@@ -115,7 +114,7 @@ def mixed_precision(tokens: Sequence[str]) -> str:
 def load_train_config(path: str):
     """The fine-tune config, checked to be one main.py trains with prior preservation."""
     from omegaconf import OmegaConf
-    from ldm.model_config import load_config
+    from ldm.config import load_config
     if not Path(path).is_file():
         raise UserError(f"config not found: {path} (pass --config {DEFAULT_CONFIG})")
     config = load_config(path)
@@ -125,7 +124,7 @@ def load_train_config(path: str):
 
 
 def check_size(config, size: int) -> None:
-    from ldm.model_config import size_multiple
+    from ldm.config import size_multiple
     multiple = size_multiple(config)
     if size < multiple or size % multiple:
         raise UserError(f"--size {size}: must be a positive multiple of {multiple} for this model (autoencoder and "
@@ -298,7 +297,7 @@ def train_rows(opt: argparse.Namespace, config, work: Path) -> tuple[dict[str, l
 def unet_rows(opt: argparse.Namespace, config, work: Path) -> tuple[dict[str, list[dict]], dict[str, str]]:
     """Our UNet and diffusers' alone, forward+backward on the same input, in turn `repeats` times."""
     from omegaconf import OmegaConf
-    from ldm.model_config import latent_shape
+    from ldm.config import latent_shape
     if opt.set or opt.reference_flags:
         raise UserError("--unet_only times the two UNets alone, in fp32: --set and --reference_flags do not apply")
     cond_params = config.model.params.cond_stage_config.get("params") or {}
@@ -366,7 +365,7 @@ def benchmark(opt: argparse.Namespace) -> None:
         opt.device = "cuda" if torch.cuda.is_available() else "cpu"
     elif opt.device == "cuda" and not torch.cuda.is_available():
         raise UserError(f"--device cuda: PyTorch {torch.__version__} sees no CUDA GPU here")
-    logging.basicConfig(level=logging.INFO, format="%(message)s")  # the progress lines of ldm.benchmarking
+    logging.basicConfig(level=logging.INFO, format="%(message)s")  # the progress lines of benchmarks.common
     config = load_train_config(opt.config)
     check_size(config, opt.size)
     with tempfile.TemporaryDirectory() as tmp:

@@ -12,12 +12,12 @@ from typing import Any, Mapping, NamedTuple, Optional
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from ldm.checkpoint import (REQUIRED_GROUPS, CheckpointError, check_compatible, group_of, parameters_on_meta,
-                            read_state_dict, save_weights)
-from ldm.model_config import DEFAULT_CONFIG, native_size
-from ldm.offline import import_offline
+from ldm.checkpoint.files import REQUIRED_GROUPS, CheckpointError, group_of, read_weight_file
+from ldm.checkpoint.loading import check_compatible, parameters_on_meta
+from ldm.checkpoint.writing import save_weights
+from ldm.config import DEFAULT_CONFIG, native_size
 from ldm.modules.encoders.modules import TEXT_CONFIG_KEYS, TOKENIZER_DIR, build_text_config, load_tokenizer
-from ldm.util import UserError, atomic_write_text, instantiate_from_config, read_json
+from ldm.util import UserError, atomic_write_text, import_offline, instantiate_from_config, read_json
 
 PARTS = ("unet", "vae", "text_encoder")
 WEIGHT_STEMS = {"unet": "diffusion_pytorch_model", "vae": "diffusion_pytorch_model", "text_encoder": "model"}
@@ -164,7 +164,7 @@ def read_diffusers_folder(folder: str | Path) -> dict[str, torch.Tensor]:
     names = diffusers_names(config, model)
     tensors = {}
     for part in PARTS:
-        file_tensors = read_state_dict(weight_file(folder, part))
+        file_tensors = read_weight_file(weight_file(folder, part))[0]
         if part == "text_encoder":  # transformers 5 writes the text encoder's tensors without `text_model.`
             file_tensors = {k if k.startswith(TEXT_MODEL) else TEXT_MODEL + k: v for k, v in file_tensors.items()}
         tensors[part] = file_tensors

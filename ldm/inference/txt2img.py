@@ -1,0 +1,168 @@
+"""Text-to-image and image-to-image runs as the sampling scripts make them: the init image, the batches, and the
+images written with their metadata."""
+import argparse
+import logging
+import math
+import re
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+from omegaconf import OmegaConf
+from PIL import Image
+from torch import Tensor
+
+from ldm.config import latent_shape, native_size, size_multiple
+from ldm.controlnet import build_controls, check_control_options
+from ldm.data.buckets import bucket_box
+from ldm.data.image_files import DataError, load_rgb
+from ldm.images import make_grid, save_image, to_pil
+from ldm.inference.flags import CLIP_SKIP_KEY, read_prompts, resolve_sampler
+from ldm.inference.loading import check_checkpoint, choose_device, load_model, precision_scope, sampling_config
+from ldm.inference.sampling import ADAPTIVE_TOLERANCES, img2img_steps, make_generators, sample_latents
+from ldm.lora_files import apply_lora_files, check_lora_specs
+from ldm.models.diffusion.control import controlled
+from ldm.models.diffusion.sampling import randn
+from ldm.util import DiskFullError, UserError, ensure_writable_dir, file_sha256
+
+logger = logging.getLogger(__name__)
+
+
+def init_size(width: int, height: int, native: int, multiple: int, target_height: Optional[int] = None,
+              target_width: Optional[int] = None) -> tuple[int, int]:
+    """(width, height) an init image of `width` x `height` is sampled at: `target_width` x `target_height` (--W/--H),
+    the other side following the image's aspect ratio when one is given, else the model's native area (native x
+    native pixels) at the image's aspect ratio; each side rounded to a multiple of `multiple`."""
+    if target_height is None and target_width is None:
+        scale = native / math.sqrt(width * height)
+        target_width, target_height = width * scale, height * scale
+    elif target_height is None:
+        target_height = target_width * height / width
+    elif target_width is None:
+        target_width = target_height * width / height
+    return tuple(max(multiple, round(side / multiple) * multiple) for side in (target_width, target_height))
+
+
+def load_init_image(path: str, multiple: int, native: int, height: Optional[int] = None, width: Optional[int] = None,
+                    keep_size: bool = False) -> Tensor:
+    """An init image as [1, 3, H, W] in [-1, 1], read as training photos are (EXIF orientation, any mode) and resized
+    to init_size, centre-cropped by what the new aspect ratio leaves over; with `keep_size` at its own size, cropped
+    to a multiple of `multiple` pixels on each side."""
+    if keep_size and (height is not None or width is not None):
+        raise UserError("--keep_size samples at the init image's own size; drop --H/--W, or --keep_size")
+    for flag, side in (("--H", height), ("--W", width)):
+        if side is not None and side <= 0:
+            raise UserError(f"{flag} {side} must be a positive number of pixels")
+    try:
+        image = load_rgb(path)
+    except DataError as err:
+        raise UserError(f"--init-img {err}") from None
+    if keep_size:
+        size = tuple(s - s % multiple for s in image.size)
+        if not all(size):
+            raise UserError(f"--init-img {path} is {image.size[0]}x{image.size[1]}, smaller than {multiple} pixels")
+        box = (0, 0, *size)
+    else:
+        size = init_size(*image.size, native, multiple, height, width)
+        box = bucket_box(*image.size, size)
+    if size != image.size:
+        how = "cropped" if keep_size else "resized"
+        logger.info("init image %dx%d %s to %dx%d (sides a multiple of %d%s)", *image.size, how, *size, multiple,
+                    "" if keep_size or height or width else f"; the model's {native}x{native} area")
+        image = image.crop(box) if keep_size else image.resize(size, Image.Resampling.LANCZOS, box=box)
+    array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
+    return torch.from_numpy(array).permute(2, 0, 1)[None]
+
+
+def next_index(folder: Path, pattern: str) -> int:
+    """One more than the largest number in the file names of `folder` that match `pattern`; 0 when none do."""
+    regex = re.compile(pattern)
+    numbers = [int(m.group(1)) for p in folder.iterdir() if (m := regex.fullmatch(p.name))] if folder.is_dir() else []
+    return max(numbers, default=-1) + 1
+
+
+def generate(opt: argparse.Namespace, init_img: Optional[str] = None) -> list[Path]:
+    """Check the flags, load the model, then sample, decode and save every prompt's images and grid."""
+    sampler, device = resolve_sampler(opt), choose_device(opt.device)
+    check_checkpoint(opt.ckpt)
+    check_lora_specs(opt.lora)
+    ensure_writable_dir(opt.outdir, "--outdir")
+    config = sampling_config(opt.config, opt.ckpt)
+    if opt.clip_skip is not None:
+        OmegaConf.update(config, CLIP_SKIP_KEY, opt.clip_skip, merge=True)
+    control_settings = check_control_options(opt, config)
+    prompts = read_prompts(opt.prompt, opt.from_file)
+    native = native_size(config)
+    init = None if init_img is None else load_init_image(init_img, size_multiple(config), native, opt.H, opt.W,
+                                                         opt.keep_size)
+    height, width = ((native if opt.H is None else opt.H, native if opt.W is None else opt.W) if init is None
+                     else init.shape[2:])
+    shape = latent_shape(config, height, width, opt.C, opt.f)
+    strength = getattr(opt, "strength", 1.0)
+    if init is not None:
+        img2img_steps(opt.ddim_steps, strength)
+    scope = precision_scope(opt.precision, device)
+    model = load_model(config, opt.ckpt, device, use_ema=opt.use_ema, precision=opt.precision)
+    loras = apply_lora_files(model, config.model, opt.lora)
+    tolerances = (ADAPTIVE_TOLERANCES[0] if opt.rtol is None else opt.rtol,
+                  ADAPTIVE_TOLERANCES[1] if opt.atol is None else opt.atol)
+    params = {"sampler": sampler, "karras": opt.karras, "steps": opt.ddim_steps, "scale": opt.scale,
+              "eta": opt.ddim_eta, "width": width, "height": height, "negative_prompt": opt.negative_prompt,
+              "checkpoint": Path(opt.ckpt).name, "checkpoint_sha256": file_sha256(opt.ckpt),
+              **({"ema": True} if opt.use_ema else {})}
+    if loras:
+        params.update(loras=loras)
+    if init is not None:
+        params.update(init_image=Path(init_img).name, strength=strength)
+    if sampler == "dpm_adaptive":
+        params.update(rtol=tolerances[0], atol=tolerances[1])
+    if model.cond_stage_model.clip_skip != 1:  # recorded only when set, as A1111's infotext does
+        params.update(clip_skip=model.cond_stage_model.clip_skip)
+    outdir, n = Path(opt.outdir), opt.n_samples
+    sample_dir = outdir / "samples"
+    sample_dir.mkdir(parents=True, exist_ok=True)
+    count, grid_count = next_index(sample_dir, r"(\d{5,})\.png"), next_index(outdir, r"grid-(\d{4,})\.png")
+    hint_stem = outdir / "hint-{:04}".format(next_index(outdir, r"hint-(\d{4,})-\d+\.png"))
+    control, controlnets = build_controls(opt, control_settings, config, (width, height), device, model.unet_dtype,
+                                          hint_stem)
+    if controlnets:
+        params.update(controlnets=controlnets, guess_mode=opt.guess_mode)
+    written, batch_index = [], 0
+    with torch.no_grad(), scope, model.ema_scope(), controlled(model, control):
+        # The posterior mean, so that an img2img result depends on its seed only.
+        init_latent = None if init is None else model.scale_factor * model.encode_first_stage(init.to(device)).mode()
+        for prompt in prompts:
+            cond = model.get_learned_conditioning([prompt]).repeat(n, 1, 1)
+            uncond = None if opt.scale == 1.0 else model.get_learned_conditioning([opt.negative_prompt]).repeat(n, 1, 1)
+            images, prompt_seeds = [], []
+            for _ in range(opt.n_iter):
+                first = opt.seed + (0 if opt.fixed_code else batch_index * n)
+                seeds, batch_index = list(range(first, first + n)), batch_index + 1
+                generators = make_generators(seeds)
+                z = sample_latents(model, sampler, opt.ddim_steps, cond, uncond, opt.scale,
+                                   randn((n, *shape), generators, device), generators, opt.ddim_eta, opt.karras,
+                                   None if init_latent is None else init_latent.repeat(n, 1, 1, 1), strength,
+                                   tolerances=tolerances)
+                batch = to_pil(model.decode_first_stage(z))
+                if not opt.skip_save:
+                    for image, seed in zip(batch, seeds):
+                        save_kept(image, sample_dir / f"{count:05}.png", {**params, "prompt": prompt, "seed": seed},
+                                  written)
+                        count += 1
+                if not opt.skip_grid:
+                    images, prompt_seeds = images + batch, prompt_seeds + seeds
+            if not opt.skip_grid:
+                save_kept(make_grid(images, opt.n_rows or n), outdir / f"grid-{grid_count:04}.png",
+                          {**params, "prompt": prompt, "seeds": prompt_seeds}, written)
+                grid_count += 1
+    return written
+
+
+def save_kept(image: Image.Image, path: Path, metadata: dict, written: list[Path]) -> None:
+    """save_image, adding `path` to `written`; a full disk stops with one line saying what is kept."""
+    try:
+        save_image(image, path, metadata)
+    except DiskFullError as err:
+        raise UserError(f"{err}; stopped, the {len(written)} images written before it are kept") from None
+    written.append(path)
