@@ -27,13 +27,14 @@ from pytorch_lightning.utilities.rank_zero import rank_zero_only
 from ldm.callbacks import (AtomicCheckpointIO, RankSeed, SetupCallback, StartAtStep, StepCheckpoint, StepProgress,
                            quiet_lightning)
 from ldm.checkpoint import check_checkpoint_file, load_model_weights, parameters_on_meta
-from ldm.class_images import generate_class_images, generation_dtype
 from ldm.cli import run_command
 from ldm.config import check_config, load_run_config
 from ldm.inference.precision import check_training_precision
-from ldm.latent_cache import cache_latents
-from ldm.runs import Run, launched_per_process, new_run, resumed_run, run_lock, takes_run_lock, warn_fresh_optimizer
-from ldm.train_flags import apply_flags, fix_step_fractions
+from ldm.training.class_images import generate_class_images, generation_dtype
+from ldm.training.flags import apply_flags, fix_step_fractions
+from ldm.training.latent_cache import cache_latents
+from ldm.training.runs import (Run, launched_per_process, new_run, resumed_run, run_lock, takes_run_lock,
+                               warn_fresh_optimizer)
 from ldm.util import (FLOAT32_MATMUL_PRECISION, DiskFullError, UserError, ensure_writable_dir, instantiate_from_config,
                       user_or_project_path)
 

@@ -19,12 +19,13 @@ from typing import Optional, Sequence
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from ldm.cli import run_command  # noqa: E402
-from ldm.eval.compare import (ModelSpec, Scorer, ToyPromptScorer, cost_row, default_prompts,  # noqa: E402
-                              draw_comparison, mean, percent, table_rows, unique_labels, write_tables)
+from ldm.eval.compare import (ModelSpec, Scorer, cost_row, default_prompts, draw_comparison, mean,  # noqa: E402
+                              percent, table_rows, unique_labels, write_tables)
 from ldm.eval.generation import SampleSettings, model_config, sample_model  # noqa: E402
 from ldm.inference.flags import add_precision_argument, read_prompts  # noqa: E402
 from ldm.inference.loading import check_checkpoint, choose_device  # noqa: E402
-from ldm.lora_files import check_lora_specs  # noqa: E402
+from ldm.lora.files import check_lora_specs  # noqa: E402
+from ldm.toy.scorer import ToyPromptScorer  # noqa: E402
 from ldm.util import UserError, ensure_writable_dir, user_or_project_path  # noqa: E402
 
 logger = logging.getLogger("compare")
@@ -62,7 +63,7 @@ def prompts_of(opt: argparse.Namespace) -> list[str]:
     if opt.prompts:
         return read_prompts(None, opt.prompts)
     if opt.scorer == "toy":
-        from ldm.eval.toy_demo import CLASS_PROMPT, CONTEXT_PROMPTS
+        from ldm.toy.demo import CLASS_PROMPT, CONTEXT_PROMPTS
         return [*CONTEXT_PROMPTS, CLASS_PROMPT]
     return default_prompts(opt.identifier, opt.class_word or "dog")
 
@@ -71,7 +72,7 @@ def make_scorer(opt: argparse.Namespace) -> Optional[Scorer]:
     """The scorer of --scorer, or None."""
     if opt.scorer == "none":
         return None
-    from ldm.eval.toy_scorer import load_scorer
+    from ldm.toy.scorer import load_scorer
     if not Path(opt.scorer_path).is_file():
         raise UserError(f"--scorer_path {opt.scorer_path}: not found (the toy scorer is data/toy/scorer.safetensors)")
     return ToyPromptScorer(load_scorer(opt.scorer_path), opt.class_word or "ball")

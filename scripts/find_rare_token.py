@@ -17,10 +17,10 @@ from typing import Optional, Sequence
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from ldm.cli import run_command  # noqa: E402
+from ldm.eval.rare_tokens import candidates, image_changes, text_changes  # noqa: E402
 from ldm.inference.loading import choose_device, load_model, sampling_config  # noqa: E402
 from ldm.inference.sampling import sampling_mode  # noqa: E402
 from ldm.modules.encoders.modules import TOKENIZER_DIR, load_tokenizer  # noqa: E402
-from ldm.rare_tokens import candidates, image_changes, text_changes  # noqa: E402
 from ldm.util import UserError, atomic_write_text  # noqa: E402
 
 

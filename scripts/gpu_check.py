@@ -36,9 +36,9 @@ import torch  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 
 from benchmarks import device_check  # noqa: E402
-from ldm.adamw8bit import adamw8bit_self_check  # noqa: E402
 from ldm.cli import run_command  # noqa: E402
 from ldm.config import latent_shape, load_config  # noqa: E402
+from ldm.optim.adamw8bit import adamw8bit_self_check  # noqa: E402
 from ldm.util import (UserError, atomic_write_text, ensure_writable_dir, instantiate_from_config,  # noqa: E402
                       project_path, reset_peak_memory)
 
@@ -99,7 +99,7 @@ def worker_sdpa(spec: dict) -> dict:
 
 
 def worker_adamw8bit(spec: dict) -> dict:
-    """The 8-bit kernel compiled on the device: ldm.adamw8bit.adamw8bit_self_check (parity with the eager update,
+    """The 8-bit kernel compiled on the device: ldm.optim.adamw8bit.adamw8bit_self_check (parity with the eager update,
     rounding bias, host syncs per step)."""
     return adamw8bit_self_check(torch.device(spec["device"]))
 
@@ -118,7 +118,7 @@ def worker_sampling(spec: dict) -> dict:
     from benchmarks.common import median_seconds
     from ldm.inference.sampling import sample_once
     from ldm.inference.loading import load_model, precision_scope
-    from ldm.models.diffusion.control import Control, ControlStack, controlled
+    from ldm.controlnet.stack import Control, ControlStack, controlled
     device, config = torch.device(spec["device"]), load_config(spec["config"])
     model = load_model(config, spec["ckpt"], device, precision="autocast")  # fp16 weights on a GPU, as users sample
     scope = precision_scope("autocast", device)

@@ -21,7 +21,7 @@ from ldm.data.masks import MASK_TAG, mask_path  # noqa: E402
 from ldm.data.personalized import list_images, load_rgb  # noqa: E402
 from ldm.images import save_image  # noqa: E402
 from ldm.inference.loading import choose_device  # noqa: E402
-from ldm.masking import ClipSegMasker  # noqa: E402
+from ldm.modules.encoders.clipseg import ClipSegMasker  # noqa: E402
 from ldm.util import UserError, ensure_writable_dir  # noqa: E402
 
 

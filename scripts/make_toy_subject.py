@@ -18,7 +18,7 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from ldm.cli import run_command  # noqa: E402
-from ldm.data.toy_world import CONTEXTS, SUBJECTS, object_mask, render, subject_scene  # noqa: E402
+from ldm.toy.world import CONTEXTS, SUBJECTS, object_mask, render, subject_scene  # noqa: E402
 
 # (x, y, size): where the object stands and its half-height, as fractions of the side.
 DEFAULT_CONTEXTS = ("plain", "street", "kitchen", "plain", "snow")

@@ -23,8 +23,8 @@ from ldm.checkpoint.fitting import check_fits  # noqa: E402
 from ldm.cli import run_command  # noqa: E402
 from ldm.config import DEFAULT_CONFIG, shown  # noqa: E402
 from ldm.inference.loading import sampling_config  # noqa: E402
-from ldm.lora_files import check_lora_specs, lora_names, parse_lora_spec  # noqa: E402
-from ldm.modules.lora import merge_lora  # noqa: E402
+from ldm.lora.files import check_lora_specs, lora_names, parse_lora_spec  # noqa: E402
+from ldm.lora.layers import merge_lora  # noqa: E402
 from ldm.util import UserError, ensure_writable_dir, format_bytes, user_or_project_path  # noqa: E402
 
 

@@ -35,11 +35,12 @@ from ldm.checkpoint import (load_model_weights, read_checkpoint, read_state_dict
                             save_weights)
 from ldm.cli import run_command  # noqa: E402
 from ldm.config import shown  # noqa: E402
-from ldm.data.toy_world import BOX_SUBJECT  # noqa: E402
-from ldm.eval.toy_metrics import prompt_following  # noqa: E402
-from ldm.eval.toy_scorer import (ToyScorer, fit_scorer, fit_subject_head, load_scorer, save_scorer,  # noqa: E402
-                                 validate_scorer)
-from ldm.pretraining import DiffusionPretraining, SceneLatents, psnr, random_scenes, render_all, train_vae  # noqa: E402
+from ldm.toy.metrics import prompt_following  # noqa: E402
+from ldm.toy.pretraining import (DiffusionPretraining, SceneLatents, psnr, random_scenes, render_all,  # noqa: E402
+                                 train_vae)
+from ldm.toy.scorer import (ToyScorer, fit_scorer, fit_subject_head, load_scorer, save_scorer,  # noqa: E402
+                            validate_scorer)
+from ldm.toy.world import BOX_SUBJECT  # noqa: E402
 from ldm.util import UserError, instantiate_from_config, project_path  # noqa: E402
 
 TOY_CONFIGS = project_path("configs/toy")

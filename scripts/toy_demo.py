@@ -27,9 +27,9 @@ sys.path.insert(0, str(SCRIPTS.parent))
 
 from ldm.cli import run_command  # noqa: E402
 from ldm.config import shown  # noqa: E402
-from ldm.eval.toy_demo import (CLASS_WORD, IDENTIFIER, PROMPTS, draw_picture, percent, score_folder,  # noqa: E402
-                               write_report)
-from ldm.eval.toy_scorer import load_scorer  # noqa: E402
+from ldm.toy.demo import (CLASS_WORD, IDENTIFIER, PROMPTS, draw_picture, percent, score_folder,  # noqa: E402
+                          write_report)
+from ldm.toy.scorer import load_scorer  # noqa: E402
 from ldm.util import UserError, project_path, user_or_project_path  # noqa: E402
 
 BASE = "data/toy/toy-v1.safetensors"

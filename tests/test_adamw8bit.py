@@ -9,10 +9,10 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-import ldm.adamw8bit as adamw8bit
-from ldm.adamw8bit import BLOCK, STATE_DTYPES, AdamW8bit, adamw8bit_self_check, random_low_bits
-from ldm.optim import make_optimizer
-from ldm.per_param_optim import PerParameterOptimizer
+import ldm.optim.adamw8bit as adamw8bit
+from ldm.optim.adamw8bit import BLOCK, STATE_DTYPES, AdamW8bit, adamw8bit_self_check, random_low_bits
+from ldm.optim.factory import make_optimizer
+from ldm.optim.per_parameter import PerParameterOptimizer
 
 LR = 1e-2
 
@@ -142,7 +142,7 @@ def test_a_failed_compile_is_tried_once_per_process_and_warns_once(monkeypatch, 
     attempts = failing_compile(monkeypatch)
     net, reference = model(), model()
     optimizer = make_optimizer(spec, net.parameters(), LR)  # PerParameterOptimizer copies compile: true each step
-    with caplog.at_level(logging.WARNING, logger="ldm.adamw8bit"):
+    with caplog.at_level(logging.WARNING, logger="ldm.optim.adamw8bit"):
         steps(net, optimizer, 3)  # 3 steps of 4 parameters
         other = model()
         steps(other, make_optimizer(spec, other.parameters(), LR), 1)  # another optimizer in this process
@@ -156,7 +156,7 @@ def test_a_failed_compile_warns_and_steps_eagerly(monkeypatch, caplog):
     failing_compile(monkeypatch)
     net, reference = model(), model()
     optimizer = AdamW8bit(net.parameters(), LR)
-    with caplog.at_level(logging.WARNING, logger="ldm.adamw8bit"):
+    with caplog.at_level(logging.WARNING, logger="ldm.optim.adamw8bit"):
         steps(net, optimizer, 2)
     assert "torch.compile failed (RuntimeError: no C++ compiler); stepping without it" in caplog.text
     assert adamw8bit.compiled_update.error == "RuntimeError: no C++ compiler"

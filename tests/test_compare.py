@@ -9,8 +9,9 @@ from PIL import Image
 
 from conftest import TINY_CONFIG, load_script
 from ldm.checkpoint import save_lora, save_weights
-from ldm.eval.compare import ModelSpec, ToyPromptScorer, table_rows
-from ldm.modules.lora import inject_lora, lora_tensors
+from ldm.eval.compare import ModelSpec, table_rows
+from ldm.lora.layers import inject_lora, lora_tensors
+from ldm.toy.scorer import ToyPromptScorer
 from ldm.util import UserError
 from test_lora import NAMES, randomise_lora, tiny
 

@@ -9,7 +9,7 @@ from omegaconf import OmegaConf
 from conftest import TINY_CONFIG
 from ldm.checkpoint import CheckpointError, load_controlnet_weights, read_controlnet, save_weights
 from ldm.config import load_config
-from ldm.controlnet import controlnet_params
+from ldm.controlnet.options import controlnet_params
 from ldm.modules.controlnet import ControlNet
 from ldm.modules.diffusionmodules.openaimodel import UNetModel
 from ldm.util import count_params, instantiate_from_config

@@ -11,15 +11,15 @@ from PIL import Image, ImageDraw
 from conftest import TINY_CONFIG, build_tiny_model, load_script, randomise_zero_init
 from ldm.checkpoint import save_lora, save_weights
 from ldm.config import load_config
-from ldm.controlnet import load_controlnet
-from ldm.data.hints import canny, read_hint
+from ldm.controlnet.hints import canny, read_hint
+from ldm.controlnet.options import load_controlnet
+from ldm.controlnet.stack import Control, ControlStack, controlled
 from ldm.images import read_metadata
 from ldm.inference.flags import SAMPLER_NAMES
 from ldm.inference.loading import load_model
 from ldm.inference.sampling import sample_latents
-from ldm.models.diffusion.control import Control, ControlStack, controlled
+from ldm.lora.layers import inject_lora, lora_tensors
 from ldm.modules.controlnet import ControlNet
-from ldm.modules.lora import inject_lora, lora_tensors
 from other_tools import parse_infotext
 from test_controlnet import PREFIX, TINY_CONTROLNET, diffusers_controlnet
 from test_lora import NAMES, randomise_lora, tiny

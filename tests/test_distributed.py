@@ -16,10 +16,10 @@ import pytorch_lightning as pl
 import torch
 
 from conftest import REPO
-from ldm.adamw8bit import AdamW8bit
 from ldm.callbacks import RankSeed
 from ldm.checkpoint import read_lora
-from ldm.per_param_optim import PerParameterOptimizer
+from ldm.optim.adamw8bit import AdamW8bit
+from ldm.optim.per_parameter import PerParameterOptimizer
 from rank_probe import weights_hash
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",

@@ -11,8 +11,9 @@ from PIL import Image
 
 from conftest import TINY_CONFIG, load_script, save_tiny_scorers
 from ldm.eval.evaluate import dreambench_prompts, prompt_groups
-from ldm.eval.paper_metrics import ClipEmbedder, DinoEmbedder, PaperScorer, without_identifier
-from ldm.eval.preprocess import Preprocess
+from ldm.eval.paper_metrics import PaperScorer, without_identifier
+from ldm.modules.encoders.preprocess import Preprocess
+from ldm.modules.encoders.vision import ClipEmbedder, DinoEmbedder
 
 transformers = pytest.importorskip("transformers", reason="transformers holds the reference models")
 evaluate_script = load_script("evaluate")

@@ -6,7 +6,7 @@ import pytest
 import torch
 from PIL import Image, features
 
-from ldm.data.hints import read_hint
+from ldm.controlnet.hints import read_hint
 from ldm.data.masks import load_mask
 from ldm.inference.txt2img import init_size, load_init_image
 from ldm.util import UserError

@@ -16,7 +16,7 @@ from conftest import build_tiny_model, randomise_zero_init
 from ldm import latent_cache
 from ldm.data.concepts import ConceptPairs
 from ldm.data.datamodule import DataModuleFromConfig
-from ldm.latent_cache import cache_latents
+from ldm.training.latent_cache import cache_latents
 from ldm.util import UserError
 from test_train_e2e import fresh_run_args, make_class_images, make_photos, run_main
 
@@ -100,7 +100,7 @@ def test_cache_file_is_reused_and_rebuilt_when_images_size_or_vae_change(folders
         encoded.clear()
         caplog.clear()
         data = make_data(folders, size=size)
-        with caplog.at_level(logging.INFO, logger="ldm.latent_cache"):
+        with caplog.at_level(logging.INFO, logger="ldm.training.latent_cache"):
             cache_latents(model, data, folders.cache, CPU)
         return data
 

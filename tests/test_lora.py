@@ -9,11 +9,11 @@ from omegaconf import OmegaConf
 
 from conftest import FULL_CONFIG, REPO, TINY_CONFIG, build_tiny_model, randomise_zero_init
 from ldm.checkpoint import CheckpointError, read_lora, save_lora, save_weights
-from ldm.lora_files import apply_lora_files
-from ldm.lora_names import LoraNames
+from ldm.lora.files import apply_lora_files
+from ldm.lora.layers import (base_state_dict, inject_lora, load_lora_tensors, lora_layers, lora_tensors, merge_lora,
+                             set_lora_scale)
+from ldm.lora.names import LoraNames
 from ldm.modules.attention import SpatialTransformer
-from ldm.modules.lora import (base_state_dict, inject_lora, load_lora_tensors, lora_layers, lora_tensors, merge_lora,
-                              set_lora_scale)
 from ldm.util import UserError, instantiate_from_config
 
 LORA_SPEC = REPO / "tests" / "data" / "sd15-lora-kohya-modules.tsv"  # a copy of the project's shared spec
@@ -290,7 +290,7 @@ def test_modules_we_do_not_apply_are_counted(caplog) -> None:
     loha = "lora_te_text_model_encoder_layers_0_self_attn_q_proj"  # a module we have, in a kind we do not apply
     tensors.update({f"{loha}.hada_w1_a": torch.ones(2, 2), f"{loha}.hada_w1_b": torch.ones(2, 2)})
     tensors["lora_te2_text_model_encoder_layers_0_mlp_fc1.lokr_w1"] = torch.ones(2, 2)
-    with caplog.at_level(logging.WARNING, logger="ldm.modules.lora"):
+    with caplog.at_level(logging.WARNING, logger="ldm.lora.layers"):
         report = merge_lora(tiny().state_dict(), tensors, NAMES, source="mixed.safetensors")
     assert (report.unet, report.text) == (84, 0)
     assert report.skipped == {"LoCon convs (3x3)": 1, "LoHa (hada_)": 1, "LoKr (lokr_)": 1,

@@ -14,8 +14,8 @@ from omegaconf import OmegaConf
 from conftest import REPO, TINY_CONFIG, load_script
 from ldm.checkpoint import read_state_dict, save_lora, save_weights
 from ldm.images import read_metadata
-from ldm.lora_files import apply_lora_files, parse_lora_spec
-from ldm.modules.lora import inject_lora, lora_tensors
+from ldm.lora.files import apply_lora_files, parse_lora_spec
+from ldm.lora.layers import inject_lora, lora_tensors
 from ldm.util import UserError, instantiate_from_config
 from other_tools import parse_infotext
 from test_lora import NAMES, TINY_UNET, outputs, randomise_lora, tiny

@@ -10,7 +10,7 @@ from omegaconf import OmegaConf
 
 from conftest import REPO, build_tiny_model, randomise_zero_init
 from ldm.checkpoint import CheckpointError, load_model_weights, read_lora, read_state_dict, save_weights
-from ldm.modules.lora import base_state_dict
+from ldm.lora.layers import base_state_dict
 from ldm.util import instantiate_from_config
 from test_train_e2e import make_class_images, make_photos, run_main
 

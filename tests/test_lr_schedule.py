@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from conftest import build_tiny_model
-from ldm.lr_scheduler import LambdaLinearScheduler, LRSchedule
+from ldm.optim.schedules import LambdaLinearScheduler, LRSchedule
 from ldm.util import UserError
 
 MAX, WARMUP = 100, 10

@@ -148,7 +148,7 @@ def clipseg_folder(tmp_path_factory):
 
 def test_make_masks_thresholds_pads_and_feathers(tmp_path, clipseg_folder):
     from conftest import load_script
-    from ldm.masking import ClipSegMasker
+    from ldm.modules.encoders.clipseg import ClipSegMasker
     make_masks = load_script("make_masks")
     photos = tmp_path / "photos"
     photos.mkdir()

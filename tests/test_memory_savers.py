@@ -11,7 +11,7 @@ from conftest import TINY_CONFIG, build_tiny_model
 from ldm.checkpoint import CheckpointError, load_model_weights, on_meta, parameters_on_meta, save_weights
 from ldm.modules.diffusionmodules.schedule import SCHEDULE_BUFFERS
 from ldm.modules.encoders.modules import FrozenCLIPEmbedder
-from ldm.train_flags import apply_saver_flags
+from ldm.training.flags import apply_saver_flags
 from ldm.util import UserError, instantiate_from_config
 
 FINETUNE_CONFIG = "configs/tiny/v1-finetune_unfrozen.yaml"

@@ -16,8 +16,8 @@ from ldm.callbacks.eval_loss import EvaluationLoss, band_names, evaluation_losse
 from ldm.callbacks.validation import clip_scores, column_title, progression_grid
 from ldm.checkpoint import load_model_weights
 from ldm.data.personalized import PersonalizedBase
-from ldm.eval.paper_metrics import ClipEmbedder
 from ldm.images import read_metadata, save_image
+from ldm.modules.encoders.vision import ClipEmbedder
 from ldm.util import instantiate_from_config
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}

@@ -10,7 +10,7 @@ import huggingface_hub.constants
 import pytest
 import torch
 
-import ldm.optim
+import ldm.optim.factory
 from ldm.util import UNUSED_KERNEL_LOGGER, UNUSED_KERNEL_WARNING, import_offline
 
 REPO = Path(__file__).resolve().parents[1]
@@ -66,8 +66,8 @@ def test_optional_optimizers_are_imported_offline(monkeypatch):
         return import_offline(name)
 
     pytest.importorskip("lion_pytorch", reason="lion_pytorch is not installed (pip install lion-pytorch)")
-    monkeypatch.setattr(ldm.optim, "import_offline", record)
-    ldm.optim.make_optimizer({"target": "lion"}, [torch.nn.Parameter(torch.zeros(2))], lr=1e-4)
+    monkeypatch.setattr(ldm.optim.factory, "import_offline", record)
+    ldm.optim.factory.make_optimizer({"target": "lion"}, [torch.nn.Parameter(torch.zeros(2))], lr=1e-4)
     assert imported == ["lion_pytorch"]
 
 

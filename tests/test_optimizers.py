@@ -9,8 +9,8 @@ from omegaconf import OmegaConf
 from pytorch_lightning.core.optimizer import LightningOptimizer
 
 from ldm.checkpoint import read_checkpoint, save_checkpoint
-from ldm.optim import OPTIONAL, adamw, is_schedule_free, make_optimizer, optimizer_eval_mode
-from ldm.per_param_optim import PerParameterOptimizer
+from ldm.optim.factory import OPTIONAL, adamw, is_schedule_free, make_optimizer, optimizer_eval_mode
+from ldm.optim.per_parameter import PerParameterOptimizer
 from ldm.util import UserError
 
 
@@ -175,7 +175,7 @@ def test_prodigy_takes_one_learning_rate_for_all_groups():
 @pytest.mark.parametrize("lr, warns", [(1e-4, True), (1.0, False)])
 def test_prodigy_warns_about_a_small_learning_rate(lr, warns, caplog):
     needs("prodigy")
-    with caplog.at_level(logging.WARNING, logger="ldm.optim"):
+    with caplog.at_level(logging.WARNING, logger="ldm.optim.factory"):
         make_optimizer({"target": "prodigy"}, least_squares()[0].parameters(), lr)
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert warnings == ([f"model.params.optimizer prodigy at learning rate {lr:g}: Prodigy finds the step size "
@@ -267,7 +267,7 @@ def test_an_optimizer_of_the_whole_model_refuses_to_step_per_parameter(name, rea
     with pytest.raises(UserError, match=f"optimizer {name}: stochastic_rounding steps each bf16 parameter alone, "
                                         f"but {reason}.*; set model.params.optimizer.stochastic_rounding: false"):
         make_optimizer({"target": name, "stochastic_rounding": True}, bf16.parameters(), 1.0)
-    with caplog.at_level(logging.WARNING, logger="ldm.optim"):  # by default: rounded to nearest, with a warning
+    with caplog.at_level(logging.WARNING, logger="ldm.optim.factory"):  # by default: rounded to nearest, with a warning
         optimizer = make_optimizer({"target": name}, bf16.parameters(), 1.0)
     assert not isinstance(optimizer, PerParameterOptimizer)
     assert f"optimizer {name}: the bf16 weights are rounded to nearest, not stochastically" in caplog.text

@@ -10,8 +10,8 @@ import torch.utils.checkpoint
 from lightning_fabric.utilities.optimizer import _optimizer_to_device
 from pytorch_lightning.core.optimizer import LightningOptimizer
 
-from ldm.optim import adamw, make_optimizer, uses_fused_backward
-from ldm.per_param_optim import PerParameterOptimizer, stochastic_round_to_bf16
+from ldm.optim.factory import adamw, make_optimizer, uses_fused_backward
+from ldm.optim.per_parameter import PerParameterOptimizer, stochastic_round_to_bf16
 from ldm.util import UserError
 
 LR, HEAD_LR = 1e-2, 3e-2

@@ -13,7 +13,7 @@ from omegaconf import OmegaConf
 from PIL import Image
 from torch.nn import functional as F
 
-import ldm.controlnet
+import ldm.controlnet.options
 import ldm.eval.generation
 import ldm.inference.txt2img
 import ldm.inference.precision
@@ -24,10 +24,10 @@ from ldm.eval.compare import ModelSpec
 from ldm.eval.generation import SampleSettings, sample_model
 from ldm.inference.loading import load_model, precision_scope, weights_dtype
 from ldm.inference.precision import check_training_precision
+from ldm.lora.layers import base_state_dict, is_lora_key
 from ldm.modules.controlnet import ControlNet
 from ldm.modules.diffusionmodules.model import AttnBlock
 from ldm.modules.diffusionmodules.schedule import SCHEDULE_BUFFERS
-from ldm.modules.lora import base_state_dict, is_lora_key
 from ldm.util import UserError, instantiate_from_config
 from test_controlnet import PREFIX, TINY_CONTROLNET
 from test_controlnet_sampling import SAMPLING, shapes_image, txt2img
@@ -207,7 +207,7 @@ def test_txt2img_with_a_controlnet_samples_with_bf16_weights(tiny_ckpt, tmp_path
         load = getattr(module, name)
         monkeypatch.setattr(module, name, lambda *a, **k: seen.setdefault(name, load(*a, **k)))
     spy(ldm.inference.txt2img, "load_model")
-    spy(ldm.controlnet, "load_controlnet")
+    spy(ldm.controlnet.options, "load_controlnet")
     outdir = tmp_path / "out"
     assert txt2img.main([*SAMPLING, "--ckpt", str(tiny_ckpt), "--outdir", str(outdir), "--precision", "bf16",
                          "--controlnet", str(control), "--control_image", str(image), "--ddim_steps", "2",

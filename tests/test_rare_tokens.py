@@ -3,8 +3,8 @@ with a model the candidates are ranked by the prior's strength, text and fixed-s
 import csv
 
 from conftest import TINY_CONFIG, load_script
+from ldm.eval.rare_tokens import candidates, single_token_ids
 from ldm.modules.encoders.modules import TOKENIZER_DIR, load_tokenizer
-from ldm.rare_tokens import candidates, single_token_ids
 
 find_rare_token = load_script("find_rare_token")
 

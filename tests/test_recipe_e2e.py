@@ -8,7 +8,7 @@ import torch
 from conftest import build_tiny_model
 from ldm.callbacks import StepCheckpoint
 from ldm.checkpoint import read_state_dict
-from ldm.optim import make_optimizer, optimizer_eval_mode
+from ldm.optim.factory import make_optimizer, optimizer_eval_mode
 from ldm.util import UserError
 from test_train_e2e import REPO, TINY, fresh_run_args, load_script, make_class_images, make_photos, metrics, run_main
 

@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from conftest import build_tiny_model, randomise_zero_init
-from ldm.models.diffusion.rollout import Rollout
 from ldm.modules.diffusionmodules.schedule import extract_into_tensor
+from ldm.modules.losses.rollout import Rollout
 from ldm.util import UserError
 
 

@@ -1,4 +1,4 @@
-"""Run folders (ldm/runs.py): created exclusively, locked while a process trains them, and which run `-r latest`
+"""Run folders (ldm/training/runs.py): created exclusively, locked while a process trains them, and which run `-r latest`
 resumes."""
 import logging
 import os
@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO
-from ldm.runs import LOCK_FILE, latest_run, new_run, run_lock
+from ldm.training.runs import LOCK_FILE, latest_run, new_run, run_lock
 from ldm.util import UserError
 
 
@@ -25,7 +25,7 @@ def test_a_locked_run_refuses_a_second_process_and_a_dead_ones_lock_is_taken_ove
     folder = tmp_path / "run"
     folder.mkdir()
     (folder / LOCK_FILE).write_text("999999999\n")  # left by a process that died (its OS lock went with it)
-    with caplog.at_level(logging.INFO, logger="ldm.runs"), run_lock(folder):
+    with caplog.at_level(logging.INFO, logger="ldm.training.runs"), run_lock(folder):
         assert (folder / LOCK_FILE).read_text() == f"{os.getpid()}\n"
         with pytest.raises(UserError, match=rf"^{folder} is being trained by another process \(pid {os.getpid()}\); "
                                             "wait for it to end, or stop it, before resuming this run$"):

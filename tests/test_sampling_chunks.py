@@ -11,12 +11,12 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-import ldm.class_images
+import ldm.training.class_images
 import ldm.inference.sampling
 from conftest import REPO, build_tiny_model
 from ldm.callbacks import ImageLogger, ValidationSamples
-from ldm.class_images import generate_class_images, generation_dtype, sampling_copy
 from ldm.inference.sampling import sample_images
+from ldm.training.class_images import generate_class_images, generation_dtype, sampling_copy
 
 
 @pytest.fixture
@@ -72,7 +72,7 @@ def test_lowmem_configs_log_two_images_one_per_call():
 
 def test_class_images_sample_a_half_copy_decode_one_at_a_time_and_free_it(tmp_path, tiny_model, monkeypatch):
     seen = SimpleNamespace(dtypes=[], copies=[], decoded=[])
-    sample = ldm.class_images.sample_images
+    sample = ldm.training.class_images.sample_images
 
     def spy(model, prompt, seeds, *args, **kwargs):
         unet = model.model.diffusion_model
@@ -85,7 +85,7 @@ def test_class_images_sample_a_half_copy_decode_one_at_a_time_and_free_it(tmp_pa
             return sample(model, prompt, seeds, *args, **kwargs)
         finally:
             del unet.forward, model.decode_first_stage
-    monkeypatch.setattr(ldm.class_images, "sample_images", spy)
+    monkeypatch.setattr(ldm.training.class_images, "sample_images", spy)
     model = build_tiny_model(use_ema=True)
     half = sampling_copy(model, torch.device("cpu"), torch.bfloat16)
     assert half.unet_dtype == torch.bfloat16 and half.first_stage_model.decoder.conv_out.weight.dtype == torch.bfloat16

@@ -5,7 +5,7 @@ import torch
 
 from conftest import REPO
 from ldm.models.diffusion.ddpm import DDPM
-from ldm.optim import state_tensors
+from ldm.optim.factory import state_tensors
 from test_train_e2e import fresh_run_args, load_script, make_class_images, make_photos, run_main
 
 LOWMEM = "configs/tiny/v1-finetune_lowmem.yaml"

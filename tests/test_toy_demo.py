@@ -12,8 +12,8 @@ from PIL import Image
 
 from conftest import REPO
 from ldm.checkpoint import load_model_weights
-from ldm.eval.toy_demo import PROMPTS
 from ldm.images import read_metadata
+from ldm.toy.demo import PROMPTS
 from ldm.util import instantiate_from_config
 
 TOY = REPO / "configs" / "toy"

@@ -1,6 +1,5 @@
 """Checkpoints of a DreamBooth run: weights-only `step_<N>.ckpt` files, the resumable `last.ckpt`, atomic writes."""
 import logging
-import re
 import shlex
 import signal
 import threading
@@ -15,7 +14,8 @@ from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from ldm.checkpoint import (CheckpointError, check_finite, precision_dtype, remove_stale_temp_files, save_checkpoint,
                             save_weights)
-from ldm.optim import optimizer_eval_mode
+from ldm.optim.factory import optimizer_eval_mode
+from ldm.training.runs import step_files
 
 logger = logging.getLogger(__name__)
 
@@ -48,20 +48,6 @@ def weights_are_finite(module: torch.nn.Module) -> bool:
     """Whether every trainable parameter is free of NaN and inf (one device sync)."""
     flags = [torch.isfinite(p).all() for p in module.parameters() if p.requires_grad]
     return bool(torch.stack(flags).all()) if flags else True
-
-
-STEP_FILE = re.compile(r"step_(\d+)\.(ckpt|safetensors)")
-
-
-def step_files(folder: Path) -> list[tuple[int, Path]]:
-    """The weights-only step files of a checkpoint folder, oldest first, with their steps: `step_<N>.ckpt`, or a
-    LoRA run's `step_<N>.safetensors` (beside a .ckpt, a .safetensors is its shareable copy)."""
-    found: dict[int, Path] = {}
-    for path in sorted(folder.glob("step_*"), key=lambda p: p.suffix != ".ckpt"):
-        match = STEP_FILE.fullmatch(path.name)
-        if match:
-            found.setdefault(int(match.group(1)), path)
-    return sorted(found.items())
 
 
 def is_lora_run(pl_module: pl.LightningModule) -> bool:

@@ -17,7 +17,7 @@ from pytorch_lightning.callbacks import Callback
 
 from ldm.data.datamodule import datasets_of
 from ldm.modules.losses import concept_losses
-from ldm.optim import optimizer_eval_mode
+from ldm.optim.factory import optimizer_eval_mode
 
 logger = logging.getLogger(__name__)
 

@@ -9,7 +9,7 @@ from pytorch_lightning.callbacks import Callback
 
 from ldm.images import labelled_grid, save_image, to_pil
 from ldm.inference.sampling import sample_images, sampling_mode
-from ldm.optim import optimizer_eval_mode
+from ldm.optim.factory import optimizer_eval_mode
 from ldm.util import free_memory
 
 logger = logging.getLogger(__name__)

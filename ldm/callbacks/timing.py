@@ -11,8 +11,8 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import Callback
 
-from ldm.optim import uses_fused_backward
-from ldm.per_param_optim import PerParameterOptimizer
+from ldm.optim.factory import uses_fused_backward
+from ldm.optim.per_parameter import PerParameterOptimizer
 from ldm.util import atomic_write, backend_settings, peak_memory_stats, reset_peak_memory, span_peak
 
 logger = logging.getLogger(__name__)

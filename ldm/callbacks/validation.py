@@ -18,7 +18,7 @@ from ldm.data.datamodule import datasets_of
 from ldm.data.personalized import load_rgb
 from ldm.images import labelled_grid, read_metadata, save_image
 from ldm.inference.sampling import sample_images, sampling_mode
-from ldm.optim import optimizer_eval_mode
+from ldm.optim.factory import optimizer_eval_mode
 from ldm.util import free_memory
 
 logger = logging.getLogger(__name__)
@@ -93,7 +93,7 @@ class ValidationSamples(Callback):
         self.cell_size = cell_size
         self.clip = None
         if clip_model and every_n_steps:
-            from ldm.eval.paper_metrics import ClipEmbedder
+            from ldm.modules.encoders.vision import ClipEmbedder
             self.clip = ClipEmbedder(clip_model, flag="lightning.callbacks.validation.params.clip_model")
         self._real: dict[str, torch.Tensor] = {}
         self._logged_step = -1

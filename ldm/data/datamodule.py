@@ -23,7 +23,7 @@ class DataModuleFromConfig(pl.LightningDataModule):
     several subjects, `resolutions` several sizes; by default one concept from `train` and `reg`);
     `num_class_images` > 0 asks for that many class images in each class folder (generated with `class_prompt`,
     `class_negative_prompt` and `class_sampler`); `cache_latents` means that the datasets yield cached VAE moments
-    (ldm/latent_cache.py gives them before fit)."""
+    (ldm/training/latent_cache.py gives them before fit)."""
 
     def __init__(self, batch_size: int, train: Mapping, reg: Mapping | None = None, num_workers: int = 0,
                  num_class_images: int = 0, cache_latents: bool = False, class_prompt: str | None = None,
@@ -122,7 +122,7 @@ class DataModuleFromConfig(pl.LightningDataModule):
                                f"{', '.join(folder for folder, _, _ in self.class_image_jobs())}")
         if self.cache_latents and any(dataset.moments is None for dataset in self.datasets().values()):
             raise RuntimeError("cache_latents is set but the datasets have no cached moments: call "
-                               "ldm.latent_cache.cache_latents before fit")
+                               "ldm.training.latent_cache.cache_latents before fit")
         dataset = ConceptPairs(self.concepts)
         if self.grouped():
             keys = [(c, concept.instance.target_size(k % len(concept.instance.paths)))

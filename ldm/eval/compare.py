@@ -16,7 +16,7 @@ from PIL import Image, ImageDraw
 
 from ldm.checkpoint import read_lora
 from ldm.images import default_font, make_grid
-from ldm.lora_files import parse_lora_spec
+from ldm.lora.files import parse_lora_spec
 from ldm.util import UserError, user_or_project_path
 
 logger = logging.getLogger(__name__)
@@ -104,28 +104,6 @@ class Scorer(Protocol):
     """Per image of one prompt: `{"subject": s, "prompt": p}`, fidelities in [0, 1]."""
 
     def __call__(self, images: Sequence[Image.Image], prompt: str) -> list[dict[str, float]]: ...
-
-
-class ToyPromptScorer:
-    """The toy world's scorer: subject = the scorer sees the DreamBooth subject of `class_word` (the ball's, or the
-    box's for `box`); prompt = it sees the asked context (for a prompt without one, the asked class)."""
-
-    def __init__(self, scorer, class_word: str):
-        from ldm.data.toy_world import CONTEXT_PHRASES
-        from ldm.eval.toy_scorer import SUBJECT_HEADS
-        self.scorer, self.class_word = scorer, class_word
-        self.head = SUBJECT_HEADS.get(class_word, SUBJECT_HEADS["ball"])
-        self.contexts = {phrase: context for context, phrase in CONTEXT_PHRASES.items() if phrase}
-
-    def asked_context(self, prompt: str) -> Optional[str]:
-        """The toy context whose phrase ends `prompt`, or None."""
-        return next((c for phrase, c in self.contexts.items() if re.search(rf"\b{re.escape(phrase)}$", prompt)), None)
-
-    def __call__(self, images: Sequence[Image.Image], prompt: str) -> list[dict[str, float]]:
-        context = self.asked_context(prompt)
-        return [{"subject": float(s[self.head]),
-                 "prompt": float(s["context"] == context if context else s["cls"] == self.class_word)}
-                for s in self.scorer.score_images(list(images))]
 
 
 def mean(values: Sequence[float]) -> Optional[float]:

@@ -15,7 +15,7 @@ from ldm.eval.compare import ModelSpec
 from ldm.images import save_image
 from ldm.inference.loading import load_model, precision_scope, sampling_config
 from ldm.inference.sampling import sample_images
-from ldm.lora_files import apply_lora_files
+from ldm.lora.files import apply_lora_files
 from ldm.util import file_sha256, free_memory
 
 logger = logging.getLogger(__name__)

@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Optional
 
 
-from ldm.controlnet import add_control_arguments
+from ldm.controlnet.options import add_control_arguments
 from ldm.inference.sampling import ADAPTIVE_TOLERANCES
 from ldm.models.diffusion.sampling import SAMPLERS as K_SAMPLERS
 from ldm.util import UserError, user_or_project_path

@@ -14,15 +14,15 @@ from PIL import Image
 from torch import Tensor
 
 from ldm.config import latent_shape, native_size, size_multiple
-from ldm.controlnet import build_controls, check_control_options
+from ldm.controlnet.options import build_controls, check_control_options
+from ldm.controlnet.stack import controlled
 from ldm.data.buckets import bucket_box
 from ldm.data.image_files import DataError, load_rgb
 from ldm.images import make_grid, save_image, to_pil
 from ldm.inference.flags import CLIP_SKIP_KEY, read_prompts, resolve_sampler
 from ldm.inference.loading import check_checkpoint, choose_device, load_model, precision_scope, sampling_config
 from ldm.inference.sampling import ADAPTIVE_TOLERANCES, img2img_steps, make_generators, sample_latents
-from ldm.lora_files import apply_lora_files, check_lora_specs
-from ldm.models.diffusion.control import controlled
+from ldm.lora.files import apply_lora_files, check_lora_specs
 from ldm.models.diffusion.sampling import randn
 from ldm.util import DiskFullError, UserError, ensure_writable_dir, file_sha256
 

@@ -20,7 +20,7 @@ import torch  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 
 from ldm.cli import run_command  # noqa: E402
-from ldm.optim import make_optimizer, state_tensors  # noqa: E402
+from ldm.optim.factory import make_optimizer, state_tensors  # noqa: E402
 from ldm.util import UserError, instantiate_from_config  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}

@@ -10,17 +10,17 @@ from torch import nn
 from torch.nn import functional as F
 
 from ldm.data.personalized import MASK_KEY, MOMENTS_KEY
-from ldm.lr_scheduler import LRSchedule, lr_lambda
-from ldm.models.diffusion.lora_training import LoraTraining
-from ldm.models.diffusion.rollout import Rollout
+from ldm.lora.layers import LoraOptions, cast_base
+from ldm.lora.training import LoraTraining
 from ldm.models.diffusion.text_encoder_stop import TextEncoderStop
 from ldm.modules.diffusionmodules.schedule import (SCHEDULE_BUFFERS, extract_into_tensor, make_beta_schedule,
                                                    schedule_buffers)
 from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
 from ldm.modules.ema import LitEma
-from ldm.modules.lora import LoraOptions, cast_base
 from ldm.modules.losses import NoiseObjective, PriorPreservationLoss, concept_losses
-from ldm.optim import is_schedule_free, make_optimizer, uses_fused_backward
+from ldm.modules.losses.rollout import Rollout
+from ldm.optim.factory import is_schedule_free, make_optimizer, uses_fused_backward
+from ldm.optim.schedules import LRSchedule, lr_lambda
 from ldm.util import UserError, instantiate_from_config
 
 logger = logging.getLogger(__name__)
@@ -156,7 +156,7 @@ class DDPM(pl.LightningModule):
         a loss mask `weight` [B, 1, h, w] when given."""
         noise = self.objective.sample_noise(x_start) if noise is None else noise
         x_noisy, target = self.q_sample(x_start, t, self.objective.model_input_noise(noise)), noise
-        if self.training:  # scheduled sampling: some inputs made by the model itself (ldm/models/diffusion/rollout.py)
+        if self.training:  # scheduled sampling: some inputs made by the model itself (ldm/modules/losses/rollout.py)
             x_noisy, target = self.rollout.apply(self, x_start, cond, t, x_noisy, target, self.global_step)
         prediction = self.apply_model(x_noisy, t, cond)
         return self.objective.per_sample(prediction, target, t, self.alphas_cumprod, self.num_timesteps, weight)
@@ -176,7 +176,7 @@ class DDPM(pl.LightningModule):
 
 class LatentDiffusion(TextEncoderStop, LoraTraining, DDPM):
     """Diffusion in the VAE's latent space, conditioned on CLIP text embeddings through cross-attention; with
-    `lora`, a LoRA run (ldm/models/diffusion/lora_training.py)."""
+    `lora`, a LoRA run (ldm/lora/training.py)."""
 
     def __init__(self, first_stage_config: Mapping, cond_stage_config: Mapping, cond_stage_key: str = "caption",
                  cond_stage_trainable: bool = False, scale_factor: float = 1.0, cond_stage_lr: Optional[float] = None,
@@ -224,7 +224,7 @@ class LatentDiffusion(TextEncoderStop, LoraTraining, DDPM):
         self.cond_stage_model.requires_grad_(cond_stage_trainable)
         self.cache_text_embeddings = cache_text_embeddings
         self.text_embeddings: dict[str, torch.Tensor] = {}
-        self.latents_cached = False  # set by ldm.latent_cache once the batches carry cached VAE moments
+        self.latents_cached = False  # set by ldm.training.latent_cache once the batches carry cached VAE moments
         self.offloaded: list[nn.Module] = []
         if cache_text_embeddings and cond_stage_trainable:
             logger.info("cache_text_embeddings: no effect while the text encoder trains (its embeddings change every "
@@ -314,7 +314,7 @@ class LatentDiffusion(TextEncoderStop, LoraTraining, DDPM):
         """Latents and captions of the instance examples, followed by the class examples when the batch has them.
 
         Images come as [B, H, W, C] in [-1, 1] (the CompVis layout), or as the cached moments of their VAE posterior
-        (`moments`, from ldm/latent_cache.py), which the latents are drawn from alike; class examples come under
+        (`moments`, from ldm/training/latent_cache.py), which the latents are drawn from alike; class examples come under
         `class_<key>`.
         """
         prefixes = [""] + (["class_"] if f"class_{self.cond_stage_key}" in batch else [])

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from ldm.checkpoint import CheckpointError
-from ldm.lora_names import TARGETS, LoraNames
+from ldm.lora.names import TARGETS, LoraNames
 from ldm.util import UserError, import_offline
 
 logger = logging.getLogger(__name__)

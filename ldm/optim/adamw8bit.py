@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ldm.per_param_optim import LOW_BITS, load_state
+from ldm.optim.per_parameter import LOW_BITS, load_state
 
 logger = logging.getLogger(__name__)
 

@@ -7,10 +7,10 @@ from typing import Any, Optional, Sequence
 
 from PIL import Image
 
-from ldm.data.toy_world import COMPARED_CONTEXTS, CONTEXT_PHRASES
 from ldm.eval.compare import draw_comparison
-from ldm.eval.toy_scorer import ToyScorer
 from ldm.images import read_metadata
+from ldm.toy.scorer import ToyScorer
+from ldm.toy.world import COMPARED_CONTEXTS, CONTEXT_PHRASES
 
 IDENTIFIER, CLASS_WORD = "sks", "ball"
 INSTANCE_PROMPT = f"photo of a {IDENTIFIER} {CLASS_WORD}"

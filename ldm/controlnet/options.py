@@ -11,10 +11,10 @@ from torch import nn
 
 from ldm.checkpoint import check_checkpoint_file, load_controlnet_weights, parameters_on_meta
 from ldm.config import vae_factor
-from ldm.data.hints import canny, hint_image, read_hint
+from ldm.controlnet.hints import canny, hint_image, read_hint
+from ldm.controlnet.stack import Control, ControlStack
 from ldm.data.image_files import DataError, open_image
 from ldm.images import save_image
-from ldm.models.diffusion.control import Control, ControlStack
 from ldm.modules.controlnet import HINT_DOWNSAMPLING, ControlNet
 from ldm.util import UserError, file_sha256
 

@@ -8,8 +8,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageFilter
 
-from ldm.eval.paper_metrics import check_model_folder
-from ldm.eval.preprocess import Preprocess
+from ldm.modules.encoders.preprocess import Preprocess
+from ldm.modules.encoders.vision import check_model_folder
 
 
 class ClipSegMasker:

@@ -4,13 +4,13 @@ that a training process holds on its run folder."""
 import contextlib
 import logging
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Iterator, Optional
 
 from pytorch_lightning.utilities.rank_zero import rank_zero_only
 
-from ldm.callbacks.checkpointing import STEP_FILE, step_files
 from ldm.util import UserError
 
 try:
@@ -23,6 +23,18 @@ logger = logging.getLogger(__name__)
 
 LOCK_FILE = ".lock"
 WINDOWS_LOCK_OFFSET = 1 << 20  # msvcrt's locks are mandatory: lock a byte past the pid, so that others can read it
+STEP_FILE = re.compile(r"step_(\d+)\.(ckpt|safetensors)")
+
+
+def step_files(folder: Path) -> list[tuple[int, Path]]:
+    """The weights-only step files of a checkpoint folder, oldest first, with their steps: `step_<N>.ckpt`, or a
+    LoRA run's `step_<N>.safetensors` (beside a .ckpt, a .safetensors is its shareable copy)."""
+    found: dict[int, Path] = {}
+    for path in sorted(folder.glob("step_*"), key=lambda p: p.suffix != ".ckpt"):
+        match = STEP_FILE.fullmatch(path.name)
+        if match:
+            found.setdefault(int(match.group(1)), path)
+    return sorted(found.items())
 
 
 @dataclass

@@ -11,9 +11,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ldm.data.toy_world import Scene, random_caption, random_scene, render
 from ldm.modules.ema import LitEma
-from ldm.optim import adamw
+from ldm.optim.factory import adamw
+from ldm.toy.world import Scene, random_caption, random_scene, render
 
 logger = logging.getLogger(__name__)
 

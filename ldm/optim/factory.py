@@ -9,8 +9,8 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, Optional, Union
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from ldm.adamw8bit import AdamW8bit
-from ldm.per_param_optim import Params, PerParameterOptimizer, as_param_groups
+from ldm.optim.adamw8bit import AdamW8bit
+from ldm.optim.per_parameter import Params, PerParameterOptimizer, as_param_groups
 from ldm.util import UserError, get_obj_from_str, import_offline
 
 logger = logging.getLogger(__name__)

@@ -10,8 +10,8 @@ import torch
 from torch import nn
 
 from ldm.checkpoint import CheckpointError, read_lora, save_lora
-from ldm.lora_names import LoraNames
-from ldm.modules.lora import LoraOptions, inject_lora, is_lora_key, load_lora_tensors, lora_tensors
+from ldm.lora.layers import LoraOptions, inject_lora, is_lora_key, load_lora_tensors, lora_tensors
+from ldm.lora.names import LoraNames
 from ldm.util import file_sha256
 
 logger = logging.getLogger(__name__)

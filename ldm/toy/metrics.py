@@ -4,9 +4,9 @@ from typing import Sequence
 import numpy as np
 from torch import nn
 
-from ldm.data.toy_world import CLASSES, COLOURS, CONTEXT_PHRASES, CONTEXTS
-from ldm.eval.toy_scorer import ToyScorer
 from ldm.inference.sampling import sample_images, sampling_mode
+from ldm.toy.scorer import ToyScorer
+from ldm.toy.world import CLASSES, COLOURS, CONTEXT_PHRASES, CONTEXTS
 
 
 def prompt_following(model: nn.Module, scorer: ToyScorer, samples: int = 8, steps: int = 25, scale: float = 5.0,

@@ -8,8 +8,8 @@ from typing import Mapping, Sequence
 from torch import nn
 
 from ldm.checkpoint import check_checkpoint_file, read_lora
-from ldm.lora_names import LoraNames
-from ldm.modules.lora import merge_lora
+from ldm.lora.layers import merge_lora
+from ldm.lora.names import LoraNames
 from ldm.util import UserError, file_sha256
 
 logger = logging.getLogger(__name__)

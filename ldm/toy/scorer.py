@@ -1,7 +1,9 @@
 """The toy world's scorer: for a 64x64 image, whether the DreamBooth subject is in it, and which object class, context
 and main colour it shows. A small CNN fitted on world renders, half of them passed through the toy VAE and all of
-them blurred, noised and jittered, so that it reads generated images as well as clean renders."""
+them blurred, noised and jittered, so that it reads generated images as well as clean renders; and, as compare.py
+and evaluate.py score prompts, the fidelities of a prompt's images to the subject and to the asked context."""
 import logging
+import re
 import time
 from pathlib import Path
 from typing import Optional, Sequence
@@ -13,8 +15,8 @@ from PIL import Image
 from torch import Tensor, nn
 
 from ldm.checkpoint import read_state_dict, save_weights
-from ldm.data.toy_world import (BOX_SUBJECT, CLASSES, COLOURS, CONTEXTS, SUBJECT, SUBJECTS, Scene, is_subject,
-                                random_layout, random_scene, render, subject_scene)
+from ldm.toy.world import (BOX_SUBJECT, CLASSES, COLOURS, CONTEXT_PHRASES, CONTEXTS, SUBJECT, SUBJECTS, Scene,
+                           is_subject, random_layout, random_scene, render, subject_scene)
 
 logger = logging.getLogger(__name__)
 
@@ -245,3 +247,23 @@ def fit_subject_head(scorer: ToyScorer, subject: Scene = BOX_SUBJECT, pool: int 
             logger.info("%s head step %d/%d: loss %.4f", subject.cls, step + 1, steps, loss.item())
     scorer.heads[SUBJECT_HEADS[subject.cls]].load_state_dict(head.state_dict())
     return scorer
+
+
+class ToyPromptScorer:
+    """The toy world's scorer: subject = the scorer sees the DreamBooth subject of `class_word` (the ball's, or the
+    box's for `box`); prompt = it sees the asked context (for a prompt without one, the asked class)."""
+
+    def __init__(self, scorer, class_word: str):
+        self.scorer, self.class_word = scorer, class_word
+        self.head = SUBJECT_HEADS.get(class_word, SUBJECT_HEADS["ball"])
+        self.contexts = {phrase: context for context, phrase in CONTEXT_PHRASES.items() if phrase}
+
+    def asked_context(self, prompt: str) -> Optional[str]:
+        """The toy context whose phrase ends `prompt`, or None."""
+        return next((c for phrase, c in self.contexts.items() if re.search(rf"\b{re.escape(phrase)}$", prompt)), None)
+
+    def __call__(self, images: Sequence[Image.Image], prompt: str) -> list[dict[str, float]]:
+        context = self.asked_context(prompt)
+        return [{"subject": float(s[self.head]),
+                 "prompt": float(s["context"] == context if context else s["cls"] == self.class_word)}
+                for s in self.scorer.score_images(list(images))]
