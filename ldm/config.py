@@ -87,7 +87,7 @@ def check_node(node: Any, where: str) -> None:
     if not isinstance(node, dict):
         return
     if isinstance(node.get("target"), str) and "." in node["target"] and set(node) <= set(NODE_KEYS):
-        check_target(node, where)  # (an optimizer spec, with a short name or flags beside target, is ldm.optim.factory's)
+        check_target(node, where)  # (an optimizer spec, a short name or flags beside target: optim/factory.py)
     for key, value in node.items():
         check_node(value, f"{where}.{key}" if where else str(key))
 

@@ -26,6 +26,7 @@ HUB_OFFLINE_ENV = "HF_HUB_OFFLINE"
 # what bitsandbytes logs when the hub kernel is not fetched: noise, since only its 4-bit layers would use it
 UNUSED_KERNEL_LOGGER = "bitsandbytes.backends.cpu.ops"
 UNUSED_KERNEL_WARNING = "Failed to load CPU gemm_4bit_forward"
+START_TIME_ENV = "STEP_TIMER_START"  # time.time() at which a benchmark launched this process (callbacks/timing.py)
 
 
 class UserError(Exception):

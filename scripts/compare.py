@@ -25,7 +25,8 @@ from ldm.eval.generation import SampleSettings, model_config, sample_model  # no
 from ldm.inference.flags import add_precision_argument, read_prompts  # noqa: E402
 from ldm.inference.loading import check_checkpoint, choose_device  # noqa: E402
 from ldm.lora.files import check_lora_specs  # noqa: E402
-from ldm.toy.scorer import ToyPromptScorer  # noqa: E402
+from ldm.toy.demo import CLASS_PROMPT, CONTEXT_PROMPTS  # noqa: E402
+from ldm.toy.scorer import ToyPromptScorer, load_scorer  # noqa: E402
 from ldm.util import UserError, ensure_writable_dir, user_or_project_path  # noqa: E402
 
 logger = logging.getLogger("compare")
@@ -63,7 +64,6 @@ def prompts_of(opt: argparse.Namespace) -> list[str]:
     if opt.prompts:
         return read_prompts(None, opt.prompts)
     if opt.scorer == "toy":
-        from ldm.toy.demo import CLASS_PROMPT, CONTEXT_PROMPTS
         return [*CONTEXT_PROMPTS, CLASS_PROMPT]
     return default_prompts(opt.identifier, opt.class_word or "dog")
 
@@ -72,7 +72,6 @@ def make_scorer(opt: argparse.Namespace) -> Optional[Scorer]:
     """The scorer of --scorer, or None."""
     if opt.scorer == "none":
         return None
-    from ldm.toy.scorer import load_scorer
     if not Path(opt.scorer_path).is_file():
         raise UserError(f"--scorer_path {opt.scorer_path}: not found (the toy scorer is data/toy/scorer.safetensors)")
     return ToyPromptScorer(load_scorer(opt.scorer_path), opt.class_word or "ball")

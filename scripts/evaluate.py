@@ -22,14 +22,18 @@ from typing import Callable, Optional, Sequence
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from ldm.cli import run_command  # noqa: E402
-from ldm.data.personalized import DataError, list_images, load_rgb  # noqa: E402
+from ldm.data.image_files import DataError, load_rgb  # noqa: E402
+from ldm.data.personalized import list_images  # noqa: E402
 from ldm.eval.compare import ModelSpec, Scorer  # noqa: E402
 from ldm.eval.evaluate import Subject, evaluate_subject, paper_table, subject_class, subject_kind  # noqa: E402
 from ldm.eval.generation import SampleSettings, model_config  # noqa: E402
+from ldm.eval.paper_metrics import PaperScorer  # noqa: E402
 from ldm.inference.flags import add_precision_argument, read_prompts  # noqa: E402
 from ldm.inference.loading import check_checkpoint, choose_device  # noqa: E402
 from ldm.lora.files import check_lora_specs  # noqa: E402
-from ldm.toy.scorer import ToyPromptScorer  # noqa: E402
+from ldm.modules.encoders.vision import ClipEmbedder, DinoEmbedder, check_model_folder  # noqa: E402
+from ldm.toy.demo import context_prompts  # noqa: E402
+from ldm.toy.scorer import ToyPromptScorer, load_scorer  # noqa: E402
 from ldm.util import UserError, atomic_write_text, ensure_writable_dir, user_or_project_path  # noqa: E402
 
 logger = logging.getLogger("evaluate")
@@ -97,10 +101,9 @@ def subjects_of(opt: argparse.Namespace) -> list[Subject]:
     """The subjects to evaluate, each with its model, photos, class word and kind."""
     prompts = read_prompts(None, opt.prompts) if opt.prompts else None
     if opt.scorer == "toy":
-        from ldm.toy.demo import context_prompts  # the subject in each context, as DreamBench's prompts
         class_word = opt.class_word or "ball"
         return [Subject("toy", resolve_model(opt.model, "toy"), [], class_word,
-                        prompts=prompts or list(context_prompts(opt.identifier, class_word)))]
+                        prompts=prompts or list(context_prompts(opt.identifier, class_word)))]  # as DreamBench's
     if opt.subjects_root:
         root = Path(opt.subjects_root)
         if not root.is_dir():
@@ -124,13 +127,10 @@ def default_outdir(spec: ModelSpec) -> Path:
 def scorer_factory(opt: argparse.Namespace, device) -> Callable[[Subject], Scorer]:
     """A function giving each subject its scorer; the CLIP and DINO models are loaded once."""
     if opt.scorer == "toy":
-        from ldm.toy.scorer import load_scorer
         if not Path(opt.scorer_path).is_file():
             raise UserError(f"--scorer_path {opt.scorer_path}: not found (the toy scorer is {TOY_SCORER})")
         toy = load_scorer(opt.scorer_path)
         return lambda subject: ToyPromptScorer(toy, subject.class_word)
-    from ldm.modules.encoders.vision import ClipEmbedder, DinoEmbedder
-    from ldm.eval.paper_metrics import PaperScorer
     clip, dino = ClipEmbedder(opt.clip, device), DinoEmbedder(opt.dino, device)
     return lambda subject: PaperScorer(clip, dino, subject.photos, opt.identifier)
 
@@ -140,7 +140,6 @@ def evaluate(opt: argparse.Namespace) -> str:
     if opt.n < 1 or opt.steps < 1 or opt.batch < 1:
         raise UserError("--n, --steps and --batch must be at least 1")
     if opt.scorer == "paper":
-        from ldm.modules.encoders.vision import check_model_folder
         for folder, kind, flag in ((opt.clip, "clip", "--clip"), (opt.dino, "dino", "--dino")):
             if folder is None:
                 raise UserError(f"the paper's metrics need {flag} FOLDER ({kind}); or --scorer toy for a toy model")

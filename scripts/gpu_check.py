@@ -30,21 +30,21 @@ SCRIPTS = Path(__file__).resolve().parent  # scripts/ in a clone, dreambooth_scr
 REPO = SCRIPTS.parent
 sys.path[:0] = [str(REPO), str(SCRIPTS)]  # ldm, and benchmarks/ beside this file
 
-# Only light imports at the top: every stage's process loads this file, and the stages that need neither transformers
-# nor Lightning (env, sdpa, adamw8bit) start in a second instead of several.
 import torch  # noqa: E402
-from omegaconf import OmegaConf  # noqa: E402
 
 from benchmarks import device_check  # noqa: E402
+from benchmarks.common import random_checkpoint, write_photos  # noqa: E402
 from ldm.cli import run_command  # noqa: E402
-from ldm.config import latent_shape, load_config  # noqa: E402
-from ldm.optim.adamw8bit import adamw8bit_self_check  # noqa: E402
-from ldm.util import (UserError, atomic_write_text, ensure_writable_dir, instantiate_from_config,  # noqa: E402
-                      project_path, reset_peak_memory)
+from ldm.config import load_config  # noqa: E402
+from ldm.util import START_TIME_ENV, UserError, atomic_write_text, ensure_writable_dir, project_path  # noqa: E402
 
 STAGES = ("env", "sdpa", "adamw8bit", "lowmem", "fastest", "sampling")
 GiB = device_check.GiB
 OOM_MARKS = ("OutOfMemoryError", "CUDA out of memory")
+# Every stage runs in a process of its own, from the file of its worker (benchmarks/gpu_stage_*.py): the light stages
+# import neither transformers nor Lightning, so they start in a second.
+STAGE_FILES = {"env": "gpu_stage_light.py", "sdpa": "gpu_stage_light.py", "adamw8bit": "gpu_stage_light.py",
+               "train": "gpu_stage_train.py", "sampling": "gpu_stage_sampling.py"}
 TARGETS = {"lowmem_reserved_gib": 6.0, "fastest_800_steps_s": 60.0, "ddim_50_s": 1.0}  # issue 33, on an H100
 
 
@@ -82,75 +82,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     add("--out", default=None, help="the JSON report (default: outputs/gpu-check/<date>-<time>.json)")
     add("--workdir", default=None, help="keeps the random checkpoint, photos and logs for another run (default: a "
         "temporary folder; full size needs ~20 GB of disk for the checkpoints the runs write)")
-    add("--worker", choices=sorted(WORKERS), help=argparse.SUPPRESS)
-    add("--spec", help=argparse.SUPPRESS)
     return parser.parse_args(argv)
-
-
-# --- the worker processes: each stage's measurement --------------------------------------------------------------
-
-def worker_env(spec: dict) -> dict:
-    return device_check.environment(torch.device(spec["device"]))
-
-
-def worker_sdpa(spec: dict) -> dict:
-    shapes = device_check.attention_shapes(load_config(spec["config"]), spec["size"])
-    return device_check.sdpa_kernels(shapes, getattr(torch, spec["dtype"]), torch.device(spec["device"]))
-
-
-def worker_adamw8bit(spec: dict) -> dict:
-    """The 8-bit kernel compiled on the device: ldm.optim.adamw8bit.adamw8bit_self_check (parity with the eager update,
-    rounding bias, host syncs per step)."""
-    return adamw8bit_self_check(torch.device(spec["device"]))
-
-
-def worker_train(spec: dict) -> dict:
-    """main.py's training with the StepTimer, in this process under the memory cap; the timer's JSON."""
-    import main  # the training CLI (a module beside ldm/, installed as `main`)
-    code = main.main(spec["argv"])
-    if code != 0:
-        raise SystemExit(code)
-    return json.loads(Path(spec["timer"]).read_text())
-
-
-def worker_sampling(spec: dict) -> dict:
-    """50 DDIM steps with guidance through the sampling path, then with a random ControlNet; times and peaks."""
-    from benchmarks.common import median_seconds
-    from ldm.inference.sampling import sample_once
-    from ldm.inference.loading import load_model, precision_scope
-    from ldm.controlnet.stack import Control, ControlStack, controlled
-    device, config = torch.device(spec["device"]), load_config(spec["config"])
-    model = load_model(config, spec["ckpt"], device, precision="autocast")  # fp16 weights on a GPU, as users sample
-    scope = precision_scope("autocast", device)
-    shape = latent_shape(config, spec["size"], spec["size"])
-
-    def sample() -> torch.Tensor:
-        return sample_once(model, "ddim", spec["steps"], 1, shape, 7.5, scope)
-
-    result = {"plain_s": median_seconds([sample], spec["repeats"], device)[0], **device_check.cuda_peaks(device)}
-    reset_peak_memory(device)  # the ControlNet's peaks are its own
-    torch.manual_seed(0)
-    net = instantiate_from_config(OmegaConf.load(spec["controlnet"]).model.params.control_stage_config)
-    net = net.eval().requires_grad_(False).to(device, next(model.model.parameters()).dtype)
-    hint = torch.rand(1, 3, spec["size"], spec["size"], device=device)
-    with controlled(model, ControlStack([Control(net, hint)])):
-        result["controlnet_s"] = median_seconds([sample], spec["repeats"], device)[0]
-    peaks = device_check.cuda_peaks(device)
-    return {**result, **{f"controlnet_{k}": v for k, v in peaks.items()}}
-
-
-WORKERS: dict[str, Callable[[dict], dict]] = {"env": worker_env, "sdpa": worker_sdpa, "adamw8bit": worker_adamw8bit,
-                                              "train": worker_train, "sampling": worker_sampling}
-
-
-def run_worker(spec_path: str) -> int:
-    """One stage's process: the memory cap, then the worker, whose result goes to the spec's output as JSON."""
-    spec = json.loads(Path(spec_path).read_text())
-    if spec["device"] == "cuda" and spec.get("memory_fraction"):
-        torch.cuda.set_per_process_memory_fraction(spec["memory_fraction"])
-    result = WORKERS[spec["worker"]](spec)
-    Path(spec["output"]).write_text(json.dumps(result, indent=1))
-    return 0
 
 
 # --- the parent: stages as processes -------------------------------------------------------------------------------
@@ -187,14 +119,12 @@ class Check:
 
     def checkpoint(self) -> Path:
         """The inference config's model with random weights (every stage's SD v1 file), written once."""
-        from benchmarks.common import random_checkpoint
         if self._ckpt is None:
             self._ckpt = random_checkpoint(load_config(self.config("v1-inference.yaml")), self.work)
         return self._ckpt
 
     def run(self, stage: str, worker: str, spec: dict, env: Optional[dict] = None) -> dict:
         """Run `worker` with `spec` in a process of its own (log in the work folder); its result."""
-        from ldm.callbacks.timing import START_TIME_ENV  # Lightning, which the workers other than main.py's skip
         folder = self.work / "stages"
         folder.mkdir(exist_ok=True)
         total = self.env.get("total_gib")
@@ -204,7 +134,7 @@ class Check:
         spec_path, log = folder / f"{stage}-spec.json", folder / f"{stage}.log"
         spec_path.write_text(json.dumps(spec))
         Path(spec["output"]).unlink(missing_ok=True)
-        command = [sys.executable, str(Path(__file__).resolve()), "--worker", worker, "--spec", str(spec_path)]
+        command = [sys.executable, str(SCRIPTS / "benchmarks" / STAGE_FILES[worker]), str(spec_path)]
         environ = {**os.environ, "HF_HUB_OFFLINE": "1", START_TIME_ENV: repr(time.time()), **(env or {})}
         try:
             with open(log, "w") as handle:
@@ -227,7 +157,6 @@ class Check:
     def train_argv(self, config: str, steps: int, tag: str, extra: Sequence[str]) -> tuple[list[str], Path, Path]:
         """main.py's arguments for `steps` steps at the check's size, batch 1 + 1 with prior preservation, no step
         files, with the StepTimer; the run folder and the timer's file."""
-        from benchmarks.common import write_photos
         photos, size = write_photos(self.work, self.sizes.size), self.sizes.size
         logdir, timer = self.work / "runs" / tag, self.work / "stages" / f"{tag}-timer.json"
         argv = ["--base", config, "-t", "--actual_resume", str(self.checkpoint()), "--data_root",
@@ -479,8 +408,6 @@ def self_check(opt: argparse.Namespace) -> str:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     opt = parse_args(argv)
-    if opt.worker:
-        return run_worker(opt.spec)
     return run_command(lambda: self_check(opt))
 
 

@@ -17,8 +17,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from tqdm import tqdm  # noqa: E402
 
 from ldm.cli import run_command  # noqa: E402
+from ldm.data.image_files import load_rgb  # noqa: E402
 from ldm.data.masks import MASK_TAG, mask_path  # noqa: E402
-from ldm.data.personalized import list_images, load_rgb  # noqa: E402
+from ldm.data.personalized import list_images  # noqa: E402
 from ldm.images import save_image  # noqa: E402
 from ldm.inference.loading import choose_device  # noqa: E402
 from ldm.modules.encoders.clipseg import ClipSegMasker  # noqa: E402

@@ -12,7 +12,8 @@ from PIL import Image
 
 from conftest import REPO, build_tiny_model
 from ldm.data.buckets import BucketBatches, bucket_box, bucket_sizes, nearest_bucket
-from ldm.data.personalized import DataError, PersonalizedBase
+from ldm.data.image_files import DataError
+from ldm.data.personalized import PersonalizedBase
 
 PHOTOS = {"wide.png": (300, 160), "tall.png": (150, 310), "square.png": (200, 200), "photo.jpg": (400, 300)}
 

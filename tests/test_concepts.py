@@ -15,7 +15,7 @@ from PIL import Image
 from conftest import REPO, build_tiny_model
 from ldm.data.concepts import concept_configs, concepts_from_flags
 from ldm.data.datamodule import DataModuleFromConfig
-from ldm.data.personalized import DataError
+from ldm.data.image_files import DataError
 from ldm.modules.losses import concept_losses
 
 TINY = "configs/tiny/v1-finetune_unfrozen.yaml"

@@ -10,7 +10,8 @@ from PIL import Image
 
 from ldm.data.concepts import ConceptPairs
 from ldm.data.datamodule import DataModuleFromConfig
-from ldm.data.personalized import DataError, PersonalizedBase
+from ldm.data.image_files import DataError
+from ldm.data.personalized import PersonalizedBase
 
 RED, BLUE, WHITE = (1.0, -1.0, -1.0), (-1.0, -1.0, 1.0), (1.0, 1.0, 1.0)
 

@@ -11,7 +11,8 @@ import torch
 from PIL import Image
 
 from conftest import REPO, build_tiny_model
-from ldm.data.personalized import DataError, PersonalizedBase
+from ldm.data.image_files import DataError
+from ldm.data.personalized import PersonalizedBase
 from ldm.modules.losses import NoiseObjective
 
 

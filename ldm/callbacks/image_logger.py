@@ -7,6 +7,7 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import Callback
 
+from ldm.data.batch import prefixes
 from ldm.images import labelled_grid, save_image, to_pil
 from ldm.inference.sampling import sample_images, sampling_mode
 from ldm.optim.factory import optimizer_eval_mode
@@ -58,7 +59,7 @@ class ImageLogger(Callback):
         folder.mkdir(parents=True, exist_ok=True)
         suffix = f"gs-{step:06}_e-{trainer.current_epoch:06}_b-{batch_idx:06}.png"
         caption_key = pl_module.cond_stage_key
-        kinds = {"instance": ""} | ({"class": "class_"} if f"class_{caption_key}" in batch else {})
+        kinds = dict(zip(("instance", "class"), prefixes(batch, caption_key)))
         decoded = "" if pl_module.first_stage_key in batch else " (decoded from the cached latents)"
         seeds = list(range(self.seed, self.seed + self.max_images))
         with optimizer_eval_mode(trainer.optimizers), sampling_mode(pl_module), pl_module.encoders_on_device(), \

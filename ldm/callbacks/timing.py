@@ -13,12 +13,9 @@ from pytorch_lightning.callbacks import Callback
 
 from ldm.optim.factory import uses_fused_backward
 from ldm.optim.per_parameter import PerParameterOptimizer
-from ldm.util import atomic_write, backend_settings, peak_memory_stats, reset_peak_memory, span_peak
+from ldm.util import START_TIME_ENV, atomic_write, backend_settings, peak_memory_stats, reset_peak_memory, span_peak
 
 logger = logging.getLogger(__name__)
-
-START_TIME_ENV = "STEP_TIMER_START"  # time.time() at which the benchmark launched this process
-
 
 def process_start_time() -> Optional[float]:
     """When this process started (seconds since the epoch): the launcher's timestamp, else psutil's, else None."""

@@ -15,9 +15,11 @@ from pytorch_lightning.callbacks import Callback
 from ldm.callbacks.eval_loss import due
 from ldm.data.captions import fill
 from ldm.data.datamodule import datasets_of
-from ldm.data.personalized import load_rgb
+from ldm.data.image_files import load_rgb
+from ldm.eval.paper_metrics import without_identifier
 from ldm.images import labelled_grid, read_metadata, save_image
 from ldm.inference.sampling import sample_images, sampling_mode
+from ldm.modules.encoders.vision import ClipEmbedder
 from ldm.optim.factory import optimizer_eval_mode
 from ldm.util import free_memory
 
@@ -30,7 +32,6 @@ STEP_FOLDER = re.compile(r"step_(\d{6})$")
 def clip_scores(clip, samples: dict[str, list[Image.Image]], real: torch.Tensor, identifier: str) -> dict[str, float]:
     """CLIP-T: each sample against its prompt without the identifier; CLIP-I: the samples of identifier prompts
     against the instance photos' CLIP embeddings `real` (the paper's definitions, ldm/eval/paper_metrics.py)."""
-    from ldm.eval.paper_metrics import without_identifier
     text_scores, image_scores = [], []
     for prompt, images in samples.items():
         embedded = clip.images(images)
@@ -93,7 +94,6 @@ class ValidationSamples(Callback):
         self.cell_size = cell_size
         self.clip = None
         if clip_model and every_n_steps:
-            from ldm.modules.encoders.vision import ClipEmbedder
             self.clip = ClipEmbedder(clip_model, flag="lightning.callbacks.validation.params.clip_model")
         self._real: dict[str, torch.Tensor] = {}
         self._logged_step = -1

@@ -13,7 +13,9 @@ from typing import Any, Mapping, Optional, Sequence
 from omegaconf import OmegaConf
 from torch.utils.data import Dataset
 
-from ldm.data.personalized import DEFAULT_IDENTIFIER, DataError, class_image_folder
+from ldm.data.batch import CONCEPT_KEY, with_class_example
+from ldm.data.image_files import DataError
+from ldm.data.personalized import DEFAULT_IDENTIFIER, class_image_folder
 
 CONCEPT_KEYS = {"data_root", "identifier", "class_word", "reg_data_root", "repeats", "class_repeats", "name"}
 
@@ -134,9 +136,9 @@ class ConceptPairs(Dataset):
         example = dict(concept.instance[local])
         if concept.class_prior is not None:
             prior = concept.class_prior[local % len(concept.class_prior) if class_index is None else class_index]
-            example.update({f"class_{key}": value for key, value in prior.items()})
+            example = with_class_example(example, prior)
         if len(self.concepts) > 1:
-            example["concept"] = concept.name
+            example[CONCEPT_KEY] = concept.name
         return example
 
 

@@ -8,7 +8,8 @@ from torch.utils.data import DataLoader, Dataset
 
 from ldm.data.buckets import BucketBatches
 from ldm.data.concepts import Concept, ConceptPairs, class_set_key, concept_configs
-from ldm.data.personalized import DEFAULT_CLASS_WORD, DataError, count_images
+from ldm.data.image_files import DataError
+from ldm.data.personalized import DEFAULT_CLASS_WORD, count_images
 from ldm.util import instantiate_from_config
 
 

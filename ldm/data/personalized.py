@@ -9,6 +9,7 @@ import torch
 from PIL import Image, ImageOps
 from torch.utils.data import Dataset
 
+from ldm.data.batch import MASK_KEY, MOMENTS_KEY
 from ldm.data.buckets import bucket_box, bucket_sizes, nearest_bucket
 from ldm.data.captions import STRATEGIES, caption_of, check_placeholders, fill
 from ldm.data.image_files import DataError, load_rgb, open_image, reading, to_rgb
@@ -24,8 +25,6 @@ CROPS = ("center", "random", "none")
 INTERPOLATIONS = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC,
                   "lanczos": Image.Resampling.LANCZOS}
 IMAGE_SUFFIXES = frozenset(ext for ext, fmt in Image.registered_extensions().items() if fmt in Image.OPEN)
-MOMENTS_KEY = "moments"  # cached VAE posterior parameters (mean and logvar), yielded instead of `image`
-MASK_KEY = "mask"  # a photo's loss mask [H, W], when its folder has masks
 SAMPLES_FOLDER = "samples"  # where scripts/stable_txt2img.py --outdir DIR writes its images: DIR/samples/
 
 

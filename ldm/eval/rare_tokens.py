@@ -12,6 +12,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ldm.inference.sampling import sample_images
+
 WORD_END = "</w>"
 
 
@@ -59,7 +61,6 @@ def text_changes(model: nn.Module, found: list[Candidate], class_word: str, batc
 def image_changes(model: nn.Module, found: list[Candidate], class_word: str, seeds: Sequence[int],
                   steps: int = 25, scale: float = 7.5) -> None:
     """Fill in each candidate's image_change: DDIM samples of both prompts at the same seeds, compared."""
-    from ldm.inference.sampling import sample_images
     reference = [np.asarray(i, np.float32) for i in sample_images(model, f"a photo of a {class_word}", seeds, steps,
                                                                   scale)]
     for candidate in tqdm(found, desc="fixed-seed samples", unit="token"):

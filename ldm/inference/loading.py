@@ -11,6 +11,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from ldm.checkpoint import ShapeMismatchError, check_checkpoint_file, load_model_weights, parameters_on_meta
+from ldm.checkpoint.diffusers import is_diffusers_folder, sd_config_for_folder
 from ldm.checkpoint.fitting import with_fitting_config
 from ldm.config import DEFAULT_CONFIG, load_config, shown
 from ldm.inference.precision import cuda_has_bf16, gpu_name
@@ -102,7 +103,6 @@ def choose_config(config: Optional[str], ckpt: str) -> str:
 def sampling_config(config: Optional[str], ckpt: str) -> DictConfig:
     """The model config to sample `ckpt` with (see choose_config); a diffusers folder without --config brings its
     own (our config with the sizes of its part configs)."""
-    from ldm.checkpoint.diffusers import is_diffusers_folder, sd_config_for_folder  # convert.py builds on this module
     if not config and is_diffusers_folder(ckpt):
         logger.info("using the sizes of the diffusers folder %s (pass --config to choose another)", ckpt)
         return sd_config_for_folder(Path(ckpt))

@@ -2,13 +2,14 @@
 SDPA kernels serve the model's attention shapes, the 8-bit AdamW kernel compiled against its eager update, the FLOPs
 of one training step (counted on the `meta` device), and the peak dense throughput of known cards."""
 import importlib.metadata
+import json
 import logging
 import platform
 import re
 import sys
 import warnings
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -134,3 +135,13 @@ def cuda_peaks(device: torch.device) -> dict[str, Optional[float]]:
     stats = peak_memory_stats(device)
     peaks = {kind: stats[f"cuda_max_{kind}_bytes"] for kind in ("allocated", "reserved")}
     return {f"peak_{kind}_gib": None if value is None else value / GiB for kind, value in peaks.items()}
+
+
+def run_stage(spec_path: str, workers: dict[str, Callable[[dict], dict]]) -> int:
+    """One stage's process: the memory cap, then the spec's worker, whose result goes to the spec's output as JSON."""
+    spec = json.loads(Path(spec_path).read_text())
+    if spec["device"] == "cuda" and spec.get("memory_fraction"):
+        torch.cuda.set_per_process_memory_fraction(spec["memory_fraction"])
+    result = workers[spec["worker"]](spec)
+    Path(spec["output"]).write_text(json.dumps(result, indent=1))
+    return 0

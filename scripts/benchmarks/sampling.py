@@ -13,8 +13,8 @@ sys.path[:0] = [str(Path(__file__).resolve().parents[2]), str(Path(__file__).res
 
 import torch  # noqa: E402
 
-from benchmarks.reference import backend_text, default_backend  # noqa: E402
 from benchmarks.common import median_seconds, random_checkpoint  # noqa: E402
+from benchmarks.reference import backend_text, default_backend  # noqa: E402
 from ldm.cli import run_command  # noqa: E402
 from ldm.config import latent_shape, load_config, native_size  # noqa: E402
 from ldm.inference.flags import SAMPLER_NAMES  # noqa: E402

@@ -32,12 +32,14 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path[:0] = [str(REPO), str(REPO / "scripts")]
 
 # Nothing of Lightning at the top: each worker process imports what its own side needs, so that the reference's
-# start-up time holds no Lightning import (and ours holds what main.py imports).
-from benchmarks.reference import WORKERS, backend_text, default_backend, reference_parser  # noqa: E402
+# start-up time holds no Lightning import (and ours holds what main.py imports); both sides use transformers.
 from benchmarks.common import config_key, random_checkpoint, write_photos  # noqa: E402
+from benchmarks.reference import WORKERS, backend_text, default_backend, reference_parser  # noqa: E402
 from ldm.checkpoint.diffusers import diffusers_unet_config  # noqa: E402
 from ldm.cli import run_command  # noqa: E402
-from ldm.util import UserError, import_offline  # noqa: E402
+from ldm.config import latent_shape, load_config, size_multiple  # noqa: E402
+from ldm.modules.encoders.modules import build_text_config  # noqa: E402
+from ldm.util import START_TIME_ENV, UserError, import_offline  # noqa: E402
 
 DEFAULT_CONFIG = "configs/tiny/v1-finetune_unfrozen.yaml"
 GiB = 2 ** 30
@@ -114,7 +116,6 @@ def mixed_precision(tokens: Sequence[str]) -> str:
 def load_train_config(path: str):
     """The fine-tune config, checked to be one main.py trains with prior preservation."""
     from omegaconf import OmegaConf
-    from ldm.config import load_config
     if not Path(path).is_file():
         raise UserError(f"config not found: {path} (pass --config {DEFAULT_CONFIG})")
     config = load_config(path)
@@ -124,7 +125,6 @@ def load_train_config(path: str):
 
 
 def check_size(config, size: int) -> None:
-    from ldm.config import size_multiple
     multiple = size_multiple(config)
     if size < multiple or size % multiple:
         raise UserError(f"--size {size}: must be a positive multiple of {multiple} for this model (autoencoder and "
@@ -136,7 +136,6 @@ def diffusers_parts(config) -> dict[str, Any]:
     diffusers = import_offline("diffusers")
     import transformers
     from omegaconf import OmegaConf
-    from ldm.modules.encoders.modules import build_text_config
     params = OmegaConf.to_container(config.model.params, resolve=True)
     dd = params["first_stage_config"]["params"]["ddconfig"]
     if dd["attn_resolutions"]:
@@ -200,7 +199,6 @@ def our_command(opt: argparse.Namespace, config, ckpt: Path, photos: Path, token
 
 def run_process(command: list[str], log: Path, output: Path, what: str, threads: Optional[int]) -> dict:
     """Run one measured process, its output to `log`; the JSON it wrote to `output`."""
-    from ldm.callbacks.timing import START_TIME_ENV
     env = {**os.environ, "HF_HUB_OFFLINE": "1", START_TIME_ENV: repr(time.time())}
     if threads is not None:
         env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(threads)
@@ -297,7 +295,6 @@ def train_rows(opt: argparse.Namespace, config, work: Path) -> tuple[dict[str, l
 def unet_rows(opt: argparse.Namespace, config, work: Path) -> tuple[dict[str, list[dict]], dict[str, str]]:
     """Our UNet and diffusers' alone, forward+backward on the same input, in turn `repeats` times."""
     from omegaconf import OmegaConf
-    from ldm.config import latent_shape
     if opt.set or opt.reference_flags:
         raise UserError("--unet_only times the two UNets alone, in fp32: --set and --reference_flags do not apply")
     cond_params = config.model.params.cond_stage_config.get("params") or {}

@@ -9,7 +9,7 @@ from einops import rearrange
 from torch import nn
 from torch.nn import functional as F
 
-from ldm.data.personalized import MASK_KEY, MOMENTS_KEY
+from ldm.data.batch import CONCEPT_KEY, MASK_KEY, MOMENTS_KEY, class_key, prefixes, split_batch
 from ldm.lora.layers import LoraOptions, cast_base
 from ldm.lora.training import LoraTraining
 from ldm.models.diffusion.text_encoder_stop import TextEncoderStop
@@ -314,17 +314,17 @@ class LatentDiffusion(TextEncoderStop, LoraTraining, DDPM):
         """Latents and captions of the instance examples, followed by the class examples when the batch has them.
 
         Images come as [B, H, W, C] in [-1, 1] (the CompVis layout), or as the cached moments of their VAE posterior
-        (`moments`, from ldm/training/latent_cache.py), which the latents are drawn from alike; class examples come under
-        `class_<key>`.
+        (`moments`, from ldm/training/latent_cache.py), which the latents are drawn from alike; class examples come
+        under `class_<key>` (ldm/data/batch.py).
         """
-        prefixes = [""] + (["class_"] if f"class_{self.cond_stage_key}" in batch else [])
-        captions = [caption for prefix in prefixes for caption in batch[f"{prefix}{self.cond_stage_key}"]]
+        parts = prefixes(batch, self.cond_stage_key)
+        captions = [caption for prefix in parts for caption in batch[f"{prefix}{self.cond_stage_key}"]]
         n_instance = len(batch[self.cond_stage_key])
         with torch.no_grad():
             if MOMENTS_KEY in batch:
-                posterior = DiagonalGaussianDistribution(torch.cat([batch[f"{p}{MOMENTS_KEY}"] for p in prefixes]))
+                posterior = DiagonalGaussianDistribution(torch.cat([batch[f"{p}{MOMENTS_KEY}"] for p in parts]))
             else:
-                images = torch.cat([batch[f"{p}{self.first_stage_key}"] for p in prefixes])
+                images = torch.cat([batch[f"{p}{self.first_stage_key}"] for p in parts])
                 x = rearrange(images, "b h w c -> b c h w").to(memory_format=torch.contiguous_format).float()
                 posterior = self.encode_first_stage(x)
             z = self.get_first_stage_encoding(posterior)
@@ -345,13 +345,12 @@ class LatentDiffusion(TextEncoderStop, LoraTraining, DDPM):
         if self.sizes_differ(batch):
             if t is not None or noise is not None:
                 raise ValueError("fixed t and noise need instance and class examples of one size")
-            instance = {k: v for k, v in batch.items() if not k.startswith("class_")}
-            prior = {k[len("class_"):]: v for k, v in batch.items() if k.startswith("class_")}
+            instance, prior = split_batch(batch)
             per_sample = torch.cat([self.per_sample_losses(part)[0] for part in (instance, prior)])
             n_instance = len(instance[self.cond_stage_key])
         else:
             per_sample, n_instance = self.per_sample_losses(batch, t, noise)
-        return {**self.loss_fn(per_sample, n_instance), **concept_losses(per_sample, batch.get("concept"))}
+        return {**self.loss_fn(per_sample, n_instance), **concept_losses(per_sample, batch.get(CONCEPT_KEY))}
 
     def per_sample_losses(self, batch: Mapping[str, Any], t: torch.Tensor | None = None,
                           noise: torch.Tensor | None = None) -> tuple[torch.Tensor, int]:
@@ -365,16 +364,15 @@ class LatentDiffusion(TextEncoderStop, LoraTraining, DDPM):
     def sizes_differ(self, batch: Mapping[str, Any]) -> bool:
         """Whether the batch's instance and class examples have different sizes (aspect buckets)."""
         key = MOMENTS_KEY if MOMENTS_KEY in batch else self.first_stage_key
-        return f"class_{key}" in batch and batch[key].shape[1:] != batch[f"class_{key}"].shape[1:]
+        return class_key(key) in batch and batch[key].shape[1:] != batch[class_key(key)].shape[1:]
 
     def loss_masks(self, batch: Mapping[str, Any], z: torch.Tensor) -> torch.Tensor | None:
         """The photos' loss masks at the latent size (area averages), instance then class examples as in `z`; an
         example without one weighs everywhere 1; None when the batch has no mask."""
-        prefixes = [""] + (["class_"] if f"class_{self.cond_stage_key}" in batch else [])
-        if not any(f"{p}{MASK_KEY}" in batch for p in prefixes):
+        if not any(f"{p}{MASK_KEY}" in batch for p in prefixes(batch, self.cond_stage_key)):
             return None
         parts = []
-        for p in prefixes:
+        for p in prefixes(batch, self.cond_stage_key):
             n = len(batch[f"{p}{self.cond_stage_key}"])
             mask = batch.get(f"{p}{MASK_KEY}")
             parts.append(torch.ones(n, 1, *z.shape[-2:], device=z.device) if mask is None else F.interpolate(
