@@ -407,7 +407,8 @@ def train_run(opt: argparse.Namespace, overrides: list[str], run: Run, now: str)
         say(f"generating {count} class images in {folder} with the base model")
         device = trainer.strategy.root_device  # a half-precision copy samples there; the model waits for fit
         generate_class_images(model, folder, class_word, count, seed=opt.seed, device=device,
-                              dtype=generation_dtype(str(trainer.precision), device), **data.class_generation)
+                              dtype=generation_dtype(str(trainer.precision), device),
+                              checkpoint=weights_file(config, run, opt), **data.class_generation)
     if missing:
         data.setup("fit")
     if data.cache_latents:
@@ -445,6 +446,15 @@ def load_model(config: DictConfig, run: Run, opt: argparse.Namespace) -> pl.Ligh
     elif run.checkpoint is None:
         load_model_weights(model, run.weights or opt.actual_resume, use_ema=opt.use_ema_weights and not run.weights)
     return model
+
+
+def weights_file(config: DictConfig, run: Run, opt: argparse.Namespace) -> Optional[str]:
+    """The file that load_model took the model's weights from before fit (a LoRA run's base), None for last.ckpt's,
+    which Lightning loads in fit."""
+    lora = config.model.params.get("lora")
+    if lora:
+        return lora.get("base_checkpoint")
+    return None if run.checkpoint is not None else str(run.weights or opt.actual_resume)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

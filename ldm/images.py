@@ -11,7 +11,7 @@ from PIL import Image, ImageDraw, ImageFont
 from PIL.PngImagePlugin import PngInfo
 from torch import Tensor
 
-from ldm.util import atomic_write
+from ldm.util import atomic_write, file_sha256
 
 logger = logging.getLogger(__name__)
 
@@ -122,6 +122,23 @@ def infotext(metadata: Mapping[str, Any], size: tuple[int, int]) -> str:
         lines.append(f"Negative prompt: {metadata['negative_prompt']}")
     lines.append(", ".join(f"{key}: {_quote(value)}" for key, value in fields.items() if value is not None))
     return "\n".join(lines)
+
+
+def generation_metadata(sampler: str, steps: int, scale: float, checkpoint: Optional[str | os.PathLike] = None,
+                        ema: bool = False, loras: Optional[Sequence[Mapping[str, Any]]] = None,
+                        **settings: Any) -> dict[str, Any]:
+    """The metadata of a generated image, as every writer records it (txt2img, img2img, class images, validation
+    samples, the image logger, evaluation): the sampler, steps and guidance scale; the checkpoint's name and SHA-256
+    (A1111's model hash) when the weights come from a file; `ema` and the LoRA files when used; then the other
+    `settings` that are not None (karras, eta, width, height, negative_prompt, prompt, seed, step, ...)."""
+    metadata = {"sampler": sampler, "steps": steps, "scale": scale}
+    if checkpoint is not None:
+        metadata.update(checkpoint=Path(checkpoint).name, checkpoint_sha256=file_sha256(str(checkpoint)))
+    if ema:
+        metadata["ema"] = True
+    if loras:
+        metadata["loras"] = list(loras)
+    return {**metadata, **{key: value for key, value in settings.items() if value is not None}}
 
 
 def save_image(image: Image.Image, path: Path, metadata: dict[str, Any]) -> None:

@@ -34,7 +34,7 @@ class FirstDraws(pl.Callback):
         self.draws: dict = {}
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        objective = pl_module.objective
+        objective = pl_module.objective.noise
         self.draws["gradient_as_bucket_view"] = getattr(trainer.strategy.model, "gradient_as_bucket_view", None)
         for name in ("sample_timesteps", "sample_noise"):
             setattr(objective, name, self.recorder(name, getattr(objective, name)))

@@ -109,7 +109,7 @@ def test_timestep_weights_equal_the_papers_formulas(weighting, formula):
     torch.testing.assert_close(timestep_weights(weighting, snr_t), expected.float(), rtol=1e-4, atol=0)
     prediction, target = torch.randn(5, 4, 8, 8), torch.randn(5, 4, 8, 8)
     plain = NoiseObjective().per_sample(prediction, target, torch.tensor(t), model.alphas_cumprod, 1000)
-    weighted = model.objective.per_sample(prediction, target, torch.tensor(t), model.alphas_cumprod, 1000)
+    weighted = model.objective.noise.per_sample(prediction, target, torch.tensor(t), model.alphas_cumprod, 1000)
     torch.testing.assert_close(weighted, plain * expected.float(), rtol=1e-4, atol=0)
 
 
@@ -136,7 +136,7 @@ def test_huber_schedules_per_timestep():
                                (0.9 / (1 + sigma) ** 2 + 0.1).float(), rtol=1e-5, atol=0)
     robust = build_tiny_model(seed=0, loss_type="huber", huber_c=0.1, huber_schedule="snr")
     prediction, target = torch.randn(3, 4, 8, 8), torch.randn(3, 4, 8, 8)
-    per_sample = robust.objective.per_sample(prediction, target, t, robust.alphas_cumprod, 1000)
+    per_sample = robust.objective.noise.per_sample(prediction, target, t, robust.alphas_cumprod, 1000)
     c = (0.9 / (1 + sigma) ** 2 + 0.1).float().reshape(3, 1, 1, 1)
     by_hand = (2 * c * (((prediction - target) ** 2 + c ** 2).sqrt() - c)).flatten(1).mean(1)
     torch.testing.assert_close(per_sample, by_hand)

@@ -40,7 +40,8 @@ def test_a_rolled_out_input_and_its_target_agree_with_x0():
     t = torch.tensor([100, 500, 999])
     cond = model.get_learned_conditioning(["a dog"] * 3)
     x_t = model.q_sample(x0, t, noise)
-    rolled, target = rollout.apply(model, x0, cond, t, x_t, noise, step=0)
+    rolled, target = rollout.apply(model.apply_model, model.q_sample, model.alphas_cumprod, x0, cond, t, x_t, noise,
+                                   step=0)
     a_t = extract_into_tensor(model.alphas_cumprod, t, x0.shape)
     assert torch.allclose(rolled, a_t.sqrt() * x0 + (1 - a_t).sqrt() * target, atol=1e-5)
     assert not torch.allclose(rolled[:2], x_t[:2], atol=1e-3)  # the model's own path, not q(x_t | x_0)

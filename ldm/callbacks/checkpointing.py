@@ -12,8 +12,7 @@ from pytorch_lightning.callbacks import Callback
 from pytorch_lightning.plugins import TorchCheckpointIO
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
-from ldm.checkpoint import (CheckpointError, check_finite, precision_dtype, remove_stale_temp_files, save_checkpoint,
-                            save_weights)
+from ldm.checkpoint import CheckpointError, check_finite, precision_dtype, remove_stale_temp_files, save_checkpoint
 from ldm.optim.factory import optimizer_eval_mode
 from ldm.training.runs import step_files
 
@@ -48,11 +47,6 @@ def weights_are_finite(module: torch.nn.Module) -> bool:
     """Whether every trainable parameter is free of NaN and inf (one device sync)."""
     flags = [torch.isfinite(p).all() for p in module.parameters() if p.requires_grad]
     return bool(torch.stack(flags).all()) if flags else True
-
-
-def is_lora_run(pl_module: pl.LightningModule) -> bool:
-    """Whether the module trains LoRA (its step files are kohya-format LoRA files)."""
-    return getattr(pl_module, "lora_names", None) is not None
 
 
 def resume_command(run_dir: Path, weights_only: bool = False) -> str:
@@ -207,17 +201,10 @@ class StepCheckpoint(Callback):
         """Write the model's weights only (no optimizer state) as an SD v1 `.ckpt`, and `.safetensors` if asked; a
         schedule-free optimizer's evaluation weights."""
         with optimizer_eval_mode(trainer.optimizers):
-            if is_lora_run(pl_module):
-                path = path.with_suffix(".safetensors")
+            path = path.with_suffix(pl_module.weights_suffix)
             self._check_finite(pl_module, path)
-            if trainer.is_global_zero and is_lora_run(pl_module):
-                pl_module.save_lora_file(path, self.weights_dtype)
-                logger.info("step %d: saved %s", trainer.global_step, path)
-            elif trainer.is_global_zero:
-                state = pl_module.state_dict()
-                save_weights(state, path, dtype=self.weights_dtype)
-                if self.safetensors:
-                    save_weights(state, path.with_suffix(".safetensors"), dtype=self.shared_dtype)
+            if trainer.is_global_zero:
+                pl_module.save_step_weights(path, self.weights_dtype, self.shared_dtype if self.safetensors else None)
                 logger.info("step %d: saved %s", trainer.global_step, path)
         self.last_good = path
 
@@ -229,12 +216,9 @@ class StepCheckpoint(Callback):
             self._last_step = trainer.global_step
             trainer.save_checkpoint(self.last_path, weights_only=False)
             self._last_ckpt_step = trainer.global_step
-            if trainer.is_global_zero:
-                if is_lora_run(pl_module):  # the LoRA file to sample with and share
-                    pl_module.save_lora_file(self.last_path.with_suffix(".safetensors"), self.weights_dtype)
-                elif self.safetensors:
-                    save_weights(pl_module.state_dict(), self.last_path.with_suffix(".safetensors"),
-                                 dtype=self.shared_dtype)
+            if trainer.is_global_zero:  # a LoRA run's LoRA file, or the shareable .safetensors when asked
+                pl_module.save_step_weights(self.last_path, self.weights_dtype,
+                                            self.shared_dtype if self.safetensors else None, beside_resumable=True)
                 logger.info("step %d: saved %s", trainer.global_step, self.last_path)
         self.last_good = self.last_path
 

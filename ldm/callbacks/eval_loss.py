@@ -97,7 +97,7 @@ def evaluation_losses(pl_module: pl.LightningModule, fixed: EvaluationSet, batch
             t = fixed.timesteps[part].to(device)
             cond = pl_module.get_learned_conditioning([fixed.captions[i] for i in part])
             prediction = pl_module.apply_model(pl_module.q_sample(z, t, noise), t, cond)
-            losses[part] = pl_module.objective.per_sample(prediction, noise, t, pl_module.alphas_cumprod,
+            losses[part] = pl_module.objective.noise.per_sample(prediction, noise, t, pl_module.alphas_cumprod,
                                                           pl_module.num_timesteps).float().cpu()
     return losses
 
@@ -136,12 +136,12 @@ class EvaluationLoss(Callback):
                 per_pair = evaluation_losses(pl_module, self.fixed, self.batch_size)
         finally:
             pl_module.train(was_training)
-        metrics = {**pl_module.loss_fn(per_pair, self.fixed.n_instance),
+        metrics = {**pl_module.objective.prior(per_pair, self.fixed.n_instance),
                    **concept_losses(per_pair, [c for c in self.fixed.concepts if c] or None)}
         t, n = self.fixed.timesteps, self.fixed.n_instance
         for name, low, high in band_names(self.bands, pl_module.num_timesteps):
             band = (t >= low) & (t < high)
-            metrics[name] = pl_module.loss_fn(per_pair[band], int(band[:n].sum()))["loss"]
+            metrics[name] = pl_module.objective.prior(per_pair[band], int(band[:n].sum()))["loss"]
         return {f"val/{name}": float(value) for name, value in metrics.items()}
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,

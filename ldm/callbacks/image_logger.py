@@ -8,7 +8,7 @@ import torch
 from pytorch_lightning.callbacks import Callback
 
 from ldm.data.batch import prefixes
-from ldm.images import labelled_grid, save_image, to_pil
+from ldm.images import labelled_grid, generation_metadata, save_image, to_pil
 from ldm.inference.sampling import sample_images, sampling_mode
 from ldm.optim.factory import optimizer_eval_mode
 from ldm.util import free_memory
@@ -84,9 +84,8 @@ class ImageLogger(Callback):
                                folder / f"previews_{kind}_{suffix}", {"prompt": prompt, "step": step})
                 save_image(labelled_grid([(kind, images)], self.images_per_row, f"{prompt} (step {step})"),
                            folder / f"samples_{kind}_{suffix}",
-                           {"prompt": prompt, "step": step, "sampler": "ddim", "steps": self.ddim_steps,
-                            "scale": self.scale, "seeds": seeds, "width": images[0].width,
-                            "height": images[0].height})
+                           generation_metadata("ddim", self.ddim_steps, self.scale, prompt=prompt, step=step,
+                                               seeds=seeds, width=images[0].width, height=images[0].height))
         free_memory(pl_module.device)
         logger.info("step %d: sample grids in %s", step, folder)
 

@@ -17,7 +17,7 @@ from ldm.data.captions import fill
 from ldm.data.datamodule import datasets_of
 from ldm.data.image_files import load_rgb
 from ldm.eval.paper_metrics import without_identifier
-from ldm.images import labelled_grid, read_metadata, save_image
+from ldm.images import labelled_grid, read_metadata, generation_metadata, save_image
 from ldm.inference.sampling import sample_images, sampling_mode
 from ldm.modules.encoders.vision import ClipEmbedder
 from ldm.optim.factory import optimizer_eval_mode
@@ -132,9 +132,8 @@ class ValidationSamples(Callback):
         cells.mkdir(parents=True, exist_ok=True)
         for k, (prompt, images) in enumerate(samples.items()):
             for seed, image in zip(self.seeds, images):
-                save_image(image, cells / f"p{k}_s{seed}.png", {"prompt": prompt, "seed": seed, "step": step,
-                                                                 "sampler": "ddim", "steps": self.ddim_steps,
-                                                                 "scale": self.scale})
+                metadata = generation_metadata("ddim", self.ddim_steps, self.scale, prompt=prompt, seed=seed, step=step)
+                save_image(image, cells / f"p{k}_s{seed}.png", metadata)
         shown = "".join(f", {name[4:].replace('_', '-').upper()} {value:.3f}" for name, value in scores.items())
         save_image(labelled_grid([(prompt, images) for prompt, images in samples.items()], len(self.seeds),
                                  f"step {step}{shown}"), self.folder(trainer) / f"step_{step:06}.png", {"step": step})

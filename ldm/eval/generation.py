@@ -12,19 +12,19 @@ from PIL import Image
 
 from ldm.config import latent_shape, native_size
 from ldm.eval.compare import ModelSpec
-from ldm.images import save_image
+from ldm.images import generation_metadata, save_image
 from ldm.inference.loading import load_model, precision_scope, sampling_config
 from ldm.inference.sampling import sample_images
 from ldm.lora.files import apply_lora_files
-from ldm.util import file_sha256, free_memory
+from ldm.util import free_memory
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass
 class SampleSettings:
-    """Fixed for every model: the seeds of each prompt's images, DDIM steps, guidance, size (default: the config's
-    native size), the config (default: each checkpoint's run config, else SD v1's) and the batch size."""
+    """Fixed for every model: the seeds of each prompt's images, the sampler and its steps, guidance, size (default:
+    the config's native size), the config (default: each checkpoint's run config, else SD v1's) and the batch size."""
     seeds: list[int]
     steps: int = 25
     scale: float = 7.5
@@ -34,6 +34,7 @@ class SampleSettings:
     batch: int = 2  # images per sampler call
     use_ema: bool = False  # each checkpoint's EMA UNet (model_ema.*)
     precision: str = "autocast"  # --precision: the weights' dtype and the autocast scope (ldm.inference)
+    sampler: str = "ddim"
 
 
 def model_config(spec: ModelSpec, settings: SampleSettings) -> tuple[DictConfig, tuple[int, int], tuple[int, ...]]:
@@ -55,16 +56,16 @@ def sample_model(spec: ModelSpec, settings: SampleSettings, prompts: Sequence[st
     loras = apply_lora_files(model, config.model, spec.loras)
     loaded = time.monotonic()
     folder.mkdir(parents=True, exist_ok=True)
-    meta = {"sampler": "ddim", "steps": settings.steps, "scale": settings.scale, "width": width, "height": height,
-            "checkpoint": Path(spec.ckpt).name, "checkpoint_sha256": file_sha256(spec.ckpt),
-            **({"loras": loras} if loras else {}), **({"ema": True} if settings.use_ema else {})}
+    meta = generation_metadata(settings.sampler, settings.steps, settings.scale, spec.ckpt, settings.use_ema, loras,
+                               width=width, height=height)
     images: dict[str, list[Image.Image]] = {}
     with model.ema_scope(), scope:
         for k, prompt in enumerate(prompts):
             images[prompt] = []
             for first in range(0, len(settings.seeds), settings.batch):
                 seeds = settings.seeds[first:first + settings.batch]
-                batch = sample_images(model, prompt, seeds, settings.steps, settings.scale, shape=shape)
+                batch = sample_images(model, prompt, seeds, settings.steps, settings.scale, shape=shape,
+                                      sampler=settings.sampler)
                 for image, seed in zip(batch, seeds):
                     save_image(image, folder / f"{k:02}-{seed}.png", {**meta, "prompt": prompt, "seed": seed})
                 images[prompt] += batch

@@ -1,30 +1,32 @@
-"""Text-to-image and image-to-image runs as the sampling scripts make them: the init image, the batches, and the
-images written with their metadata."""
+"""Text-to-image and image-to-image runs as the sampling scripts make them, in three rooms entered once, in order:
+plan (every flag checked, no model loaded), build (the model with its LoRAs and ControlNets), run (the batches, and
+the images written with their metadata)."""
 import argparse
 import logging
 import math
 import re
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Any, ContextManager, Optional
 
 import numpy as np
 import torch
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from PIL import Image
-from torch import Tensor
+from torch import Tensor, nn
 
 from ldm.config import latent_shape, native_size, size_multiple
 from ldm.controlnet.options import build_controls, check_control_options
-from ldm.controlnet.stack import controlled
+from ldm.controlnet.stack import ControlStack, controlled
 from ldm.data.buckets import bucket_box
 from ldm.data.image_files import DataError, load_rgb
-from ldm.images import make_grid, save_image, to_pil
+from ldm.images import make_grid, generation_metadata, save_image, to_pil
 from ldm.inference.flags import CLIP_SKIP_KEY, read_prompts, resolve_sampler
 from ldm.inference.loading import check_checkpoint, choose_device, load_model, precision_scope, sampling_config
 from ldm.inference.sampling import ADAPTIVE_TOLERANCES, img2img_steps, make_generators, sample_latents
 from ldm.lora.files import apply_lora_files, check_lora_specs
 from ldm.models.diffusion.sampling import randn
-from ldm.util import DiskFullError, UserError, ensure_writable_dir, file_sha256
+from ldm.util import DiskFullError, UserError, ensure_writable_dir
 
 logger = logging.getLogger(__name__)
 
@@ -82,8 +84,35 @@ def next_index(folder: Path, pattern: str) -> int:
     return max(numbers, default=-1) + 1
 
 
-def generate(opt: argparse.Namespace, init_img: Optional[str] = None) -> list[Path]:
-    """Check the flags, load the model, then sample, decode and save every prompt's images and grid."""
+@dataclass
+class SamplingPlan:
+    """What the flags ask for, checked with no model loaded: the sampler, device and autocast scope, the model config,
+    the ControlNet settings, the prompts, the init image (img2img), the image and latent sizes."""
+    sampler: str
+    device: torch.device
+    scope: ContextManager
+    config: DictConfig
+    control_settings: list
+    prompts: list[str]
+    init: Optional[Tensor]
+    height: int
+    width: int
+    shape: tuple[int, int, int]
+    strength: float
+    tolerances: tuple[float, float]
+
+
+@dataclass
+class SamplingModel:
+    """The model loaded with its LoRAs and ControlNets, and the metadata every image it makes records."""
+    model: nn.Module
+    control: Optional[ControlStack]
+    metadata: dict[str, Any]
+
+
+def plan(opt: argparse.Namespace, init_img: Optional[str] = None) -> SamplingPlan:
+    """Every flag checked (sampler, device, precision, checkpoint, LoRAs, output folder, config, ControlNets, prompts,
+    sizes, the init image) before any model is loaded."""
     sampler, device = resolve_sampler(opt), choose_device(opt.device)
     check_checkpoint(opt.ckpt)
     check_lora_specs(opt.lora)
@@ -103,36 +132,49 @@ def generate(opt: argparse.Namespace, init_img: Optional[str] = None) -> list[Pa
     if init is not None:
         img2img_steps(opt.ddim_steps, strength)
     scope = precision_scope(opt.precision, device)
-    model = load_model(config, opt.ckpt, device, use_ema=opt.use_ema, precision=opt.precision)
-    loras = apply_lora_files(model, config.model, opt.lora)
     tolerances = (ADAPTIVE_TOLERANCES[0] if opt.rtol is None else opt.rtol,
                   ADAPTIVE_TOLERANCES[1] if opt.atol is None else opt.atol)
-    params = {"sampler": sampler, "karras": opt.karras, "steps": opt.ddim_steps, "scale": opt.scale,
-              "eta": opt.ddim_eta, "width": width, "height": height, "negative_prompt": opt.negative_prompt,
-              "checkpoint": Path(opt.ckpt).name, "checkpoint_sha256": file_sha256(opt.ckpt),
-              **({"ema": True} if opt.use_ema else {})}
-    if loras:
-        params.update(loras=loras)
-    if init is not None:
-        params.update(init_image=Path(init_img).name, strength=strength)
-    if sampler == "dpm_adaptive":
-        params.update(rtol=tolerances[0], atol=tolerances[1])
+    return SamplingPlan(sampler, device, scope, config, control_settings, prompts, init, height, width, shape,
+                        strength, tolerances)
+
+
+def build(opt: argparse.Namespace, sampling: SamplingPlan, init_img: Optional[str] = None) -> SamplingModel:
+    """The model with the checkpoint's weights, the LoRA files merged in and the ControlNets (their hint images
+    written to the output folder), and the images' metadata."""
+    model = load_model(sampling.config, opt.ckpt, sampling.device, use_ema=opt.use_ema, precision=opt.precision)
+    loras = apply_lora_files(model, sampling.config.model, opt.lora)
+    metadata = generation_metadata(sampling.sampler, opt.ddim_steps, opt.scale, opt.ckpt, opt.use_ema, loras,
+                                   karras=opt.karras, eta=opt.ddim_eta, width=sampling.width, height=sampling.height,
+                                   negative_prompt=opt.negative_prompt)
+    if sampling.init is not None:
+        metadata.update(init_image=Path(init_img).name, strength=sampling.strength)
+    if sampling.sampler == "dpm_adaptive":
+        metadata.update(rtol=sampling.tolerances[0], atol=sampling.tolerances[1])
     if model.cond_stage_model.clip_skip != 1:  # recorded only when set, as A1111's infotext does
-        params.update(clip_skip=model.cond_stage_model.clip_skip)
-    outdir, n = Path(opt.outdir), opt.n_samples
-    sample_dir = outdir / "samples"
-    sample_dir.mkdir(parents=True, exist_ok=True)
-    count, grid_count = next_index(sample_dir, r"(\d{5,})\.png"), next_index(outdir, r"grid-(\d{4,})\.png")
+        metadata.update(clip_skip=model.cond_stage_model.clip_skip)
+    outdir = Path(opt.outdir)
+    (outdir / "samples").mkdir(parents=True, exist_ok=True)
     hint_stem = outdir / "hint-{:04}".format(next_index(outdir, r"hint-(\d{4,})-\d+\.png"))
-    control, controlnets = build_controls(opt, control_settings, config, (width, height), device, model.unet_dtype,
-                                          hint_stem)
+    size = (sampling.width, sampling.height)
+    control, controlnets = build_controls(opt, sampling.control_settings, sampling.config, size, sampling.device,
+                                          model.unet_dtype, hint_stem)
     if controlnets:
-        params.update(controlnets=controlnets, guess_mode=opt.guess_mode)
+        metadata.update(controlnets=controlnets, guess_mode=opt.guess_mode)
+    return SamplingModel(model, control, metadata)
+
+
+def run(opt: argparse.Namespace, sampling: SamplingPlan, built: SamplingModel) -> list[Path]:
+    """Sample, decode and save every prompt's images (`--n_iter` batches of `--n_samples`) and its grid."""
+    model, params, n = built.model, built.metadata, opt.n_samples
+    outdir = Path(opt.outdir)
+    sample_dir = outdir / "samples"
+    count, grid_count = next_index(sample_dir, r"(\d{5,})\.png"), next_index(outdir, r"grid-(\d{4,})\.png")
     written, batch_index = [], 0
-    with torch.no_grad(), scope, model.ema_scope(), controlled(model, control):
+    with torch.no_grad(), sampling.scope, model.ema_scope(), controlled(model, built.control):
         # The posterior mean, so that an img2img result depends on its seed only.
-        init_latent = None if init is None else model.scale_factor * model.encode_first_stage(init.to(device)).mode()
-        for prompt in prompts:
+        init_latent = (None if sampling.init is None else
+                       model.scale_factor * model.encode_first_stage(sampling.init.to(sampling.device)).mode())
+        for prompt in sampling.prompts:
             cond = model.get_learned_conditioning([prompt]).repeat(n, 1, 1)
             uncond = None if opt.scale == 1.0 else model.get_learned_conditioning([opt.negative_prompt]).repeat(n, 1, 1)
             images, prompt_seeds = [], []
@@ -140,10 +182,10 @@ def generate(opt: argparse.Namespace, init_img: Optional[str] = None) -> list[Pa
                 first = opt.seed + (0 if opt.fixed_code else batch_index * n)
                 seeds, batch_index = list(range(first, first + n)), batch_index + 1
                 generators = make_generators(seeds)
-                z = sample_latents(model, sampler, opt.ddim_steps, cond, uncond, opt.scale,
-                                   randn((n, *shape), generators, device), generators, opt.ddim_eta, opt.karras,
-                                   None if init_latent is None else init_latent.repeat(n, 1, 1, 1), strength,
-                                   tolerances=tolerances)
+                z = sample_latents(model, sampling.sampler, opt.ddim_steps, cond, uncond, opt.scale,
+                                   randn((n, *sampling.shape), generators, sampling.device), generators, opt.ddim_eta,
+                                   opt.karras, None if init_latent is None else init_latent.repeat(n, 1, 1, 1),
+                                   sampling.strength, tolerances=sampling.tolerances)
                 batch = to_pil(model.decode_first_stage(z))
                 if not opt.skip_save:
                     for image, seed in zip(batch, seeds):
@@ -157,6 +199,13 @@ def generate(opt: argparse.Namespace, init_img: Optional[str] = None) -> list[Pa
                           {**params, "prompt": prompt, "seeds": prompt_seeds}, written)
                 grid_count += 1
     return written
+
+
+def generate(opt: argparse.Namespace, init_img: Optional[str] = None) -> list[Path]:
+    """A sampling script's run: plan (every flag checked, no model loaded), build (the model with its LoRAs and
+    ControlNets), run (sample, decode, save)."""
+    sampling = plan(opt, init_img)
+    return run(opt, sampling, build(opt, sampling, init_img))
 
 
 def save_kept(image: Image.Image, path: Path, metadata: dict, written: list[Path]) -> None:

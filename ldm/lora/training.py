@@ -67,6 +67,20 @@ class LoraTraining:
                     "ss_sd_model_name": Path(base).name if base else ""}
         save_lora(lora_tensors(self, self.lora_names), path, file_sha256(base) if known else "", metadata, dtype)
 
+    @property
+    def weights_suffix(self) -> str:
+        """A LoRA run's step files are kohya-format LoRA files."""
+        return ".safetensors" if self.lora_names is not None else super().weights_suffix
+
+    def save_step_weights(self, path: Path, dtype: Optional[torch.dtype] = None,
+                          shared_dtype: Optional[torch.dtype] = None, beside_resumable: bool = False) -> None:
+        """A LoRA run writes its LoRA file (`path` as .safetensors, in `dtype`) at every step file and beside every
+        last.ckpt; other runs write the model's weights (DDPM.save_step_weights)."""
+        if self.lora_names is None:
+            super().save_step_weights(path, dtype, shared_dtype, beside_resumable)
+            return
+        self.save_lora_file(path.with_suffix(".safetensors"), dtype)
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """A LoRA run's last.ckpt keeps the LoRA weights only (the base is the file of `lora.base_checkpoint`)."""
         if self.lora_names is not None:

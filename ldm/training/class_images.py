@@ -8,7 +8,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ldm.images import save_image
+from ldm.images import generation_metadata, save_image
 from ldm.inference.flags import SAMPLER_NAMES
 from ldm.inference.sampling import sample_images, sampling_mode
 from ldm.inference.txt2img import next_index
@@ -48,11 +48,12 @@ def sampling_copy(model: nn.Module, device: torch.device, dtype: torch.dtype) ->
 def generate_class_images(model: nn.Module, folder: str | Path, class_word: str, count: int, batch_size: int = 4,
                           seed: int = 0, steps: int = STEPS, scale: float = SCALE, prompt: Optional[str] = None,
                           negative_prompt: str = "", sampler: str = "ddim", device: Optional[torch.device] = None,
-                          dtype: Optional[torch.dtype] = None) -> list[Path]:
+                          dtype: Optional[torch.dtype] = None, checkpoint: Optional[str] = None) -> list[Path]:
     """Write `count` samples of `prompt` (default "a photo of a {class_word}"; `{class_word}` is filled), steered
     away from `negative_prompt`, with `sampler` (DDIM by default) into `folder` as class-NNNNN.png, with progress.
     With a `device` or `dtype` other than the model's, a copy of the model holding its weights there in that dtype
-    samples (the model stays as it is), and is freed before returning.
+    samples (the model stays as it is), and is freed before returning. `checkpoint`, the file the model's weights
+    come from, is recorded in each image's metadata with its hash.
 
     Each file is written under a hidden temporary name and renamed (save_image), so an interrupted run leaves only
     whole images.
@@ -64,7 +65,7 @@ def generate_class_images(model: nn.Module, folder: str | Path, class_word: str,
         twin = sampling_copy(model, device, dtype)
         try:
             return generate_class_images(twin, folder, class_word, count, batch_size, seed, steps, scale, prompt,
-                                         negative_prompt, sampler)
+                                         negative_prompt, sampler, checkpoint=checkpoint)
         finally:
             del twin
             free_memory(device)
@@ -73,8 +74,7 @@ def generate_class_images(model: nn.Module, folder: str | Path, class_word: str,
     prompt = (prompt or CLASS_PROMPT).replace("{class_word}", class_word)
     first = next_index(folder, r"class-(\d{5,})\.png")
     indices = list(range(first, first + count))
-    metadata = {"prompt": prompt, "negative_prompt": negative_prompt, "sampler": sampler, "steps": steps,
-                "scale": scale}
+    metadata = generation_metadata(sampler, steps, scale, checkpoint, prompt=prompt, negative_prompt=negative_prompt)
     written = []
     with sampling_mode(model), tqdm(total=count, desc=f"class images '{prompt}'", unit="img") as progress:
         for start in range(0, count, batch_size):

@@ -1,6 +1,7 @@
 """DDPM and LatentDiffusion (Ho et al. 2020; Rombach et al. 2022) as Stable Diffusion v1 and DreamBooth need them."""
 import logging
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any, Iterator, Mapping, Optional, Sequence, Union
 
 import pytorch_lightning as pl
@@ -9,6 +10,7 @@ from einops import rearrange
 from torch import nn
 from torch.nn import functional as F
 
+from ldm.checkpoint import save_weights
 from ldm.data.batch import CONCEPT_KEY, MASK_KEY, MOMENTS_KEY, class_key, prefixes, split_batch
 from ldm.lora.layers import LoraOptions, cast_base
 from ldm.lora.training import LoraTraining
@@ -17,8 +19,7 @@ from ldm.modules.diffusionmodules.schedule import (SCHEDULE_BUFFERS, extract_int
                                                    schedule_buffers)
 from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
 from ldm.modules.ema import LitEma
-from ldm.modules.losses import NoiseObjective, PriorPreservationLoss, concept_losses
-from ldm.modules.losses.rollout import Rollout
+from ldm.modules.losses import DreamBoothObjective, NoiseObjective, PriorPreservationLoss, Rollout
 from ldm.optim.factory import is_schedule_free, make_optimizer, uses_fused_backward
 from ldm.optim.schedules import LRSchedule, lr_lambda
 from ldm.util import UserError, instantiate_from_config
@@ -80,21 +81,21 @@ class DDPM(pl.LightningModule):
             # each rank averages the same weights: DDP need not broadcast the average every step
             self._ddp_params_and_buffers_to_ignore = [f"model_ema.{name}" for name, _ in
                                                       self.model_ema.named_buffers()]
-        self.loss_fn = PriorPreservationLoss(reg_weight)
         self.num_timesteps = int(timesteps)
-        self.objective = NoiseObjective(offset_noise, input_perturbation, timestep_range, loss_weighting, snr_gamma,
-                                        p2_k, p2_gamma, loss_type, huber_c, huber_schedule)
+        self.objective = DreamBoothObjective(
+            NoiseObjective(offset_noise, input_perturbation, timestep_range, loss_weighting, snr_gamma, p2_k, p2_gamma,
+                           loss_type, huber_c, huber_schedule),
+            Rollout(scheduled_sampling_probability, scheduled_sampling_max_step_offset, scheduled_sampling_ramp_steps,
+                    scheduled_sampling_sampler),
+            PriorPreservationLoss(reg_weight))
         self.objective.check(self.num_timesteps)
-        self.rollout = Rollout(scheduled_sampling_probability, scheduled_sampling_max_step_offset,
-                               scheduled_sampling_ramp_steps, scheduled_sampling_sampler)
-        self.rollout.check()
         betas = make_beta_schedule(beta_schedule, self.num_timesteps, linear_start, linear_end)
         for name, value in schedule_buffers(betas).items():
             self.register_buffer(name, value)
 
     @property
     def reg_weight(self) -> float:
-        return self.loss_fn.reg_weight
+        return self.objective.prior.reg_weight
 
     @contextmanager
     def ema_scope(self, context: str | None = None) -> Iterator[None]:
@@ -151,15 +152,23 @@ class DDPM(pl.LightningModule):
 
     def p_losses(self, x_start: torch.Tensor, cond: torch.Tensor, t: torch.Tensor,
                  noise: torch.Tensor | None = None, weight: torch.Tensor | None = None) -> torch.Tensor:
-        """Per-sample simple loss ||eps - eps_theta(x_t, t, c)||^2 (Ho et al. 2020, eq. 14), with the objective's
-        options (offset noise when `noise` is not given, input perturbation, loss type and timestep weighting), and
-        a loss mask `weight` [B, 1, h, w] when given."""
-        noise = self.objective.sample_noise(x_start) if noise is None else noise
-        x_noisy, target = self.q_sample(x_start, t, self.objective.model_input_noise(noise)), noise
-        if self.training:  # scheduled sampling: some inputs made by the model itself (ldm/modules/losses/rollout.py)
-            x_noisy, target = self.rollout.apply(self, x_start, cond, t, x_noisy, target, self.global_step)
-        prediction = self.apply_model(x_noisy, t, cond)
-        return self.objective.per_sample(prediction, target, t, self.alphas_cumprod, self.num_timesteps, weight)
+        """Per-sample loss of the DreamBooth objective (ldm/modules/losses/dreambooth.py), with a loss mask `weight`
+        [B, 1, h, w] when given; in training, with scheduled sampling at this step."""
+        return self.objective.per_sample(self.apply_model, self.q_sample, self.alphas_cumprod, x_start, cond, t, noise,
+                                         weight, self.global_step if self.training else None)
+
+    weights_suffix = ".ckpt"  # of a step file
+
+    def save_step_weights(self, path: Path, dtype: Optional[torch.dtype] = None,
+                          shared_dtype: Optional[torch.dtype] = None, beside_resumable: bool = False) -> None:
+        """Write the weights only (no optimizer state) as an SD v1 `path` (.ckpt) in `dtype`, and with `shared_dtype`
+        a .safetensors copy beside it; `beside_resumable`: `path` is the resumable last.ckpt the trainer wrote, so
+        only the copy."""
+        state = self.state_dict()
+        if not beside_resumable:
+            save_weights(state, path, dtype=dtype)
+        if shared_dtype is not None:
+            save_weights(state, path.with_suffix(".safetensors"), dtype=shared_dtype)
 
     def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
         """The optimizer's step, then the EMA's (before the callbacks of the step, so that a step file holds both)."""
@@ -350,7 +359,7 @@ class LatentDiffusion(TextEncoderStop, LoraTraining, DDPM):
             n_instance = len(instance[self.cond_stage_key])
         else:
             per_sample, n_instance = self.per_sample_losses(batch, t, noise)
-        return {**self.loss_fn(per_sample, n_instance), **concept_losses(per_sample, batch.get(CONCEPT_KEY))}
+        return self.objective.losses(per_sample, n_instance, batch.get(CONCEPT_KEY))
 
     def per_sample_losses(self, batch: Mapping[str, Any], t: torch.Tensor | None = None,
                           noise: torch.Tensor | None = None) -> tuple[torch.Tensor, int]:
@@ -358,7 +367,7 @@ class LatentDiffusion(TextEncoderStop, LoraTraining, DDPM):
         z, captions, n_instance = self.get_input(batch)
         cond = self.get_learned_conditioning(captions)
         if t is None:
-            t = self.objective.sample_timesteps(z.shape[0], self.num_timesteps, z.device)
+            t = self.objective.noise.sample_timesteps(z.shape[0], self.num_timesteps, z.device)
         return self.p_losses(z, cond, t, noise, self.loss_masks(batch, z)), n_instance
 
     def sizes_differ(self, batch: Mapping[str, Any]) -> bool:

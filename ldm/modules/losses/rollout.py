@@ -5,6 +5,7 @@ spacing; the target becomes the noise that this input really holds with respect 
 to correct the errors it makes along its own sampling path. At probability 0 nothing is drawn and a training step
 is bit for bit the plain one."""
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -38,9 +39,12 @@ class Rollout:
         return self.probability * (min(1.0, step / self.ramp_steps) if self.ramp_steps else 1.0)
 
     @torch.no_grad()
-    def apply(self, model, x_start: torch.Tensor, cond: torch.Tensor, t: torch.Tensor, x_noisy: torch.Tensor,
-              target: torch.Tensor, step: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The inputs and targets of a batch, with the chosen examples rolled out by the model."""
+    def apply(self, denoise: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
+              q_sample: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
+              alphas_cumprod: torch.Tensor, x_start: torch.Tensor, cond: torch.Tensor, t: torch.Tensor,
+              x_noisy: torch.Tensor, target: torch.Tensor, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The inputs and targets of a batch, with the chosen examples rolled out by `denoise` (the model's eps
+        prediction) from `q_sample`'s noisier points."""
         p = self.probability_at(step)
         if p <= 0:
             return x_noisy, target
@@ -49,14 +53,14 @@ class Rollout:
         offsets = torch.randint(1, self.max_step_offset + 1, (n,), device=device)
         if not chosen.any():
             return x_noisy, target
-        stride = max(1, model.num_timesteps // SAMPLER_STEPS)
-        current = torch.where(chosen, (t + stride * offsets).clamp(max=model.num_timesteps - 1), t)
-        x = model.q_sample(x_start, current, target)
-        alphas = model.alphas_cumprod
+        num_timesteps, alphas = alphas_cumprod.shape[0], alphas_cumprod
+        stride = max(1, num_timesteps // SAMPLER_STEPS)
+        current = torch.where(chosen, (t + stride * offsets).clamp(max=num_timesteps - 1), t)
+        x = q_sample(x_start, current, target)
         while bool((current > t).any()):
             active = current > t
             now, later = current[active], torch.maximum(current - stride, t)[active]
-            eps = model.apply_model(x[active], now, cond[active])
+            eps = denoise(x[active], now, cond[active])
             a_now = extract_into_tensor(alphas, now, eps.shape)
             a_next = extract_into_tensor(alphas, later, eps.shape)
             x0 = (x[active] - (1 - a_now).sqrt() * eps) / a_now.sqrt()
