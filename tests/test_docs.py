@@ -1,6 +1,6 @@
 """The README and its chapters in docs/ hold together: every relative link and image points to a file of the
 repository (and a `#anchor` to a heading of that page, as GitHub names it), every docs/*.md is linked from the README,
-and every figure in docs/figures/ is shown somewhere."""
+every figure in docs/figures/ is shown somewhere, and every docs/ page that the code, configs and tests name exists."""
 import re
 from pathlib import Path
 
@@ -10,6 +10,7 @@ from readme_text import DOCS, FENCE
 # [text](target) and ![alt](target), with an optional "title"; the text may hold `code` but no brackets
 LINK = re.compile(r"!?\[[^\]]*\]\(([^)\s]+)(?:\s+\"[^\"]*\")?\)")
 URL = re.compile(r"^[a-z][a-z0-9+.-]*:", re.I)
+DOCS_PATH = re.compile(r"(?<![\w/.-])docs/[\w/.-]+\.(?:md|png|jpg)\b")
 
 
 def pages() -> list[Path]:
@@ -72,6 +73,18 @@ def test_every_figure_is_shown():
     shown = {(page.parent / target).resolve().relative_to(REPO).as_posix()
              for page in pages() for target in links(page.read_text()) if not URL.match(target)}
     assert [figure for figure in figures if figure not in shown] == []
+
+
+def test_every_docs_path_the_code_names_exists():
+    """A message, docstring or config comment that sends the reader to docs/... names a page or figure that exists."""
+    folders = ("ldm", "scripts", "configs", "tests", "tools")
+    sources = [path for folder in folders for path in REPO.joinpath(folder).rglob("*")
+               if path.suffix in (".py", ".yaml", ".sh", ".md")]
+    sources += [REPO / name for name in ("main.py", "setup.py", "pyproject.toml", "Makefile", "README.md")]
+    named = {(source.relative_to(REPO).as_posix(), path) for source in sources if source.is_file()
+             for path in DOCS_PATH.findall(source.read_text(errors="replace"))}
+    assert len(named) > 5, named  # the messages and comments were found
+    assert sorted((source, path) for source, path in named if not (REPO / path).is_file()) == []
 
 
 def test_the_link_check_finds_broken_links():
