@@ -99,7 +99,7 @@ def get_parser() -> argparse.ArgumentParser:
     add("--strategy", default=None, help="Lightning's strategy: ddp (the default with several devices), ddp_spawn, "
         "fsdp, deepspeed_stage_2, ... (lightning.trainer.strategy)")
     add("--num_nodes", type=int, default=None, help="machines taking part (lightning.trainer.num_nodes); launch one "
-        "process per node with torchrun or SLURM as Lightning expects (see the README)")
+        "process per node with torchrun or SLURM as Lightning expects (see docs/distributed.md)")
     add("--lr_scheduler", default=None, help="learning-rate schedule: constant (default), constant_with_warmup, "
         "linear, cosine, cosine_with_restarts, polynomial (model.params.lr_schedule.name)")
     add("--lr_warmup_steps", type=float, default=None,

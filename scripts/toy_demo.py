@@ -53,7 +53,7 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     add("--drift", action="store_true", help="also fine-tune with reg_weight 0 and compare")
     add("--quick", action="store_true", help="a pipeline check: few steps and samples (the rates mean nothing)")
     add("--threads", type=int, default=1, help="torch threads per process (1, the fastest for this tiny model: "
-        "see the README)")
+        "see docs/toy-world.md)")
     add("--samples", type=int, default=16, help="samples per prompt and model")
     add("--class_images", type=int, default=40)
     add("--max_steps", type=int, default=None, help="fine-tuning steps (default: the config's)")

@@ -1,17 +1,30 @@
-"""The README as the tests read it: its sections, fenced code blocks and inline code spans."""
+"""The README and its chapters in docs/ as the tests read them: their sections, fenced code blocks and inline code
+spans."""
 import re
 
 from conftest import REPO
 
 FENCE = re.compile(r"^[ \t]*```(\w*)\n(.*?)^[ \t]*```[ \t]*$", re.M | re.S)
+DOCS = REPO / "docs"
 
 
 def readme() -> str:
     return REPO.joinpath("README.md").read_text()
 
 
+def doc(name: str) -> str:
+    """docs/<name>.md, a chapter the README links to ("toy-world" or "toy-world.md")."""
+    return DOCS.joinpath(f"{name.removesuffix('.md')}.md").read_text()
+
+
+def documentation() -> str:
+    """The README and every docs/*.md chapter, one after the other: all the text a user reads."""
+    return "\n\n".join([readme(), *(doc(path.name) for path in sorted(DOCS.glob("*.md")))])
+
+
 def section(heading: str, text: str = "") -> str:
-    """The text under `heading` ("## The DreamBooth workflow") up to the next heading of its level."""
+    """The text under `heading` ("## The DreamBooth workflow") up to the next heading of its level, in the README or in
+    `text` (a chapter: `section("## The scorer", doc("toy-world"))`)."""
     level = heading.split(" ", 1)[0]
     return (text or readme()).split(heading, 1)[1].split(f"\n{level} ", 1)[0]
 

@@ -170,7 +170,8 @@ def test_full_size_model_has_exactly_the_spec_keys():
 
 
 def test_a_clone_stands_alone():
-    """The spec lives in tests/data; no test reads beside the repository; what the README makes is git-ignored."""
+    """The spec lives in tests/data; no test reads beside the repository; what the README's and docs' commands make is
+    git-ignored."""
     assert SPEC.is_file() and SPEC.resolve().is_relative_to(REPO)
     outside = ("REPO.parent", "parents[2]", "/".join(("..", "shared")))
     for source in (REPO / "tests").glob("*.py"):

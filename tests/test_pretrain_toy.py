@@ -1,4 +1,4 @@
-"""Toy pretraining as the README gives it: results go to the work folder (never the committed files unless
+"""Toy pretraining as docs/toy-world.md gives it: results go to the work folder (never the committed files unless
 `--data_dir data/toy`), the scale factor goes into every toy config or none, and `--init` never silently loses to a
 resumable state."""
 import hashlib

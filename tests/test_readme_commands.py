@@ -1,9 +1,9 @@
-"""Every command the README gives, pasted as a user would paste it, parses against the code: the command lines of its
-bash and plain ``` blocks and its inline `python ...`, `make ...`, `sd-...`, `torchrun ...` and `pip ...` spans are
-split as bash splits them (a shell operator such as an unintended `|` fails), each goes to its entry (main.py,
-scripts/X.py, a console command's module from pyproject.toml) and that entry's own argparse parser reads the
-arguments; main.py's `a.b=c` overrides must be dotted keys under a known top-level key; every configs/*.yaml and
-scripts/*.py the README names exists. Nothing is run: the three workflow steps run for real in
+"""Every command the README and its chapters in docs/ give, pasted as a user would paste it, parses against the code:
+the command lines of their bash and plain ``` blocks and their inline `python ...`, `make ...`, `sd-...`,
+`torchrun ...` and `pip ...` spans are split as bash splits them (a shell operator such as an unintended `|` fails),
+each goes to its entry (main.py, scripts/X.py, a console command's module from pyproject.toml) and that entry's own
+argparse parser reads the arguments; main.py's `a.b=c` overrides must be dotted keys under a known top-level key;
+every configs/*.yaml and scripts/*.py they name exists. Nothing is run: the three workflow steps run for real in
 test_readme_workflow.py. SKIPPED and SUBSTITUTIONS list every exception."""
 import ast
 import contextlib
@@ -17,7 +17,7 @@ from types import ModuleType
 
 from conftest import REPO, load_script
 from ldm.config import TOP_LEVEL_KEYS
-from readme_text import fenced_blocks, inline_spans, join_continuations, readme
+from readme_text import documentation, fenced_blocks, inline_spans, join_continuations
 
 # (what a skipped command starts with, why it is not parsed)
 SKIPPED = [
@@ -30,7 +30,7 @@ SKIPPED = [
     ("python scripts/*.py", "prose: the scripts as a group"),
 ]
 # the first line of each plain ``` block that holds no commands
-NOT_COMMANDS = [("main.py, scripts/*.py", "the Layout chapter's map of the files")]
+NOT_COMMANDS = [("main.py, scripts/*.py", "the Layout chapter's map of the files (docs/architecture.md)")]
 # (as written, as parsed): placeholders the README writes for "the rest of the command" and optional flags
 SUBSTITUTIONS = [
     ("...", "dropped: stands for the flags of the command given before it"),
@@ -155,21 +155,21 @@ def check(command: str) -> str:
 
 
 def test_every_readme_command_parses_against_the_code():
-    commands = readme_commands(readme())
+    commands = readme_commands(documentation())
     assert len(commands) > 60, commands  # the blocks and spans were found
     failures = [f"{command}\n    -> {why}" for command in commands if (why := check(command))]
     assert not failures, "README commands that do not work as written:\n" + "\n".join(failures)
 
 
 def test_every_config_and_script_the_readme_names_exists():
-    text = readme()
+    text = documentation()
     names = set(re.findall(r"\b(?:configs/[\w./-]+\.yaml|scripts/\w+\.py)\b", text))
     assert len(names) > 20, names
     assert [name for name in sorted(names) if not (REPO / name).is_file()] == []
 
 
 def test_each_skip_matches_a_readme_command():
-    commands, blocks = readme_commands(readme()), fenced_blocks(readme())
+    commands, blocks = readme_commands(documentation()), fenced_blocks(documentation())
     assert [prefix for prefix, _ in SKIPPED if not any(c.startswith(prefix) for c in commands)] == []
     assert [first for first, _ in NOT_COMMANDS if not any(b.lstrip().startswith(first) for b in blocks)] == []
 

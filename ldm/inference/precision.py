@@ -43,5 +43,5 @@ def check_training_precision(device: torch.device, precision: str) -> None:
                         f"--fused_backward), or --precision 32 with the other memory savers (bf16 needs {BF16_CARDS})")
     if device.type == "cpu" and not cpu_has_bf16():
         logger.warning("--precision %s on a CPU without bf16 instructions (%s): bf16 is emulated here and several "
-                       "times slower than float32; --precision 32 keeps the other memory savers (the README's memory "
-                       "table)", precision, torch.backends.cpu.get_cpu_capability())
+                       "times slower than float32; --precision 32 keeps the other memory savers "
+                       "(docs/memory-and-speed.md)", precision, torch.backends.cpu.get_cpu_capability())

@@ -69,7 +69,7 @@ def elementwise_loss(loss_type: str, prediction: torch.Tensor, target: torch.Ten
 
 @dataclass
 class NoiseObjective:
-    """What the training loss adds to the simple loss; see the README's training-recipe table for typical values."""
+    """What the training loss adds to the simple loss; see docs/recipe.md for typical values."""
 
     offset_noise: float = 0.0
     input_perturbation: float = 0.0
