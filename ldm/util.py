@@ -17,7 +17,7 @@ import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 from types import ModuleType
-from typing import Any, Callable, Iterator, Mapping, Optional
+from typing import Any, Callable, Iterator, Mapping, Optional, Sequence
 
 import torch
 
@@ -294,3 +294,8 @@ def _dropped_warning(logger_name: str, prefix: str) -> Iterator[None]:
         yield
     finally:
         logger.removeFilter(keep)
+
+
+def mean(values: Sequence[float]) -> Optional[float]:
+    """The mean, None for no values."""
+    return sum(values) / len(values) if values else None

@@ -19,15 +19,15 @@ from typing import Optional, Sequence
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from ldm.cli import run_command  # noqa: E402
-from ldm.eval.compare import (ModelSpec, Scorer, cost_row, default_prompts, draw_comparison, mean,  # noqa: E402
-                              percent, table_rows, unique_labels, write_tables)
+from ldm.eval.compare import (ModelSpec, Scorer, cost_row, default_prompts, draw_comparison, percent,  # noqa: E402
+                              table_rows, unique_labels, write_tables)
 from ldm.eval.generation import SampleSettings, model_config, sample_model  # noqa: E402
 from ldm.inference.flags import add_precision_argument, read_prompts  # noqa: E402
 from ldm.inference.loading import check_checkpoint, choose_device  # noqa: E402
 from ldm.lora.files import check_lora_specs  # noqa: E402
 from ldm.toy.demo import CLASS_PROMPT, CONTEXT_PROMPTS  # noqa: E402
 from ldm.toy.scorer import ToyPromptScorer, load_scorer  # noqa: E402
-from ldm.util import UserError, ensure_writable_dir, user_or_project_path  # noqa: E402
+from ldm.util import UserError, ensure_writable_dir, mean, user_or_project_path  # noqa: E402
 
 logger = logging.getLogger("compare")
 TOY_SCORER = "data/toy/scorer.safetensors"

@@ -27,14 +27,14 @@ from typing import Optional, Sequence
 
 import numpy as np
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from ldm.checkpoint import (load_model_weights, read_checkpoint, read_state_dict, save_checkpoint,  # noqa: E402
                             save_weights)
 from ldm.cli import run_command  # noqa: E402
-from ldm.config import shown  # noqa: E402
+from ldm.config import read_yaml, shown  # noqa: E402
 from ldm.toy.metrics import prompt_following  # noqa: E402
 from ldm.toy.pretraining import (DiffusionPretraining, SceneLatents, psnr, random_scenes, render_all,  # noqa: E402
                                  train_vae)
@@ -105,7 +105,7 @@ def write_scale_factor(opt: argparse.Namespace, value: float) -> None:
 
 def model_config(opt: argparse.Namespace, record: dict) -> DictConfig:
     """The model config, with the scale factor that the vae stage measured for these results."""
-    config = OmegaConf.load(opt.configs[0] if opt.configs else MODEL_CONFIG)
+    config = read_yaml(opt.configs[0] if opt.configs else MODEL_CONFIG)
     if "scale_factor" in record.get("vae", {}):
         config.model.params.scale_factor = record["vae"]["scale_factor"]
     return config
@@ -135,7 +135,7 @@ def vae_stage(opt: argparse.Namespace, workdir: Path, record: dict) -> None:
 
 def load_vae(opt: argparse.Namespace, workdir: Path) -> torch.nn.Module:
     """The VAE of the vae stage, or that of the --init weights when the stage's file is not there."""
-    vae = instantiate_from_config(OmegaConf.load(opt.configs[0] if opt.configs else MODEL_CONFIG)
+    vae = instantiate_from_config(read_yaml(opt.configs[0] if opt.configs else MODEL_CONFIG)
                                   .model.params.first_stage_config)
     path = workdir / "vae.safetensors"
     if path.is_file() or not opt.init:

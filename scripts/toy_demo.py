@@ -20,13 +20,12 @@ import time
 from pathlib import Path
 from typing import Optional, Sequence
 
-from omegaconf import OmegaConf
 
 SCRIPTS = Path(__file__).resolve().parent  # scripts/ in a clone, dreambooth_scripts/ once installed
 sys.path.insert(0, str(SCRIPTS.parent))
 
 from ldm.cli import run_command  # noqa: E402
-from ldm.config import shown  # noqa: E402
+from ldm.config import read_yaml, shown  # noqa: E402
 from ldm.toy.demo import (CLASS_WORD, IDENTIFIER, PROMPTS, draw_picture, percent, score_folder,  # noqa: E402
                           write_report)
 from ldm.toy.scorer import load_scorer  # noqa: E402
@@ -101,7 +100,7 @@ def fine_tune(runner: Runner, name: str, class_folder: Path, opt: argparse.Names
     runner.run("fine-tune", name, "main.py", *args, *opt.set, *overrides)
     (run,) = logdir.iterdir()
     (config,) = (run / "configs").glob("*-project.yaml")
-    if OmegaConf.load(config).model.params.get("lora"):
+    if read_yaml(config).model.params.get("lora"):
         return ["--ckpt", opt.base, "--lora", str(run / "checkpoints" / "last.safetensors")]
     return ["--ckpt", str(run / "checkpoints" / "last.ckpt")]
 

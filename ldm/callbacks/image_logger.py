@@ -8,7 +8,7 @@ import torch
 from pytorch_lightning.callbacks import Callback
 
 from ldm.data.batch import prefixes
-from ldm.images import labelled_grid, generation_metadata, save_image, to_pil
+from ldm.images import generation_metadata, labelled_grid, save_image, to_pil
 from ldm.inference.sampling import sample_images, sampling_mode
 from ldm.optim.factory import optimizer_eval_mode
 from ldm.util import free_memory

@@ -17,7 +17,7 @@ from ldm.data.captions import fill
 from ldm.data.datamodule import datasets_of
 from ldm.data.image_files import load_rgb
 from ldm.eval.paper_metrics import without_identifier
-from ldm.images import labelled_grid, read_metadata, generation_metadata, save_image
+from ldm.images import generation_metadata, labelled_grid, read_metadata, save_image
 from ldm.inference.sampling import sample_images, sampling_mode
 from ldm.modules.encoders.vision import ClipEmbedder
 from ldm.optim.factory import optimizer_eval_mode

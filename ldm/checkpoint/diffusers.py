@@ -15,7 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 from ldm.checkpoint.files import REQUIRED_GROUPS, CheckpointError, group_of, read_weight_file
 from ldm.checkpoint.loading import check_compatible, parameters_on_meta
 from ldm.checkpoint.writing import save_weights
-from ldm.config import DEFAULT_CONFIG, native_size
+from ldm.config import DEFAULT_CONFIG, native_size, read_yaml
 from ldm.modules.encoders.modules import TEXT_CONFIG_KEYS, TOKENIZER_DIR, build_text_config, load_tokenizer
 from ldm.util import UserError, atomic_write_text, import_offline, instantiate_from_config, read_json
 
@@ -119,7 +119,7 @@ def sd_config_for_folder(folder: Path) -> DictConfig:
     """Our model config for the pipeline in `folder`: the SD v1 inference config with the folder's sizes."""
     configs = folder_configs(folder)
     unet, vae, text = configs["unet"], configs["vae"], configs["text_encoder"]
-    config = OmegaConf.load(DEFAULT_CONFIG)
+    config = read_yaml(DEFAULT_CONFIG)
     params, base = config.model.params, unet["block_out_channels"][0]
     params.unet_config.params.update(
         image_size=unet["sample_size"], in_channels=unet["in_channels"], out_channels=unet["out_channels"],

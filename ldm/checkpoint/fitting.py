@@ -3,11 +3,11 @@ that names the config to pass."""
 from typing import Mapping, Optional
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from ldm.checkpoint.files import CheckpointError, ShapeMismatchError
 from ldm.checkpoint.loading import check_compatible
-from ldm.config import CONFIGS, shown
+from ldm.config import CONFIGS, read_yaml, shown
 from ldm.util import instantiate_from_config
 
 
@@ -16,7 +16,7 @@ def fitting_config(file_shapes: Mapping[str, tuple[int, ...]]) -> Optional[str]:
     file_state = {key: torch.empty(shape, device="meta") for key, shape in file_shapes.items()}
     for path in sorted(CONFIGS.glob("**/v1-inference.yaml")):
         with torch.device("meta"):  # shapes only: no memory, no initialisation
-            model_state = instantiate_from_config(OmegaConf.load(path).model).state_dict()
+            model_state = instantiate_from_config(read_yaml(path).model).state_dict()
         try:
             check_compatible(model_state, file_state, str(path))
         except CheckpointError:

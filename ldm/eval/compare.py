@@ -17,7 +17,7 @@ from PIL import Image, ImageDraw
 from ldm.checkpoint import read_lora
 from ldm.images import default_font, make_grid
 from ldm.lora.files import parse_lora_spec
-from ldm.util import UserError, user_or_project_path
+from ldm.util import UserError, mean, user_or_project_path
 
 logger = logging.getLogger(__name__)
 SUMMARY_FILE = "summary.json"  # what a training run writes beside its checkpoints/ folder (ldm/callbacks/progress.py)
@@ -104,11 +104,6 @@ class Scorer(Protocol):
     """Per image of one prompt: `{"subject": s, "prompt": p}`, fidelities in [0, 1]."""
 
     def __call__(self, images: Sequence[Image.Image], prompt: str) -> list[dict[str, float]]: ...
-
-
-def mean(values: Sequence[float]) -> Optional[float]:
-    """The mean, None for no values."""
-    return sum(values) / len(values) if values else None
 
 
 def subject_prompts(prompts: Sequence[str], identifier: str) -> list[str]:

@@ -10,10 +10,10 @@ from typing import Any, Optional, Sequence
 
 from PIL import Image
 
-from ldm.eval.compare import ModelSpec, Scorer, mean
+from ldm.eval.compare import ModelSpec, Scorer
 from ldm.eval.generation import SampleSettings, sample_model
 from ldm.images import labelled_grid
-from ldm.util import UserError, atomic_write_text, project_path
+from ldm.util import UserError, atomic_write_text, mean, project_path
 
 DREAMBENCH = project_path("data/dreambench/prompts_and_classes.json")
 # DreamBench's prompt lists, in order: recontextualisation, then (live subjects) accessorisation, then properties.

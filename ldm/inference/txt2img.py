@@ -20,7 +20,7 @@ from ldm.controlnet.options import build_controls, check_control_options
 from ldm.controlnet.stack import ControlStack, controlled
 from ldm.data.buckets import bucket_box
 from ldm.data.image_files import DataError, load_rgb
-from ldm.images import make_grid, generation_metadata, save_image, to_pil
+from ldm.images import generation_metadata, make_grid, save_image, to_pil
 from ldm.inference.flags import CLIP_SKIP_KEY, read_prompts, resolve_sampler
 from ldm.inference.loading import check_checkpoint, choose_device, load_model, precision_scope, sampling_config
 from ldm.inference.sampling import ADAPTIVE_TOLERANCES, img2img_steps, make_generators, sample_latents

@@ -3,7 +3,7 @@ DreamBooth (identifier binding, prior preservation, recontextualisation), and th
 import json
 from collections import defaultdict
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Optional
 
 from PIL import Image
 
@@ -11,6 +11,7 @@ from ldm.eval.compare import draw_comparison
 from ldm.images import read_metadata
 from ldm.toy.scorer import ToyScorer
 from ldm.toy.world import COMPARED_CONTEXTS, CONTEXT_PHRASES
+from ldm.util import mean
 
 IDENTIFIER, CLASS_WORD = "sks", "ball"
 INSTANCE_PROMPT = f"photo of a {IDENTIFIER} {CLASS_WORD}"
@@ -44,9 +45,6 @@ def score_folder(folder: Path, scorer: ToyScorer) -> dict[str, dict[str, Any]]:
         }
     return rates
 
-
-def mean(values: Sequence[float]) -> float:
-    return sum(values) / len(values)
 
 
 def targets(rates: dict[str, dict[str, dict[str, Any]]], seconds: Optional[float]) -> list[dict[str, Any]]:

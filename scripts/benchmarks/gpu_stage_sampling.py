@@ -6,12 +6,11 @@ BENCHMARKS = Path(__file__).resolve().parent
 sys.path[:0] = [str(BENCHMARKS.parents[1]), str(BENCHMARKS.parent)]  # ldm, and benchmarks/
 
 import torch  # noqa: E402
-from omegaconf import OmegaConf  # noqa: E402
 
 from benchmarks import device_check  # noqa: E402
 from benchmarks.common import median_seconds  # noqa: E402
 from benchmarks.device_check import run_stage  # noqa: E402
-from ldm.config import latent_shape, load_config  # noqa: E402
+from ldm.config import latent_shape, load_config, read_yaml  # noqa: E402
 from ldm.controlnet.stack import Control, ControlStack, controlled  # noqa: E402
 from ldm.inference.loading import load_model, precision_scope  # noqa: E402
 from ldm.inference.sampling import sample_once  # noqa: E402
@@ -31,7 +30,7 @@ def worker_sampling(spec: dict) -> dict:
     result = {"plain_s": median_seconds([sample], spec["repeats"], device)[0], **device_check.cuda_peaks(device)}
     reset_peak_memory(device)  # the ControlNet's peaks are its own
     torch.manual_seed(0)
-    net = instantiate_from_config(OmegaConf.load(spec["controlnet"]).model.params.control_stage_config)
+    net = instantiate_from_config(read_yaml(spec["controlnet"]).model.params.control_stage_config)
     net = net.eval().requires_grad_(False).to(device, next(model.model.parameters()).dtype)
     hint = torch.rand(1, 3, spec["size"], spec["size"], device=device)
     with controlled(model, ControlStack([Control(net, hint)])):

@@ -17,9 +17,9 @@ from typing import Optional, Sequence
 sys.path[:0] = [str(Path(__file__).resolve().parents[2]), str(Path(__file__).resolve().parents[1])]
 
 import torch  # noqa: E402
-from omegaconf import OmegaConf  # noqa: E402
 
 from ldm.cli import run_command  # noqa: E402
+from ldm.config import read_yaml  # noqa: E402
 from ldm.optim.factory import make_optimizer, state_tensors  # noqa: E402
 from ldm.util import UserError, instantiate_from_config  # noqa: E402
 
@@ -40,7 +40,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
 def unet_shapes(config_path: str) -> list[torch.Size]:
     """The shapes of the UNet's parameters, in its order."""
-    config = OmegaConf.load(config_path)
+    config = read_yaml(config_path)
     with torch.device("meta"):
         unet = instantiate_from_config(config.model.params.unet_config)
     return [p.shape for p in unet.parameters()]
