@@ -10,11 +10,11 @@ import pytest
 import torch
 
 from conftest import REPO, load_script
-from ldm import device_check
 from ldm.callbacks.timing import StepTimer
 from ldm.config import load_config
 
 gpu_check = load_script("gpu_check")
+device_check = gpu_check.device_check  # scripts/benchmarks/device_check.py, as gpu_check imports it
 FULL_INFERENCE = str(REPO / "configs" / "stable-diffusion" / "v1-inference.yaml")
 
 

@@ -13,7 +13,7 @@ from torch.testing import assert_close
 from torch.utils.data import default_collate
 
 from conftest import build_tiny_model, randomise_zero_init
-from ldm import latent_cache
+from ldm.training import latent_cache
 from ldm.data.concepts import ConceptPairs
 from ldm.data.datamodule import DataModuleFromConfig
 from ldm.training.latent_cache import cache_latents

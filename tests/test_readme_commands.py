@@ -28,6 +28,7 @@ SKIPPED = [
     ("c=$(python -c", "the loop's class lookup: a command substitution that reads the shipped JSON"),
     ("done", "the loop's end"),
     ("python scripts/*.py", "prose: the scripts as a group"),
+    (".venv/bin/lint-imports", "import-linter's command, a test dependency; tests/test_layering.py runs it"),
 ]
 # the first line of each plain ``` block that holds no commands
 NOT_COMMANDS = [("main.py, scripts/*.py", "the Layout chapter's map of the files (docs/architecture.md)")]
@@ -145,7 +146,7 @@ def check(command: str) -> str:
     if words[0] in PYTHONS:
         words = words[1:]
     script = console_commands().get(words[0], words[0])
-    if script != "main.py" and not re.fullmatch(r"scripts/\w+\.py", script):
+    if script != "main.py" and not re.fullmatch(r"scripts/(benchmarks/)?\w+\.py", script):
         return f"not a command this test knows: {words[0]!r} (add it to SKIPPED with a reason, or map it)"
     if not (REPO / script).is_file():
         return f"{script} does not exist"
@@ -163,7 +164,7 @@ def test_every_readme_command_parses_against_the_code():
 
 def test_every_config_and_script_the_readme_names_exists():
     text = documentation()
-    names = set(re.findall(r"\b(?:configs/[\w./-]+\.yaml|scripts/\w+\.py)\b", text))
+    names = set(re.findall(r"\b(?:configs/[\w./-]+\.yaml|scripts/(?:benchmarks/)?\w+\.py)\b", text))
     assert len(names) > 20, names
     assert [name for name in sorted(names) if not (REPO / name).is_file()] == []
 

@@ -426,7 +426,7 @@ def test_flags_go_into_the_config_that_the_run_saves(main_module, monkeypatch):
         "--max_steps", "7", "--num_class_images", "9", "--freeze_text_encoder", "--safetensors", "--gpus", "0,1",
         "--precision", "bf16-mixed", "--strategy", "ddp", "--num_nodes", "2", "--class_prompt",
         "a photo of a {class_word}, studio light", "--class_negative_prompt", "blurry", "--class_sampler", "euler_a"])
-    config = main_module.load_config([str(REPO / TINY)], ["model.params.reg_weight=0.5"])
+    config = main_module.load_run_config([str(REPO / TINY)], ["model.params.reg_weight=0.5"])
     main_module.apply_flags(config, opt)
     train, reg = config.data.params.train.params, config.data.params.reg.params
     assert (train.data_root, reg.data_root, train.class_word, reg.class_word, train.identifier) == (
