@@ -14,6 +14,7 @@ import shutil
 import stat
 import sys
 import tempfile
+import time
 from contextlib import contextmanager
 from pathlib import Path
 from types import ModuleType
@@ -122,6 +123,13 @@ def peak_memory_text(device: torch.device) -> str:
                 f"{format_bytes(stats['cuda_max_reserved_bytes'])} (CUDA)")
     rss = stats["peak_rss_bytes"]
     return "unknown" if rss is None else f"{format_bytes(rss)} (process peak RSS)"
+
+
+def synced_clock(device: torch.device) -> float:
+    """time.perf_counter() once the device has finished its queued work (a CUDA GPU runs asynchronously)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
 
 
 def reset_peak_memory(device: torch.device) -> None:

@@ -13,7 +13,8 @@ from pytorch_lightning.callbacks import Callback
 
 from ldm.optim.factory import uses_fused_backward
 from ldm.optim.per_parameter import PerParameterOptimizer
-from ldm.util import START_TIME_ENV, atomic_write, backend_settings, peak_memory_stats, reset_peak_memory, span_peak
+from ldm.util import (START_TIME_ENV, atomic_write, backend_settings, peak_memory_stats, reset_peak_memory, span_peak,
+                      synced_clock)
 
 logger = logging.getLogger(__name__)
 
@@ -53,24 +54,18 @@ class StepTimer(Callback):
         self._written = False
         self.backend: dict[str, Any] = {}
 
-    @staticmethod
-    def _clock(pl_module: pl.LightningModule) -> float:
-        if pl_module.device.type == "cuda":
-            torch.cuda.synchronize(pl_module.device)
-        return time.perf_counter()
-
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         started = process_start_time()
         self.startup = None if started is None else time.time() - started
         self.backend = backend_settings()  # what main.py and the trainer set: the benchmark's reference copies it
-        self._last, self._step = self._clock(pl_module), trainer.global_step
+        self._last, self._step = synced_clock(pl_module.device), trainer.global_step
         reset_peak_memory(pl_module.device)  # loading and caching are not the first step's
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
         if trainer.global_step == self._step:  # a micro-batch of gradient accumulation: the step goes on
             return
-        now = self._clock(pl_module)
+        now = synced_clock(pl_module.device)
         self.steps.append(now - self._last)
         if pl_module.device.type == "cuda":
             self.step_peaks.append(span_peak(pl_module.device))

@@ -3,7 +3,6 @@ checkpoint, synthetic photos to train on, and wall times that wait for the GPU."
 import hashlib
 import logging
 import statistics
-import time
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -14,7 +13,7 @@ from PIL import Image
 
 from benchmarks.reference import N_PHOTOS
 from ldm.checkpoint import save_weights
-from ldm.util import instantiate_from_config
+from ldm.util import instantiate_from_config, synced_clock
 
 logger = logging.getLogger(__name__)
 
@@ -50,13 +49,9 @@ def random_checkpoint(config: DictConfig, work: Path) -> Path:
 
 def seconds(run: Callable[[], object], device: torch.device) -> float:
     """Wall time of one call of `run`, waiting for the GPU to finish."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    start = time.perf_counter()
+    start = synced_clock(device)
     run()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter() - start
+    return synced_clock(device) - start
 
 
 def median_seconds(runs: Sequence[Callable[[], object]], repeats: int, device: torch.device) -> list[float]:

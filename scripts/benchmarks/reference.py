@@ -11,7 +11,8 @@ from ldm.checkpoint.diffusers import diffusers_unet_config
 from ldm.data.personalized import CLASS_TEMPLATE, DEFAULT_CLASS_WORD, DEFAULT_IDENTIFIER, INSTANCE_TEMPLATE
 from ldm.modules.diffusionmodules.openaimodel import UNetModel
 from ldm.modules.encoders.modules import TOKENIZER_DIR, load_tokenizer
-from ldm.util import FLOAT32_MATMUL_PRECISION, apply_backend_settings, backend_settings, peak_memory_stats
+from ldm.util import (FLOAT32_MATMUL_PRECISION, apply_backend_settings, backend_settings, peak_memory_stats,
+                      synced_clock)
 
 PRECISIONS = {"no": None, "fp16": "float16", "bf16": "bfloat16"}  # train_dreambooth.py's --mixed_precision
 N_PHOTOS = 4  # the synthetic photos of each kind (instance, class)
@@ -48,13 +49,6 @@ def backend_text(backend: dict) -> str:
     on = {True: "on", False: "off"}
     return (f"TF32 matmul {backend['float32_matmul_precision']}, cuDNN TF32 {on[backend['cudnn_allow_tf32']]}, "
             f"autotune {on[backend['cudnn_benchmark']]}")
-
-
-def clock(device: Any) -> float:
-    import torch
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter()
 
 
 def dreambooth_batch(photos: Path, step: int, size: int, tokenizer: Any) -> dict:
@@ -123,7 +117,7 @@ def diffusers_worker(spec: dict) -> dict:
     ref = load_reference(flags, spec["model"], device)
     autocast = torch.autocast(device.type, dtype=ref.dtype, enabled=flags.mixed_precision != "no")  # accelerate's
     scaler = torch.amp.GradScaler(device.type, enabled=flags.mixed_precision == "fp16")
-    startup, steps, last = time.time() - spec["start_time"], [], clock(device)
+    startup, steps, last = time.time() - spec["start_time"], [], synced_clock(device)
     for step in range(spec["steps"]):
         batch = dreambooth_batch(Path(spec["photos"]), step, spec["size"], ref.tokenizer)
         model_input = ref.vae.encode(batch["pixel_values"].to(device, dtype=ref.dtype)).latent_dist.sample()
@@ -146,7 +140,7 @@ def diffusers_worker(spec: dict) -> dict:
         scaler.update()
         ref.optimizer.zero_grad(set_to_none=flags.set_grads_to_none)
         loss.detach().item()  # the loss their progress bar shows each step
-        now = clock(device)
+        now = synced_clock(device)
         steps.append(now - last)
         last = now
     return {"steps": steps, "startup_s": startup, **peak_memory(device), "backend": backend_settings(),
@@ -171,12 +165,12 @@ def unet_worker(spec: dict, ours: bool) -> dict:
     x = torch.randn(2, *spec["latent"], device=device)
     t = torch.randint(0, 1000, (2,), device=device)
     context = torch.randn(2, spec["context_length"], params["context_dim"], device=device)
-    startup, steps, last = time.time() - spec["start_time"], [], clock(device)
+    startup, steps, last = time.time() - spec["start_time"], [], synced_clock(device)
     for _ in range(spec["steps"]):
         out = model(x, t, context) if ours else model(x, t, encoder_hidden_states=context).sample
         out.square().mean().backward()
         model.zero_grad(set_to_none=True)
-        now = clock(device)
+        now = synced_clock(device)
         steps.append(now - last)
         last = now
     return {"steps": steps, "startup_s": startup, **peak_memory(device), "backend": backend_settings(),
