@@ -8,6 +8,7 @@ import torch
 from conftest import build_tiny_model
 from ldm.callbacks import StepCheckpoint
 from ldm.checkpoint import read_state_dict
+from ldm.models.diffusion.ddpm import DDPM
 from ldm.optim.factory import make_optimizer, optimizer_eval_mode
 from ldm.util import UserError
 from test_train_e2e import REPO, TINY, fresh_run_args, load_script, make_class_images, make_photos, metrics, run_main
@@ -130,10 +131,16 @@ def test_the_model_builds_the_optimizer_its_config_names():
     assert len(optimizer.param_groups[0]["params"]) == len(model.trainable_parameters())
 
 
+class StepWeights(torch.nn.Linear):
+    """A small module that writes its step files as the model does (DDPM's)."""
+    weights_suffix = DDPM.weights_suffix
+    save_step_weights = DDPM.save_step_weights
+
+
 def test_checkpoints_hold_a_schedule_free_optimizers_evaluation_weights(tmp_path):
     pytest.importorskip("schedulefree", reason="schedulefree is not installed (pip install schedulefree)")
     torch.manual_seed(0)
-    module = torch.nn.Linear(4, 4)
+    module = StepWeights(4, 4)
     optimizer = make_optimizer({"target": "schedulefree_adamw"}, module.parameters(), 0.1)
     for _ in range(3):
         module(torch.randn(8, 4)).square().mean().backward()
