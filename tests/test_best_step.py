@@ -186,7 +186,9 @@ def test_the_toy_scorer_measures_binding_recontextualisation_and_leakage():
                "photo of a ball": [picture(random_scene(rng, cls="ball")) for _ in range(4)]}
     validation = ValidationSamples(every_n_steps=1, scorer={"target": "ldm.toy.metrics.ToySampleScorer"})
     instance = SimpleNamespace(identifier="sks", class_word="ball", paths=[])
+    state = torch.get_rng_state()
     scores = validation.score(samples, {"": list(samples)}, {"": instance})
+    assert torch.equal(torch.get_rng_state(), state)  # training's random stream is untouched
     assert set(scores) == {"val/binding", "val/recontext_subject", "val/recontext_context", "val/leakage",
                            "val/fidelity"}
     assert scores["val/binding"] >= 0.75 and scores["val/recontext_subject"] >= 0.75

@@ -1,6 +1,6 @@
 """The best step: `checkpoints/best.safetensors`, the weights of the monitored round (validation samples, evaluation
 loss) whose metric (default `val/fidelity`) was best, weights only, or a LoRA run's LoRA file, with `best.json`
-beside it (its step, its scores, the rounds since); early stopping after `patience` rounds without a better one.
+beside it (its step, the scores of its round, the rounds since); early stopping after `patience` rounds without a better one.
 Its state travels in last.ckpt, so that a resumed run knows the best so far."""
 import json
 import logging
@@ -47,7 +47,6 @@ class BestStep(Callback):
         self.stop_reason: Optional[str] = None
         self._stop = False
         self._monitors: list[Callback] = []
-        self._round: dict[str, Any] = {"step": -1, "metrics": {}}
         self._seen: set[str] = set()
         self._notes: list[str] = []
 
@@ -120,21 +119,14 @@ class BestStep(Callback):
     def observe(self, trainer: pl.Trainer, pl_module: pl.LightningModule, metrics: dict[str, float]) -> None:
         """A monitor's metrics of this step (rank zero): keep the weights when the monitored one is the best yet."""
         step = trainer.global_step
-        if self._round["step"] != step:
-            self._round = {"step": step, "metrics": {}}
-        self._round["metrics"].update(metrics)
         self._seen.update(metrics)
         if self.monitor not in metrics:
-            if self.best is not None and self.best["step"] == step:  # another monitor's metrics of the best round
-                self.best["scores"].update(metrics)
-                self.write_record(trainer)
             return
         value, self.last_round = float(metrics[self.monitor]), step
         if math.isfinite(value) and (self.best is None or self.better(value, self.best["value"])):
             with optimizer_eval_mode(trainer.optimizers):  # the weights the monitors measured
                 pl_module.save_step_weights(self.folder(trainer) / WEIGHTS, self.dtype)
-            self.best, self.rounds_since_best = {"step": step, "value": value,
-                                                 "scores": dict(self._round["metrics"])}, 0
+            self.best, self.rounds_since_best = {"step": step, "value": value, "scores": dict(metrics)}, 0
             logger.info("step %d: the best %s so far, %.4f: %s", step, self.monitor, value,
                         self.folder(trainer) / WEIGHTS)
         else:
