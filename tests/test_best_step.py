@@ -199,6 +199,18 @@ def test_the_toy_scorer_measures_binding_recontextualisation_and_leakage():
         ToySampleScorer("missing.safetensors")
 
 
+def test_several_concepts_get_a_fidelity_each_and_their_mean():
+    validation = ValidationSamples(every_n_steps=1, scorer={"target": "scripted_scorer.ScriptedScorer",
+                                                            "params": {"values": [0.2, 0.6]}})
+    image = Image.new("RGB", (64, 64))
+    instances = {"dog": SimpleNamespace(identifier="sks", class_word="dog", paths=[]),
+                 "cat": SimpleNamespace(identifier="zwx", class_word="cat", paths=[])}
+    samples = {"photo of a sks dog": [image], "photo of a zwx cat": [image]}
+    scores = validation.score(samples, {"dog": ["photo of a sks dog"], "cat": ["photo of a zwx cat"]}, instances)
+    assert scores == pytest.approx({"val/score_dog": 0.2, "val/fidelity_dog": 0.2, "val/score_cat": 0.6,
+                                    "val/fidelity_cat": 0.6, "val/fidelity": 0.4})
+
+
 def test_clip_and_dino_give_the_papers_fidelity(tmp_path):
     clip, dino = save_tiny_scorers(tmp_path)
     photos = make_class_images(tmp_path / "photos", 2)

@@ -21,7 +21,7 @@ from ldm.images import generation_metadata, labelled_grid, read_metadata, save_i
 from ldm.inference.sampling import sample_images, sampling_mode
 from ldm.modules.encoders.vision import ClipEmbedder, DinoEmbedder
 from ldm.optim.factory import optimizer_eval_mode
-from ldm.util import free_memory, instantiate_from_config
+from ldm.util import free_memory, instantiate_from_config, mean
 
 logger = logging.getLogger(__name__)
 DEFAULT_PROMPTS = ("photo of a {identifier} {class_word}", "photo of a {class_word}",
@@ -147,7 +147,7 @@ class ValidationSamples(Callback):
                 logger.warning("validation: %s", self.fidelity_note)
             scores.update({f"val/{key}_{name}" if name else f"val/{key}": v for key, v in part.items()})
         if len(instances) > 1 and len(fidelities) == len(instances):
-            scores["val/fidelity"] = sum(fidelities) / len(fidelities)
+            scores["val/fidelity"] = mean(fidelities)
         return scores
 
     def sample(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, float]:
