@@ -1,7 +1,7 @@
 """The best step: `checkpoints/best.safetensors`, the weights of the monitored round (validation samples, evaluation
 loss) whose metric (default `val/fidelity`) was best, weights only, or a LoRA run's LoRA file, with `best.json`
-beside it (its step, the scores of its round, the rounds since); early stopping after `patience` rounds without a better one.
-Its state travels in last.ckpt, so that a resumed run knows the best so far."""
+beside it (its step, the scores of its round, the rounds since); early stopping after `patience` rounds without a
+better one. Its state travels in last.ckpt, so that a resumed run knows the best so far."""
 import json
 import logging
 import math
