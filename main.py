@@ -24,8 +24,8 @@ from pytorch_lightning.strategies import DDPStrategy, Strategy
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 from pytorch_lightning.utilities.rank_zero import rank_zero_only
 
-from ldm.callbacks import (AtomicCheckpointIO, RankSeed, SetupCallback, StartAtStep, StepCheckpoint, StepProgress,
-                           quiet_lightning)
+from ldm.callbacks import (AtomicCheckpointIO, BestStep, RankSeed, SetupCallback, StartAtStep, StepCheckpoint,
+                           StepProgress, quiet_lightning)
 from ldm.checkpoint import check_checkpoint_file, load_model_weights, parameters_on_meta
 from ldm.cli import run_command
 from ldm.config import check_config, load_run_config
@@ -265,15 +265,17 @@ def build(config: DictConfig, where: str, **extra: Any) -> Any:
 
 def make_callbacks(lightning: DictConfig, run: Run, now: str, config: DictConfig, seed: int) -> list[pl.Callback]:
     """Our callbacks in the order their hooks run: the seeds first (so that an optimizer step's shared stream ends
-    before any other callback draws), then the start step, progress and its summary last."""
+    before any other callback draws), then the start step, the configured ones with the best step after the
+    monitors, progress and its summary last."""
     checkpoint_config = OmegaConf.merge(
         {"target": "ldm.callbacks.StepCheckpoint", "params": {"dirpath": str(run.logdir / "checkpoints")}},
         lightning.get("modelcheckpoint") or {})
     callbacks = [RankSeed(seed)] + ([StartAtStep(run.step)] if run.weights else [])
     callbacks += [SetupCallback(str(run.logdir), now, config, lightning),
                   build(checkpoint_config, "lightning.modelcheckpoint")]
-    for name, callback_config in (lightning.get("callbacks") or {}).items():
-        callbacks.append(build(callback_config, f"lightning.callbacks.{name}"))
+    configured = [build(callback_config, f"lightning.callbacks.{name}")
+                  for name, callback_config in (lightning.get("callbacks") or {}).items()]
+    callbacks += sorted(configured, key=lambda c: isinstance(c, BestStep))  # after the monitors it watches
     if lightning.get("loss_plot", True) is not False:  # on by default; `lightning.loss_plot: false` turns it off
         callbacks.append(build(OmegaConf.merge({"target": "ldm.callbacks.LossPlot"}, lightning.get("loss_plot") or {}),
                                "lightning.loss_plot"))

@@ -21,7 +21,7 @@ class Trainer(SimpleNamespace):
     def __init__(self, root: Path, max_steps: int = 6):
         super().__init__(global_step=0, max_steps=max_steps, is_global_zero=True, received_sigterm=False,
                          num_devices=1, precision="32-true", log_every_n_steps=2, default_root_dir=str(root),
-                         datamodule=None, last_saved=[], optimizers=[], ckpt_path=None,
+                         datamodule=None, last_saved=[], optimizers=[], ckpt_path=None, callbacks=[],
                          strategy=SimpleNamespace(reduce_boolean_decision=lambda decision, all: decision))
 
     def save_checkpoint(self, path: Path, weights_only: bool) -> None:

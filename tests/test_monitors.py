@@ -13,9 +13,10 @@ from PIL import Image
 
 from conftest import REPO, build_tiny_model, save_tiny_scorers
 from ldm.callbacks.eval_loss import EvaluationLoss, band_names, evaluation_losses, spread_timesteps
-from ldm.callbacks.validation import clip_scores, column_title, progression_grid
+from ldm.callbacks.validation import column_title, progression_grid
 from ldm.checkpoint import load_model_weights
 from ldm.data.personalized import PersonalizedBase
+from ldm.eval.fidelity import clip_scores
 from ldm.images import read_metadata, save_image
 from ldm.modules.encoders.vision import ClipEmbedder
 from ldm.util import instantiate_from_config

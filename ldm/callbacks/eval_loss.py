@@ -8,7 +8,7 @@ latents are their posterior means, and the set is evaluated in the same chunks e
 the same value bit for bit, in another run or after a resume."""
 import logging
 from dataclasses import dataclass
-from typing import Any, Mapping, Optional
+from typing import Any, Callable, Mapping, Optional
 
 import pytorch_lightning as pl
 import torch
@@ -20,6 +20,7 @@ from ldm.modules.losses import concept_losses
 from ldm.optim.factory import optimizer_eval_mode
 
 logger = logging.getLogger(__name__)
+Listener = Callable[[pl.Trainer, pl.LightningModule, dict[str, float]], None]  # told a monitor's metrics of a step
 
 
 @dataclass
@@ -123,6 +124,7 @@ class EvaluationLoss(Callback):
         self.every_n_steps, self.timesteps, self.bands = every_n_steps, timesteps, bands
         self.class_images, self.batch_size, self.seed = class_images, batch_size, seed
         self.fixed: Optional[EvaluationSet] = None
+        self.listeners: list[Listener] = []  # called with each step's metrics (ldm/callbacks/best_step.py)
         self._logged_step = -1
 
     def evaluate(self, pl_module: pl.LightningModule, datasets: Mapping[str, Any]) -> dict[str, float]:
@@ -156,3 +158,5 @@ class EvaluationLoss(Callback):
         for each in trainer.loggers:
             each.log_metrics(metrics, step=trainer.global_step)
         logger.info("step %d: evaluation loss %.5f", trainer.global_step, metrics["val/loss"])
+        for listen in self.listeners:
+            listen(trainer, pl_module, metrics)

@@ -4,7 +4,6 @@ import contextlib
 import json
 import logging
 import re
-import shlex
 import sys
 import time
 import warnings
@@ -18,7 +17,8 @@ from pytorch_lightning.callbacks import Callback
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from ldm.data.personalized import INSTANCE_TEMPLATE
+from ldm.callbacks.best_step import BestStep
+from ldm.callbacks.commands import sample_command
 from ldm.util import atomic_write, peak_memory_stats, peak_memory_text, reset_peak_memory
 
 logger = logging.getLogger(__name__)
@@ -64,13 +64,6 @@ def clock(seconds: float) -> str:
     minutes, secs = divmod(int(round(seconds)), 60)
     hours, minutes = divmod(minutes, 60)
     return f"{hours}:{minutes:02}:{secs:02}" if hours else f"{minutes}:{secs:02}"
-
-
-def shell_quote(text: str) -> str:
-    """A command-line argument: double quotes for a plain prompt, shell quoting for anything else."""
-    if text and not set(text) & set('"$`\\!') and text.isprintable():
-        return f'"{text}"' if shlex.quote(text) != text else text
-    return shlex.quote(text)
 
 
 class StepProgress(Callback):
@@ -180,15 +173,12 @@ class StepProgress(Callback):
         if grids:
             newest = [p for p in grids if _grid_step(p) == _grid_step(grids[-1])]
             lines.append(f"sample grids (step {_grid_step(grids[-1])}): {', '.join(map(str, newest))}")
-        configs = sorted((run / "configs").glob("*-project.yaml"))
-        instance = getattr(trainer.datamodule, "instance", None)
-        if last.is_file() and configs and instance is not None:
-            prompt = INSTANCE_TEMPLATE.format(identifier=instance.identifier, class_word=instance.class_word)
-            model = (f"--ckpt {shlex.quote(str(pl_module.lora.base_checkpoint))} --lora "
-                     f"{shlex.quote(str(last.with_suffix('.safetensors')))}" if lora
-                     else f"--ckpt {shlex.quote(str(last))}")
-            lines.append(f"sample from it: python scripts/stable_txt2img.py {model} "
-                         f"--config {shlex.quote(str(configs[-1]))} --prompt {shell_quote(prompt)}")
+        command = sample_command(trainer, pl_module, last) if last.is_file() else None
+        if command:
+            lines.append(f"sample from it: {command}")
+        for callback in trainer.callbacks:
+            if isinstance(callback, BestStep):
+                lines += callback.summary(trainer, pl_module)
         return lines
 
 

@@ -1,47 +1,32 @@
 """Validation samples at fixed seeds every N steps: `<run>/images/validation/step_NNNNNN.png` (a row per prompt) and
-its cells, with CLIP-T and CLIP-I of the samples when a CLIP folder is given (`val/clip_t`, `val/clip_i`; with
-several concepts, the prompts of each and `val/clip_t_<concept>`, ...), and at the end `progression.png`, one row
-per step, from every session of the run."""
+its cells, scored by a pluggable scorer (ldm/eval/fidelity.py): with a CLIP folder CLIP-T and CLIP-I (`val/clip_t`,
+`val/clip_i`), with a DINO folder `val/dino`, on the toy world the toy scorer's `val/binding`, ...; and `val/fidelity`
+from a recipe of them (with several concepts, the prompts of each and `val/clip_t_<concept>`, ...,
+`val/fidelity` their mean); the scores go to the run's loggers and to `listeners` (the best step). At the end
+`progression.png`, one row per step, from every session of the run."""
 import logging
 import re
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Mapping, Optional, Sequence
 
 import pytorch_lightning as pl
-import torch
 from PIL import Image
 from pytorch_lightning.callbacks import Callback
 
-from ldm.callbacks.eval_loss import due
+from ldm.callbacks.eval_loss import Listener, due
 from ldm.data.captions import fill
 from ldm.data.datamodule import datasets_of
-from ldm.data.image_files import load_rgb
-from ldm.eval.paper_metrics import without_identifier
+from ldm.eval.fidelity import PaperSampleScorer, SampleScorer, Term, fidelity, parse_recipe
 from ldm.images import generation_metadata, labelled_grid, read_metadata, save_image
 from ldm.inference.sampling import sample_images, sampling_mode
-from ldm.modules.encoders.vision import ClipEmbedder
+from ldm.modules.encoders.vision import ClipEmbedder, DinoEmbedder
 from ldm.optim.factory import optimizer_eval_mode
-from ldm.util import free_memory
+from ldm.util import free_memory, instantiate_from_config, mean
 
 logger = logging.getLogger(__name__)
 DEFAULT_PROMPTS = ("photo of a {identifier} {class_word}", "photo of a {class_word}",
                    "a photo of a {identifier} {class_word} on the beach")
 STEP_FOLDER = re.compile(r"step_(\d{6})$")
-
-
-def clip_scores(clip, samples: dict[str, list[Image.Image]], real: torch.Tensor, identifier: str) -> dict[str, float]:
-    """CLIP-T: each sample against its prompt without the identifier; CLIP-I: the samples of identifier prompts
-    against the instance photos' CLIP embeddings `real` (the paper's definitions, ldm/eval/paper_metrics.py)."""
-    text_scores, image_scores = [], []
-    for prompt, images in samples.items():
-        embedded = clip.images(images)
-        text_scores += (embedded @ clip.texts([without_identifier(prompt, identifier)]).T)[:, 0].tolist()
-        if re.search(rf"\b{re.escape(identifier)}\b", prompt):
-            image_scores += (embedded @ real.T).mean(1).tolist()
-    scores = {"val/clip_t": sum(text_scores) / len(text_scores)}
-    if image_scores:
-        scores["val/clip_i"] = sum(image_scores) / len(image_scores)
-    return scores
 
 
 def column_title(cells: Sequence[Path]) -> str:
@@ -73,15 +58,50 @@ def progression_grid(folder: Path, cell_size: int) -> Optional[Image.Image]:
     return labelled_grid(rows, max(len(images) for _, images in rows), f"validation samples; {column_title(last)}")
 
 
+def build_scorer(scorer: Optional[Mapping], clip_model: Optional[str],
+                 dino_model: Optional[str]) -> Optional[SampleScorer]:
+    """The scorer a config names (`target:`/`params:`), or the paper's metrics from local CLIP and DINO folders."""
+    if scorer is not None and (clip_model or dino_model):
+        raise ValueError("validation takes a scorer or clip_model/dino_model, not both")
+    if scorer is not None:
+        return instantiate_from_config(scorer)
+    if not (clip_model or dino_model):
+        return None
+    flag = "lightning.callbacks.validation.params"
+    return PaperSampleScorer(ClipEmbedder(clip_model, flag=f"{flag}.clip_model") if clip_model else None,
+                             DinoEmbedder(dino_model, flag=f"{flag}.dino_model") if dino_model else None)
+
+
+def fidelity_recipe(scorer: Optional[SampleScorer], terms: Optional[Sequence[str]]) -> tuple[tuple[Term, ...], str]:
+    """The recipe of `val/fidelity` (`terms`, else the scorer's default when it measures what that names), and when
+    there is none, why."""
+    if scorer is None:
+        if terms:
+            raise ValueError("validation.params.fidelity needs a scorer: clip_model, dino_model or scorer")
+        return (), "validation has no scorer (clip_model, dino_model or scorer)"
+    if terms:
+        return parse_recipe(terms, scorer.metrics), ""
+    recipe = parse_recipe(scorer.default_recipe)
+    unmeasured = [term.metric for term in recipe if term.metric not in scorer.metrics]
+    if not unmeasured:
+        return recipe, ""
+    return (), (f"val/fidelity's default recipe ({', '.join(map(str, recipe))}) needs {', '.join(unmeasured)}, "
+                "which is not measured: give validation a dino_model and a clip_model folder, or a recipe of what "
+                "it measures (validation.params.fidelity)")
+
+
 class ValidationSamples(Callback):
     """`lightning.callbacks.validation` (off while `every_n_steps` is 0): DDIM samples of `prompts` (with
     `{identifier}` and `{class_word}`; default: the identifier prompt, the class prompt and one context prompt) at
-    `seeds`, every N steps and at the last step, by rank zero, at most `images_per_call` images per sampler call;
-    `clip_model` names a local CLIPModel folder."""
+    `seeds`, every N steps and at the last step, by rank zero, at most `images_per_call` images per sampler call.
+    Scored with `clip_model` and `dino_model` (local CLIPModel and DINO ViT folders) or `scorer` (a `target:`, e.g.
+    the toy world's ldm.toy.metrics.ToySampleScorer); `fidelity` is the recipe of `val/fidelity` (default: the
+    scorer's), a list of terms whose mean it is: "binding", "1 - leakage", "dino / 0.668"."""
 
     def __init__(self, every_n_steps: int = 0, prompts: Optional[Sequence[str]] = None, seeds: Sequence[int] = (0, 1),
-                 ddim_steps: int = 25, scale: float = 7.5, clip_model: Optional[str] = None, cell_size: int = 256,
-                 images_per_call: int = 2):
+                 ddim_steps: int = 25, scale: float = 7.5, clip_model: Optional[str] = None,
+                 dino_model: Optional[str] = None, scorer: Optional[dict] = None,
+                 fidelity: Optional[Sequence[str]] = None, cell_size: int = 256, images_per_call: int = 2):
         super().__init__()
         if every_n_steps < 0 or ddim_steps < 1 or not seeds or cell_size < 8 or images_per_call < 1:
             raise ValueError(f"validation needs every_n_steps >= 0, ddim_steps >= 1, at least one seed, cell_size >= 8 "
@@ -92,10 +112,9 @@ class ValidationSamples(Callback):
         self.templates = list(prompts or DEFAULT_PROMPTS)
         self.seeds = [int(seed) for seed in seeds]
         self.cell_size = cell_size
-        self.clip = None
-        if clip_model and every_n_steps:
-            self.clip = ClipEmbedder(clip_model, flag="lightning.callbacks.validation.params.clip_model")
-        self._real: dict[str, torch.Tensor] = {}
+        self.scorer = build_scorer(scorer, clip_model, dino_model) if every_n_steps else None
+        self.recipe, self.fidelity_note = fidelity_recipe(self.scorer, fidelity) if every_n_steps else ((), "")
+        self.listeners: list[Listener] = []  # called with each step's scores (ldm/callbacks/best_step.py)
         self._logged_step = -1
 
     def folder(self, trainer: pl.Trainer) -> Path:
@@ -109,8 +128,30 @@ class ValidationSamples(Callback):
         if trainer.is_global_zero:
             self.sample(trainer, pl_module)
 
+    def score(self, samples: dict[str, list[Image.Image]], prompts_of: dict[str, list[str]],
+              instances: Mapping[str, Any]) -> dict[str, float]:
+        """The scorer's metrics of each concept's samples and their fidelity (`val/<metric>`, or with several
+        concepts `val/<metric>_<concept>` and `val/fidelity` the mean of theirs)."""
+        scores, fidelities = {}, []
+        for name, instance in instances.items():
+            part = self.scorer({p: samples[p] for p in prompts_of[name]}, instance.identifier, instance.class_word,
+                               instance.paths)
+            value = fidelity(self.recipe, part)
+            if value is not None:
+                part["fidelity"] = value
+                fidelities.append(value)
+            elif self.recipe and not self.fidelity_note:
+                missing = ", ".join(sorted({t.metric for t in self.recipe} - set(part)))
+                self.fidelity_note = (f"val/fidelity needs {missing}, which the scorer did not give for the prompts "
+                                      f"{prompts_of[name]} (validation.params.prompts)")
+                logger.warning("validation: %s", self.fidelity_note)
+            scores.update({f"val/{key}_{name}" if name else f"val/{key}": v for key, v in part.items()})
+        if len(instances) > 1 and len(fidelities) == len(instances):
+            scores["val/fidelity"] = mean(fidelities)
+        return scores
+
     def sample(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, float]:
-        """Sample, save the step's grid and cells, log the CLIP scores; returns the scores."""
+        """Sample, save the step's grid and cells, log the scores and tell the listeners; returns the scores."""
         step = trainer.global_step
         instances = datasets_of(trainer.datamodule.datasets(), "train")
         prompts_of = {name: list(dict.fromkeys(fill(t, d.identifier, d.class_word) for t in self.templates))
@@ -121,13 +162,7 @@ class ValidationSamples(Callback):
             samples = {prompt: sample_images(pl_module, prompt, self.seeds, self.ddim_steps, self.scale,
                                              per_call=self.images_per_call) for prompt in prompts}
         free_memory(pl_module.device)
-        scores = {}
-        for name, instance in instances.items() if self.clip is not None else ():
-            if name not in self._real:  # the photos' embeddings, once per session
-                self._real[name] = self.clip.images([load_rgb(p) for p in instance.paths])
-            part = clip_scores(self.clip, {p: samples[p] for p in prompts_of[name]}, self._real[name],
-                               instance.identifier)
-            scores.update({f"{key}_{name}" if name else key: value for key, value in part.items()})
+        scores = self.score(samples, prompts_of, instances) if self.scorer is not None else {}
         cells = self.folder(trainer) / f"step_{step:06}"
         cells.mkdir(parents=True, exist_ok=True)
         for k, (prompt, images) in enumerate(samples.items()):
@@ -140,6 +175,8 @@ class ValidationSamples(Callback):
         for each in trainer.loggers if scores else []:
             each.log_metrics(scores, step=step)
         logger.info("step %d: validation samples in %s%s", step, self.folder(trainer), shown)
+        for listen in self.listeners:
+            listen(trainer, pl_module, scores)
         return scores
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

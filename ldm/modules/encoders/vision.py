@@ -68,9 +68,9 @@ class ClipEmbedder:
 class DinoEmbedder:
     """DINO CLS-token embeddings (L2-normalised) from a local ViTModel folder."""
 
-    def __init__(self, folder: str | Path, device: torch.device = torch.device("cpu")) -> None:
+    def __init__(self, folder: str | Path, device: torch.device = torch.device("cpu"), flag: str = "--dino") -> None:
         from transformers import ViTModel
-        folder = check_model_folder(folder, "dino", "--dino")
+        folder = check_model_folder(folder, "dino", flag)
         self.model = ViTModel.from_pretrained(str(folder), add_pooling_layer=False, local_files_only=True)
         self.model = self.model.eval().to(device)
         self.preprocess = Preprocess.from_folder(folder, "vit")
