@@ -2,7 +2,7 @@
 unknown one."""
 import re
 
-from conftest import TINY_CONFIG, load_script
+from tests.helpers.repo import TINY_CONFIG, load_script
 
 benchmark = load_script("benchmark_optimizers")
 

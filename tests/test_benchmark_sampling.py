@@ -4,8 +4,8 @@ both sides with the same settings."""
 import pytest
 import torch
 
-from conftest import TINY_CONFIG, load_script
 from ldm.inference import weights_dtype
+from tests.helpers.repo import TINY_CONFIG, load_script
 
 pytest.importorskip("diffusers", reason="the benchmark compares against diffusers' pipeline")
 benchmark = load_script("benchmark_sampling")

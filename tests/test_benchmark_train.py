@@ -7,8 +7,8 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from conftest import REPO, load_script
 from ldm.util import apply_backend_settings, backend_settings, count_params, instantiate_from_config
+from tests.helpers.repo import REPO, load_script
 
 pytest.importorskip("diffusers", reason="the benchmark compares against diffusers' UNet and training step")
 benchmark = load_script("benchmark_train")

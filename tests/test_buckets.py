@@ -10,9 +10,10 @@ import torch
 import torch.distributed as dist
 from PIL import Image
 
-from conftest import REPO, build_tiny_model
 from ldm.data.buckets import BucketBatches, bucket_box, bucket_sizes, nearest_bucket
 from ldm.data.personalized import DataError, PersonalizedBase
+from tests.helpers.models import build_tiny_model
+from tests.helpers.repo import REPO
 
 PHOTOS = {"wide.png": (300, 160), "tall.png": (150, 310), "square.png": (200, 200), "photo.jpg": (400, 300)}
 

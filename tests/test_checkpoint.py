@@ -14,12 +14,14 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from conftest import FULL_CONFIG, REPO, SPEC, build_tiny_model, read_spec
 from ldm.checkpoint import (CheckpointError, check_checkpoint_file, ema_key, group_of, load_model_weights,
                             read_state_dict, remove_stale_temp_files, save_checkpoint, save_weights)
 from ldm.checkpoint.files import is_finite
 from ldm.util import DiskFullError, atomic_write, count_params, instantiate_from_config
-from other_tools import check_a1111_ckpt
+from tests.helpers.models import build_tiny_model
+from tests.helpers.other_tools import check_a1111_ckpt
+from tests.helpers.repo import FULL_CONFIG, REPO
+from tests.helpers.specs import SPEC, read_spec
 
 POSITION_IDS = "cond_stage_model.transformer.text_model.embeddings.position_ids"
 
@@ -170,16 +172,17 @@ def test_full_size_model_has_exactly_the_spec_keys():
 
 
 def test_a_clone_stands_alone():
-    """The spec lives in tests/data; no test reads beside the repository; what the README makes is git-ignored."""
+    """The spec lives in tests/fixtures; no test reads beside the repository; what the README makes is git-ignored."""
     assert SPEC.is_file() and SPEC.resolve().is_relative_to(REPO)
-    outside = ("REPO.parent", "parents[2]", "/".join(("..", "shared")))
-    for source in (REPO / "tests").glob("*.py"):
+    for source in (REPO / "tests").rglob("*.py"):
         if source.name != Path(__file__).name:
-            assert not [s for s in outside if s in source.read_text()], source.name
+            depth = len(source.relative_to(REPO).parts)  # tests/a/b.py: parents[2] is the repository, [3] beside it
+            outside = ("REPO.parent", f"parents[{depth}]", "/".join(("..", "shared")))
+            assert not [s for s in outside if s in source.read_text()], source.relative_to(REPO)
     ignored = set((REPO / ".gitignore").read_text().split())
     assert {"/class_images/", "/outputs/", "/logs/", "/models/", ".venv/"} <= ignored
     if shutil.which("git") and (REPO / ".git").exists():
-        tracked = ["ldm/models/diffusion/ddpm.py", "tests/data/sd-v1-state-dict.tsv"]
+        tracked = ["ldm/models/diffusion/ddpm.py", "tests/fixtures/sd-v1-state-dict.tsv"]
         check = subprocess.run(["git", "check-ignore", *tracked], cwd=REPO, capture_output=True, text=True)
         assert check.stdout == ""  # anchored patterns: ldm/models/ and the spec stay tracked
 

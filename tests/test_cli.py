@@ -7,10 +7,10 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from conftest import REPO, TINY_CONFIG, load_script
 from ldm.checkpoint import CheckpointError
 from ldm.cli import run_command
 from ldm.util import UserError
+from tests.helpers.repo import REPO, TINY_CONFIG, load_script
 
 UNWRITABLE = Path("/sys")  # not writable by anyone, root included (tests may run as root, for whom chmod is no bar)
 

@@ -13,12 +13,13 @@ from omegaconf import OmegaConf
 from PIL import Image
 from transformers import CLIPTextConfig, CLIPTextModel
 
-from conftest import REPO, TINY_CONFIG, build_tiny_model, load_script, randomise_zero_init
 from ldm.checkpoint import save_weights
 from ldm.images import read_metadata
 from ldm.modules.encoders.modules import FrozenCLIPEmbedder
 from ldm.util import UserError
-from other_tools import parse_infotext
+from tests.helpers.models import build_tiny_model, randomise_zero_init
+from tests.helpers.other_tools import parse_infotext
+from tests.helpers.repo import REPO, TINY_CONFIG, load_script
 
 TINY_TEXT = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 3, "num_attention_heads": 2}
 PROMPT = "a photo of sks dog"

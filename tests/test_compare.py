@@ -7,12 +7,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import TINY_CONFIG, load_script
 from ldm.checkpoint import save_lora, save_weights
 from ldm.eval.compare import ModelSpec, ToyPromptScorer, table_rows
 from ldm.modules.lora import inject_lora, lora_tensors
 from ldm.util import UserError
-from test_lora import NAMES, randomise_lora, tiny
+from tests.helpers.repo import TINY_CONFIG, load_script
+from tests.test_lora import NAMES, randomise_lora, tiny
 
 compare = load_script("compare")
 

@@ -12,11 +12,12 @@ import torch
 from omegaconf import OmegaConf
 from PIL import Image
 
-from conftest import REPO, build_tiny_model
 from ldm.data.concepts import concept_configs, concepts_from_flags
 from ldm.data.datamodule import DataModuleFromConfig
 from ldm.data.personalized import DataError
 from ldm.modules.losses import concept_losses
+from tests.helpers.models import build_tiny_model
+from tests.helpers.repo import REPO
 
 TINY = "configs/tiny/v1-finetune_unfrozen.yaml"
 DATASET = "ldm.data.personalized.PersonalizedBase"

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from conftest import REPO
+from tests.helpers.repo import REPO
 
 TINY = str(REPO / "configs" / "tiny" / "v1-finetune_unfrozen.yaml")
 

@@ -6,17 +6,17 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from conftest import TINY_CONFIG
 from ldm.checkpoint import CheckpointError, load_controlnet_weights, read_controlnet, save_weights
 from ldm.controlnet import controlnet_params
 from ldm.model_config import load_config
 from ldm.modules.controlnet import ControlNet
 from ldm.modules.diffusionmodules.openaimodel import UNetModel
 from ldm.util import count_params, instantiate_from_config
-from test_unet import SECOND_CONFIG, diffusers_twin, randomise, unet_params
+from tests.helpers.repo import TINY_CONFIG
+from tests.test_unet import SECOND_CONFIG, diffusers_twin, randomise, unet_params
 
 ROOT = Path(__file__).resolve().parents[1]
-SPEC = ROOT / "tests" / "data" / "sd15-controlnet-state-dict.tsv"  # a copy of the project's shared spec
+SPEC = ROOT / "tests" / "fixtures" / "sd15-controlnet-state-dict.tsv"  # a copy of the project's shared spec
 PREFIX = "control_model."
 TINY_CONTROLNET = controlnet_params(load_config(str(TINY_CONFIG)))
 

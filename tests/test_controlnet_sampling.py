@@ -8,7 +8,6 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
-from conftest import TINY_CONFIG, build_tiny_model, load_script, randomise_zero_init
 from ldm.checkpoint import save_lora, save_weights
 from ldm.controlnet import load_controlnet
 from ldm.data.hints import canny, read_hint
@@ -17,11 +16,13 @@ from ldm.model_config import load_config
 from ldm.models.diffusion.control import Control, ControlStack, controlled
 from ldm.modules.controlnet import ControlNet
 from ldm.modules.lora import inject_lora, lora_tensors
-from other_tools import parse_infotext
-from test_controlnet import PREFIX, TINY_CONTROLNET, diffusers_controlnet
-from test_lora import NAMES, randomise_lora, tiny
-from test_samplers import SCALE, SD_DDIM, noise, relative_error
-from test_unet import randomise
+from tests.helpers.models import build_tiny_model, randomise_zero_init
+from tests.helpers.other_tools import parse_infotext
+from tests.helpers.repo import TINY_CONFIG, load_script
+from tests.test_controlnet import PREFIX, TINY_CONTROLNET, diffusers_controlnet
+from tests.test_lora import NAMES, randomise_lora, tiny
+from tests.test_samplers import SCALE, SD_DDIM, noise, relative_error
+from tests.test_unet import randomise
 
 txt2img, img2img = load_script("stable_txt2img"), load_script("img2img")
 SAMPLING = ["--config", str(TINY_CONFIG), "--device", "cpu", "--n_iter", "1", "--n_samples", "1", "--ddim_steps", "4",

@@ -268,7 +268,7 @@ def test_caption_strategies_and_dropout(tmp_path):
 
 
 def test_class_images_follow_their_prompt_negative_prompt_and_sampler(tmp_path):
-    from conftest import build_tiny_model, randomise_zero_init
+    from tests.helpers.models import build_tiny_model, randomise_zero_init
     from ldm.class_images import generate_class_images
     from ldm.images import read_metadata
     from ldm.util import UserError

@@ -11,13 +11,15 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from conftest import FULL_CONFIG, REPO, TINY_CONFIG, build_tiny_model, load_script, randomise_zero_init, read_spec
 from ldm.checkpoint import group_of, read_state_dict, save_weights
 from ldm.convert import diffusers_names
 from ldm.inference import load_model, sample_latents
 from ldm.model_config import load_config, sampling_config
 from ldm.modules.encoders.modules import TOKENIZER_DIR, load_tokenizer
-from test_monitors import make_folder
+from tests.helpers.models import build_tiny_model, randomise_zero_init
+from tests.helpers.repo import FULL_CONFIG, REPO, TINY_CONFIG, load_script
+from tests.helpers.specs import read_spec
+from tests.test_monitors import make_folder
 
 diffusers = pytest.importorskip("diffusers", reason="diffusers holds the reference pipeline and the key tables")
 to_diffusers, to_sd = load_script("convert_sd_to_diffusers"), load_script("convert_diffusers_to_sd")

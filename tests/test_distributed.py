@@ -15,24 +15,24 @@ import pytest
 import pytorch_lightning as pl
 import torch
 
-from conftest import REPO
 from ldm.adamw8bit import AdamW8bit
 from ldm.callbacks import RankSeed
 from ldm.checkpoint import read_lora
 from ldm.per_param_optim import PerParameterOptimizer
-from rank_probe import weights_hash
+from tests.helpers.rank_probe import weights_hash
+from tests.helpers.repo import REPO
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
-       "PYTHONPATH": os.pathsep.join([str(REPO / "tests"), os.environ.get("PYTHONPATH", "")])}
+       "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
                                 reason="this torch build has no gloo backend for CPU process groups")
 
 
 def train(*args, probe):
     proc = subprocess.run([sys.executable, "main.py", *args, "--accelerator", "cpu", "--devices", "2",
-                           "lightning.callbacks.probe.target=rank_probe.RankWeights",
+                           "lightning.callbacks.probe.target=tests.helpers.rank_probe.RankWeights",
                            f"lightning.callbacks.probe.params.folder={probe}",
-                           "lightning.callbacks.draws.target=rank_probe.FirstDraws",
+                           "lightning.callbacks.draws.target=tests.helpers.rank_probe.FirstDraws",
                            f"lightning.callbacks.draws.params.folder={probe}"],
                           cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
@@ -55,7 +55,7 @@ def fresh_run(tmp_path, tiny_ckpt, photos, strategy):
 
 @pytest.fixture(scope="module")
 def photos(tmp_path_factory):
-    from test_monitors import make_folder
+    from tests.test_monitors import make_folder
     root = tmp_path_factory.mktemp("ddp-data")
     return make_folder(root / "photos", 3, 0), make_folder(root / "class", 4, 1)
 

@@ -8,12 +8,13 @@ import torch
 from omegaconf import OmegaConf
 from PIL import Image
 
-from conftest import REPO, build_tiny_model
 from ldm.checkpoint import read_state_dict
 from ldm.images import read_metadata
 from ldm.inference import load_model
 from ldm.modules.ema import LitEma
-from test_monitors import make_folder
+from tests.helpers.models import build_tiny_model
+from tests.helpers.repo import REPO
+from tests.test_monitors import make_folder
 
 ENV = {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"}
 

@@ -9,10 +9,11 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import TINY_CONFIG, load_script, save_tiny_scorers
 from ldm.eval.evaluate import dreambench_prompts, prompt_groups
 from ldm.eval.paper_metrics import ClipEmbedder, DinoEmbedder, PaperScorer, without_identifier
 from ldm.eval.preprocess import Preprocess
+from tests.helpers.models import save_tiny_scorers
+from tests.helpers.repo import TINY_CONFIG, load_script
 
 transformers = pytest.importorskip("transformers", reason="transformers holds the reference models")
 evaluate_script = load_script("evaluate")

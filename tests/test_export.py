@@ -13,14 +13,15 @@ import torch
 from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
-from conftest import REPO, TINY_CONFIG, build_tiny_model, load_script, randomise_zero_init
 from ldm.callbacks import StepCheckpoint
 from ldm.checkpoint import (UNET_PREFIX, ema_key, export_weights, group_of, load_model_weights, read_state_dict,
                             save_checkpoint, save_weights)
 from ldm.inference import load_model, sample_images
 from ldm.model_config import load_config
-from other_tools import check_a1111_ckpt
-from test_train_e2e import ENV, fresh_run_args, make_class_images, make_photos, run_main
+from tests.helpers.models import build_tiny_model, randomise_zero_init
+from tests.helpers.other_tools import check_a1111_ckpt
+from tests.helpers.repo import REPO, TINY_CONFIG, load_script
+from tests.helpers.runs import ENV, fresh_run_args, make_class_images, make_photos, run_main
 
 CPU = torch.device("cpu")
 

@@ -9,10 +9,10 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from conftest import REPO, load_script
 from ldm import device_check
 from ldm.callbacks.timing import StepTimer
 from ldm.model_config import load_config
+from tests.helpers.repo import REPO, load_script
 
 gpu_check = load_script("gpu_check")
 FULL_INFERENCE = str(REPO / "configs" / "stable-diffusion" / "v1-inference.yaml")

@@ -12,13 +12,13 @@ from safetensors.torch import load_file
 from torch.testing import assert_close
 from torch.utils.data import default_collate
 
-from conftest import build_tiny_model, randomise_zero_init
 from ldm import latent_cache
 from ldm.data.datamodule import DataModuleFromConfig
 from ldm.data.concepts import ConceptPairs
 from ldm.latent_cache import cache_latents
 from ldm.util import UserError
-from test_train_e2e import fresh_run_args, make_class_images, make_photos, run_main
+from tests.helpers.models import build_tiny_model, randomise_zero_init
+from tests.helpers.runs import fresh_run_args, make_class_images, make_photos, run_main
 
 CPU = torch.device("cpu")
 KEYS = {"first_stage_key": "image", "cond_stage_key": "caption"}  # as the fine-tuning config names them

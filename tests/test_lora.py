@@ -7,7 +7,6 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from conftest import FULL_CONFIG, REPO, TINY_CONFIG, build_tiny_model, randomise_zero_init
 from ldm.checkpoint import CheckpointError, read_lora, save_lora, save_weights
 from ldm.lora_files import apply_lora_files
 from ldm.lora_names import LoraNames
@@ -15,8 +14,10 @@ from ldm.modules.attention import SpatialTransformer
 from ldm.modules.lora import (base_state_dict, inject_lora, load_lora_tensors, lora_layers, lora_tensors, merge_lora,
                               set_lora_scale)
 from ldm.util import UserError, instantiate_from_config
+from tests.helpers.models import build_tiny_model, randomise_zero_init
+from tests.helpers.repo import FULL_CONFIG, REPO, TINY_CONFIG
 
-LORA_SPEC = REPO / "tests" / "data" / "sd15-lora-kohya-modules.tsv"  # a copy of the project's shared spec
+LORA_SPEC = REPO / "tests" / "fixtures" / "sd15-lora-kohya-modules.tsv"  # a copy of the project's shared spec
 TINY_UNET = OmegaConf.load(TINY_CONFIG).model.params.unet_config.params
 NAMES = LoraNames.from_unet_config(TINY_UNET)
 # What a kohya file names, by the spec's rules, in diffusers' UNet and in transformers' CLIPTextModel.
@@ -212,7 +213,7 @@ def diffusers_pipeline(model):
     """StableDiffusionPipeline on the same base weights (the UNet through diffusers' single-file converter)."""
     diffusers = pytest.importorskip("diffusers", reason="diffusers is needed for the parity test")
     convert = pytest.importorskip("diffusers.loaders.single_file_utils").convert_ldm_unet_checkpoint
-    from test_unet import diffusers_twin
+    from tests.test_unet import diffusers_twin
     unet = diffusers_twin(OmegaConf.to_container(TINY_UNET)).eval()
     state = {k: v for k, v in model.state_dict().items() if k.startswith("model.diffusion_model.")}
     unet.load_state_dict(convert(state, dict(unet.config)), strict=True)

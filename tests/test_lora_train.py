@@ -8,11 +8,12 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from conftest import REPO, build_tiny_model, randomise_zero_init
 from ldm.checkpoint import CheckpointError, load_model_weights, read_lora, read_state_dict, save_weights
 from ldm.modules.lora import base_state_dict
 from ldm.util import instantiate_from_config
-from test_train_e2e import make_class_images, make_photos, run_main
+from tests.helpers.models import build_tiny_model, randomise_zero_init
+from tests.helpers.repo import REPO
+from tests.helpers.runs import make_class_images, make_photos, run_main
 
 LORA = "configs/tiny/v1-finetune_lora.yaml"
 QUIET = ["lightning.callbacks.image_logger.params.batch_frequency=100"]

@@ -2,8 +2,8 @@
 import pytest
 import torch
 
-from conftest import build_tiny_model
 from ldm.modules.losses import eps_mse_per_sample
+from tests.helpers.models import build_tiny_model
 
 
 def make_batch(seed: int = 0) -> dict:

@@ -6,9 +6,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from conftest import build_tiny_model
 from ldm.lr_scheduler import LambdaLinearScheduler, LRSchedule
 from ldm.util import UserError
+from tests.helpers.models import build_tiny_model
 
 MAX, WARMUP = 100, 10
 

@@ -10,9 +10,10 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import REPO, build_tiny_model
 from ldm.data.personalized import DataError, PersonalizedBase
 from ldm.modules.losses import NoiseObjective
+from tests.helpers.models import build_tiny_model
+from tests.helpers.repo import REPO
 
 
 def photo_with_mask(folder, name, size=(96, 64), where="beside"):
@@ -147,7 +148,7 @@ def clipseg_folder(tmp_path_factory):
 
 
 def test_make_masks_thresholds_pads_and_feathers(tmp_path, clipseg_folder):
-    from conftest import load_script
+    from tests.helpers.repo import load_script
     from ldm.masking import ClipSegMasker
     make_masks = load_script("make_masks")
     photos = tmp_path / "photos"
@@ -172,7 +173,7 @@ def test_make_masks_thresholds_pads_and_feathers(tmp_path, clipseg_folder):
 
 
 def test_make_masks_keeps_existing_masks_unless_overwrite(tmp_path, clipseg_folder, capsys):
-    from conftest import load_script
+    from tests.helpers.repo import load_script
     make_masks = load_script("make_masks")
     photos = tmp_path / "photos"
     (photos / "masks").mkdir(parents=True)
@@ -194,7 +195,7 @@ def test_make_masks_keeps_existing_masks_unless_overwrite(tmp_path, clipseg_fold
 
 
 def test_make_masks_names_the_model_to_download(tmp_path, capsys):
-    from conftest import load_script
+    from tests.helpers.repo import load_script
     (tmp_path / "photos").mkdir()
     Image.new("RGB", (64, 64)).save(tmp_path / "photos" / "a.png")
     code = load_script("make_masks").main(["--input_dir", str(tmp_path / "photos"), "--text", "dog", "--clipseg",

@@ -7,12 +7,13 @@ import pytorch_lightning as pl
 import torch
 from omegaconf import OmegaConf
 
-from conftest import TINY_CONFIG, build_tiny_model
 from ldm.checkpoint import CheckpointError, load_model_weights, on_meta, parameters_on_meta, save_weights
 from ldm.modules.diffusionmodules.schedule import SCHEDULE_BUFFERS
 from ldm.modules.encoders.modules import FrozenCLIPEmbedder
 from ldm.train_flags import apply_saver_flags
 from ldm.util import UserError, instantiate_from_config
+from tests.helpers.models import build_tiny_model
+from tests.helpers.repo import TINY_CONFIG
 
 FINETUNE_CONFIG = "configs/tiny/v1-finetune_unfrozen.yaml"
 SMALL_TEXT = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2}

@@ -11,7 +11,6 @@ import torch
 from omegaconf import OmegaConf
 from PIL import Image
 
-from conftest import REPO, build_tiny_model, save_tiny_scorers
 from ldm.callbacks.eval_loss import EvaluationLoss, band_names, evaluation_losses, spread_timesteps
 from ldm.callbacks.validation import clip_scores, column_title, progression_grid
 from ldm.checkpoint import load_model_weights
@@ -19,6 +18,8 @@ from ldm.data.personalized import PersonalizedBase
 from ldm.eval.paper_metrics import ClipEmbedder
 from ldm.images import read_metadata, save_image
 from ldm.util import instantiate_from_config
+from tests.helpers.models import build_tiny_model, save_tiny_scorers
+from tests.helpers.repo import REPO
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
 

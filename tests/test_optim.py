@@ -6,8 +6,9 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from conftest import REPO, build_tiny_model
 from ldm.util import UserError
+from tests.helpers.models import build_tiny_model
+from tests.helpers.repo import REPO
 
 
 def one_step(model) -> torch.optim.Optimizer:

@@ -17,7 +17,7 @@ import pytest
 from packaging.requirements import Requirement
 from setuptools import find_packages
 
-from conftest import REPO
+from tests.helpers.repo import REPO
 
 COMMANDS = {"sd-dreambooth-train": "main:main", "sd-txt2img": "dreambooth_scripts.stable_txt2img:main",
             "sd-img2img": "dreambooth_scripts.img2img:main", "sd-evaluate": "dreambooth_scripts.evaluate:main",

@@ -17,7 +17,6 @@ import ldm.controlnet
 import ldm.eval.generation
 import ldm.inference
 import ldm.precision
-from conftest import REPO, TINY_CONFIG, randomise_zero_init
 from ldm.checkpoint import read_lora, save_weights
 from ldm.eval.compare import ModelSpec
 from ldm.eval.generation import SampleSettings, sample_model
@@ -29,11 +28,12 @@ from ldm.modules.diffusionmodules.schedule import SCHEDULE_BUFFERS
 from ldm.modules.lora import base_state_dict, is_lora_key
 from ldm.precision import check_training_precision
 from ldm.util import UserError, instantiate_from_config
-from test_controlnet import PREFIX, TINY_CONTROLNET
-from test_controlnet_sampling import SAMPLING, shapes_image, txt2img
-from test_memory_savers import PairData
-from test_memory_savers import finetune_model
-from test_train_e2e import fresh_run_args, load_script, make_class_images, make_photos
+from tests.helpers.models import randomise_zero_init
+from tests.helpers.repo import REPO, TINY_CONFIG, load_script
+from tests.helpers.runs import fresh_run_args, make_class_images, make_photos
+from tests.test_controlnet import PREFIX, TINY_CONTROLNET
+from tests.test_controlnet_sampling import SAMPLING, shapes_image, txt2img
+from tests.test_memory_savers import PairData, finetune_model
 
 LORA_CONFIG = "configs/tiny/v1-finetune_lora.yaml"
 

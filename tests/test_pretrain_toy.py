@@ -9,7 +9,7 @@ import shutil
 import pytest
 from omegaconf import OmegaConf
 
-from conftest import REPO, load_script
+from tests.helpers.repo import REPO, load_script
 
 TINY_VAE = ["--vae_steps", "1", "--vae_pool", "12", "--threads", "1"]
 

@@ -2,9 +2,9 @@
 with a model the candidates are ranked by the prior's strength, text and fixed-seed images."""
 import csv
 
-from conftest import TINY_CONFIG, load_script
 from ldm.modules.encoders.modules import TOKENIZER_DIR, load_tokenizer
 from ldm.rare_tokens import candidates, single_token_ids
+from tests.helpers.repo import TINY_CONFIG, load_script
 
 find_rare_token = load_script("find_rare_token")
 

@@ -15,9 +15,9 @@ import tomllib
 from functools import cache
 from types import ModuleType
 
-from conftest import REPO, load_script
 from ldm.config import TOP_LEVEL_KEYS
-from readme_text import fenced_blocks, inline_spans, join_continuations, readme
+from tests.helpers.readme_text import fenced_blocks, inline_spans, join_continuations, readme
+from tests.helpers.repo import REPO, load_script
 
 # (what a skipped command starts with, why it is not parsed)
 SKIPPED = [

@@ -8,9 +8,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from conftest import REPO
 from ldm.inference import read_metadata
-from readme_text import fenced_blocks, join_continuations, section
+from tests.helpers.readme_text import fenced_blocks, join_continuations, section
+from tests.helpers.repo import REPO
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
 # (as written, substituted): the toy model and its configs for Stable Diffusion v1, the CPU for a GPU, few steps and

@@ -5,12 +5,13 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from conftest import build_tiny_model
 from ldm.callbacks import StepCheckpoint
 from ldm.checkpoint import read_state_dict
 from ldm.optim import make_optimizer, optimizer_eval_mode
 from ldm.util import UserError
-from test_train_e2e import REPO, TINY, fresh_run_args, load_script, make_class_images, make_photos, metrics, run_main
+from tests.helpers.models import build_tiny_model
+from tests.helpers.repo import REPO, load_script
+from tests.helpers.runs import TINY, fresh_run_args, make_class_images, make_photos, metrics, run_main
 
 TEXT = "cond_stage_model."
 

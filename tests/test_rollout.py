@@ -4,10 +4,10 @@ are one-line errors."""
 import pytest
 import torch
 
-from conftest import build_tiny_model, randomise_zero_init
 from ldm.models.diffusion.rollout import Rollout
 from ldm.modules.diffusionmodules.schedule import extract_into_tensor
 from ldm.util import UserError
+from tests.helpers.models import build_tiny_model, randomise_zero_init
 
 
 def batch(model):

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO
 from ldm.runs import LOCK_FILE, latest_run, new_run, run_lock
 from ldm.util import UserError
+from tests.helpers.repo import REPO
 
 
 def test_two_runs_started_in_the_same_second_get_two_folders(tmp_path):

@@ -11,14 +11,16 @@ import pytest
 import torch
 
 from ldm.util import UserError
-from test_train_e2e import ENV, REPO, fresh_run_args, load_script, make_class_images, make_photos, metrics
+from tests.helpers.repo import REPO, load_script
+from tests.helpers.runs import ENV, fresh_run_args, make_class_images, make_photos, metrics
 
-SLOW_ENV = {**ENV, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO / "tests"), ENV.get("PYTHONPATH")]))}
+SLOW_ENV = {**ENV, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), ENV.get("PYTHONPATH")]))}
 
 
 def slow_at(step: int, marker: Path) -> list[str]:
-    """Overrides that add tests/slow_callback.py's SlowStep after the checkpoint callback, slow at `step`."""
-    return ["lightning.callbacks.slow.target=slow_callback.SlowStep", f"lightning.callbacks.slow.params.step={step}",
+    """Overrides that add tests/helpers/slow_callback.py's SlowStep after the checkpoint callback, slow at `step`."""
+    return ["lightning.callbacks.slow.target=tests.helpers.slow_callback.SlowStep",
+            f"lightning.callbacks.slow.params.step={step}",
             f"lightning.callbacks.slow.params.marker={marker}", "lightning.callbacks.image_logger.params.disabled=true"]
 
 

@@ -137,7 +137,7 @@ LMS = "scheduling_lms_discrete.LMSDiscreteScheduler"
 @pytest.fixture(scope="module")
 def tiny_file(tmp_path_factory):
     """A tiny SD v1 file with random weights (the zero-initialised layers too)."""
-    from conftest import build_tiny_model, randomise_zero_init
+    from tests.helpers.models import build_tiny_model, randomise_zero_init
 
     from ldm.checkpoint import save_weights
 
@@ -149,7 +149,7 @@ def tiny_file(tmp_path_factory):
 @pytest.fixture(scope="module")
 def tiny_pair(tiny_file):
     """Our tiny LatentDiffusion and diffusers' StableDiffusionPipeline, both from one SD v1 file written here."""
-    from conftest import TINY_CONFIG
+    from tests.helpers.repo import TINY_CONFIG
 
     from ldm.inference import load_model
     from ldm.model_config import load_config
@@ -250,7 +250,7 @@ def test_cli_unipc_gives_the_image_of_diffusers_default_unipc(tiny_file, tiny_pa
     """txt2img --sampler unipc (the CLI path: schedule, starting noise, solver, decoding) against the pipeline with
     UniPCMultistepScheduler.from_config of SD 1.5's scheduler config, same weights and noise: within 2 levels of the
     8-bit image (measured 1; 11 levels when the CLI ran UniPC on k-diffusion's schedule)."""
-    from conftest import TINY_CONFIG, load_script
+    from tests.helpers.repo import TINY_CONFIG, load_script
     from PIL import Image
 
     model, pipe, _, _, _ = tiny_pair

@@ -13,10 +13,11 @@ from omegaconf import OmegaConf
 
 import ldm.class_images
 import ldm.inference
-from conftest import REPO, build_tiny_model
 from ldm.callbacks import ImageLogger, ValidationSamples
 from ldm.class_images import generate_class_images, generation_dtype, sampling_copy
 from ldm.inference import sample_images
+from tests.helpers.models import build_tiny_model
+from tests.helpers.repo import REPO
 
 
 @pytest.fixture

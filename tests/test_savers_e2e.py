@@ -3,10 +3,10 @@ from its last.ckpt, and the settings a fused backward cannot serve are one-line 
 import pytest
 import torch
 
-from conftest import REPO
 from ldm.models.diffusion.ddpm import DDPM
 from ldm.optim import state_tensors
-from test_train_e2e import fresh_run_args, load_script, make_class_images, make_photos, run_main
+from tests.helpers.repo import REPO, load_script
+from tests.helpers.runs import fresh_run_args, make_class_images, make_photos, run_main
 
 LOWMEM = "configs/tiny/v1-finetune_lowmem.yaml"
 OPTIMIZERS = {

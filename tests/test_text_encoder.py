@@ -6,9 +6,9 @@ import pytest
 import torch
 from transformers import CLIPTextConfig, CLIPTextModel
 
-from conftest import read_spec
 from ldm.modules.encoders.modules import FrozenCLIPEmbedder, load_tokenizer
 from ldm.util import count_params
+from tests.helpers.specs import read_spec
 
 TINY = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2}
 SKS_DOG_IDS = [49406, 320, 1125, 539, 48136, 1929] + [49407] * 71  # "a photo of sks dog" from OpenAI's CLIP tokenizer

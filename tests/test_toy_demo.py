@@ -10,11 +10,11 @@ import pytest
 from omegaconf import OmegaConf
 from PIL import Image
 
-from conftest import REPO
 from ldm.checkpoint import load_model_weights
 from ldm.eval.toy_demo import PROMPTS
 from ldm.inference import read_metadata
 from ldm.util import instantiate_from_config
+from tests.helpers.repo import REPO
 
 TOY = REPO / "configs" / "toy"
 BASE = REPO / "data" / "toy" / "toy-v1.safetensors"

@@ -10,12 +10,12 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from conftest import REPO
 from ldm.checkpoint import load_model_weights, read_checkpoint, read_state_dict, save_checkpoint
 from ldm.data.toy_world import BOX_SUBJECT, CLASSES, CONTEXTS, is_subject, random_layout, random_scene, subject_scene
 from ldm.eval.toy_scorer import ToyScorer, fit_scorer, fit_subject_head, load_scorer, near_misses, render_scenes
 from ldm.pretraining import DiffusionPretraining, SceneLatents, random_scenes, render_all, train_vae
 from ldm.util import instantiate_from_config
+from tests.helpers.repo import REPO
 
 TOY = REPO / "configs" / "toy"
 SCORER = REPO / "data" / "toy" / "scorer.safetensors"

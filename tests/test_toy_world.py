@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import REPO
 from ldm.data.toy_world import (BOX_SUBJECT, CLASSES, CONTEXTS, PATTERNS, SUBJECT, Scene, caption, has_subject_look,
                                 is_subject, random_caption, random_scene, render, subject_scene)
+from tests.helpers.repo import REPO
 
 
 @pytest.mark.parametrize("context", CONTEXTS)

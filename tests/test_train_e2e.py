@@ -1,8 +1,6 @@
 """End to end: `main.py` fine-tunes the tiny config in a subprocess on photos made here, then the test checks what it
 wrote (checkpoints, images, metrics, generated class images), resuming, Ctrl-C/SIGTERM, a NaN loss and bad inputs."""
-import csv
 import errno
-import importlib.util
 import math
 import os
 import re
@@ -22,51 +20,13 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from conftest import REPO, build_tiny_model
 from ldm.callbacks import AtomicCheckpointIO, StepCheckpoint
 from ldm.checkpoint import CheckpointError, save_weights
 from ldm.inference import read_metadata
-from other_tools import check_a1111_ckpt, parse_infotext
-
-TINY = "configs/tiny/v1-finetune_unfrozen.yaml"
-# One thread per process: on a few shared cores, PyTorch's default threads make the tiny model many times slower.
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-
-
-def load_script(name: str, path: Path):
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def make_photos(folder: Path) -> Path:
-    """Instance photos as users have them: JPEG and PNG of odd sizes, one EXIF-rotated, one RGBA."""
-    folder.mkdir(parents=True)
-    Image.new("RGB", (97, 71), (200, 60, 40)).save(folder / "dog1.jpg", quality=90)
-    Image.new("RGB", (100, 64), (40, 160, 60)).save(folder / "dog2.png")
-    exif = Image.Exif()
-    exif[0x0112] = 6
-    Image.new("RGB", (90, 66), (30, 30, 200)).save(folder / "IMG_0003.JPG", exif=exif)
-    Image.new("RGBA", (70, 70), (250, 200, 0, 128)).save(folder / "dog4.png")
-    return folder
-
-
-def make_class_images(folder: Path, n: int) -> Path:
-    folder.mkdir(parents=True)
-    for k in range(n):
-        Image.new("RGB", (64, 64), (k * 60, 90, 90)).save(folder / f"real-{k}.png")
-    return folder
-
-
-def run_main(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "main.py", *args], cwd=REPO, env=ENV, capture_output=True, text=True,
-                          timeout=timeout)
-
-
-def fresh_run_args(ckpt: Path, instance: Path, reg: Path, logdir: Path, *extra: str) -> list[str]:
-    return ["--base", TINY, "-t", "--actual_resume", str(ckpt), "-n", "job", "--accelerator", "cpu",
-            "--data_root", str(instance), "--reg_data_root", str(reg), "--class_word", "dog", "-l", str(logdir), *extra]
+from tests.helpers.models import build_tiny_model
+from tests.helpers.other_tools import check_a1111_ckpt, parse_infotext
+from tests.helpers.repo import REPO, load_script
+from tests.helpers.runs import ENV, TINY, fresh_run_args, make_class_images, make_photos, metrics, run_main
 
 
 @pytest.fixture(scope="module")
@@ -89,14 +49,6 @@ def first_run(tmp_path_factory, tiny_ckpt, photos) -> SimpleNamespace:
 
 def copy_of(run: Path, tmp_path: Path) -> Path:
     return Path(shutil.copytree(run, tmp_path / run.name))
-
-
-def metrics(run: Path) -> list[dict[str, str]]:
-    rows = []
-    for path in sorted(run.glob("csv/*/metrics.csv")):
-        with open(path, newline="") as handle:
-            rows += list(csv.DictReader(handle))
-    return rows
 
 
 def test_the_run_ends_with_its_loss_plot(first_run):

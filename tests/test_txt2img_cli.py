@@ -15,13 +15,14 @@ import torch
 from omegaconf import OmegaConf
 from PIL import Image
 
-from conftest import FULL_CONFIG, REPO, TINY_CONFIG, build_tiny_model, load_script, randomise_zero_init
 from ldm.checkpoint import save_weights
 from ldm.images import SAMPLER_DISPLAY_NAMES
 from ldm.inference import SAMPLER_NAMES, read_metadata
 from ldm.model_config import load_config, native_size
 from ldm.models.diffusion.sampling import STOCHASTIC
-from other_tools import parse_infotext
+from tests.helpers.models import build_tiny_model, randomise_zero_init
+from tests.helpers.other_tools import parse_infotext
+from tests.helpers.repo import FULL_CONFIG, REPO, TINY_CONFIG, load_script
 
 COMMON = ["--config", str(TINY_CONFIG), "--device", "cpu", "--n_iter", "1", "--n_samples", "2", "--ddim_steps", "3"]
 TINY = [*COMMON, "--H", "64", "--W", "64"]

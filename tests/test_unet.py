@@ -5,11 +5,11 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from conftest import read_spec
 from ldm.convert import diffusers_unet_config
 from ldm.modules.diffusionmodules.openaimodel import UNetModel
 from ldm.modules.diffusionmodules.util import timestep_embedding
 from ldm.util import count_params, instantiate_from_config
+from tests.helpers.specs import read_spec
 
 ROOT = Path(__file__).resolve().parents[1]
 PREFIX = "model.diffusion_model."

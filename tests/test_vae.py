@@ -7,11 +7,11 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from conftest import read_spec
 from ldm.models.autoencoder import AutoencoderKL
 from ldm.modules.diffusionmodules.model import Encoder
 from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
 from ldm.util import count_params, instantiate_from_config
+from tests.helpers.specs import read_spec
 
 ROOT = Path(__file__).resolve().parents[1]
 PREFIX = "first_stage_model."

@@ -1,7 +1,7 @@
 """The README as the tests read it: its sections, fenced code blocks and inline code spans."""
 import re
 
-from conftest import REPO
+from tests.helpers.repo import REPO
 
 FENCE = re.compile(r"^[ \t]*```(\w*)\n(.*?)^[ \t]*```[ \t]*$", re.M | re.S)
 
