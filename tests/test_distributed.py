@@ -55,7 +55,7 @@ def fresh_run(tmp_path, tiny_ckpt, photos, strategy):
 
 @pytest.fixture(scope="module")
 def photos(tmp_path_factory):
-    from tests.test_monitors import make_folder
+    from tests.callbacks.test_monitors import make_folder
     root = tmp_path_factory.mktemp("ddp-data")
     return make_folder(root / "photos", 3, 0), make_folder(root / "class", 4, 1)
 

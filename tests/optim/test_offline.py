@@ -13,7 +13,7 @@ import torch
 import ldm.optim
 from ldm.offline import UNUSED_KERNEL_LOGGER, UNUSED_KERNEL_WARNING, import_offline
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 # a module that records, when imported, whether the hub was off for it and logs as bitsandbytes' CPU backend does
 PROBE = f"""
 import logging, os

@@ -31,9 +31,9 @@ from ldm.util import UserError, instantiate_from_config
 from tests.helpers.models import randomise_zero_init
 from tests.helpers.repo import REPO, TINY_CONFIG, load_script
 from tests.helpers.runs import fresh_run_args, make_class_images, make_photos
-from tests.test_controlnet import PREFIX, TINY_CONTROLNET
-from tests.test_controlnet_sampling import SAMPLING, shapes_image, txt2img
-from tests.test_memory_savers import PairData, finetune_model
+from tests.controlnet.test_controlnet import PREFIX, TINY_CONTROLNET
+from tests.controlnet.test_controlnet_sampling import SAMPLING, shapes_image, txt2img
+from tests.training.test_memory_savers import PairData, finetune_model
 
 LORA_CONFIG = "configs/tiny/v1-finetune_lora.yaml"
 

@@ -13,9 +13,9 @@ from ldm.modules.controlnet import ControlNet
 from ldm.modules.diffusionmodules.openaimodel import UNetModel
 from ldm.util import count_params, instantiate_from_config
 from tests.helpers.repo import TINY_CONFIG
-from tests.test_unet import SECOND_CONFIG, diffusers_twin, randomise, unet_params
+from tests.modules.test_unet import SECOND_CONFIG, diffusers_twin, randomise, unet_params
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SPEC = ROOT / "tests" / "fixtures" / "sd15-controlnet-state-dict.tsv"  # a copy of the project's shared spec
 PREFIX = "control_model."
 TINY_CONTROLNET = controlnet_params(load_config(str(TINY_CONFIG)))

@@ -19,10 +19,10 @@ from ldm.modules.lora import inject_lora, lora_tensors
 from tests.helpers.models import build_tiny_model, randomise_zero_init
 from tests.helpers.other_tools import parse_infotext
 from tests.helpers.repo import TINY_CONFIG, load_script
-from tests.test_controlnet import PREFIX, TINY_CONTROLNET, diffusers_controlnet
-from tests.test_lora import NAMES, randomise_lora, tiny
-from tests.test_samplers import SCALE, SD_DDIM, noise, relative_error
-from tests.test_unet import randomise
+from tests.controlnet.test_controlnet import PREFIX, TINY_CONTROLNET, diffusers_controlnet
+from tests.lora.test_lora import NAMES, randomise_lora, tiny
+from tests.models.test_samplers import SCALE, SD_DDIM, noise, relative_error
+from tests.modules.test_unet import randomise
 
 txt2img, img2img = load_script("stable_txt2img"), load_script("img2img")
 SAMPLING = ["--config", str(TINY_CONFIG), "--device", "cpu", "--n_iter", "1", "--n_samples", "1", "--ddim_steps", "4",

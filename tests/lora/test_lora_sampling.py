@@ -18,7 +18,7 @@ from ldm.modules.lora import inject_lora, lora_tensors
 from ldm.util import UserError, instantiate_from_config
 from tests.helpers.other_tools import parse_infotext
 from tests.helpers.repo import REPO, TINY_CONFIG, load_script
-from tests.test_lora import NAMES, TINY_UNET, outputs, randomise_lora, tiny
+from tests.lora.test_lora import NAMES, TINY_UNET, outputs, randomise_lora, tiny
 
 txt2img, img2img, merge_script = load_script("stable_txt2img"), load_script("img2img"), load_script("merge_lora")
 SAMPLING = ["--config", str(TINY_CONFIG), "--device", "cpu", "--n_iter", "1", "--n_samples", "1", "--ddim_steps", "3",

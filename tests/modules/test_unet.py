@@ -11,7 +11,7 @@ from ldm.modules.diffusionmodules.util import timestep_embedding
 from ldm.util import count_params, instantiate_from_config
 from tests.helpers.specs import read_spec
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 PREFIX = "model.diffusion_model."
 
 

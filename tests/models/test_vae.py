@@ -13,7 +13,7 @@ from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
 from ldm.util import count_params, instantiate_from_config
 from tests.helpers.specs import read_spec
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 PREFIX = "first_stage_model."
 
 

@@ -11,7 +11,7 @@ from ldm.modules.losses import NoiseObjective
 from ldm.modules.losses.noise_objective import elementwise_loss, huber_threshold, snr, timestep_weights
 from ldm.util import UserError
 from tests.helpers.models import build_tiny_model
-from tests.test_loss import make_batch
+from tests.modules.test_loss import make_batch
 
 DEFAULTS = {"offset_noise": 0.0, "input_perturbation": 0.0, "timestep_range": [0, 1000], "loss_weighting": "none",
             "snr_gamma": 5.0, "loss_type": "l2", "huber_c": 0.1, "huber_schedule": "constant",

@@ -19,7 +19,7 @@ from ldm.modules.encoders.modules import TOKENIZER_DIR, load_tokenizer
 from tests.helpers.models import build_tiny_model, randomise_zero_init
 from tests.helpers.repo import FULL_CONFIG, REPO, TINY_CONFIG, load_script
 from tests.helpers.specs import read_spec
-from tests.test_monitors import make_folder
+from tests.callbacks.test_monitors import make_folder
 
 diffusers = pytest.importorskip("diffusers", reason="diffusers holds the reference pipeline and the key tables")
 to_diffusers, to_sd = load_script("convert_sd_to_diffusers"), load_script("convert_diffusers_to_sd")

@@ -12,7 +12,7 @@ from ldm.eval.compare import ModelSpec, ToyPromptScorer, table_rows
 from ldm.modules.lora import inject_lora, lora_tensors
 from ldm.util import UserError
 from tests.helpers.repo import TINY_CONFIG, load_script
-from tests.test_lora import NAMES, randomise_lora, tiny
+from tests.lora.test_lora import NAMES, randomise_lora, tiny
 
 compare = load_script("compare")
 

@@ -14,7 +14,7 @@ from ldm.inference import load_model
 from ldm.modules.ema import LitEma
 from tests.helpers.models import build_tiny_model
 from tests.helpers.repo import REPO
-from tests.test_monitors import make_folder
+from tests.callbacks.test_monitors import make_folder
 
 ENV = {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"}
 

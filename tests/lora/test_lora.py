@@ -213,7 +213,7 @@ def diffusers_pipeline(model):
     """StableDiffusionPipeline on the same base weights (the UNet through diffusers' single-file converter)."""
     diffusers = pytest.importorskip("diffusers", reason="diffusers is needed for the parity test")
     convert = pytest.importorskip("diffusers.loaders.single_file_utils").convert_ldm_unet_checkpoint
-    from tests.test_unet import diffusers_twin
+    from tests.modules.test_unet import diffusers_twin
     unet = diffusers_twin(OmegaConf.to_container(TINY_UNET)).eval()
     state = {k: v for k, v in model.state_dict().items() if k.startswith("model.diffusion_model.")}
     unet.load_state_dict(convert(state, dict(unet.config)), strict=True)
