@@ -9,16 +9,39 @@ import torch
 from ldm.checkpoint import save_weights
 from tests.helpers.models import build_tiny_model
 
-# The files that take longest (half a minute to two minutes each on 2 cores, 2026-12-07), longest first: `make test`
-# gives each file to one of two workers in collection order, and a long file started last would leave the other worker
-# idle at the end.
-LONGEST_FIRST = ("test_savers_e2e.py", "test_distributed.py", "test_packaging.py", "test_train_e2e.py",
-                 "test_lora_train.py", "test_toy_demo.py", "test_toy_model.py", "test_recipe_e2e.py",
-                 "test_gpu_check.py", "test_benchmark_train.py", "test_txt2img_cli.py", "test_ema.py")
+# The files that take longest, longest first (2 cores, 2026-12-07): `make test` gives each file to one of two workers in
+# this order (pytest_configure keeps pytest-xdist from sorting the files by their number of tests), and a long file
+# started last would leave the other worker idle at the end. The end-to-end files (tests/e2e/, 5 s to 5 min each) come
+# first, then the longest of the rest (5 to 30 s each), which `pytest -m "not e2e"` runs alone.
+LONGEST_FIRST = ("test_savers_e2e.py", "test_train_e2e.py", "test_packaging.py", "test_distributed.py",
+                 "test_txt2img_cli.py", "test_lora_train.py", "test_toy_demo_e2e.py", "test_recipe_e2e.py",
+                 "test_gpu_check_e2e.py", "test_benchmark_train_e2e.py", "test_toy_model_e2e.py", "test_ema_e2e.py",
+                 "test_runs_e2e.py", "test_readme_workflow.py", "test_latent_cache_e2e.py", "test_export_e2e.py",
+                 "test_diffusers_folders_e2e.py", "test_concepts_e2e.py", "test_buckets_e2e.py",
+                 "test_monitors_e2e.py", "test_masks_e2e.py", "test_toy_world_e2e.py", "test_clip_skip_e2e.py",
+                 "test_offline_e2e.py", "test_evaluate_e2e.py",
+                 "test_controlnet_sampling.py", "test_lora.py", "test_memory_savers.py", "test_samplers.py",
+                 "test_checkpoint.py", "test_lora_sampling.py", "test_export.py", "test_precision.py",
+                 "test_diffusers_folders.py", "test_adamw8bit.py", "test_toy_model.py")
+
+
+E2E = Path(__file__).parent / "e2e"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Under `-n 2 --dist loadfile`, hand out the files in collection order (LONGEST_FIRST's), as pytest-xdist 3.8's
+    --no-loadscope-reorder does; by default (and always in 3.5 to 3.7) it sends the files with the most tests first."""
+    if hasattr(config.option, "loadscopereorder"):
+        config.option.loadscopereorder = False
 
 
 def pytest_collection_modifyitems(items: list) -> None:
-    """Order the collected tests with LONGEST_FIRST's files first, the rest as collected."""
+    """Order the collected tests with LONGEST_FIRST's files first, the rest as collected; refuse a test in tests/e2e/
+    without the e2e marker, which `pytest -m "not e2e"` would run."""
+    unmarked = sorted({item.path.name for item in items
+                       if item.path.parent == E2E and not item.get_closest_marker("e2e")})
+    if unmarked:
+        raise pytest.UsageError(f"tests/e2e/ files without `pytestmark = pytest.mark.e2e`: {', '.join(unmarked)}")
     rank = {name: k for k, name in enumerate(LONGEST_FIRST)}
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
 

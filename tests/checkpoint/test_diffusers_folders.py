@@ -3,8 +3,6 @@ v1 layout on the meta device and matches diffusers' and transformers' own module
 bit-identical through the two scripts; our folder loads in StableDiffusionPipeline.from_pretrained and gives our
 DDIM image; a folder saved by diffusers from random tiny weights gives diffusers' UNet output and DDIM image here."""
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -17,9 +15,8 @@ from ldm.inference import load_model, sample_latents
 from ldm.model_config import load_config, sampling_config
 from ldm.modules.encoders.modules import TOKENIZER_DIR, load_tokenizer
 from tests.helpers.models import build_tiny_model, randomise_zero_init
-from tests.helpers.repo import FULL_CONFIG, REPO, TINY_CONFIG, load_script
+from tests.helpers.repo import FULL_CONFIG, TINY_CONFIG, load_script
 from tests.helpers.specs import read_spec
-from tests.callbacks.test_monitors import make_folder
 
 diffusers = pytest.importorskip("diffusers", reason="diffusers holds the reference pipeline and the key tables")
 to_diffusers, to_sd = load_script("convert_sd_to_diffusers"), load_script("convert_diffusers_to_sd")
@@ -167,21 +164,3 @@ def test_folders_that_are_not_sd_v1_pipelines_are_one_line_errors(tmp_path, caps
     assert "vae holds no weights" in capsys.readouterr().err
     assert to_sd.main([str(tmp_path), "-o", str(tmp_path / "x.safetensors")]) == 1
     assert "is not a diffusers pipeline folder" in capsys.readouterr().err
-
-
-def test_training_and_sampling_start_from_a_diffusers_folder(our_folder, tmp_path):
-    photos, class_images = make_folder(tmp_path / "photos", 2, 0), make_folder(tmp_path / "class", 2, 1)
-    env = {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"}
-    proc = subprocess.run([sys.executable, "main.py", "--base", "configs/tiny/v1-finetune_unfrozen.yaml", "-t",
-                           "--actual_resume", str(our_folder), "-n", "job", "--accelerator", "cpu", "--data_root",
-                           str(photos), "--reg_data_root", str(class_images), "--class_word", "dog", "-l",
-                           str(tmp_path / "logs"), "--max_steps", "2"],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert f"{our_folder}: loaded UNet 286, VAE 180, noise schedule 12, text encoder 36" in proc.stderr
-    proc = subprocess.run([sys.executable, "scripts/stable_txt2img.py", "--ckpt", str(our_folder), "--prompt", "a dog",
-                           "--ddim_steps", "2", "--n_samples", "1", "--n_iter", "1", "--outdir", str(tmp_path / "out"),
-                           "--device", "cpu"], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "using the sizes of the diffusers folder" in proc.stderr
-    assert len(list((tmp_path / "out" / "samples").glob("*.png"))) == 1

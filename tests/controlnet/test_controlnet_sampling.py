@@ -16,10 +16,10 @@ from ldm.model_config import load_config
 from ldm.models.diffusion.control import Control, ControlStack, controlled
 from ldm.modules.controlnet import ControlNet
 from ldm.modules.lora import inject_lora, lora_tensors
+from tests.controlnet.test_controlnet import PREFIX, TINY_CONTROLNET, diffusers_controlnet
 from tests.helpers.models import build_tiny_model, randomise_zero_init
 from tests.helpers.other_tools import parse_infotext
 from tests.helpers.repo import TINY_CONFIG, load_script
-from tests.controlnet.test_controlnet import PREFIX, TINY_CONTROLNET, diffusers_controlnet
 from tests.lora.test_lora import NAMES, randomise_lora, tiny
 from tests.models.test_samplers import SCALE, SD_DDIM, noise, relative_error
 from tests.modules.test_unet import randomise

@@ -1,8 +1,7 @@
 """Aspect buckets: valid buckets, each photo at the nearest one without distortion, batches of one bucket with the
-class examples in a bucket of their own, two forwards when the sizes differ, and a run that trains with them."""
+class examples in a bucket of their own, two forwards when the sizes differ (a run that trains with them:
+tests/e2e/test_buckets_e2e.py)."""
 import math
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -13,7 +12,6 @@ from PIL import Image
 from ldm.data.buckets import BucketBatches, bucket_box, bucket_sizes, nearest_bucket
 from ldm.data.personalized import DataError, PersonalizedBase
 from tests.helpers.models import build_tiny_model
-from tests.helpers.repo import REPO
 
 PHOTOS = {"wide.png": (300, 160), "tall.png": (150, 310), "square.png": (200, 200), "photo.jpg": (400, 300)}
 
@@ -103,23 +101,3 @@ def test_examples_of_different_sizes_take_two_forwards():
     assert torch.equal(losses["loss_instance"], instance.mean()) and torch.equal(losses["loss_class"], prior.mean())
     with pytest.raises(ValueError, match="fixed t and noise"):
         model.shared_step(batch, t=torch.tensor([1, 2, 3, 4]))
-
-
-def test_a_run_trains_with_buckets(photos, tmp_path, tiny_ckpt):
-    classes = tmp_path / "class"
-    classes.mkdir()
-    for k, size in enumerate([(192, 192), (260, 130), (192, 192)]):
-        Image.new("RGB", size, (k * 80, 90, 90)).save(classes / f"c{k}.png")
-    overrides = [f"data.params.{part}.params.{key}" for part in ("train", "reg")
-                 for key in ("buckets=true", "crop=none", "size=192")]
-    proc = subprocess.run([sys.executable, "main.py", "--base", "configs/tiny/v1-finetune_unfrozen.yaml", "-t",
-                           "--actual_resume", str(tiny_ckpt), "-n", "b", "--accelerator", "cpu", "--data_root",
-                           str(photos), "--reg_data_root", str(classes), "--class_word", "dog", "-l",
-                           str(tmp_path / "logs"), "data.params.batch_size=2",
-                           "lightning.callbacks.eval_loss.params.every_n_steps=2", *overrides],
-                          cwd=REPO, capture_output=True, text=True, timeout=300,
-                          env={"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"})
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "evaluation loss" in proc.stderr
-    (run,) = (tmp_path / "logs").iterdir()
-    assert len(list((run / "images" / "train").glob("inputs_*.png"))) == 2

@@ -1,15 +1,10 @@
 """Several subjects in one run (`data.params.concepts`, repeated --data_root/--token) and several resolutions
 (`data.params.resolutions`): which class images each subject's examples are paired with, batches of one size,
-per-concept losses, the flags, and a run of main.py."""
-import csv
-import os
-import subprocess
-import sys
+per-concept losses and the flags (a run of main.py: tests/e2e/test_concepts_e2e.py)."""
 from pathlib import Path
 
 import pytest
 import torch
-from omegaconf import OmegaConf
 from PIL import Image
 
 from ldm.data.concepts import concept_configs, concepts_from_flags
@@ -17,7 +12,6 @@ from ldm.data.datamodule import DataModuleFromConfig
 from ldm.data.personalized import DataError
 from ldm.modules.losses import concept_losses
 from tests.helpers.models import build_tiny_model
-from tests.helpers.repo import REPO
 
 TINY = "configs/tiny/v1-finetune_unfrozen.yaml"
 DATASET = "ldm.data.personalized.PersonalizedBase"
@@ -149,31 +143,3 @@ def test_the_loss_of_each_concept_is_the_mean_of_its_examples():
     per_sample, _ = model.per_sample_losses(batch, t, noise)
     assert torch.equal(losses["loss_instance_sks"], per_sample[0]) and torch.equal(losses["loss_instance_zwx"],
                                                                                      per_sample[1])
-
-
-def test_main_trains_two_subjects_from_repeated_flags(tmp_path, tiny_ckpt, folders):
-    logdir = tmp_path / "logs"
-    args = ["--base", TINY, "-t", "--actual_resume", str(tiny_ckpt), "-n", "two", "--accelerator", "cpu",
-            "-l", str(logdir), "--data_root", folders["dog"], "--token", "sks", "--class_word", "dog",
-            "--reg_data_root", folders["dogs"], "--data_root", folders["toy"], "--token", "zwx", "--class_word", "toy",
-            "--reg_data_root", folders["toys"], "--max_steps", "6", "data.params.batch_size=2",
-            "lightning.callbacks.eval_loss.params.every_n_steps=3", "lightning.callbacks.eval_loss.params.timesteps=2",
-            "lightning.callbacks.eval_loss.params.bands=1"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    result = subprocess.run([sys.executable, "main.py", *args], cwd=REPO, env=env, capture_output=True, text=True,
-                            timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "instance images (zwx): 3 in" in result.stdout and "class images (sks): 2 in" in result.stdout
-    run = next(logdir.iterdir())
-    saved = OmegaConf.load(next((run / "configs").glob("*-project.yaml")))
-    assert [c.identifier for c in saved.data.params.concepts] == ["sks", "zwx"]
-    rows = list(csv.DictReader(open(next((run / "csv").glob("*/metrics.csv")))))
-    columns = set(rows[0])
-    assert {"train/loss_instance_sks", "train/loss_instance_zwx", "val/loss_instance_sks",
-            "val/loss_instance_zwx"} <= columns
-    assert any(row["train/loss_instance_zwx"] for row in rows) and any(row["val/loss_instance_sks"] for row in rows)
-    assert (run / "checkpoints" / "last.ckpt").is_file()
-
-    bad = subprocess.run([sys.executable, "main.py", *args[:-6], "--token", "extra"], cwd=REPO, env=env,
-                         capture_output=True, text=True, timeout=120)
-    assert bad.returncode == 1 and "need as many identifiers" in bad.stderr and "Traceback" not in bad.stderr

@@ -1,9 +1,7 @@
 """Masked loss: masks found beside photos or in masks/, cut, resized and mirrored with their photo, a floor; an
-all-white mask gives the unmasked loss bit for bit, a black region changes nothing; cached latents keep masks; a
-run trains with them."""
+all-white mask gives the unmasked loss bit for bit, a black region changes nothing; cached latents keep masks (a
+run that trains with them: tests/e2e/test_masks_e2e.py)."""
 import logging
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -13,7 +11,6 @@ from PIL import Image
 from ldm.data.personalized import DataError, PersonalizedBase
 from ldm.modules.losses import NoiseObjective
 from tests.helpers.models import build_tiny_model
-from tests.helpers.repo import REPO
 
 
 def photo_with_mask(folder, name, size=(96, 64), where="beside"):
@@ -106,25 +103,6 @@ def test_a_white_mask_is_the_plain_loss_and_black_regions_change_nothing():
     torch.manual_seed(0)
     white = model.shared_step({**batch, "mask": torch.ones(2, 64, 64)}, t, noise)["loss"]
     assert torch.equal(without, white)
-
-
-def test_a_run_trains_with_masks(tmp_path, tiny_ckpt):
-    photos = tmp_path / "photos"
-    photos.mkdir()
-    for name in ("a", "b"):
-        photo_with_mask(photos, name, size=(64, 64))
-    classes = tmp_path / "class"
-    classes.mkdir()
-    for k in range(2):
-        Image.new("RGB", (64, 64), (k * 90, 90, 90)).save(classes / f"c{k}.png")
-    proc = subprocess.run([sys.executable, "main.py", "--base", "configs/tiny/v1-finetune_unfrozen.yaml", "-t",
-                           "--actual_resume", str(tiny_ckpt), "-n", "m", "--accelerator", "cpu", "--data_root",
-                           str(photos), "--reg_data_root", str(classes), "--class_word", "dog", "-l",
-                           str(tmp_path / "logs"), "--max_steps", "2", "--cache_latents",
-                           "data.params.train.params.mask_floor=0.1"],
-                          cwd=REPO, capture_output=True, text=True, timeout=300,
-                          env={"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"})
-    assert proc.returncode == 0, proc.stderr[-3000:]
 
 
 @pytest.fixture(scope="module")

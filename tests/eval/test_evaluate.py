@@ -1,9 +1,6 @@
 """The paper's evaluation: preprocessing equal to transformers' image processors, DINO / CLIP-I / CLIP-T equal to a
-direct computation with transformers, DreamBench's prompts, and scripts/evaluate.py end to end on tiny models saved
-to local folders by the test."""
-import csv
-import json
-
+direct computation with transformers, DreamBench's prompts (scripts/evaluate.py end to end on tiny models saved to local
+folders by the test: tests/e2e/test_evaluate_e2e.py)."""
 import numpy as np
 import pytest
 import torch
@@ -13,7 +10,7 @@ from ldm.eval.evaluate import dreambench_prompts, prompt_groups
 from ldm.eval.paper_metrics import ClipEmbedder, DinoEmbedder, PaperScorer, without_identifier
 from ldm.eval.preprocess import Preprocess
 from tests.helpers.models import save_tiny_scorers
-from tests.helpers.repo import TINY_CONFIG, load_script
+from tests.helpers.repo import load_script
 
 transformers = pytest.importorskip("transformers", reason="transformers holds the reference models")
 evaluate_script = load_script("evaluate")
@@ -104,29 +101,3 @@ def test_a_missing_scoring_model_says_what_to_download(tmp_path, tiny_ckpt, caps
                                  "dog", "--clip", str(tmp_path / "nothing"), "--dino", str(tmp_path)])
     err = capsys.readouterr().err
     assert code == 1 and "openai/clip-vit-base-patch32" in err and "Traceback" not in err
-
-
-def test_evaluate_two_dreambench_subjects_end_to_end(tmp_path, tiny_ckpt, folders) -> None:
-    clip_dir, dino_dir = folders
-    for name, seed in (("dog", 5), ("can", 6)):
-        (tmp_path / "dataset" / name).mkdir(parents=True)
-        (tmp_path / "models" / name).mkdir(parents=True)
-        for k, image in enumerate(photos(seed)[:3]):
-            image.save(tmp_path / "dataset" / name / f"{k:02}.jpg")
-        (tmp_path / "models" / name / "model.ckpt").symlink_to(tiny_ckpt)
-    outdir = tmp_path / "eval"
-    args = ["--subjects_root", str(tmp_path / "dataset"), "--model", str(tmp_path / "models" / "{subject}" / "*.ckpt"),
-            "--clip", str(clip_dir), "--dino", str(dino_dir), "--config", str(TINY_CONFIG), "--device", "cpu",
-            "--n", "2", "--steps", "2", "--outdir", str(outdir)]
-    assert evaluate_script.main(args) == 0
-    dog = json.loads((outdir / "dog" / "summary.json").read_text())
-    assert dog["kind"] == "live" and dog["class_word"] == "dog" and dog["images"] == 50
-    assert set(dog["groups"]) == {"recontextualization", "accessorization", "property"}
-    assert set(dog["real_images"]) == {"dino", "clip_i"}
-    with open(outdir / "can" / "images.csv") as handle:
-        rows = list(csv.DictReader(handle))
-    assert len(rows) == 50 and rows[0]["prompt"] == "a sks can in the jungle"
-    assert all(-1 <= float(r["clip_t"]) <= 1 for r in rows)
-    assert (outdir / "can" / "grid-property.png").is_file() and (outdir / "can" / rows[0]["file"]).is_file()
-    table = (outdir / "table.md").read_text()
-    assert "| mean of 2 subjects |" in table and "DreamBooth, Stable Diffusion (paper) | 0.668 | 0.803 | 0.305" in table

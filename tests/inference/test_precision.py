@@ -28,11 +28,11 @@ from ldm.modules.diffusionmodules.schedule import SCHEDULE_BUFFERS
 from ldm.modules.lora import base_state_dict, is_lora_key
 from ldm.precision import check_training_precision
 from ldm.util import UserError, instantiate_from_config
+from tests.controlnet.test_controlnet import PREFIX, TINY_CONTROLNET
+from tests.controlnet.test_controlnet_sampling import SAMPLING, shapes_image, txt2img
 from tests.helpers.models import randomise_zero_init
 from tests.helpers.repo import REPO, TINY_CONFIG, load_script
 from tests.helpers.runs import fresh_run_args, make_class_images, make_photos
-from tests.controlnet.test_controlnet import PREFIX, TINY_CONTROLNET
-from tests.controlnet.test_controlnet_sampling import SAMPLING, shapes_image, txt2img
 from tests.training.test_memory_savers import PairData, finetune_model
 
 LORA_CONFIG = "configs/tiny/v1-finetune_lora.yaml"

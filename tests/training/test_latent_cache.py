@@ -1,5 +1,6 @@
 """Cached latents and text embeddings (--cache_latents): the same loss as encoding every step, a cache file that is
-reused and rebuilt when what it depends on changes, random crops refused, and CLI runs that train on the cache."""
+reused and rebuilt when what it depends on changes, random crops refused (CLI runs that train on the
+cache: tests/e2e/test_latent_cache_e2e.py)."""
 import logging
 from pathlib import Path
 from types import SimpleNamespace
@@ -18,7 +19,6 @@ from ldm.data.concepts import ConceptPairs
 from ldm.latent_cache import cache_latents
 from ldm.util import UserError
 from tests.helpers.models import build_tiny_model, randomise_zero_init
-from tests.helpers.runs import fresh_run_args, make_class_images, make_photos, run_main
 
 CPU = torch.device("cpu")
 KEYS = {"first_stage_key": "image", "cond_stage_key": "caption"}  # as the fine-tuning config names them
@@ -223,23 +223,6 @@ def test_idle_encoders_wait_on_the_cpu_and_come_back_for_image_logging():
     assert model.first_stage_model.encoder.conv_in.weight.device.type == "cpu"
     model.on_train_end()
     assert model.first_stage_model.encoder.conv_in.weight.is_cuda and not model.offloaded
-
-
-def test_cli_trains_on_cached_latents_and_a_resumed_run_reuses_them(tmp_path, tiny_ckpt):
-    photos, reg = make_photos(tmp_path / "instance"), make_class_images(tmp_path / "class", 2)
-    proc = run_main(*fresh_run_args(tiny_ckpt, photos, reg, tmp_path / "logs", "--cache_latents",
-                                    "--freeze_text_encoder", "--max_steps", "2"))
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
-    (run,) = (tmp_path / "logs").iterdir()
-    assert load_file(run / "cache" / "latents_train.safetensors")["moments"].shape == (4, 2, 8, 8, 8)
-    assert load_file(run / "cache" / "latents_reg.safetensors")["moments"].shape == (2, 2, 8, 8, 8)
-    assert proc.stderr.count("no latent cache yet") == 2 and "encoding the train images" in proc.stderr
-    assert (run / "checkpoints" / "last.ckpt").is_file() and list((run / "images" / "train").glob("inputs_*.png"))
-
-    resumed = run_main("-r", str(run), "--max_steps", "3", "lightning.callbacks.image_logger.params.disabled=true")
-    assert resumed.returncode == 0, resumed.stderr[-4000:]
-    assert resumed.stderr.count("reusing the latent cache") == 2 and "encoding" not in resumed.stderr
-    assert torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu")["global_step"] == 3
 
 
 def test_every_caption_and_the_empty_one_are_encoded_before_the_text_encoder_is_offloaded(monkeypatch):

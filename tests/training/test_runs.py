@@ -1,17 +1,14 @@
-"""Run folders (ldm/runs.py): created exclusively, locked while a process trains them, and which run `-r latest`
-resumes."""
+"""Run folders (ldm/runs.py): created exclusively, locked while a process trains them, and which run `-r latest` resumes
+(main.py refusing a locked run: tests/e2e/test_runs_e2e.py)."""
 import logging
 import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from ldm.runs import LOCK_FILE, latest_run, new_run, run_lock
 from ldm.util import UserError
-from tests.helpers.repo import REPO
 
 
 def test_two_runs_started_in_the_same_second_get_two_folders(tmp_path):
@@ -69,15 +66,3 @@ def test_latest_is_the_run_whose_last_ckpt_was_written_last(tmp_path):
     for run in tmp_path.iterdir():
         shutil.rmtree(run / "checkpoints")
     assert latest_run(tmp_path) == newest  # no checkpoint anywhere: the newest-created
-
-
-def test_main_refuses_to_resume_a_run_that_another_process_trains(tmp_path):
-    run = make_run(tmp_path, "2026-12-07T00-00-00_job", {"last.ckpt": 1000})
-    shutil.copy(REPO / "configs" / "tiny" / "v1-finetune_unfrozen.yaml", run / "configs" / "project.yaml")
-    with run_lock(run):
-        proc = subprocess.run([sys.executable, "main.py", "-r", str(run)], cwd=REPO, capture_output=True, text=True,
-                              env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
-    assert proc.returncode == 1 and "Traceback" not in proc.stderr
-    assert proc.stderr.strip().splitlines()[-1] == (
-        f"error: {run} is being trained by another process (pid {os.getpid()}); wait for it to end, or stop it, "
-        "before resuming this run")

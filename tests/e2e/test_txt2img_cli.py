@@ -24,6 +24,8 @@ from tests.helpers.models import build_tiny_model, randomise_zero_init
 from tests.helpers.other_tools import parse_infotext
 from tests.helpers.repo import FULL_CONFIG, REPO, TINY_CONFIG, load_script
 
+pytestmark = pytest.mark.e2e
+
 COMMON = ["--config", str(TINY_CONFIG), "--device", "cpu", "--n_iter", "1", "--n_samples", "2", "--ddim_steps", "3"]
 TINY = [*COMMON, "--H", "64", "--W", "64"]
 

@@ -24,8 +24,9 @@ from tests.helpers.repo import REPO
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
        "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
-pytestmark = pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
-                                reason="this torch build has no gloo backend for CPU process groups")
+pytestmark = [pytest.mark.e2e,
+              pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
+                                 reason="this torch build has no gloo backend for CPU process groups")]
 
 
 def train(*args, probe):

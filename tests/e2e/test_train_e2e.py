@@ -28,6 +28,8 @@ from tests.helpers.other_tools import check_a1111_ckpt, parse_infotext
 from tests.helpers.repo import REPO, load_script
 from tests.helpers.runs import ENV, TINY, fresh_run_args, make_class_images, make_photos, metrics, run_main
 
+pytestmark = pytest.mark.e2e
+
 
 @pytest.fixture(scope="module")
 def photos(tmp_path_factory) -> Path:

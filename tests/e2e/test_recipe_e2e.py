@@ -13,6 +13,8 @@ from tests.helpers.models import build_tiny_model
 from tests.helpers.repo import REPO, load_script
 from tests.helpers.runs import TINY, fresh_run_args, make_class_images, make_photos, metrics, run_main
 
+pytestmark = pytest.mark.e2e
+
 TEXT = "cond_stage_model."
 
 

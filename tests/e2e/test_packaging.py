@@ -19,6 +19,8 @@ from setuptools import find_packages
 
 from tests.helpers.repo import REPO
 
+pytestmark = pytest.mark.e2e
+
 COMMANDS = {"sd-dreambooth-train": "main:main", "sd-txt2img": "dreambooth_scripts.stable_txt2img:main",
             "sd-img2img": "dreambooth_scripts.img2img:main", "sd-evaluate": "dreambooth_scripts.evaluate:main",
             "sd-compare": "dreambooth_scripts.compare:main", "sd-merge-lora": "dreambooth_scripts.merge_lora:main",

@@ -1,6 +1,7 @@
-"""End to end, in subprocesses on the tiny config: a SIGTERM while a slow callback runs is saved at the step it
-claims, and resumes from there; --threads."""
+"""End to end, in subprocesses on the tiny config: a SIGTERM while a slow callback runs is saved at the step it claims,
+and resumes from there; --threads; main.py refuses to resume a run that another process trains."""
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -10,9 +11,13 @@ from pathlib import Path
 import pytest
 import torch
 
+from ldm.runs import run_lock
 from ldm.util import UserError
 from tests.helpers.repo import REPO, load_script
 from tests.helpers.runs import ENV, fresh_run_args, make_class_images, make_photos, metrics
+from tests.training.test_runs import make_run
+
+pytestmark = pytest.mark.e2e
 
 SLOW_ENV = {**ENV, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), ENV.get("PYTHONPATH")]))}
 
@@ -66,3 +71,15 @@ def test_threads_sets_torch_and_the_workers_threads(monkeypatch):
         torch.set_num_threads(before)
     with pytest.raises(UserError, match="--threads 0: expected 1 or more CPU threads"):
         main.set_threads(0)
+
+
+def test_main_refuses_to_resume_a_run_that_another_process_trains(tmp_path):
+    run = make_run(tmp_path, "2026-12-07T00-00-00_job", {"last.ckpt": 1000})
+    shutil.copy(REPO / "configs" / "tiny" / "v1-finetune_unfrozen.yaml", run / "configs" / "project.yaml")
+    with run_lock(run):
+        proc = subprocess.run([sys.executable, "main.py", "-r", str(run)], cwd=REPO, capture_output=True, text=True,
+                              env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == (
+        f"error: {run} is being trained by another process (pid {os.getpid()}); wait for it to end, or stop it, "
+        "before resuming this run")

@@ -8,6 +8,8 @@ from ldm.optim import state_tensors
 from tests.helpers.repo import REPO, load_script
 from tests.helpers.runs import fresh_run_args, make_class_images, make_photos, run_main
 
+pytestmark = pytest.mark.e2e
+
 LOWMEM = "configs/tiny/v1-finetune_lowmem.yaml"
 OPTIMIZERS = {
     "adamw": [],

@@ -8,9 +8,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from ldm.inference import read_metadata
 from tests.helpers.readme_text import fenced_blocks, join_continuations, section
 from tests.helpers.repo import REPO
+
+pytestmark = pytest.mark.e2e
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
 # (as written, substituted): the toy model and its configs for Stable Diffusion v1, the CPU for a GPU, few steps and

@@ -15,6 +15,8 @@ from tests.helpers.models import build_tiny_model, randomise_zero_init
 from tests.helpers.repo import REPO
 from tests.helpers.runs import make_class_images, make_photos, run_main
 
+pytestmark = pytest.mark.e2e
+
 LORA = "configs/tiny/v1-finetune_lora.yaml"
 QUIET = ["lightning.callbacks.image_logger.params.batch_frequency=100"]
 
