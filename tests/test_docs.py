@@ -4,8 +4,8 @@ every figure in docs/figures/ is shown somewhere, and every docs/ page that the 
 import re
 from pathlib import Path
 
-from conftest import REPO
-from readme_text import DOCS, FENCE
+from tests.helpers.readme_text import DOCS, FENCE
+from tests.helpers.repo import REPO
 
 # [text](target) and ![alt](target), with an optional "title"; the text may hold `code` but no brackets
 LINK = re.compile(r"!?\[[^\]]*\]\(([^)\s]+)(?:\s+\"[^\"]*\")?\)")

@@ -6,7 +6,7 @@ import pytest
 from PIL import Image, ImageFont
 
 from ldm.images import infotext, labelled_grid, read_metadata, save_image
-from other_tools import parse_infotext
+from tests.helpers.other_tools import parse_infotext
 
 
 def tiles(n: int, colour=(200, 30, 30)) -> list[Image.Image]:
