@@ -2,6 +2,7 @@
 
     make demo             # or: python scripts/toy_demo.py
     make demo-drift       # also fine-tunes with reg_weight 0 (no prior preservation) to show language drift
+    python scripts/toy_demo.py --seeds 3   # three training seeds: each rate's mean and min-max over them
 
 1. scripts/stable_txt2img.py draws the class images ("photo of a ball") with the base model;
 2. main.py fine-tunes the base model on data/toy/subject with prior preservation;
@@ -37,6 +38,7 @@ SUBJECT = shown(project_path("data/toy/subject"))
 INFERENCE_CONFIG = shown(project_path("configs/toy/v1-inference.yaml"))
 FINETUNE_CONFIG = "configs/toy/v1-finetune_unfrozen.yaml"
 SAMPLING = ["--config", INFERENCE_CONFIG, "--device", "cpu", "--skip_grid"]
+TRAINING_SEED = 23  # main.py's default --seed
 COMMANDS = {"main.py": SCRIPTS.parent / "main.py", "stable_txt2img.py": SCRIPTS / "stable_txt2img.py"}
 
 
@@ -50,6 +52,9 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     add("--set", nargs="+", default=[], metavar="KEY=VALUE",
         help="config overrides for the fine-tune, as main.py takes them, e.g. model.base_learning_rate=1e-4")
     add("--drift", action="store_true", help="also fine-tune with reg_weight 0 and compare")
+    add("--seeds", type=int, default=1, help="fine-tune with this many training seeds (--seed, --seed + 1, ...) and "
+        "report each rate's mean and min-max over them")
+    add("--seed", type=int, default=TRAINING_SEED, help="the (first) training seed, main.py's --seed")
     add("--quick", action="store_true", help="a pipeline check: few steps and samples (the rates mean nothing)")
     add("--threads", type=int, default=1, help="torch threads per process (1, the fastest for this tiny model: "
         "see docs/toy-world.md)")
@@ -136,6 +141,8 @@ def demo(opt: argparse.Namespace) -> int:
     for path in (opt.base, SCORER, SUBJECT):
         if not Path(path).exists():
             raise UserError(f"{path} is missing; scripts/pretrain_toy_model.py and scripts/make_toy_subject.py make it")
+    if opt.seeds < 1:
+        raise UserError(f"--seeds {opt.seeds}: give at least 1")
     outdir = Path(opt.outdir)
     if outdir.exists():
         shutil.rmtree(outdir)
@@ -149,8 +156,12 @@ def demo(opt: argparse.Namespace) -> int:
                str(math.ceil(opt.class_images / batch)), "--seed", "0", "--ddim_steps", str(opt.ddim_steps),
                "--scale", str(opt.scale), "--outdir", str(outdir / "class_images"), *SAMPLING)
     class_folder = outdir / "class_images"
-    models = {"base": ["--ckpt", opt.base],
-              "fine-tuned": fine_tune(runner, "dreambooth", class_folder, opt, *overrides)}
+    seeds = {opt.seed + k: "fine-tuned" if k == 0 else f"fine-tuned seed {opt.seed + k}" for k in range(opt.seeds)}
+    models = {"base": ["--ckpt", opt.base]}
+    for seed, name in seeds.items():
+        chosen = [] if opt.seeds == 1 and seed == TRAINING_SEED else ["--seed", str(seed)]
+        run_name = "dreambooth" if name == "fine-tuned" else f"dreambooth-seed{seed}"
+        models[name] = fine_tune(runner, run_name, class_folder, opt, *chosen, *overrides)
     if opt.drift:
         models["reg_weight 0"] = fine_tune(runner, "no-prior", class_folder, opt, "model.params.reg_weight=0",
                                                 *overrides)
@@ -162,7 +173,8 @@ def demo(opt: argparse.Namespace) -> int:
     rates = {name: score_folder(folder, scorer) for name, folder in folders.items()}
     draw_picture(outdir / "report.png", folders, rates)
     runner.stages["scoring"] = round(time.monotonic() - started, 1)
-    report = write_report(outdir, rates, runner.stages, runner.commands, machine, opt.quick)
+    report = write_report(outdir, rates, runner.stages, runner.commands, machine, opt.quick,
+                          seeds if opt.seeds > 1 else None)
     print_summary(report, rates, outdir)
     return 0
 
@@ -174,6 +186,8 @@ def print_summary(report: dict, rates: dict, outdir: Path) -> None:
                            for name, r in rates.items())
         print(f"  {prompt:32} {cells}")
     print()
+    for row in report.get("spread", []):
+        print(f"  {row['rate']}: mean {percent(row['mean'])}, min {percent(row['min'])}, max {percent(row['max'])}")
     for target in report["targets"]:
         print(f"  [{'met' if target['met'] else 'NOT met'}] {target['target']}: {target['measured']} "
               f"(goal {target['goal']})")

@@ -46,7 +46,6 @@ def score_folder(folder: Path, scorer: ToyScorer) -> dict[str, dict[str, Any]]:
     return rates
 
 
-
 def targets(rates: dict[str, dict[str, dict[str, Any]]], seconds: Optional[float]) -> list[dict[str, Any]]:
     """Each target of the demo issue with its measured value and whether it is met."""
     base, tuned = rates["base"], rates["fine-tuned"]
@@ -68,16 +67,40 @@ def targets(rates: dict[str, dict[str, dict[str, Any]]], seconds: Optional[float
              "met": value >= goal if op == ">=" else value <= goal} for name, value, op, goal in rows]
 
 
+SPREAD = {  # the demo's rates that the seed spread reports: the name and how it is read from a model's rates
+    "identifier binding (subject in 'photo of a sks ball')": lambda r: r[INSTANCE_PROMPT]["subject"],
+    "prior preservation (subject in 'photo of a ball', lower is better)": lambda r: r[CLASS_PROMPT]["subject"],
+    "recontextualisation: subject (mean of the five contexts)":
+        lambda r: mean([r[p]["subject"] for p in CONTEXT_PROMPTS]),
+    "recontextualisation: asked context (mean of the five contexts)":
+        lambda r: mean([r[p]["context"] for p in CONTEXT_PROMPTS]),
+}
+
+
+def seed_spread(rates: dict[str, dict], models: dict[int, str]) -> list[dict[str, Any]]:
+    """Each SPREAD rate over the fine-tuned models of several training seeds (`models`: seed -> model name): its
+    value per seed, mean, min and max."""
+    rows = []
+    for name, read in SPREAD.items():
+        values = {seed: read(rates[model]) for seed, model in models.items()}
+        rows.append({"rate": name, "per_seed": values, "mean": mean(list(values.values())),
+                     "min": min(values.values()), "max": max(values.values())})
+    return rows
+
+
 def percent(value: Optional[float]) -> str:
     return "-" if value is None else f"{100 * value:.0f} %"
 
 
 def write_report(folder: Path, rates: dict, stages: dict[str, float], commands: list[str], machine: str,
-                 quick: bool) -> dict[str, Any]:
-    """report.json and report.md in `folder`; returns the report."""
+                 quick: bool, seeds: Optional[dict[int, str]] = None) -> dict[str, Any]:
+    """report.json and report.md in `folder`; with `seeds` (training seed -> fine-tuned model), the spread of the
+    rates over them; returns the report."""
     seconds = round(sum(stages.values()), 1)
     report = {"machine": machine, "quick": quick, "seconds": seconds, "stages": stages,
-              "targets": targets(rates, None if quick else seconds), "rates": rates, "commands": commands}
+              "targets": targets(rates, None if quick or seeds else seconds), "rates": rates, "commands": commands}
+    if seeds:
+        report["spread"] = seed_spread(rates, seeds)
     (folder / "report.json").write_text(json.dumps(report, indent=1) + "\n")
     models = list(rates)
     lines = ["# DreamBooth on the toy world", "",
@@ -90,6 +113,13 @@ def write_report(folder: Path, rates: dict, stages: dict[str, float], commands: 
     for prompt in PROMPTS:
         cells = [f"{percent(rates[m][prompt]['subject'])} | {percent(rates[m][prompt]['context'])}" for m in models]
         lines.append(f"| {prompt} | " + " | ".join(cells) + " |")
+    if seeds:
+        lines += ["", f"Over {len(seeds)} training seeds ({', '.join(map(str, seeds))}), the same class images, "
+                  "prompts and sampling seeds:", "",
+                  "| rate | mean | min | max | " + " | ".join(f"seed {s}" for s in seeds) + " |",
+                  "|---|---|---|---|" + "---|" * len(seeds)]
+        lines += [f"| {r['rate']} | {percent(r['mean'])} | {percent(r['min'])} | {percent(r['max'])} | "
+                  + " | ".join(percent(r["per_seed"][s]) for s in seeds) + " |" for r in report["spread"]]
     lines += ["", "| target | measured | goal | met |", "|---|---|---|---|"]
     lines += [f"| {t['target']} | {t['measured']} | {t['goal']} | {'yes' if t['met'] else 'no'} |"
               for t in report["targets"]]
