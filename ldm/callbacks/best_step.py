@@ -157,6 +157,16 @@ class BestStep(Callback):
         if trainer.strategy.reduce_boolean_decision(self._stop, all=False):
             trainer.should_stop = True
 
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """The validation monitors' progression.png (written at their own train end, before this one's) again, with
+        the best step's row marked."""
+        if self.best is None:
+            return
+        how = f"{short(self.monitor)} {self.best['value']:.3f}"
+        for monitor in self._monitors:
+            if isinstance(monitor, ValidationSamples):
+                monitor.write_progression(trainer, (self.best["step"], how))
+
     def summary(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> list[str]:
         """The end-of-run summary's lines: the best step, its scores and the command that samples from it; why the
         run stopped early; or why no best step was kept."""

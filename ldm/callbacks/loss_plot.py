@@ -1,6 +1,7 @@
 """`<run>/loss.png` at the end of a run (and after a crash or Ctrl-C): the training loss, instance and class apart,
 each as its raw points and an exponentially smoothed line, and the evaluation loss when it was on (its points joined,
-not smoothed: they are already stable), over every session of the run (read from its CSV logs)."""
+not smoothed: they are already stable), over every session of the run (read from its CSV logs); with validation's
+`val/fidelity` (the best step's metric), its curve in a panel below, on the same steps."""
 import csv
 import io
 import logging
@@ -19,16 +20,17 @@ SERIES = {"train/loss_instance": ("instance", (31, 119, 180)), "train/loss_class
           "val/loss_instance": ("evaluation, instance", (44, 160, 44)),
           "val/loss_class": ("evaluation, class", (148, 103, 189))}
 SMOOTHED = ("train/loss_instance", "train/loss_class")
+FIDELITY = {"val/fidelity": ("validation fidelity (best step's metric)", (255, 127, 14))}  # a panel of its own
 SIZE, MARGIN = (960, 480), (70, 30, 20, 50)  # left, top, right, bottom
 
 
 def read_losses(run: Path) -> dict[str, list[tuple[int, float]]]:
     """(step, value) of each series in the run's `csv/*/metrics.csv`; a later session's row for a step wins."""
-    values: dict[str, dict[int, float]] = {key: {} for key in SERIES}
+    values: dict[str, dict[int, float]] = {key: {} for key in (*SERIES, *FIDELITY)}
     for path in sorted(run.glob("csv/*/metrics.csv")):
         with open(path, newline="") as handle:
             for row in csv.DictReader(handle):
-                for key in SERIES:
+                for key in values:
                     if row.get(key) not in (None, "") and row.get("step") not in (None, ""):
                         values[key][int(float(row["step"]))] = float(row[key])
     return {key: sorted(points.items()) for key, points in values.items() if points}
@@ -43,15 +45,17 @@ def smoothed(values: list[float], smoothing: float) -> list[float]:
     return result
 
 
-def draw_losses(series: dict[str, list[tuple[int, float]]], smoothing: float, title: str) -> Image.Image:
-    """The plot: steps across, loss up (linear), raw points faint, the smoothed lines strong (the evaluation's
-    points joined), a legend."""
+def draw_losses(series: dict[str, list[tuple[int, float]]], smoothing: float, title: str,
+                steps: Optional[tuple[int, int]] = None) -> Image.Image:
+    """The plot: steps across (`steps`: first and last, default the series'), loss up (linear), raw points faint, the
+    smoothed lines strong (the evaluation's points joined), a legend."""
     image = Image.new("RGB", SIZE, "white")
     draw, font = ImageDraw.Draw(image), default_font()
     left, top, right, bottom = MARGIN[0], MARGIN[1], SIZE[0] - MARGIN[2], SIZE[1] - MARGIN[3]
-    steps = [s for points in series.values() for s, _ in points]
+    seen = [s for points in series.values() for s, _ in points]
+    first, last = steps or (min(seen), max(seen))
     losses = [v for points in series.values() for _, v in points if math.isfinite(v)]
-    s0, s1 = min(steps), max(max(steps), min(steps) + 1)
+    s0, s1 = first, max(last, first + 1)
     v0, v1 = min(losses), max(max(losses), min(losses) + 1e-6)
 
     def xy(step: float, value: float) -> tuple[float, float]:
@@ -67,7 +71,7 @@ def draw_losses(series: dict[str, list[tuple[int, float]]], smoothing: float, ti
             draw.text((x - 10, bottom + 6), f"{step:.0f}", fill="black", font=font)
     legend_x = left + 10
     for key, points in series.items():
-        name, colour = SERIES[key]
+        name, colour = {**SERIES, **FIDELITY}[key]
         faint = tuple(c + (255 - c) * 2 // 3 for c in colour)
         values = [v for _, v in points]
         for step, value in points:
@@ -110,14 +114,25 @@ class LossPlot(pl.Callback):
         for each in trainer.loggers:
             each.save()
         run = Path(trainer.default_root_dir)
-        series = read_losses(run)
+        read = read_losses(run)
+        series = {key: points for key, points in read.items() if key in SERIES}
         if not series:
             return None
         title = f"{run.name}: training loss (smoothing {self.smoothing})"
         if any(key.startswith("val/") for key in series):
             title += " and evaluation loss"
+        fidelity = {key: points for key, points in read.items() if key in FIDELITY}
+        seen = [s for points in read.values() for s, _ in points]
+        steps = (min(seen), max(seen))
+        picture = draw_losses(series, self.smoothing, title, steps)
+        if fidelity:  # below the losses, on the same steps
+            panel = draw_losses(fidelity, self.smoothing, f"{run.name}: validation fidelity", steps)
+            stacked = Image.new("RGB", (picture.width, picture.height + panel.height), "white")
+            stacked.paste(picture, (0, 0))
+            stacked.paste(panel, (0, picture.height))
+            picture = stacked
         buffer = io.BytesIO()
-        draw_losses(series, self.smoothing, title).save(buffer, format="PNG")
+        picture.save(buffer, format="PNG")
         data = buffer.getvalue()
         atomic_write(run / "loss.png", lambda tmp: tmp.write_bytes(data), len(data))
         logger.info("loss plot: %s", run / "loss.png")

@@ -42,16 +42,17 @@ def column_title(cells: Sequence[Path]) -> str:
         f" (seeds {', '.join(str(seed) for seed in seeds)})"
 
 
-def progression_grid(folder: Path, cell_size: int) -> Optional[Image.Image]:
+def progression_grid(folder: Path, cell_size: int, best: Optional[tuple[int, str]] = None) -> Optional[Image.Image]:
     """Rows = the steps saved in `folder` (step_NNNNNN/ of cells p<prompt>_s<seed>.png), cells in prompt, seed order,
-    under a title that names the columns."""
+    under a title that names the columns; `best` (step, how it was chosen) marks the best step's row."""
     steps = sorted((int(m.group(1)), path) for path in folder.iterdir()
                    if path.is_dir() and (m := STEP_FOLDER.match(path.name)))
     rows, last = [], []
     for step, path in steps:
         cells = sorted(path.glob("p*_s*.png"), key=lambda p: tuple(int(n) for n in re.findall(r"\d+", p.stem)))
         if cells:
-            rows.append((f"step {step}", [Image.open(c).convert("RGB").resize((cell_size, cell_size)) for c in cells]))
+            label = f"step {step}" + (f": BEST ({best[1]})" if best and best[0] == step else "")
+            rows.append((label, [Image.open(c).convert("RGB").resize((cell_size, cell_size)) for c in cells]))
             last = cells
     if not rows:
         return None
@@ -188,13 +189,15 @@ class ValidationSamples(Callback):
         except OSError as err:  # the run's own error is the one to report
             logger.warning("could not write the validation progression: %s", err)
 
-    def write_progression(self, trainer: pl.Trainer) -> Optional[Path]:
+    def write_progression(self, trainer: pl.Trainer, best: Optional[tuple[int, str]] = None) -> Optional[Path]:
+        """`progression.png`; `best` (step, how it was chosen: the best step callback's) marks a row."""
         folder = self.folder(trainer)
         if not self.every_n_steps or not trainer.is_global_zero or not folder.is_dir():
             return None
-        grid = progression_grid(folder, self.cell_size)
+        grid = progression_grid(folder, self.cell_size, best)
         if grid is None:
             return None
-        save_image(grid, folder / "progression.png", {"seeds": self.seeds, "prompts": self.templates})
+        metadata = {"seeds": self.seeds, "prompts": self.templates, **({"best_step": best[0]} if best else {})}
+        save_image(grid, folder / "progression.png", metadata)
         logger.info("validation progression: %s", folder / "progression.png")
         return folder / "progression.png"

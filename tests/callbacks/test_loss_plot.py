@@ -1,8 +1,11 @@
-"""loss.png: every session's CSV read (a resumed step's later value wins), TensorBoard-style smoothing, the picture."""
+"""loss.png: every session's CSV read (a resumed step's later value wins), TensorBoard-style smoothing, the picture,
+and validation's fidelity in a panel below the losses."""
+from types import SimpleNamespace
+
 import numpy as np
 from PIL import Image
 
-from ldm.callbacks.loss_plot import SIZE, draw_losses, read_losses, smoothed
+from ldm.callbacks.loss_plot import SIZE, LossPlot, draw_losses, read_losses, smoothed
 
 
 def write_session(run, name, rows):
@@ -37,3 +40,19 @@ def test_the_picture_shows_both_series_in_their_colours(tmp_path):
         assert (np.abs(pixels - colour).sum(1) < 30).sum() > 50, colour
     image.save(tmp_path / "loss.png")
     assert Image.open(tmp_path / "loss.png").format == "PNG"
+
+
+def test_the_validation_fidelity_is_a_panel_below_the_losses(tmp_path):
+    write_session(tmp_path, "s", [(k, 1.0 / (k + 1), 0.5) for k in range(50)])
+    trainer = SimpleNamespace(is_global_zero=True, loggers=[], default_root_dir=str(tmp_path))
+    assert Image.open(LossPlot().plot(trainer)).size == SIZE
+    with open(tmp_path / "csv" / "s" / "metrics.csv", "a") as handle:  # validation rounds log their own rows
+        handle.writelines(f"0,{step},,,,,{value}\n" for step, value in ((10, 0.3), (30, 0.7), (49, 0.6)))
+    header = (tmp_path / "csv" / "s" / "metrics.csv").read_text().splitlines()[0]
+    text = (tmp_path / "csv" / "s" / "metrics.csv").read_text().replace(header, header + ",val/fidelity", 1)
+    (tmp_path / "csv" / "s" / "metrics.csv").write_text(text)
+    assert read_losses(tmp_path)["val/fidelity"] == [(10, 0.3), (30, 0.7), (49, 0.6)]
+    image = Image.open(LossPlot().plot(trainer))
+    assert image.size == (SIZE[0], 2 * SIZE[1])
+    panel = np.asarray(image.convert("RGB"))[SIZE[1]:].reshape(-1, 3)
+    assert (np.abs(panel - (255, 127, 14)).sum(1) < 30).sum() > 50  # the fidelity curve's colour

@@ -1,15 +1,17 @@
 """Monitors during training: the evaluation loss (a fixed set, bit-identical for the same weights, training's random
 stream untouched), validation samples with CLIP scores and their progression grid, predicted-x0 previews (all of them
 end to end through main.py: tests/e2e/test_monitors_e2e.py)."""
+from types import SimpleNamespace
+
 import pytest
 import torch
 from PIL import Image
 
 from ldm.callbacks.eval_loss import EvaluationLoss, band_names, evaluation_losses, spread_timesteps
-from ldm.callbacks.validation import column_title, progression_grid
+from ldm.callbacks.validation import ValidationSamples, column_title, progression_grid
 from ldm.data.personalized import PersonalizedBase
 from ldm.eval.fidelity import clip_scores
-from ldm.images import save_image
+from ldm.images import read_metadata, save_image
 from ldm.modules.encoders.vision import ClipEmbedder
 from tests.helpers.models import build_tiny_model, save_tiny_scorers
 
@@ -104,3 +106,17 @@ def test_progression_grid_has_a_row_per_step(tmp_path):
     (tmp_path / "step_000010").rename(tmp_path / "later")
     one_row = progression_grid(tmp_path, 32)
     assert two_rows.height - one_row.height >= 32 and min(two_rows.width, one_row.width) >= 6 * 32
+
+
+def test_the_best_steps_row_is_marked(tmp_path):
+    for step in (2, 10):
+        (tmp_path / f"step_{step:06}").mkdir()
+        save_image(Image.new("RGB", (64, 64), (90, 90, step)), tmp_path / f"step_{step:06}/p0_s0.png",
+                   {"prompt": "prompt 0", "seed": 0})
+    plain, marked = progression_grid(tmp_path, 32), progression_grid(tmp_path, 32, (10, "fidelity 0.900"))
+    assert marked.height == plain.height and marked.width > plain.width  # the longer label widens the label strip
+    validation = ValidationSamples(every_n_steps=2, seeds=[0])
+    validation.folder = lambda trainer: tmp_path
+    path = validation.write_progression(SimpleNamespace(is_global_zero=True), (10, "fidelity 0.900"))
+    assert read_metadata(path)["best_step"] == 10
+    assert "best_step" not in read_metadata(validation.write_progression(SimpleNamespace(is_global_zero=True)))
