@@ -1,13 +1,16 @@
 """The package's layering (docs/architecture.md): `lint-imports` keeps pyproject.toml's contracts (layers, the data,
 modules and scripts rules, no cycles) and catches an import that breaks one; and no module of ldm/, scripts/ or
-main.py imports our own code inside a function, where such an import would hide a cycle (nor does a test)."""
+main.py imports our own code inside a function, where such an import would hide a cycle (nor does a test); the CompVis
+import paths that users and configs name, and every config's `target:`, still resolve."""
 import ast
 import os
+import re
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+from ldm.util import get_obj_from_str
 from tests.helpers.repo import REPO
 
 LINT_IMPORTS = Path(sys.executable).with_name("lint-imports")
@@ -64,3 +67,19 @@ def test_no_function_imports_our_own_modules():
 def test_the_ldm_root_holds_leaves_only():
     assert sorted(p.name for p in (REPO / "ldm").glob("*.py")) == [
         "__init__.py", "cli.py", "config.py", "images.py", "lr_scheduler.py", "util.py"]
+
+
+COMPVIS_PATHS = ("ldm.models.diffusion.ddpm.LatentDiffusion", "ldm.models.autoencoder.AutoencoderKL",
+                 "ldm.modules.diffusionmodules.openaimodel.UNetModel",
+                 "ldm.modules.encoders.modules.FrozenCLIPEmbedder", "ldm.util.instantiate_from_config",
+                 "ldm.data.personalized.PersonalizedBase",
+                 "ldm.models.diffusion.ddim.DDIMSampler", "ldm.models.diffusion.plms.PLMSSampler",
+                 "ldm.lr_scheduler.LambdaLinearScheduler")
+
+
+def test_the_compvis_paths_and_every_config_target_resolve():
+    targets = {target for path in (REPO / "configs").rglob("*.yaml")
+               for target in re.findall(r"^\s*target:\s*(ldm\.[\w.]+)", path.read_text(), re.M)}
+    assert len(targets) > 10, targets
+    for name in sorted(set(COMPVIS_PATHS) | targets):
+        assert callable(get_obj_from_str(name)), name
