@@ -143,8 +143,6 @@ LMS = "scheduling_lms_discrete.LMSDiscreteScheduler"
 @pytest.fixture(scope="module")
 def tiny_file(tmp_path_factory):
     """A tiny SD v1 file with random weights (the zero-initialised layers too)."""
-
-
     path = tmp_path_factory.mktemp("parity") / "tiny.ckpt"
     save_weights(randomise_zero_init(build_tiny_model()).state_dict(), path)
     return path
@@ -153,8 +151,6 @@ def tiny_file(tmp_path_factory):
 @pytest.fixture(scope="module")
 def tiny_pair(tiny_file):
     """Our tiny LatentDiffusion and diffusers' StableDiffusionPipeline, both from one SD v1 file written here."""
-
-
     path = tiny_file
     ours = load_model(load_config(str(TINY_CONFIG)), str(path), torch.device("cpu"))
     pipe = diffusers.StableDiffusionPipeline.from_single_file(
@@ -188,7 +184,6 @@ PIPELINE_CASES = [
 @pytest.mark.parametrize("name,scheduler,options,eta", PIPELINE_CASES)
 def test_tiny_model_matches_diffusers_pipeline(tiny_pair, monkeypatch, name, scheduler, options, eta):
     """Ours (UNet, sampler) against diffusers (its converted UNet, its scheduler) on the same weights and noise."""
-
     fake_scipy_quad(monkeypatch)
     model, pipe, sd_scheduler_config, cond, uncond = tiny_pair
     pipe.scheduler = scheduler_class(scheduler).from_config(sd_scheduler_config, **options)
