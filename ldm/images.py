@@ -2,9 +2,10 @@
 metadata other tools read: A1111 "infotext" under `parameters`, and the full generation parameters as JSON."""
 import json
 import logging
+import math
 import os
 from pathlib import Path
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Collection, Mapping, Optional, Sequence
 
 import torch
 from PIL import Image, ImageDraw, ImageFont
@@ -84,6 +85,65 @@ def labelled_grid(groups: Sequence[tuple[str, Sequence[Image.Image]]], per_row: 
         _draw_text(draw, (4, top + 4), label, label_width - 4, font)
         top += grid.height
     return canvas
+
+
+def smoothed(values: Sequence[float], smoothing: float) -> list[float]:
+    """An exponential moving average, debiased as TensorBoard's (the first points are not pulled to 0)."""
+    result, average = [], 0.0
+    for k, value in enumerate(values, start=1):
+        average = smoothing * average + (1 - smoothing) * value
+        result.append(average / (1 - smoothing ** k))
+    return result
+
+
+def line_chart(series: Mapping[str, Sequence[tuple[int, float]]], styles: Mapping[str, tuple[str, tuple]],
+               title: str, steps: Optional[tuple[int, int]] = None, smoothing: float = 0.0,
+               smoothed_keys: Collection[str] = (), size: tuple[int, int] = (960, 480),
+               margin: tuple[int, int, int, int] = (70, 30, 20, 50), value_range: Optional[tuple[float, float]] = None,
+               value_format: str = "{:.4f}") -> Image.Image:
+    """Curves over steps: steps across (`steps`: first and last, default the series'), values up (linear), each
+    series (`styles`: key -> legend name and colour) as its points joined; those of `smoothed_keys` as faint raw
+    points under a strong smoothed line; a legend. `margin`: left, top, right, bottom; `value_range`: the value
+    axis (default: the values' own)."""
+    image = Image.new("RGB", size, "white")
+    draw, font = ImageDraw.Draw(image), default_font()
+    left, top, right, bottom = margin[0], margin[1], size[0] - margin[2], size[1] - margin[3]
+    seen = [s for points in series.values() for s, _ in points]
+    first, last = steps or (min(seen), max(seen))
+    values_seen = [v for points in series.values() for _, v in points if math.isfinite(v)]
+    s0, s1 = first, max(last, first + 1)
+    v0, v1 = value_range or (min(values_seen), max(max(values_seen), min(values_seen) + 1e-6))
+
+    def xy(step: float, value: float) -> tuple[float, float]:
+        return (left + (step - s0) / (s1 - s0) * (right - left), bottom - (value - v0) / (v1 - v0) * (bottom - top))
+
+    draw.rectangle((left, top, right, bottom), outline="black")
+    for k in range(5):
+        value, step = v0 + (v1 - v0) * k / 4, s0 + (s1 - s0) * k / 4
+        y, x = xy(s0, value)[1], xy(step, v0)[0]
+        draw.line((left, y, right, y), fill=(230, 230, 230))
+        if font is not None:
+            draw.text((4, y - 6), value_format.format(value), fill="black", font=font)
+            draw.text((x - 10, bottom + 6), f"{step:.0f}", fill="black", font=font)
+    legend_x = left + 10
+    for key, points in series.items():
+        name, colour = styles[key]
+        faint = tuple(c + (255 - c) * 2 // 3 for c in colour)
+        values = [v for _, v in points]
+        for step, value in points:
+            x, y = xy(step, value)
+            draw.ellipse((x - 1.5, y - 1.5, x + 1.5, y + 1.5), fill=faint if key in smoothed_keys else colour)
+        line = [xy(s, v) for (s, _), v in zip(points, smoothed(values, smoothing) if key in smoothed_keys else values)]
+        if len(line) > 1:
+            draw.line(line, fill=colour, width=2)
+        if font is not None:  # the legend: a stroke of the colour, then the name
+            draw.line((legend_x, top + 13, legend_x + 16, top + 13), fill=colour, width=2)
+            draw.text((legend_x + 20, top + 6), name, fill=colour, font=font)
+            legend_x += 40 + int(draw.textlength(name, font=font))
+    if font is not None:
+        draw.text((left, 8), title, fill="black", font=font)
+        draw.text(((left + right) // 2 - 15, size[1] - 20), "step", fill="black", font=font)
+    return image
 
 
 def _quote(value: Any) -> str:

@@ -71,7 +71,7 @@ class Runner:
 
     def __init__(self, outdir: Path, threads: int):
         self.outdir, self.logs = outdir, outdir / "logs"
-        self.logs.mkdir(parents=True)
+        self.logs.mkdir(parents=True, exist_ok=True)
         self.env = {**os.environ, "OMP_NUM_THREADS": str(threads), "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
         self.commands: list[str] = []
         self.stages: dict[str, float] = {}
@@ -91,6 +91,16 @@ class Runner:
             tail = "\n".join(log.read_text().splitlines()[-15:])
             raise SystemExit(f"{tail}\nerror: the {name} step failed (exit {proc.returncode}); log: {log}")
         print(f"[{stage}] done in {seconds:.0f} s (log: {log})", flush=True)
+
+
+def draw_class_images(runner: Runner, opt: argparse.Namespace) -> Path:
+    """`opt.class_images` class images ("a photo of a ball") from the base model, seed 0, in <outdir>/class_images."""
+    batch, folder = min(10, opt.class_images), runner.outdir / "class_images"
+    runner.run("class images", "class-images", "stable_txt2img.py", "--ckpt", opt.base, "--prompt",
+               f"a photo of a {CLASS_WORD}", "--n_samples", str(batch), "--n_iter",
+               str(math.ceil(opt.class_images / batch)), "--seed", "0", "--ddim_steps", str(opt.ddim_steps),
+               "--scale", str(opt.scale), "--outdir", str(folder), *SAMPLING)
+    return folder
 
 
 def fine_tune(runner: Runner, name: str, class_folder: Path, opt: argparse.Namespace, *overrides: str) -> list[str]:
@@ -150,12 +160,7 @@ def demo(opt: argparse.Namespace) -> int:
     print(f"DreamBooth on the toy world in {outdir} ({machine})", flush=True)
     overrides = quick_settings(opt) if opt.quick else []
     runner = Runner(outdir, opt.threads)
-    batch = min(10, opt.class_images)
-    runner.run("class images", "class-images", "stable_txt2img.py", "--ckpt", opt.base, "--prompt",
-               f"a photo of a {CLASS_WORD}", "--n_samples", str(batch), "--n_iter",
-               str(math.ceil(opt.class_images / batch)), "--seed", "0", "--ddim_steps", str(opt.ddim_steps),
-               "--scale", str(opt.scale), "--outdir", str(outdir / "class_images"), *SAMPLING)
-    class_folder = outdir / "class_images"
+    class_folder = draw_class_images(runner, opt)
     seeds = {opt.seed + k: "fine-tuned" if k == 0 else f"fine-tuned seed {opt.seed + k}" for k in range(opt.seeds)}
     models = {"base": ["--ckpt", opt.base]}
     for seed, name in seeds.items():

@@ -5,14 +5,13 @@ not smoothed: they are already stable), over every session of the run (read from
 import csv
 import io
 import logging
-import math
 from pathlib import Path
 from typing import Optional
 
 import pytorch_lightning as pl
-from PIL import Image, ImageDraw
+from PIL import Image
 
-from ldm.images import default_font
+from ldm.images import line_chart
 from ldm.util import DiskFullError, atomic_write
 
 logger = logging.getLogger(__name__)
@@ -36,58 +35,11 @@ def read_losses(run: Path) -> dict[str, list[tuple[int, float]]]:
     return {key: sorted(points.items()) for key, points in values.items() if points}
 
 
-def smoothed(values: list[float], smoothing: float) -> list[float]:
-    """An exponential moving average, debiased as TensorBoard's (the first points are not pulled to 0)."""
-    result, average = [], 0.0
-    for k, value in enumerate(values, start=1):
-        average = smoothing * average + (1 - smoothing) * value
-        result.append(average / (1 - smoothing ** k))
-    return result
-
-
 def draw_losses(series: dict[str, list[tuple[int, float]]], smoothing: float, title: str,
                 steps: Optional[tuple[int, int]] = None) -> Image.Image:
-    """The plot: steps across (`steps`: first and last, default the series'), loss up (linear), raw points faint, the
-    smoothed lines strong (the evaluation's points joined), a legend."""
-    image = Image.new("RGB", SIZE, "white")
-    draw, font = ImageDraw.Draw(image), default_font()
-    left, top, right, bottom = MARGIN[0], MARGIN[1], SIZE[0] - MARGIN[2], SIZE[1] - MARGIN[3]
-    seen = [s for points in series.values() for s, _ in points]
-    first, last = steps or (min(seen), max(seen))
-    losses = [v for points in series.values() for _, v in points if math.isfinite(v)]
-    s0, s1 = first, max(last, first + 1)
-    v0, v1 = min(losses), max(max(losses), min(losses) + 1e-6)
-
-    def xy(step: float, value: float) -> tuple[float, float]:
-        return (left + (step - s0) / (s1 - s0) * (right - left), bottom - (value - v0) / (v1 - v0) * (bottom - top))
-
-    draw.rectangle((left, top, right, bottom), outline="black")
-    for k in range(5):
-        value, step = v0 + (v1 - v0) * k / 4, s0 + (s1 - s0) * k / 4
-        y, x = xy(s0, value)[1], xy(step, v0)[0]
-        draw.line((left, y, right, y), fill=(230, 230, 230))
-        if font is not None:
-            draw.text((4, y - 6), f"{value:.4f}", fill="black", font=font)
-            draw.text((x - 10, bottom + 6), f"{step:.0f}", fill="black", font=font)
-    legend_x = left + 10
-    for key, points in series.items():
-        name, colour = {**SERIES, **FIDELITY}[key]
-        faint = tuple(c + (255 - c) * 2 // 3 for c in colour)
-        values = [v for _, v in points]
-        for step, value in points:
-            x, y = xy(step, value)
-            draw.ellipse((x - 1.5, y - 1.5, x + 1.5, y + 1.5), fill=faint if key in SMOOTHED else colour)
-        line = [xy(s, v) for (s, _), v in zip(points, smoothed(values, smoothing) if key in SMOOTHED else values)]
-        if len(line) > 1:
-            draw.line(line, fill=colour, width=2)
-        if font is not None:  # the legend: a stroke of the colour, then the name
-            draw.line((legend_x, top + 13, legend_x + 16, top + 13), fill=colour, width=2)
-            draw.text((legend_x + 20, top + 6), name, fill=colour, font=font)
-            legend_x += 40 + int(draw.textlength(name, font=font))
-    if font is not None:
-        draw.text((left, 8), title, fill="black", font=font)
-        draw.text(((left + right) // 2 - 15, SIZE[1] - 20), "step", fill="black", font=font)
-    return image
+    """The loss plot: the training losses' raw points faint and their smoothed lines strong, the evaluation's points
+    joined, in the colours of SERIES and FIDELITY."""
+    return line_chart(series, {**SERIES, **FIDELITY}, title, steps, smoothing, SMOOTHED, SIZE, MARGIN)
 
 
 class LossPlot(pl.Callback):

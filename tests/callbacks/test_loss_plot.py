@@ -5,7 +5,8 @@ from types import SimpleNamespace
 import numpy as np
 from PIL import Image
 
-from ldm.callbacks.loss_plot import SIZE, LossPlot, draw_losses, read_losses, smoothed
+from ldm.callbacks.loss_plot import SIZE, LossPlot, draw_losses, read_losses
+from ldm.images import smoothed
 
 
 def write_session(run, name, rows):

@@ -1,0 +1,128 @@
+"""The step sweep on the toy world: how identifier binding, recontextualisation and leakage move with the training
+steps, per method and learning rate, over training seeds. Each run's validation rounds are read from its CSV logs
+(`val/<metric>` at every round), averaged over the seeds, and drawn as curves; the table says where each setting
+peaks and whether it overfits (recontextualisation falling while binding holds or rises)."""
+import csv
+import json
+from collections import defaultdict
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+from PIL import Image
+
+from ldm.images import line_chart
+from ldm.util import atomic_write_text, mean
+
+METRICS = ("fidelity", "binding", "recontext_subject", "recontext_context", "leakage")
+LABELS = {"fidelity": "fidelity (mean of binding, recontext subject, 1 - leakage)", "binding": "identifier binding",
+          "recontext_subject": "recontextualisation: subject", "recontext_context": "recontextualisation: context",
+          "leakage": "leakage into the class prompt (lower is better)"}
+COLOURS = ((31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75))
+PANEL = (720, 300)
+
+
+def setting_name(method: str, lr: float) -> str:
+    return f"{method} lr {lr:g}"
+
+
+def read_rounds(run: Path) -> dict[int, dict[str, float]]:
+    """step -> {metric: value} of every validation round in the run's `csv/*/metrics.csv` (a later session's row for
+    a step wins, as after a resume)."""
+    rounds: dict[int, dict[str, float]] = defaultdict(dict)
+    for path in sorted(run.glob("csv/*/metrics.csv")):
+        with open(path, newline="") as handle:
+            for row in csv.DictReader(handle):
+                for metric in METRICS:
+                    value = row.get(f"val/{metric}")
+                    if value not in (None, "") and row.get("step") not in (None, ""):
+                        rounds[int(float(row["step"]))][metric] = float(value)
+    return {step: rounds[step] for step in sorted(rounds)}
+
+
+def mean_curves(results: Sequence[dict[str, Any]]) -> dict[str, dict[int, dict[str, dict[str, float]]]]:
+    """Per setting ("full lr 0.0002"), per step, per metric: the mean, min and max over the runs' seeds (steps that
+    every seed of the setting reached)."""
+    by_setting: dict[str, list[dict]] = defaultdict(list)
+    for result in results:
+        by_setting[setting_name(result["method"], result["lr"])].append(result)
+    curves = {}
+    for name, runs in by_setting.items():
+        steps = sorted(set.intersection(*(set(map(int, run["rounds"])) for run in runs)))
+        curves[name] = {}
+        for step in steps:
+            cell = {}
+            for metric in METRICS:
+                values = [run["rounds"][str(step)][metric] for run in runs if metric in run["rounds"][str(step)]]
+                if values:
+                    cell[metric] = {"mean": mean(values), "min": min(values), "max": max(values), "n": len(values)}
+            curves[name][step] = cell
+    return curves
+
+
+def peak_rows(curves: dict[str, dict[int, dict[str, dict[str, float]]]]) -> list[dict[str, Any]]:
+    """Per setting: the step of its best mean fidelity with every metric there, and the same at its last step."""
+    rows = []
+    for name, steps in curves.items():
+        scored = [step for step, cell in steps.items() if "fidelity" in cell]
+        if not scored:
+            continue
+        best = max(scored, key=lambda step: (steps[step]["fidelity"]["mean"], -step))
+        last = max(scored)
+        rows.append({"setting": name, "seeds": steps[best]["fidelity"]["n"], "best_step": best, "last_step": last,
+                     "at_best": {m: steps[best][m]["mean"] for m in METRICS if m in steps[best]},
+                     "at_last": {m: steps[last][m]["mean"] for m in METRICS if m in steps[last]}})
+    return rows
+
+
+def draw_sweep(curves: dict[str, dict[int, dict[str, dict[str, float]]]], methods: Sequence[str]) -> Image.Image:
+    """Rows: the metrics; columns: the methods; in each panel one line per learning rate (the mean over seeds)."""
+    panels = []
+    for metric in METRICS:
+        row = []
+        for method in methods:
+            settings = [name for name in curves if name.split(" lr ")[0] == method]
+            series = {name: [(step, cell[metric]["mean"]) for step, cell in curves[name].items() if metric in cell]
+                      for name in settings}
+            series = {name: points for name, points in series.items() if points}
+            if not series:
+                continue
+            styles = {name: (name, COLOURS[k % len(COLOURS)]) for k, name in enumerate(series)}
+            row.append(line_chart(series, styles, f"{method}: {LABELS[metric]}", size=PANEL, value_range=(0, 1),
+                                  value_format="{:.0%}"))
+        if row:
+            panels.append(row)
+    columns = max(len(row) for row in panels)
+    picture = Image.new("RGB", (columns * PANEL[0], len(panels) * PANEL[1]), "white")
+    for r, row in enumerate(panels):
+        for c, panel in enumerate(row):
+            picture.paste(panel, (c * PANEL[0], r * PANEL[1]))
+    return picture
+
+
+def percent(value: Optional[float]) -> str:
+    return "-" if value is None else f"{100 * value:.0f}"
+
+
+def write_sweep_report(folder: Path, results: Sequence[dict[str, Any]], methods: Sequence[str],
+                       commands: Sequence[str]) -> list[dict[str, Any]]:
+    """sweep.json (every run's rounds, the curves, the peaks), sweep.md (the table) and sweep.png (the curves)."""
+    curves = mean_curves(results)
+    rows = peak_rows(curves)
+    atomic_write_text(folder / "sweep.json", json.dumps({"runs": list(results), "curves": curves, "peaks": rows},
+                                                        indent=1) + "\n")
+    lines = ["# The step sweep on the toy world", "",
+             "Mean over training seeds; every rate in percent (fidelity: the mean of binding, recontextualisation "
+             "subject and 1 - leakage). `best`: the step of the best mean fidelity; `last`: the last step.", "",
+             "| setting | seeds | best step | fidelity | binding | recontext subject | recontext context | leakage "
+             "| last step | fidelity | binding | recontext subject | recontext context | leakage |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for row in rows:
+        cells = [percent(row[at].get(m)) for at in ("at_best",) for m in METRICS]
+        later = [percent(row["at_last"].get(m)) for m in METRICS]
+        lines.append(f"| {row['setting']} | {row['seeds']} | {row['best_step']} | " + " | ".join(cells)
+                     + f" | {row['last_step']} | " + " | ".join(later) + " |")
+    lines += ["", "![curves](sweep.png)", "", "Commands run:", "", "```", *commands, "```", ""]
+    atomic_write_text(folder / "sweep.md", "\n".join(lines))
+    if rows:
+        draw_sweep(curves, methods).save(folder / "sweep.png")
+    return rows
