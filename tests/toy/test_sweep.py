@@ -1,0 +1,62 @@
+"""The step sweep's report (scripts/toy_sweep.py): validation rounds read from a run's CSV logs, averaged over seeds
+with their min and max, the step where each setting peaks, and the report files."""
+import csv
+import json
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from ldm.toy.sweep import mean_curves, peak_rows, read_rounds, write_sweep_report
+
+
+def write_csv(path: Path, rows: list[dict]) -> None:
+    path.parent.mkdir(parents=True)
+    keys = sorted({key for row in rows for key in row})
+    with open(path, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, keys)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def result(method: str, lr: float, seed: int, fidelity: dict[int, float]) -> dict:
+    rounds = {str(step): {"fidelity": value, "binding": value, "recontext_subject": 0.5, "recontext_context": 0.5,
+                          "leakage": 0.0} for step, value in fidelity.items()}
+    return {"method": method, "lr": lr, "seed": seed, "rounds": rounds}
+
+
+def test_rounds_are_read_from_every_session_and_a_later_session_wins(tmp_path):
+    write_csv(tmp_path / "csv" / "version_0" / "metrics.csv",
+              [{"step": 99, "train/loss": 0.1}, {"step": 99, "val/binding": 0.25, "val/fidelity": 0.5},
+               {"step": 199, "val/binding": 0.5, "val/fidelity": 0.6}])
+    write_csv(tmp_path / "csv" / "version_1" / "metrics.csv", [{"step": 199, "val/binding": 0.75}])
+    assert read_rounds(tmp_path) == {99: {"binding": 0.25, "fidelity": 0.5}, 199: {"binding": 0.75, "fidelity": 0.6}}
+
+
+def test_curves_are_means_over_seeds_on_the_steps_every_seed_reached():
+    results = [result("full", 2e-4, 23, {100: 0.2, 200: 0.6, 300: 0.4}), result("full", 2e-4, 24, {100: 0.4, 200: 0.8}),
+               result("lora16", 1e-3, 23, {100: 0.9})]
+    curves = mean_curves(results)
+    assert set(curves) == {"full lr 0.0002", "lora16 lr 0.001"}
+    assert list(curves["full lr 0.0002"]) == [100, 200]  # step 300: one seed only
+    cell = curves["full lr 0.0002"][200]["fidelity"]
+    assert (cell["mean"], cell["min"], cell["max"], cell["n"]) == (pytest.approx(0.7), 0.6, 0.8, 2)
+
+
+def test_the_peak_is_the_best_mean_fidelity_and_the_earliest_of_equals():
+    curves = mean_curves([result("full", 1e-4, 23, {100: 0.2, 200: 0.7, 300: 0.7, 400: 0.5})])
+    (row,) = peak_rows(curves)
+    assert (row["best_step"], row["last_step"]) == (200, 400)
+    assert row["at_best"]["fidelity"] == 0.7 and row["at_last"]["fidelity"] == 0.5
+
+
+def test_the_report_holds_the_table_the_curves_and_every_run(tmp_path):
+    results = [result(method, lr, seed, {100: 0.1 * seed % 1, 200: 0.5}) for method, lr in
+               (("full", 1e-4), ("lora16", 1e-3)) for seed in (23, 24)]
+    rows = write_sweep_report(tmp_path, results, ["full", "lora16"], ["python scripts/toy_sweep.py"])
+    assert [row["setting"] for row in rows] == ["full lr 0.0001", "lora16 lr 0.001"]
+    saved = json.loads((tmp_path / "sweep.json").read_text())
+    assert len(saved["runs"]) == 4 and saved["peaks"] == rows
+    assert "| full lr 0.0001 | 2 | 200 | 50 | 50 | 50 | 50 | 0 | 200 |" in (tmp_path / "sweep.md").read_text()
+    with Image.open(tmp_path / "sweep.png") as picture:
+        assert picture.size == (2 * 720, 5 * 300)  # the five metrics down, the two methods across
