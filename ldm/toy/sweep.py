@@ -59,8 +59,11 @@ def mean_curves(results: Sequence[dict[str, Any]]) -> dict[str, dict[int, dict[s
     return curves
 
 
-def peak_rows(curves: dict[str, dict[int, dict[str, dict[str, float]]]]) -> list[dict[str, Any]]:
-    """Per setting: the step of its best mean fidelity with every metric there, and the same at its last step."""
+def peak_rows(curves: dict[str, dict[int, dict[str, dict[str, float]]]],
+              results: Sequence[dict[str, Any]] = ()) -> list[dict[str, Any]]:
+    """Per setting: the step of its best mean fidelity with every metric there, and the same at its last step; with
+    `results`, the steps each run's best-step callback chose (`best.json`) and how far below the best mean fidelity
+    the mean curve is at them (`auto_gap`: the largest such gap over the runs, in fidelity)."""
     rows = []
     for name, steps in curves.items():
         scored = [step for step, cell in steps.items() if "fidelity" in cell]
@@ -68,9 +71,13 @@ def peak_rows(curves: dict[str, dict[int, dict[str, dict[str, float]]]]) -> list
             continue
         best = max(scored, key=lambda step: (steps[step]["fidelity"]["mean"], -step))
         last = max(scored)
+        chosen = [run["best"]["best"]["step"] for run in results if setting_name(run["method"], run["lr"]) == name
+                  and (run.get("best") or {}).get("best") and run["best"]["best"]["step"] in steps]
+        gaps = [steps[best]["fidelity"]["mean"] - steps[step]["fidelity"]["mean"] for step in chosen]
         rows.append({"setting": name, "seeds": steps[best]["fidelity"]["n"], "best_step": best, "last_step": last,
                      "at_best": {m: steps[best][m]["mean"] for m in METRICS if m in steps[best]},
-                     "at_last": {m: steps[last][m]["mean"] for m in METRICS if m in steps[last]}})
+                     "at_last": {m: steps[last][m]["mean"] for m in METRICS if m in steps[last]},
+                     "auto_steps": chosen, "auto_gap": max(gaps) if gaps else None})
     return rows
 
 
@@ -107,20 +114,23 @@ def write_sweep_report(folder: Path, results: Sequence[dict[str, Any]], methods:
                        commands: Sequence[str]) -> list[dict[str, Any]]:
     """sweep.json (every run's rounds, the curves, the peaks), sweep.md (the table) and sweep.png (the curves)."""
     curves = mean_curves(results)
-    rows = peak_rows(curves)
+    rows = peak_rows(curves, results)
     atomic_write_text(folder / "sweep.json", json.dumps({"runs": list(results), "curves": curves, "peaks": rows},
                                                         indent=1) + "\n")
     lines = ["# The step sweep on the toy world", "",
              "Mean over training seeds; every rate in percent (fidelity: the mean of binding, recontextualisation "
-             "subject and 1 - leakage). `best`: the step of the best mean fidelity; `last`: the last step.", "",
+             "subject and 1 - leakage). `best`: the step of the best mean fidelity; `last`: the last step; `chosen`: "
+             "the steps each run's best-step callback chose, and the most that the mean fidelity there falls short of "
+             "the best (in points).", "",
              "| setting | seeds | best step | fidelity | binding | recontext subject | recontext context | leakage "
-             "| last step | fidelity | binding | recontext subject | recontext context | leakage |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| last step | fidelity | binding | recontext subject | recontext context | leakage | chosen | short by |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for row in rows:
         cells = [percent(row[at].get(m)) for at in ("at_best",) for m in METRICS]
         later = [percent(row["at_last"].get(m)) for m in METRICS]
         lines.append(f"| {row['setting']} | {row['seeds']} | {row['best_step']} | " + " | ".join(cells)
-                     + f" | {row['last_step']} | " + " | ".join(later) + " |")
+                     + f" | {row['last_step']} | " + " | ".join(later)
+                     + f" | {', '.join(map(str, row['auto_steps'])) or '-'} | {percent(row['auto_gap'])} |")
     lines += ["", "![curves](sweep.png)", "", "Commands run:", "", "```", *commands, "```", ""]
     atomic_write_text(folder / "sweep.md", "\n".join(lines))
     if rows:

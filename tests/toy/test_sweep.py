@@ -50,6 +50,15 @@ def test_the_peak_is_the_best_mean_fidelity_and_the_earliest_of_equals():
     assert row["at_best"]["fidelity"] == 0.7 and row["at_last"]["fidelity"] == 0.5
 
 
+def test_the_steps_the_runs_chose_are_measured_on_the_mean_curve():
+    runs = [result("full", 1e-4, seed, values) for seed, values in
+            ((23, {100: 0.2, 200: 0.9, 300: 0.4}), (24, {100: 0.6, 200: 0.5, 300: 0.8}))]
+    runs[0]["best"], runs[1]["best"] = {"best": {"step": 200}}, {"best": {"step": 300}}
+    (row,) = peak_rows(mean_curves(runs), runs)
+    assert row["best_step"] == 200 and row["auto_steps"] == [200, 300]
+    assert row["auto_gap"] == pytest.approx(0.7 - 0.6)  # seed 24 chose 300, whose mean is 0.6 against 0.7 at 200
+
+
 def test_the_report_holds_the_table_the_curves_and_every_run(tmp_path):
     results = [result(method, lr, seed, {100: 0.1 * seed % 1, 200: 0.5}) for method, lr in
                (("full", 1e-4), ("lora16", 1e-3)) for seed in (23, 24)]
@@ -57,6 +66,6 @@ def test_the_report_holds_the_table_the_curves_and_every_run(tmp_path):
     assert [row["setting"] for row in rows] == ["full lr 0.0001", "lora16 lr 0.001"]
     saved = json.loads((tmp_path / "sweep.json").read_text())
     assert len(saved["runs"]) == 4 and saved["peaks"] == rows
-    assert "| full lr 0.0001 | 2 | 200 | 50 | 50 | 50 | 50 | 0 | 200 |" in (tmp_path / "sweep.md").read_text()
+    assert "| full lr 0.0001 | 2 | 200 | 50 | 50 | 50 | 50 | 0 | 200 | 50 | 50 | 50 | 50 | 0 | - | - |" in (tmp_path / "sweep.md").read_text()
     with Image.open(tmp_path / "sweep.png") as picture:
         assert picture.size == (2 * 720, 5 * 300)  # the five metrics down, the two methods across
