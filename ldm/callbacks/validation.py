@@ -6,6 +6,7 @@ from a recipe of them (with several concepts, the prompts of each and `val/clip_
 `progression.png`, one row per step, from every session of the run."""
 import logging
 import re
+import time
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
 
@@ -94,7 +95,8 @@ def fidelity_recipe(scorer: Optional[SampleScorer], terms: Optional[Sequence[str
 class ValidationSamples(Callback):
     """`lightning.callbacks.validation` (off while `every_n_steps` is 0): DDIM samples of `prompts` (with
     `{identifier}` and `{class_word}`; default: the identifier prompt, the class prompt and one context prompt) at
-    `seeds`, every N steps and at the last step, by rank zero, at most `images_per_call` images per sampler call.
+    `seeds`, every N steps and at the last step, by rank zero, at most `images_per_call` images per sampler call (the
+    prompts share a call: 7 prompts at 2 seeds in one call of 14 samples twice as fast as 7 calls on a CPU).
     Scored with `clip_model` and `dino_model` (local CLIPModel and DINO ViT folders) or `scorer` (a `target:`, e.g.
     the toy world's ldm.toy.metrics.ToySampleScorer); `fidelity` is the recipe of `val/fidelity` (default: the
     scorer's), a list of terms whose mean it is: "binding", "1 - leakage", "dino / 0.668"."""
@@ -117,6 +119,7 @@ class ValidationSamples(Callback):
         self.recipe, self.fidelity_note = fidelity_recipe(self.scorer, fidelity) if every_n_steps else ((), "")
         self.listeners: list[Listener] = []  # called with each step's scores (ldm/callbacks/best_step.py)
         self._logged_step = -1
+        self.rounds, self.seconds, self._started = 0, 0.0, time.monotonic()  # this session's rounds and their time
 
     def folder(self, trainer: pl.Trainer) -> Path:
         return Path(trainer.default_root_dir) / "images" / "validation"
@@ -127,7 +130,12 @@ class ValidationSamples(Callback):
             return
         self._logged_step = trainer.global_step
         if trainer.is_global_zero:
+            started = time.monotonic()
             self.sample(trainer, pl_module)
+            self.rounds, self.seconds = self.rounds + 1, self.seconds + time.monotonic() - started
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._started = time.monotonic()
 
     def score(self, samples: dict[str, list[Image.Image]], prompts_of: dict[str, list[str]],
               instances: Mapping[str, Any]) -> dict[str, float]:
@@ -160,8 +168,9 @@ class ValidationSamples(Callback):
         prompts = list(dict.fromkeys(prompt for each in prompts_of.values() for prompt in each))
         with optimizer_eval_mode(trainer.optimizers), sampling_mode(pl_module), pl_module.encoders_on_device(), \
                 trainer.precision_plugin.forward_context():
-            samples = {prompt: sample_images(pl_module, prompt, self.seeds, self.ddim_steps, self.scale,
-                                             per_call=self.images_per_call) for prompt in prompts}
+            images = sample_images(pl_module, [p for p in prompts for _ in self.seeds], self.seeds * len(prompts),
+                                   self.ddim_steps, self.scale, per_call=self.images_per_call)
+        samples = {prompt: images[k * len(self.seeds):(k + 1) * len(self.seeds)] for k, prompt in enumerate(prompts)}
         free_memory(pl_module.device)
         scores = self.score(samples, prompts_of, instances) if self.scorer is not None else {}
         cells = self.folder(trainer) / f"step_{step:06}"
@@ -182,6 +191,10 @@ class ValidationSamples(Callback):
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.write_progression(trainer)
+        if self.rounds and trainer.is_global_zero:
+            total = time.monotonic() - self._started
+            logger.info("validation: %d rounds took %.0f s, %.0f %% of this session's %.0f s of training (the best step's "
+                        "bookkeeping included)", self.rounds, self.seconds, 100 * self.seconds / max(total, 1e-9), total)
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         try:

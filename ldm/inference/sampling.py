@@ -84,22 +84,27 @@ def sample_latents(model: nn.Module, sampler: str, steps: int, cond: Tensor, unc
 
 
 @torch.no_grad()
-def sample_images(model: nn.Module, prompt: str, seeds: Sequence[int], steps: int = 50, scale: float = 10.0,
-                  eta: float = 0.0, shape: Optional[Sequence[int]] = None,
+def sample_images(model: nn.Module, prompt: str | Sequence[str], seeds: Sequence[int], steps: int = 50,
+                  scale: float = 10.0, eta: float = 0.0, shape: Optional[Sequence[int]] = None,
                   on_prediction: Optional[Callable[[Tensor, int], None]] = None, negative_prompt: str = "",
                   sampler: str = "ddim", per_call: Optional[int] = None) -> list[Image.Image]:
-    """Samples of `prompt` (DDIM unless `sampler` names another), one per seed (an image depends on its seed only),
-    with latents of `shape` (C, h, w; default: the model's own size); `on_prediction` as in sample_latents (it sees
-    the first call's images). With `per_call`, at most that many images per sampler call; the decoder takes one
-    image at a time (its activations at full size are the peak of sampling)."""
+    """Samples of `prompt` (DDIM unless `sampler` names another), one per seed (an image depends on its seed and
+    prompt only); `prompt` is one for every image or a list of one per seed (several prompts in one batch). Latents
+    of `shape` (C, h, w; default: the model's own size); `on_prediction` as in sample_latents (it sees the first
+    call's images). With `per_call`, at most that many images per sampler call; the decoder takes one image at a time
+    (its activations at full size are the peak of sampling)."""
+    prompts = [prompt] * len(seeds) if isinstance(prompt, str) else list(prompt)
+    if len(prompts) != len(seeds):
+        raise ValueError(f"sample_images: {len(prompts)} prompts for {len(seeds)} seeds; give one prompt or one per seed")
     if per_call is not None and len(seeds) > per_call > 0:
-        chunks = [seeds[first:first + per_call] for first in range(0, len(seeds), per_call)]
-        return [image for k, chunk in enumerate(chunks)
-                for image in sample_images(model, prompt, chunk, steps, scale, eta, shape, on_prediction if k == 0
-                                           else None, negative_prompt, sampler)]
+        starts = range(0, len(seeds), per_call)
+        return [image for k, first in enumerate(starts)
+                for image in sample_images(model, prompts[first:first + per_call], seeds[first:first + per_call],
+                                           steps, scale, eta, shape, on_prediction if k == 0 else None,
+                                           negative_prompt, sampler)]
     n, device = len(seeds), model.alphas_cumprod.device
     shape = (model.channels, model.image_size, model.image_size) if shape is None else tuple(shape)
-    cond = model.get_learned_conditioning([prompt] * n)
+    cond = model.get_learned_conditioning(prompts)
     uncond = None if scale == 1.0 else model.get_learned_conditioning([negative_prompt] * n)
     generators = make_generators(seeds)
     noise = randn((n, *shape), generators, device)

@@ -120,3 +120,20 @@ def test_the_best_steps_row_is_marked(tmp_path):
     path = validation.write_progression(SimpleNamespace(is_global_zero=True), (10, "fidelity 0.900"))
     assert read_metadata(path)["best_step"] == 10
     assert "best_step" not in read_metadata(validation.write_progression(SimpleNamespace(is_global_zero=True)))
+
+
+def test_the_validations_share_of_the_training_time_is_logged_at_the_end(monkeypatch, caplog):
+    validation = ValidationSamples(every_n_steps=2, seeds=[0])
+    clock = iter([0.0, 10.0, 13.0, 30.0, 34.0, 40.0])  # start; a round from 10 to 13 s and one from 30 to 34; the end
+    monkeypatch.setattr("ldm.callbacks.validation.time.monotonic", lambda: next(clock))
+    monkeypatch.setattr(validation, "sample", lambda trainer, pl_module: {})
+    monkeypatch.setattr(validation, "write_progression", lambda trainer: None)
+    trainer = SimpleNamespace(global_step=0, max_steps=4, is_global_zero=True)
+    validation.on_train_start(trainer, None)
+    for step in (1, 2, 3, 4):
+        trainer.global_step = step
+        validation.on_train_batch_end(trainer, None, None, None, 0)
+    with caplog.at_level("INFO", logger="ldm.callbacks.validation"):
+        validation.on_train_end(trainer, None)
+    assert caplog.messages == ["validation: 2 rounds took 7 s, 18 % of this session's 40 s of training (the best "
+                               "step's bookkeeping included)"]

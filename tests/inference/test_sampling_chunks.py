@@ -50,6 +50,20 @@ def test_chunked_sampling_matches_the_whole_batch(tiny_model, calls):
         assert np.abs(np.asarray(a, np.int16) - np.asarray(b, np.int16)).max() <= 1
 
 
+
+def test_several_prompts_share_a_call_and_each_image_matches_its_own_prompts_call(tiny_model, calls, monkeypatch):
+    prompts, seeds = ["a dog", "a dog", "a sks dog", "a sks dog"], [3, 4, 3, 4]
+    encoded, encode = [], tiny_model.get_learned_conditioning
+    monkeypatch.setattr(tiny_model, "get_learned_conditioning", lambda texts: encoded.append(texts) or encode(texts))
+    shared = sample_images(tiny_model.eval(), prompts, seeds, steps=2, scale=5.0)
+    assert calls.sampled == [4] and encoded[0] == prompts  # one call, each image with its own prompt
+    alone = (sample_images(tiny_model, "a dog", [3, 4], steps=2, scale=5.0)
+             + sample_images(tiny_model, "a sks dog", [3, 4], steps=2, scale=5.0))
+    for a, b in zip(shared, alone):  # equal up to the float rounding of a different batch size
+        assert np.abs(np.asarray(a, np.int16) - np.asarray(b, np.int16)).max() <= 1
+    with pytest.raises(ValueError, match="3 prompts for 2 seeds"):
+        sample_images(tiny_model, prompts[:3], [3, 4], steps=2, scale=5.0)
+
 def test_image_logger_samples_and_decodes_one_image_per_call(tmp_path, tiny_model, calls):
     concept = SimpleNamespace(instance=SimpleNamespace(captions=["a sks dog"]))
     trainer = SimpleNamespace(global_step=2, current_epoch=0, is_global_zero=True, default_root_dir=str(tmp_path),
