@@ -79,8 +79,8 @@ def _from_pickle(path: Path, content: Any) -> tuple[torch.Tensor, str, Optional[
         raise CheckpointError(f"{path}: holds a {type(content).__name__}, not an embedding")
     params = content.get("string_to_param")
     if isinstance(params, Mapping) and len(params) == 1:
-        step = content.get("step")
-        return next(iter(params.values())), str(content.get("name") or path.stem), step if isinstance(step, int) else None
+        step, name = content.get("step"), str(content.get("name") or path.stem)
+        return next(iter(params.values())), name, step if isinstance(step, int) else None
     tensors = {k: v for k, v in content.items() if isinstance(v, torch.Tensor)}
     if len(tensors) == 1 and len(content) == 1:  # diffusers' learned_embeds.bin: {"<word>": tensor}
         word, vectors = next(iter(tensors.items()))

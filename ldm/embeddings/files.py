@@ -47,7 +47,8 @@ def apply_embedding_files(model: nn.Module, specs: Sequence[str]) -> list[dict]:
                             f"encoder takes {encoder.width} (an embedding for another model, e.g. SD 2 or SDXL?)")
         encoder.check_word(word, f"--embedding {path}")
         if word in model.sampling_words:
-            logger.warning("--embedding %s: the word %r was already bound by an earlier file; this one wins", path, word)
+            logger.warning("--embedding %s: the word %r was already bound by an earlier file; this one wins", path,
+                           word)
         model.sampling_words[word] = found.vectors.to(table.device, table.dtype)
         logger.info("--embedding %s: %r stands for %d vector%s", path, word, len(found.vectors),
                     "s" if len(found.vectors) > 1 else "")

@@ -1,6 +1,6 @@
 """Text-to-image and image-to-image runs as the sampling scripts make them, in three rooms entered once, in order:
-plan (every flag checked, no model loaded), build (the model with its LoRAs, embeddings and ControlNets), run (the batches, and
-the images written with their metadata)."""
+plan (every flag checked, no model loaded), build (the model with its LoRAs, embeddings and ControlNets), run (the
+batches, and the images written with their metadata)."""
 import argparse
 import logging
 import math

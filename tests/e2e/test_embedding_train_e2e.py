@@ -108,7 +108,7 @@ def test_pivotal_tuning_writes_lora_and_embedding_side_by_side_and_samples_with_
 
 
 def test_embedding_options_without_train_embedding_are_one_line_errors(setup, tmp_path):
-    base, instance, reg = setup
+    base, instance, _ = setup
     proc = run_main("--base", TINY, "-t", "--actual_resume", str(base), "--accelerator", "cpu", "--data_root",
                     str(instance), "-l", str(tmp_path), "--embedding_lr", "0.01", "--max_steps", "1")
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
