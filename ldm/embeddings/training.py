@@ -151,6 +151,11 @@ class EmbeddingTraining:
             return self.sampling_words
         return {**self.sampling_words, self.embedding.token: vectors}
 
+    def encode_text(self, captions: list[str]) -> torch.Tensor:
+        """The text encoder's output for `captions`, with the bound words' vectors in place of those words."""
+        words = self.bound_words()
+        return self.cond_stage_model.encode(captions, words) if words else self.cond_stage_model.encode(captions)
+
     def embedding_groups(self) -> list[dict]:
         """The optimizer's group of the vectors, at their own learning rate."""
         vectors = getattr(self, VECTORS, None)

@@ -1,15 +1,20 @@
 """Embedding files: both formats round-trip (A1111's .pt read with weights_only=True, the .safetensors with one
-`emb_params` tensor), other files are told apart, and `--embedding` binds a file's vectors to its word at sampling,
-refusing a width that is not the text encoder's."""
+`emb_params` tensor), other files are told apart, and `--embedding` binds a file's vectors to its word at sampling
+(txt2img, compare, evaluate), refusing a width that is not the text encoder's."""
 import pytest
 import torch
+from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import save_file
 
 from ldm.checkpoint import CheckpointError, read_embedding, save_embedding, save_weights
 from ldm.embeddings.files import apply_embedding_files, check_embedding_specs, parse_embedding_spec
+from ldm.eval.compare import ModelSpec
+from ldm.eval.generation import SampleSettings, sample_model
+from ldm.images import read_metadata
 from ldm.util import UserError
 from tests.helpers.models import build_tiny_model
+from tests.helpers.repo import TINY_CONFIG
 
 
 def test_the_safetensors_file_holds_emb_params_with_its_name_and_step(tmp_path):
@@ -80,3 +85,13 @@ def test_sampling_binds_the_file_to_its_word_and_refuses_another_width(tmp_path)
     save_embedding(torch.randn(2, 768), tmp_path / "sd15.pt", "wide", 1)
     with pytest.raises(UserError, match="its vectors are 768 wide, but this model's text encoder takes 32"):
         apply_embedding_files(model, [str(tmp_path / "sd15.pt")])
+
+
+def test_compare_and_evaluate_bind_the_embedding_in_every_model_and_record_it(tiny_ckpt, tmp_path):
+    save_embedding(torch.randn(2, 32), tmp_path / "ohwx.pt", "ohwx", 3)
+    settings = SampleSettings([0], steps=1, config=str(TINY_CONFIG), embeddings=[str(tmp_path / "ohwx.pt")])
+    sample_model(ModelSpec.parse(str(tiny_ckpt)), settings, ["a photo of ohwx dog"], torch.device("cpu"),
+                 tmp_path / "out")
+    metadata = read_metadata(tmp_path / "out" / "00-0.png")
+    assert [(r["file"], r["word"], r["vectors"]) for r in metadata["embeddings"]] == [("ohwx.pt", "ohwx", 2)]
+    assert 'TI hashes: "ohwx: ' in Image.open(tmp_path / "out" / "00-0.png").text["parameters"]

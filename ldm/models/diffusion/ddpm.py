@@ -306,12 +306,11 @@ class LatentDiffusion(EmbeddingTraining, TextEncoderStop, LoraTraining, DDPM):
         """CLIP text embeddings [B, 77, context_dim] for a list of prompts; with `cache_text_embeddings` and a frozen
         text encoder each distinct prompt is encoded once and kept in memory."""
         if not self.cache_text_embeddings or self.text_conditioning_trains:
-            return self.cond_stage_model.encode(list(captions), self.bound_words()).float()
+            return self.encode_text(list(captions)).float()
         new = list(dict.fromkeys(caption for caption in captions if caption not in self.text_embeddings))
         if new:
             with torch.no_grad():
-                encoded = self.cond_stage_model.encode(new, self.bound_words())
-                self.text_embeddings.update(zip(new, encoded.float().to(self.device)))
+                self.text_embeddings.update(zip(new, self.encode_text(new).float().to(self.device)))
         return torch.stack([self.text_embeddings[caption] for caption in captions]).to(self.device)
 
     def encode_first_stage(self, x: torch.Tensor):
