@@ -455,7 +455,8 @@ def load_model(config: DictConfig, run: Run, opt: argparse.Namespace) -> pl.Ligh
         base = base_options.get("base_checkpoint")
         if not base:
             raise UserError(f"the run's config names no base checkpoint (model.params.{kind}.base_checkpoint)")
-        check_checkpoint_file(base, f"the base checkpoint of this run (model.params.{kind}.base_checkpoint); "
+        run_kind = "LoRA run" if lora else "textual-inversion run"
+        check_checkpoint_file(base, f"the base checkpoint of this {run_kind} (model.params.{kind}.base_checkpoint); "
                               "restore it or point the key at a copy")
         load_model_weights(model, base, use_ema=base_options.get("base_ema", False))
         if lora:
