@@ -133,6 +133,15 @@ def get_parser() -> argparse.ArgumentParser:
              "(diffusers'): the attention q, k, v and out projections (model.params.lora.targets)")
     add("--lora_text_encoder", action="store_true",
         help="also train LoRA on the text encoder's attention and MLP (model.params.lora.text_encoder)")
+    add("--train_embedding", action="store_true", help="textual inversion: learn new token vectors for --token, the "
+        "UNet and text encoder frozen; with --rank or --pivotal, beside the LoRA or the UNet (pivotal tuning; "
+        "model.params.embedding; docs/embeddings.md)")
+    add("--num_vectors", type=int, default=None, metavar="N", help="vectors the token stands for (default 1)")
+    add("--init_word", default=None, help="the word whose token embeddings start the vectors (default: --class_word)")
+    add("--embedding_lr", type=float, default=None, help="the vectors' base learning rate (default 5e-3)")
+    add("--embedding_stop_step", type=float, default=None, metavar="N", help="pivotal tuning: freeze the vectors "
+        "from step N (a fraction of max_steps below 1), the UNet or LoRA trains on")
+    add("--pivotal", action="store_true", help="with --train_embedding: the whole UNet trains beside the vectors")
     add("--safetensors", action="store_true", help="also save fp16 .safetensors weights next to each checkpoint")
     add("--threads", type=int, default=None, metavar="N", help="CPU threads per process (torch.set_num_threads and "
         "OMP_NUM_THREADS; default: torch's, one per core). On a busy machine fewer threads can be much faster; the "
@@ -324,6 +333,10 @@ def set_learning_rate(model: pl.LightningModule, config: DictConfig, trainer: pl
         model.cond_stage_lr = factor * config.model.params.cond_stage_lr
         say(f"text encoder learning rate {model.cond_stage_lr:.2e} (cond_stage_lr"
             + (f" x {factor:g})" if scale_lr else ")"))
+    if getattr(model, "embedding", None) is not None:
+        model.embedding_lr = factor * model.embedding.learning_rate
+        say(f"embedding learning rate {model.embedding_lr:.2e} (model.params.embedding.lr"
+            + (f" x {factor:g})" if scale_lr else ")"))
 
 
 def fit(trainer: pl.Trainer, model: pl.LightningModule, data: pl.LightningDataModule, run: Run) -> int:
@@ -431,31 +444,38 @@ def bucket_view_gradients(strategy: Strategy) -> None:
 def load_model(config: DictConfig, run: Run, opt: argparse.Namespace) -> pl.LightningModule:
     """The model with the weights it starts from. Weights that load before fit are built on the meta device (no
     random init, one copy of them in memory); a resumed last.ckpt is loaded by Lightning into a model built as usual.
-    A LoRA run loads its base checkpoint, injects LoRA, then its step file's LoRA (Lightning loads last.ckpt's)."""
-    lora = config.model.params.get("lora")
-    with parameters_on_meta() if run.checkpoint is None or lora else contextlib.nullcontext():
+    A LoRA run loads its base checkpoint, injects LoRA, then its step file's LoRA (Lightning loads last.ckpt's); a
+    textual-inversion run loads its base too. An embedding starts from its init word or a step file's embedding."""
+    lora, embedding = config.model.params.get("lora"), config.model.params.get("embedding")
+    base_options, kind = ((lora, "lora") if lora else (embedding, "embedding") if embedding and not
+                          embedding.get("pivotal") else (None, None))
+    with parameters_on_meta() if run.checkpoint is None or base_options else contextlib.nullcontext():
         model = build(config.model, "model").train()
-    if lora:
-        base = lora.get("base_checkpoint")
+    if base_options:
+        base = base_options.get("base_checkpoint")
         if not base:
-            raise UserError("the LoRA run's config names no base checkpoint (model.params.lora.base_checkpoint)")
-        check_checkpoint_file(base, "the base checkpoint of this LoRA run (model.params.lora.base_checkpoint); "
+            raise UserError(f"the run's config names no base checkpoint (model.params.{kind}.base_checkpoint)")
+        run_kind = "LoRA run" if lora else "textual-inversion run"
+        check_checkpoint_file(base, f"the base checkpoint of this {run_kind} (model.params.{kind}.base_checkpoint); "
                               "restore it or point the key at a copy")
-        load_model_weights(model, base, use_ema=lora.get("base_ema", False))
-        model.inject_lora(model.unet_params)
-        if run.weights:
+        load_model_weights(model, base, use_ema=base_options.get("base_ema", False))
+        if lora:
+            model.inject_lora(model.unet_params)
+        if run.weights and lora:
             model.load_lora_file(run.weights)
     elif run.checkpoint is None:
         load_model_weights(model, run.weights or opt.actual_resume, use_ema=opt.use_ema_weights and not run.weights)
+    if embedding:
+        model.add_embedding(run.weights)
     return model
 
 
 def weights_file(config: DictConfig, run: Run, opt: argparse.Namespace) -> Optional[str]:
     """The file that load_model took the model's weights from before fit (a LoRA run's base), None for last.ckpt's,
     which Lightning loads in fit."""
-    lora = config.model.params.get("lora")
-    if lora:
-        return lora.get("base_checkpoint")
+    lora, embedding = config.model.params.get("lora"), config.model.params.get("embedding")
+    if lora or (embedding and not embedding.get("pivotal")):
+        return (lora or embedding).get("base_checkpoint")
     return None if run.checkpoint is not None else str(run.weights or opt.actual_resume)
 
 

@@ -172,6 +172,8 @@ def infotext(metadata: Mapping[str, Any], size: tuple[int, int]) -> str:
         "Training step": metadata.get("step"),
         "Lora hashes": ", ".join(f"{Path(r['file']).stem}: {r['sha256'][:10]}" for r in metadata["loras"])
         if metadata.get("loras") else None,
+        "TI hashes": ", ".join(f"{r['word']}: {r['sha256'][:10]}" for r in metadata["embeddings"])
+        if metadata.get("embeddings") else None,
     }
     for i, net in enumerate(metadata.get("controlnets") or []):  # as A1111's ControlNet extension writes them
         model = f"{Path(net['file']).stem} [{net['sha256'][:8]}]"

@@ -19,6 +19,7 @@ from typing import Optional, Sequence
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from ldm.cli import run_command  # noqa: E402
+from ldm.embeddings.files import check_embedding_specs  # noqa: E402
 from ldm.eval.compare import (ModelSpec, Scorer, cost_row, default_prompts, draw_comparison, percent,  # noqa: E402
                               table_rows, unique_labels, write_tables)
 from ldm.eval.generation import SampleSettings, model_config, sample_model  # noqa: E402
@@ -53,6 +54,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         "checkpoint's run config, else the SD v1 inference config)")
     add("--device", choices=["auto", "cuda", "mps", "cpu"], default="auto")
     add_precision_argument(parser)
+    add("--embedding", action="append", default=[], metavar="FILE[:WORD]", help="a textual-inversion embedding "
+        "bound in every model (docs/embeddings.md); repeatable")
     add("--scorer", choices=["none", "toy"], default="none", help="toy: the toy world's scorer")
     add("--scorer_path", type=user_or_project_path, default=TOY_SCORER, help="the toy scorer's weights")
     add("--outdir", default="outputs/compare")
@@ -80,13 +83,14 @@ def make_scorer(opt: argparse.Namespace) -> Optional[Scorer]:
 def settings_of(opt: argparse.Namespace) -> SampleSettings:
     """The sampling settings every model shares."""
     return SampleSettings(list(range(opt.seed, opt.seed + opt.n)), opt.steps, opt.scale, opt.H, opt.W, opt.config,
-                          use_ema=opt.use_ema, precision=opt.precision)
+                          use_ema=opt.use_ema, precision=opt.precision, embeddings=opt.embedding)
 
 
 def compare(opt: argparse.Namespace) -> str:
     """Sample every model in turn, then write grid.png, table.md and table.csv; returns the markdown table."""
     specs = [ModelSpec.parse(text) for text in opt.model]
     unique_labels(specs)
+    check_embedding_specs(opt.embedding)
     for spec in specs:
         check_checkpoint(spec.ckpt, "--model")
         check_lora_specs(spec.loras, "--model CKPT+LORA")

@@ -24,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from ldm.cli import run_command  # noqa: E402
 from ldm.data.image_files import DataError, load_rgb  # noqa: E402
 from ldm.data.personalized import list_images  # noqa: E402
+from ldm.embeddings.files import check_embedding_specs  # noqa: E402
 from ldm.eval.compare import ModelSpec, Scorer  # noqa: E402
 from ldm.eval.evaluate import Subject, evaluate_subject, paper_table, subject_class, subject_kind  # noqa: E402
 from ldm.eval.generation import SampleSettings, model_config  # noqa: E402
@@ -64,6 +65,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         help="model config (default: the checkpoint's run config, else SD v1's)")
     add("--device", choices=["auto", "cuda", "mps", "cpu"], default="auto")
     add_precision_argument(parser)
+    add("--embedding", action="append", default=[], metavar="FILE[:WORD]", help="a textual-inversion embedding "
+        "bound in every model (docs/embeddings.md); repeatable")
     add("--scorer", choices=["paper", "toy"], default="paper", help="paper: DINO, CLIP-I, CLIP-T; toy: the toy world's")
     add("--clip", default=None, help="a local CLIP ViT-B/32 folder (transformers format)")
     add("--dino", default=None, help="a local DINO ViT-S/16 folder (transformers format)")
@@ -145,8 +148,9 @@ def evaluate(opt: argparse.Namespace) -> str:
                 raise UserError(f"the paper's metrics need {flag} FOLDER ({kind}); or --scorer toy for a toy model")
             check_model_folder(folder, kind, flag)
     subjects = subjects_of(opt)
+    check_embedding_specs(opt.embedding)
     settings = SampleSettings(list(range(opt.seed, opt.seed + opt.n)), opt.steps, opt.scale, opt.H, opt.W,
-                              opt.config, opt.batch, opt.use_ema, opt.precision)
+                              opt.config, opt.batch, opt.use_ema, opt.precision, embeddings=opt.embedding)
     for subject in subjects:
         model_config(subject.model, settings)  # a bad config or size stops before any sampling
     outdir = Path(opt.outdir) if opt.outdir else default_outdir(subjects[0].model)

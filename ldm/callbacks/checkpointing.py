@@ -13,6 +13,7 @@ from pytorch_lightning.plugins import TorchCheckpointIO
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from ldm.checkpoint import CheckpointError, check_finite, precision_dtype, remove_stale_temp_files, save_checkpoint
+from ldm.embeddings.training import EMBEDDING_SUFFIX
 from ldm.optim.factory import optimizer_eval_mode
 from ldm.training.runs import step_files
 
@@ -183,12 +184,14 @@ class StepCheckpoint(Callback):
             self.save_last(trainer, pl_module)
 
     def prune(self, trainer: pl.Trainer) -> None:
-        """Delete the step files (and their .safetensors copies) older than the newest `keep_last_n`."""
+        """Delete the step files (and their .safetensors copies and embedding files) older than the newest
+        `keep_last_n`."""
         if self.keep_last_n is None or not trainer.is_global_zero:
             return
         for _, path in step_files(self.dirpath)[:-self.keep_last_n]:
             path.unlink(missing_ok=True)
             path.with_suffix(".safetensors").unlink(missing_ok=True)
+            path.with_name(path.stem + EMBEDDING_SUFFIX).unlink(missing_ok=True)  # a pivotal run's embedding
             logger.info("removed %s (keep_last_n: %d)", path.name, self.keep_last_n)
 
     def _check_finite(self, pl_module: pl.LightningModule, path: Path) -> None:

@@ -2,7 +2,7 @@
 scripts/compare.py and scripts/evaluate.py share (a model is a checkpoint with LoRA files at their scales)."""
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -11,6 +11,7 @@ from omegaconf import DictConfig
 from PIL import Image
 
 from ldm.config import latent_shape, native_size
+from ldm.embeddings.files import apply_embedding_files
 from ldm.eval.compare import ModelSpec
 from ldm.images import generation_metadata, save_image
 from ldm.inference.loading import load_model, precision_scope, sampling_config
@@ -35,6 +36,7 @@ class SampleSettings:
     use_ema: bool = False  # each checkpoint's EMA UNet (model_ema.*)
     precision: str = "autocast"  # --precision: the weights' dtype and the autocast scope (ldm.inference)
     sampler: str = "ddim"
+    embeddings: list[str] = field(default_factory=list)  # --embedding FILE[:WORD], bound in every model
 
 
 def model_config(spec: ModelSpec, settings: SampleSettings) -> tuple[DictConfig, tuple[int, int], tuple[int, ...]]:
@@ -54,10 +56,11 @@ def sample_model(spec: ModelSpec, settings: SampleSettings, prompts: Sequence[st
     model = load_model(config, spec.ckpt, device, use_ema=settings.use_ema, precision=settings.precision,
                        flag="--model")
     loras = apply_lora_files(model, config.model, spec.loras)
+    embeddings = apply_embedding_files(model, settings.embeddings)
     loaded = time.monotonic()
     folder.mkdir(parents=True, exist_ok=True)
     meta = generation_metadata(settings.sampler, settings.steps, settings.scale, spec.ckpt, settings.use_ema, loras,
-                               width=width, height=height)
+                               width=width, height=height, embeddings=embeddings or None)
     images: dict[str, list[Image.Image]] = {}
     with model.ema_scope(), scope:
         for k, prompt in enumerate(prompts):

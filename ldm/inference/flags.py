@@ -65,6 +65,9 @@ def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
     add("--lora", action="append", default=[], metavar="FILE[:SCALE]",
         help="a kohya-format LoRA file (ours, kohya's, A1111's, civitai's) folded into --ckpt at SCALE (default 1); "
              "repeatable, the files add up")
+    add("--embedding", action="append", default=[], metavar="FILE[:WORD]",
+        help="a textual-inversion embedding (.safetensors or .pt: ours, A1111's, civitai's): WORD in the prompt stands "
+             "for its vectors (default: a .pt's name, else the file's stem as A1111 does); repeatable")
     add_control_arguments(parser)
 
 

@@ -1,6 +1,6 @@
 """Text-to-image and image-to-image runs as the sampling scripts make them, in three rooms entered once, in order:
-plan (every flag checked, no model loaded), build (the model with its LoRAs and ControlNets), run (the batches, and
-the images written with their metadata)."""
+plan (every flag checked, no model loaded), build (the model with its LoRAs, embeddings and ControlNets), run (the
+batches, and the images written with their metadata)."""
 import argparse
 import logging
 import math
@@ -20,6 +20,7 @@ from ldm.controlnet.options import build_controls, check_control_options
 from ldm.controlnet.stack import ControlStack, controlled
 from ldm.data.buckets import bucket_box
 from ldm.data.image_files import DataError, load_rgb
+from ldm.embeddings.files import apply_embedding_files, check_embedding_specs, warn_unused
 from ldm.images import generation_metadata, make_grid, save_image, to_pil
 from ldm.inference.flags import CLIP_SKIP_KEY, read_prompts, resolve_sampler
 from ldm.inference.loading import check_checkpoint, choose_device, load_model, precision_scope, sampling_config
@@ -116,6 +117,7 @@ def plan(opt: argparse.Namespace, init_img: Optional[str] = None) -> SamplingPla
     sampler, device = resolve_sampler(opt), choose_device(opt.device)
     check_checkpoint(opt.ckpt)
     check_lora_specs(opt.lora)
+    check_embedding_specs(opt.embedding)
     ensure_writable_dir(opt.outdir, "--outdir")
     config = sampling_config(opt.config, opt.ckpt)
     if opt.clip_skip is not None:
@@ -143,9 +145,11 @@ def build(opt: argparse.Namespace, sampling: SamplingPlan, init_img: Optional[st
     written to the output folder), and the images' metadata."""
     model = load_model(sampling.config, opt.ckpt, sampling.device, use_ema=opt.use_ema, precision=opt.precision)
     loras = apply_lora_files(model, sampling.config.model, opt.lora)
+    embeddings = apply_embedding_files(model, opt.embedding)
+    warn_unused(embeddings, [*sampling.prompts, opt.negative_prompt])
     metadata = generation_metadata(sampling.sampler, opt.ddim_steps, opt.scale, opt.ckpt, opt.use_ema, loras,
                                    karras=opt.karras, eta=opt.ddim_eta, width=sampling.width, height=sampling.height,
-                                   negative_prompt=opt.negative_prompt)
+                                   negative_prompt=opt.negative_prompt, embeddings=embeddings or None)
     if sampling.init is not None:
         metadata.update(init_image=Path(init_img).name, strength=sampling.strength)
     if sampling.sampler == "dpm_adaptive":

@@ -6,6 +6,7 @@ import logging
 from omegaconf import DictConfig, OmegaConf
 
 from ldm.data.concepts import concepts_from_flags
+from ldm.data.personalized import DEFAULT_CLASS_WORD, DEFAULT_IDENTIFIER
 from ldm.util import UserError
 
 logger = logging.getLogger(__name__)
@@ -50,6 +51,7 @@ def apply_flags(config: DictConfig, opt: argparse.Namespace) -> None:
         OmegaConf.update(config, "model.params.cond_stage_config.params.clip_skip", opt.clip_skip, merge=True)
     apply_saver_flags(config, opt)
     apply_lora_flags(config, opt)
+    apply_embedding_flags(config, opt)
     lightning = config.setdefault("lightning", {})
     if opt.max_steps is not None:
         lightning.setdefault("trainer", {})["max_steps"] = opt.max_steps
@@ -112,16 +114,53 @@ def apply_lora_flags(config: DictConfig, opt: argparse.Namespace) -> None:
         params.lora.base_checkpoint, params.lora.base_ema = opt.actual_resume, opt.use_ema_weights
 
 
+def apply_embedding_flags(config: DictConfig, opt: argparse.Namespace) -> None:
+    """`--train_embedding` and its options into `model.params.embedding` (the token and init word default to the
+    data's identifier and class word); the text encoder is frozen but for its LoRA; a new textual-inversion run's
+    base checkpoint (which a resumed run loads again before its vectors)."""
+    params = config.model.params
+    options = {"num_vectors": opt.num_vectors, "init_word": opt.init_word, "lr": opt.embedding_lr,
+               "stop_step": opt.embedding_stop_step, "pivotal": opt.pivotal or None}
+    given = {key: value for key, value in options.items() if value is not None}
+    if given and not opt.train_embedding and not params.get("embedding"):
+        flags = {"num_vectors": "--num_vectors", "init_word": "--init_word", "lr": "--embedding_lr",
+                 "stop_step": "--embedding_stop_step", "pivotal": "--pivotal"}
+        raise UserError(f"{' and '.join(flags[key] for key in given)}: options of the trained embedding; add "
+                        "--train_embedding")
+    if opt.train_embedding:
+        if params.get("embedding") is None:
+            params.embedding = {}
+        train = OmegaConf.select(config, "data.params.train.params") or {}
+        if opt.identifier or "token" not in params.embedding:
+            params.embedding.token = opt.identifier[-1] if opt.identifier else train.get("identifier",
+                                                                                         DEFAULT_IDENTIFIER)
+        if "init_word" not in params.embedding:
+            params.embedding.init_word = train.get("class_word", DEFAULT_CLASS_WORD)
+        if params.get("cond_stage_trainable") and not params.get("lora"):
+            logger.info("--train_embedding: the text encoder is frozen (its new vectors train)")
+            params.cond_stage_trainable, params.cond_stage_stop_step = False, None
+    if params.get("embedding"):
+        params.embedding.update(given)
+        if not params.get("lora") and not opt.resume:
+            params.embedding.base_checkpoint, params.embedding.base_ema = opt.actual_resume, opt.use_ema_weights
+
+
 def fix_step_fractions(config: DictConfig, max_steps: int) -> None:
-    """Steps given as a fraction of max_steps (the text encoder's stop step, the learning-rate warmup) become steps
-    when the run starts, written into the config the run saves, so that a resume with a larger --max_steps keeps
-    them where they were."""
+    """Steps given as a fraction of max_steps (the text encoder's and the embedding's stop steps, the learning-rate
+    warmup) become steps when the run starts, written into the config the run saves, so that a resume with a larger
+    --max_steps keeps them where they were."""
     params = config.model.params
     stop = params.get("cond_stage_stop_step")
     if stop is not None and 0 < stop < 1:
         params.cond_stage_stop_step = max(1, round(stop * max_steps))
         logger.info("the text encoder trains until step %d (%g of max_steps %d; model.params.cond_stage_stop_step)",
                     params.cond_stage_stop_step, stop, max_steps)
+    embedding = params.get("embedding")
+    stop = embedding.get("stop_step") if embedding else None
+    if stop is not None and 0 < stop < 1:
+        embedding.stop_step = max(1, round(stop * max_steps))
+        logger.info("the embedding trains until step %d (%g of max_steps %d; model.params.embedding.stop_step)",
+                    embedding.stop_step, stop, max_steps)
     schedule = params.get("lr_schedule")
     warmup = schedule.get("warmup_steps") if schedule is not None else None
     if warmup is not None and 0 < warmup < 1:

@@ -12,6 +12,7 @@ from torch.nn import functional as F
 
 from ldm.checkpoint import save_weights
 from ldm.data.batch import CONCEPT_KEY, MASK_KEY, MOMENTS_KEY, class_key, prefixes, split_batch
+from ldm.embeddings.training import EmbeddingTraining
 from ldm.lora.layers import LoraOptions, cast_base
 from ldm.lora.training import LoraTraining
 from ldm.models.diffusion.text_encoder_stop import TextEncoderStop
@@ -164,11 +165,15 @@ class DDPM(pl.LightningModule):
         """Write the weights only (no optimizer state) as an SD v1 `path` (.ckpt) in `dtype`, and with `shared_dtype`
         a .safetensors copy beside it; `beside_resumable`: `path` is the resumable last.ckpt the trainer wrote, so
         only the copy."""
-        state = self.state_dict()
+        state = self.step_state_dict()
         if not beside_resumable:
             save_weights(state, path, dtype=dtype)
         if shared_dtype is not None:
             save_weights(state, path.with_suffix(".safetensors"), dtype=shared_dtype)
+
+    def step_state_dict(self) -> dict[str, torch.Tensor]:
+        """The weights an SD v1 step file holds."""
+        return self.state_dict()
 
     def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
         """The optimizer's step, then the EMA's (before the callbacks of the step, so that a step file holds both)."""
@@ -183,16 +188,17 @@ class DDPM(pl.LightningModule):
         optimizer.zero_grad(set_to_none=self.device.type != "cpu")
 
 
-class LatentDiffusion(TextEncoderStop, LoraTraining, DDPM):
+class LatentDiffusion(EmbeddingTraining, TextEncoderStop, LoraTraining, DDPM):
     """Diffusion in the VAE's latent space, conditioned on CLIP text embeddings through cross-attention; with
-    `lora`, a LoRA run (ldm/lora/training.py)."""
+    `lora`, a LoRA run (ldm/lora/training.py); with `embedding`, textual inversion (ldm/embeddings/training.py)."""
 
     def __init__(self, first_stage_config: Mapping, cond_stage_config: Mapping, cond_stage_key: str = "caption",
                  cond_stage_trainable: bool = False, scale_factor: float = 1.0, cond_stage_lr: Optional[float] = None,
                  cond_stage_stop_step: Optional[float] = None, lr_schedule: Optional[Mapping] = None,
                  scheduler_config: Optional[Mapping] = None, optimizer: Optional[Mapping] = None,
                  frozen_precision: str = "auto", compile_unet: Union[bool, Mapping] = False,
-                 cache_text_embeddings: bool = False, lora: Optional[Mapping] = None, **kwargs: Any):
+                 cache_text_embeddings: bool = False, lora: Optional[Mapping] = None,
+                 embedding: Optional[Mapping] = None, **kwargs: Any):
         super().__init__(**kwargs)
         self.lora = LoraOptions.from_config(lora)
         if self.lora is not None:
@@ -202,6 +208,7 @@ class LatentDiffusion(TextEncoderStop, LoraTraining, DDPM):
                 raise UserError("LoRA keeps the base model frozen, but cond_stage_trainable is true: set it false, "
                                 "or train the text encoder's LoRA with lora.text_encoder (--lora_text_encoder)")
             cond_stage_trainable = self.lora.text_encoder  # the text encoder's LoRA trains
+        self.init_embedding(embedding, cond_stage_trainable)
         if frozen_precision not in FROZEN_PRECISIONS:
             raise UserError(f"model.params.frozen_precision {frozen_precision!r}: expected one of "
                             f"{', '.join(FROZEN_PRECISIONS)}")
@@ -298,12 +305,12 @@ class LatentDiffusion(TextEncoderStop, LoraTraining, DDPM):
     def get_learned_conditioning(self, captions: list[str]) -> torch.Tensor:
         """CLIP text embeddings [B, 77, context_dim] for a list of prompts; with `cache_text_embeddings` and a frozen
         text encoder each distinct prompt is encoded once and kept in memory."""
-        if not self.cache_text_embeddings or self.cond_stage_trainable:
-            return self.cond_stage_model.encode(list(captions)).float()
+        if not self.cache_text_embeddings or self.text_conditioning_trains:
+            return self.encode_text(list(captions)).float()
         new = list(dict.fromkeys(caption for caption in captions if caption not in self.text_embeddings))
         if new:
             with torch.no_grad():
-                self.text_embeddings.update(zip(new, self.cond_stage_model.encode(new).float().to(self.device)))
+                self.text_embeddings.update(zip(new, self.encode_text(new).float().to(self.device)))
         return torch.stack([self.text_embeddings[caption] for caption in captions]).to(self.device)
 
     def encode_first_stage(self, x: torch.Tensor):
@@ -396,19 +403,18 @@ class LatentDiffusion(TextEncoderStop, LoraTraining, DDPM):
                 "is kept; try a lower learning rate or full precision.")
         self.log_dict({f"train/{k}": v for k, v in losses.items()}, on_step=True, on_epoch=False)
         self.log("loss", losses["loss"], prog_bar=True, logger=False, on_step=True, on_epoch=False)
-        groups = self.optimizers().param_groups
-        self.log("train/lr", groups[0]["lr"], on_step=True, on_epoch=False)
-        if len(groups) > 1:
-            self.log("train/lr_text_encoder", groups[1]["lr"], on_step=True, on_epoch=False)
+        for index, group in enumerate(self.optimizers().param_groups):  # a resumed group may have lost its name
+            name = "" if index == 0 else f"_{group.get('name', 'text_encoder')}"
+            self.log(f"train/lr{name}", group["lr"], on_step=True, on_epoch=False)
         return losses["loss"]
 
     def trainable_parameters(self) -> list[nn.Parameter]:
-        """The UNet's parameters, plus the text encoder's when `cond_stage_trainable` (their LoRA weights in a LoRA
-        run)."""
-        params = self.trained_parameters(self.model)
+        """The UNet's parameters (unless textual inversion freezes it), plus the text encoder's when
+        `cond_stage_trainable` (their LoRA weights in a LoRA run), plus the embedding vectors."""
+        params = self.trained_parameters(self.model) if self.unet_trains else []
         if self.cond_stage_trainable:
             params += self.trained_parameters(self.cond_stage_model)
-        return params
+        return params + [p for group in self.embedding_groups() for p in group["params"]]
 
     def on_fit_start(self) -> None:
         super().on_fit_start()
@@ -418,7 +424,7 @@ class LatentDiffusion(TextEncoderStop, LoraTraining, DDPM):
         for optimizer in self.trainer.optimizers:  # a resumed schedule-free optimizer comes back in eval mode
             if is_schedule_free(optimizer):
                 optimizer.train()
-        if self.cache_text_embeddings and not self.cond_stage_trainable:
+        if self.cache_text_embeddings and not self.text_conditioning_trains:
             self.encode_every_caption()
         if self.device.type != "cpu" and self.trainer.world_size == 1:  # DDP would broadcast the CPU buffers
             self.offloaded = self.idle_encoders()
@@ -448,7 +454,7 @@ class LatentDiffusion(TextEncoderStop, LoraTraining, DDPM):
         embeddings are cached."""
         if not self.latents_cached:
             return []
-        text = [self.cond_stage_model] if self.cache_text_embeddings and not self.cond_stage_trainable else []
+        text = [self.cond_stage_model] if self.cache_text_embeddings and not self.text_conditioning_trains else []
         return [self.first_stage_model.encoder, self.first_stage_model.quant_conv] + text
 
     @contextmanager
@@ -483,9 +489,14 @@ class LatentDiffusion(TextEncoderStop, LoraTraining, DDPM):
     def configure_optimizers(self) -> Any:
         if self.learning_rate is None:
             raise ValueError("learning_rate is not set; main.py sets it from model.base_learning_rate")
-        params = self.trainable_parameters() if self.cond_stage_lr is None else [
-            {"params": self.trained_parameters(self.model)},
-            {"params": self.trained_parameters(self.cond_stage_model), "lr": self.cond_stage_lr}]
+        unet = self.trained_parameters(self.model) if self.unet_trains else []
+        if self.cond_stage_lr is None:
+            text = self.trained_parameters(self.cond_stage_model) if self.cond_stage_trainable else []
+            groups = [{"params": unet + text}]
+        else:
+            groups = [{"params": unet}, {"params": self.trained_parameters(self.cond_stage_model),
+                                         "lr": self.cond_stage_lr, "name": "text_encoder"}]
+        params = [group for group in groups + self.embedding_groups() if group["params"]]
         optimizer = make_optimizer(self.optimizer_config, params, self.learning_rate)
         if uses_fused_backward(optimizer):
             self.check_fused_backward()

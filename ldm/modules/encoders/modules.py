@@ -2,12 +2,13 @@
 import logging
 import os
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Optional
 
 import torch
 from torch import nn
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
+from ldm.modules.encoders.bound_words import COMMON_RANK, splice
 from ldm.util import UserError
 
 logger = logging.getLogger(__name__)
@@ -38,14 +39,29 @@ class TextTransformer(nn.Module):
     def __init__(self, text_model: CLIPTextModel):
         super().__init__()
         self.text_model = text_model
+        self._spliced: Optional[tuple[torch.Tensor, torch.Tensor]] = None
+        text_model.embeddings.token_embedding.register_forward_hook(self._splice)
 
-    def forward(self, input_ids: torch.Tensor, clip_skip: int = 1) -> torch.Tensor:
-        """Token ids [B, T] -> final-layer-normed output [B, T, hidden] of the `clip_skip`-th layer from the end."""
-        # A1111 and kohya's convention: 1 is the last layer (last_hidden_state, no other states kept), 2 the one before.
-        if clip_skip == 1:
-            return self.text_model(input_ids=input_ids).last_hidden_state
-        hidden_states = self.text_model(input_ids=input_ids, output_hidden_states=True).hidden_states
-        return self.text_model.final_layer_norm(hidden_states[-clip_skip])
+    def forward(self, input_ids: torch.Tensor, clip_skip: int = 1, slots: Optional[torch.Tensor] = None,
+                vectors: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Token ids [B, T] -> final-layer-normed output [B, T, hidden] of the `clip_skip`-th layer from the end;
+        where the mask `slots` [B, T] is true, the token embeddings are `vectors` [slots, hidden] in order."""
+        self._spliced = None if slots is None else (slots, vectors)
+        try:
+            # A1111 and kohya's convention: 1 is the last layer (last_hidden_state, no other states kept).
+            if clip_skip == 1:
+                return self.text_model(input_ids=input_ids).last_hidden_state
+            hidden_states = self.text_model(input_ids=input_ids, output_hidden_states=True).hidden_states
+            return self.text_model.final_layer_norm(hidden_states[-clip_skip])
+        finally:
+            self._spliced = None
+
+    def _splice(self, module: nn.Module, args: Any, output: torch.Tensor) -> Optional[torch.Tensor]:
+        """The token embeddings with the bound words' vectors in their slots (a forward hook of token_embedding)."""
+        if self._spliced is None:
+            return None
+        slots, vectors = self._spliced
+        return output.masked_scatter(slots[..., None], vectors.to(output.dtype))
 
 
 class FrozenCLIPEmbedder(nn.Module):
@@ -131,14 +147,73 @@ class FrozenCLIPEmbedder(nn.Module):
         text = self.tokenizer.convert_tokens_to_string(self.tokenizer.convert_ids_to_tokens(ids))
         return text.replace("</w>", " ").strip()
 
-    def forward(self, text: list[str]) -> torch.Tensor:
-        """Prompts -> hidden states of the `clip_skip`-th layer from the end [B, max_length, hidden]."""
-        tokens = self.tokenize(text).to(self.transformer.text_model.embeddings.token_embedding.weight.device)
-        return self.transformer(tokens, self.clip_skip)
+    def forward(self, text: list[str], words: Optional[Mapping[str, torch.Tensor]] = None) -> torch.Tensor:
+        """Prompts -> hidden states of the `clip_skip`-th layer from the end [B, max_length, hidden]; each word of
+        `words` stands for its vectors [N, hidden] (textual inversion)."""
+        device = self.transformer.text_model.embeddings.token_embedding.weight.device
+        if not words:
+            return self.transformer(self.tokenize(text).to(device), self.clip_skip)
+        tokens, slots, picks = self.tokenize_bound(text, {word: len(v) for word, v in words.items()})
+        vectors = torch.cat([v.to(device) for v in words.values()])[picks.to(device)]
+        return self.transformer(tokens.to(device), self.clip_skip, slots.to(device), vectors)
 
-    def encode(self, text: list[str]) -> torch.Tensor:
+    def encode(self, text: list[str], words: Optional[Mapping[str, torch.Tensor]] = None) -> torch.Tensor:
         """Same as forward (the CompVis conditioning API)."""
-        return self(text)
+        return self(text, words)
+
+    def tokenize_bound(self, text: list[str], counts: Mapping[str, int]
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Prompts -> ids [B, max_length] as `tokenize` makes them, with each word of `counts` given way to its
+        vectors' slots; the slot mask [B, max_length]; for each slot in order, its row among the words' vectors."""
+        words = [(self.tokenizer(word, add_special_tokens=False)["input_ids"], n) for word, n in counts.items()]
+        starts = [sum(n for _, n in words[:w]) for w in range(len(words))]
+        room, tokenizer = self.max_length - 2, self.tokenizer
+        rows, masks, picks = [], [], []
+        for index, ids in enumerate(tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]):
+            items = splice(ids, words)
+            if len(items) > room:
+                logger.warning("prompt %d is %d tokens with its embeddings' vectors, longer than %d: cut after %d",
+                               index, len(items) + 2, self.max_length, room)
+                items = items[:room]
+            pad = [tokenizer.pad_token_id] * (room - len(items))
+            rows.append([tokenizer.bos_token_id, *(i if isinstance(i, int) else words[i[0]][0][0] for i in items),
+                         tokenizer.eos_token_id, *pad])
+            masks.append([False, *(not isinstance(i, int) for i in items), False, *(False for _ in pad)])
+            picks += [starts[i[0]] + i[1] for i in items if not isinstance(i, int)]
+        return torch.tensor(rows), torch.tensor(masks), torch.tensor(picks, dtype=torch.long)
+
+    def check_word(self, word: str, where: str) -> None:
+        """Refuse a word that cannot be bound to vectors (`where` names the flag or file); warn when prompts may not
+        find it, or when it is a common word that every prompt saying it would lose."""
+        if not word or any(c.isspace() for c in word):
+            raise UserError(f"{where}: the word {word!r} cannot be bound to an embedding: it must be one word, "
+                            "without spaces")
+        ids = self.tokenizer(word, add_special_tokens=False)["input_ids"]
+        specials = {self.tokenizer.bos_token_id, self.tokenizer.eos_token_id}
+        if not ids or specials.intersection(ids):
+            raise UserError(f"{where}: the tokenizer reads {word!r} as {'nothing' if not ids else 'a special token'}; "
+                            "choose another word")
+        read = self.ids_to_text(ids)
+        if read != word.lower():
+            logger.warning("%s: the tokenizer splits %r into %d tokens (%r): a prompt finds it only where it is "
+                           "written apart (punctuation glued to it changes its tokens)", where, word, len(ids), read)
+        elif len(ids) == 1 and ids[0] < COMMON_RANK:
+            logger.warning("%s: %r is a common word to CLIP (vocabulary rank %d): every prompt that says it gets the "
+                           "embedding instead, class prompts too; a rare token such as sks avoids that "
+                           "(scripts/find_rare_token.py)", where, word, ids[0])
+
+    def embed_word(self, word: str, where: str) -> torch.Tensor:
+        """The token embeddings [tokens, hidden] of a word, as the text encoder holds them (a copy)."""
+        ids = self.tokenizer(word, add_special_tokens=False)["input_ids"]
+        if not ids:
+            raise UserError(f"{where}: the tokenizer reads no token in {word!r}; choose another word")
+        table = self.transformer.text_model.embeddings.token_embedding.weight
+        return table[torch.tensor(ids, device=table.device)].detach().clone()
+
+    @property
+    def width(self) -> int:
+        """The width of a token embedding (hidden_size)."""
+        return self.transformer.text_model.embeddings.token_embedding.weight.shape[1]
 
 
 def check_clip_skip(clip_skip: Any, n_layers: int) -> int:
