@@ -221,3 +221,11 @@ def test_bad_network_options_are_refused(options, message) -> None:
 def test_a_rank_above_the_narrowest_target_is_refused_for_every_kind(network) -> None:
     with pytest.raises(UserError, match="LoRA rank 100000 \\(--rank\\) is above the width of the narrowest target"):
         inject_lora(tiny(), NAMES, rank=100000, network=network)
+
+
+@pytest.mark.parametrize("network", ["dora", "loha", "lokr"])
+def test_a_fresh_network_is_the_identity(network) -> None:
+    model = tiny()
+    inject_lora(model, NAMES, rank=2, network=network, text_encoder=True)
+    for mine, base in zip(outputs(model), outputs(tiny())):
+        torch.testing.assert_close(mine, base, atol=1e-5, rtol=0)
