@@ -128,6 +128,11 @@ def get_parser() -> argparse.ArgumentParser:
         "of the whole model; the base stays frozen (model.params.lora.rank; configs/*/v1-finetune_lora.yaml)")
     add("--lora_alpha", type=float, default=None, help="LoRA alpha: the update is scaled by alpha / rank "
         "(default: the rank; model.params.lora.alpha)")
+    add("--network", default=None, metavar="lora|dora|loha|lokr", help="the kind of low-rank network: lora "
+        "(default), dora (LoRA with a trained magnitude per output row), loha (Hadamard product of two LoRAs) or lokr "
+        "(Kronecker product); LyCORIS's file format for the last three (model.params.lora.network)")
+    add("--factor", type=int, default=None, metavar="F", help="LoKr only: split each weight's sides into factors "
+        "near F (default -1: as balanced as possible, LyCORIS's default; model.params.lora.factor)")
     add("--lora_targets", choices=("transformer", "attention"), default=None,
         help="transformer (default, kohya's): every Linear and 1x1 conv of the UNet's transformer blocks; attention "
              "(diffusers'): the attention q, k, v and out projections (model.params.lora.targets)")

@@ -3,9 +3,10 @@
     python scripts/merge_lora.py sd-v1-5.safetensors logs/<run>/checkpoints/last.safetensors:0.8 -o merged.safetensors
     python scripts/merge_lora.py base.ckpt style.safetensors:0.5 dog.safetensors -o merged.ckpt --half
 
-Each LoRA adds up @ down * alpha / rank * scale to its weights, one file after another (scale 1 by default). The
-output is a weights-only SD v1 file (.ckpt or .safetensors by its suffix); a full-EMA base is written without its
-EMA copy, which the LoRA does not change (--ema: its EMA UNet weights are the ones merged and kept).
+Each LoRA adds up @ down * alpha / rank * scale to its weights, one file after another (scale 1 by default); LyCORIS
+files (DoRA, LoHa, LoKr) fold in by their kind's rule (docs/lora.md). The output is a weights-only SD v1 file (.ckpt
+or .safetensors by its suffix); a full-EMA base is written without its EMA copy, which the LoRA does not change
+(--ema: its EMA UNet weights are the ones merged and kept).
 """
 import argparse
 import logging
@@ -32,7 +33,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("base", type=user_or_project_path,
                         help="the SD v1 checkpoint the LoRA files were trained on (.ckpt or .safetensors)")
-    parser.add_argument("loras", nargs="+", metavar="LORA[:SCALE]", help="kohya-format LoRA files, each at a scale")
+    parser.add_argument("loras", nargs="+", metavar="LORA[:SCALE]", help="kohya-format LoRA or LyCORIS "
+                        "files, each at a scale")
     parser.add_argument("-o", "--output", required=True, help="the merged checkpoint: .ckpt or .safetensors")
     parser.add_argument("--config", type=user_or_project_path, default=None, help="the base's model config (its "
                         "UNet's shape; default: as sampling chooses, the run's own for a file in a run's checkpoints/, "

@@ -5,7 +5,7 @@ other SD tools accept (writing.py), LoRA and ControlNet files (adapters.py), tex
 config fits a file (fitting.py)."""
 from ldm.checkpoint.adapters import load_controlnet_weights, read_controlnet, read_lora, save_lora
 from ldm.checkpoint.embeddings import EmbeddingFile, read_embedding, save_embedding
-from ldm.checkpoint.files import (EMA_PREFIX, GROUPS, REQUIRED_GROUPS, UNET_PREFIX, CheckpointError,
+from ldm.checkpoint.files import (ADAPTER_KEY, EMA_PREFIX, GROUPS, REQUIRED_GROUPS, UNET_PREFIX, CheckpointError,
                                   ShapeMismatchError, check_checkpoint_file, check_finite, ema_key, group_of,
                                   read_checkpoint, select_unet_weights, to_sd_layout)
 from ldm.checkpoint.loading import LoadReport, check_compatible, on_meta, parameters_on_meta
@@ -13,10 +13,10 @@ from ldm.checkpoint.sources import export_weights, load_model_weights, read_stat
 from ldm.checkpoint.writing import (PRECISIONS, WEIGHT_SUFFIXES, ExportReport, precision_dtype,
                                     remove_stale_temp_files, save_checkpoint, save_weights)
 
-__all__ = ["EMA_PREFIX", "GROUPS", "PRECISIONS", "REQUIRED_GROUPS", "UNET_PREFIX", "WEIGHT_SUFFIXES", "CheckpointError",
-           "EmbeddingFile", "ExportReport", "LoadReport", "ShapeMismatchError", "check_checkpoint_file",
-           "check_compatible", "check_finite", "ema_key", "export_weights", "group_of", "load_controlnet_weights",
-           "load_model_weights", "on_meta", "parameters_on_meta", "precision_dtype", "read_checkpoint",
-           "read_controlnet", "read_embedding", "read_lora", "read_state_dict", "read_weights",
+__all__ = ["ADAPTER_KEY", "EMA_PREFIX", "GROUPS", "PRECISIONS", "REQUIRED_GROUPS", "UNET_PREFIX", "WEIGHT_SUFFIXES",
+           "CheckpointError", "EmbeddingFile", "ExportReport", "LoadReport", "ShapeMismatchError",
+           "check_checkpoint_file", "check_compatible", "check_finite", "ema_key", "export_weights", "group_of",
+           "load_controlnet_weights", "load_model_weights", "on_meta", "parameters_on_meta", "precision_dtype",
+           "read_checkpoint", "read_controlnet", "read_embedding", "read_lora", "read_state_dict", "read_weights",
            "remove_stale_temp_files", "save_checkpoint", "save_embedding", "save_lora", "save_weights",
            "select_unet_weights", "to_sd_layout"]

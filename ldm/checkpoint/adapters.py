@@ -7,8 +7,8 @@ from typing import Mapping
 import torch
 from torch import nn
 
-from ldm.checkpoint.files import (LORA_PREFIXES, REQUIRED_GROUPS, CheckpointError, check_checkpoint_file, check_finite,
-                                  group_of, read_weight_file)
+from ldm.checkpoint.files import (ADAPTER_KEY, LORA_PREFIXES, REQUIRED_GROUPS, CheckpointError, check_checkpoint_file,
+                                  check_finite, group_of, read_weight_file)
 from ldm.checkpoint.loading import on_meta
 from ldm.checkpoint.writing import save_weights
 from ldm.util import UserError
@@ -27,15 +27,16 @@ def _lora_dim(tensors: Mapping[str, torch.Tensor], suffix: str) -> str:
 def save_lora(tensors: Mapping[str, torch.Tensor], path: str | os.PathLike, base_hash: str,
               metadata: Mapping[str, str] | None = None, dtype: torch.dtype | None = None) -> None:
     """Write kohya-format LoRA tensors as .safetensors (atomically), with kohya's metadata (`ss_network_module`,
-    `ss_network_dim`, `ss_network_alpha`) and the SHA-256 of the base checkpoint (`ss_new_sd_model_hash`)."""
+    `ss_network_dim`, `ss_network_alpha`: those of LoRA unless `metadata` gives them, as for LyCORIS kinds) and the
+    SHA-256 of the base checkpoint (`ss_new_sd_model_hash`)."""
     path = Path(path)
     if path.suffix != ".safetensors":
         raise UserError(f"{path}: a LoRA file is written as .safetensors (what other SD tools read)")
     bad = next((k for k in tensors if not k.startswith(LORA_PREFIXES)), None)
     if bad or not tensors:
         raise ValueError(f"not kohya LoRA tensors (e.g. {bad!r}): names start with {', '.join(LORA_PREFIXES)}")
-    info = {**(metadata or {}), "ss_network_module": "networks.lora", "ss_new_sd_model_hash": base_hash,
-            "ss_network_dim": _lora_dim(tensors, "lora_down.weight"), "ss_network_alpha": _lora_dim(tensors, "alpha")}
+    info = {"ss_network_module": "networks.lora", "ss_network_dim": _lora_dim(tensors, "lora_down.weight"),
+            "ss_network_alpha": _lora_dim(tensors, "alpha"), **(metadata or {}), "ss_new_sd_model_hash": base_hash}
     save_weights(tensors, path, metadata=info, dtype=dtype)
 
 
@@ -51,7 +52,7 @@ def _not_a_lora(path: Path, tensors: Mapping[str, torch.Tensor]) -> str:
     if set(REQUIRED_GROUPS) <= groups:
         return f"{path} is a full SD v1 checkpoint, not a LoRA file: pass it as the base checkpoint (--ckpt)"
     example = next(iter(tensors), None)
-    if any(".lora_A." in key and group_of(key) in REQUIRED_GROUPS for key in tensors):  # our LoRA run's last.ckpt
+    if any(ADAPTER_KEY.search(key) and group_of(key) in REQUIRED_GROUPS for key in tensors):  # a LoRA run's last.ckpt
         return (f"{path} is a LoRA run's resumable checkpoint, not its LoRA file: pass "
                 f"{path.with_suffix('.safetensors')}, written beside it (kohya format, as other SD tools read it)")
     if example and "lora" in example.lower():

@@ -1,6 +1,7 @@
 """Reading weight files: safe .ckpt unpickling, .safetensors, diffusers folders, SD-layout keys, EMA selection."""
 import os
 import pickle
+import re
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -18,6 +19,10 @@ GROUPS = (("UNet", UNET_PREFIX), ("VAE", "first_stage_model."), ("text encoder",
           ("EMA", EMA_PREFIX))
 REQUIRED_GROUPS = ("UNet", "VAE", "text encoder")
 LORA_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")  # kohya's; te1/te2 are SDXL's
+# A peft adapter weight in an injected model's state dict, of any network kind (`...to_q.lora_A.default.weight`,
+# DoRA's `lora_magnitude_vector`, LoHa's `...hada_w1_a.default`, LoKr's `lokr_w1`...), as a LoRA run's last.ckpt
+# holds them.
+ADAPTER_KEY = re.compile(r"\.(lora_A|lora_B|lora_magnitude_vector|hada_w[12]_[ab]|lokr_w[12](_[ab])?)\.")
 IGNORED_KEYS = ("cond_stage_model.transformer.text_model.embeddings.position_ids",)
 
 

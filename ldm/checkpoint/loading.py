@@ -9,8 +9,9 @@ from typing import Iterator, Mapping
 import torch
 from torch import nn
 
-from ldm.checkpoint.files import (LORA_PREFIXES, REQUIRED_GROUPS, UNET_PREFIX, CheckpointError, ShapeMismatchError,
-                                  check_finite, ema_key, group_of, select_unet_weights, to_sd_layout)
+from ldm.checkpoint.files import (ADAPTER_KEY, LORA_PREFIXES, REQUIRED_GROUPS, UNET_PREFIX, CheckpointError,
+                                  ShapeMismatchError, check_finite, ema_key, group_of, select_unet_weights,
+                                  to_sd_layout)
 
 logger = logging.getLogger(__name__)
 
@@ -55,7 +56,7 @@ def check_compatible(model_state: Mapping[str, torch.Tensor], file_state: Mappin
                                  + "; ".join(shapes[:3]), {k: tuple(v.shape) for k, v in file_state.items()})
     missing = Counter(group_of(k) for k in model_state if k not in file_state)
     expected = Counter(group_of(k) for k in model_state)
-    lora = any(k.startswith(LORA_PREFIXES) or ".lora_A." in k for k in file_state)
+    lora = any(k.startswith(LORA_PREFIXES) or ADAPTER_KEY.search(k) for k in file_state)
     if lora and any(missing[group] for group in REQUIRED_GROUPS):
         raise CheckpointError(f"{source} is a LoRA file (or a LoRA run's last.ckpt), not a full SD v1 checkpoint: pass "
                               "the base model as the checkpoint and this file with --lora (sampling), or resume its "

@@ -1,12 +1,13 @@
-"""LoRA (Hu et al. 2021, arXiv:2106.09685) on a LatentDiffusion: peft injection for training, kohya tensors in and
-out, and a plain weight merge (W += up @ down * alpha / r * scale) for sampling and merged checkpoints.
+"""LoRA (Hu et al. 2021, arXiv:2106.09685) and the LyCORIS kinds (DoRA, LoHa, LoKr; ldm/lora/networks.py) on a
+LatentDiffusion: peft injection for training, kohya tensors in and out, and a plain weight merge (W += up @ down *
+alpha / r * scale, or each kind's update) for sampling and merged checkpoints.
 
 peft wraps each target module in a LoRA layer that holds the original module as `base_layer`, so an injected model's
 `state_dict()` reads `...to_q.base_layer.weight` and `...to_q.lora_A.default.weight`: the SD v1 keys of the base
 weights change. We therefore never save an injected model's state dict as is: `base_state_dict` gives the base
-weights under their SD v1 keys, and `lora_tensors`/`load_lora_tensors` move the LoRA weights in and out in kohya's
-format through peft's `get_peft_model_state_dict`/`set_peft_model_state_dict`. Load base weights before injecting.
-Sampling needs no peft: `merge_lora` folds one file into plain weights; call it once per file."""
+weights under their SD v1 keys, and `lora_tensors`/`load_lora_tensors` move the adapter weights in and out in kohya's
+format. Load base weights before injecting (DoRA's magnitude starts as their norm). Sampling needs no peft:
+`merge_lora` folds one file into plain weights; call it once per file."""
 import logging
 from collections import Counter
 from dataclasses import dataclass, field, fields
@@ -17,15 +18,16 @@ from torch import nn
 
 from ldm.checkpoint import CheckpointError
 from ldm.lora.names import TARGETS, LoraNames
+from ldm.lora.networks import (ADAPTER, ADAPTER_KEY, ALPHA, DOWN, NETWORKS, both_full, file_kind, layer_alpha,
+                               layer_tensors, load_layer, merged_weight, module_delta, network_label, peft_config,
+                               set_layer_alpha)
 from ldm.util import UserError, import_offline
 
 logger = logging.getLogger(__name__)
 
-ADAPTER = "default"
-DOWN, UP, ALPHA = "lora_down.weight", "lora_up.weight", "alpha"
 # Keys of module kinds we do not apply, by the start of their suffix (LyCORIS and others).
-OTHER_KINDS = {"lora_mid": "LoCon Tucker (lora_mid)", "hada_": "LoHa (hada_)", "lokr_": "LoKr (lokr_)",
-               "oft_": "OFT (oft_)", "diff": "full diff (diff)", "dora_scale": "DoRA (dora_scale)",
+OTHER_KINDS = {"lora_mid": "LoCon Tucker (lora_mid)", "hada_t": "LoHa Tucker (hada_t1)",
+               "lokr_t": "LoKr Tucker (lokr_t2)", "oft_": "OFT (oft_)", "diff": "full diff (diff)",
                "w_norm": "norm (w_norm)", "a1.": "GLoRA (a1/a2/b1/b2)"}
 
 
@@ -39,11 +41,14 @@ def _peft():
 
 @dataclass
 class LoraOptions:
-    """A LoRA run's `model.params.lora`: the rank, alpha (default: the rank), the target set, whether the text
-    encoder gets LoRA too, and the base checkpoint that main.py loads before injecting (set from --actual_resume)."""
+    """A LoRA run's `model.params.lora`: the network kind, rank, alpha (default: the rank), LoKr's factor, the target
+    set, whether the text encoder gets it too, and the base checkpoint that main.py loads before injecting (set from
+    --actual_resume)."""
 
     rank: int = 4
     alpha: Optional[float] = None
+    network: str = "lora"
+    factor: int = -1
     targets: str = "transformer"
     text_encoder: bool = False
     base_checkpoint: Optional[str] = None
@@ -65,11 +70,25 @@ class LoraOptions:
             raise UserError(f"LoRA alpha {lora.alpha} (--lora_alpha): expected a number above 0 (default: the rank)")
         if lora.targets not in TARGETS:
             raise UserError(f"LoRA targets {lora.targets!r} (--lora_targets): use one of {', '.join(TARGETS)}")
+        check_network(lora.network, lora.factor)
         return lora
 
     def injection(self) -> dict[str, Any]:
         """The keyword arguments of `inject_lora`."""
-        return {"rank": self.rank, "alpha": self.alpha, "targets": self.targets, "text_encoder": self.text_encoder}
+        return {"rank": self.rank, "alpha": self.alpha, "targets": self.targets, "text_encoder": self.text_encoder,
+                "network": self.network, "factor": self.factor}
+
+
+def check_network(network: str, factor: int) -> None:
+    """Refuse an unknown network kind, or a factor (LoKr's) for another kind or one below 1 (-1: LyCORIS's default)."""
+    if network not in NETWORKS:
+        raise UserError(f"network {network!r} (--network): use one of {', '.join(NETWORKS)}")
+    if isinstance(factor, bool) or not isinstance(factor, int) or (factor < 1 and factor != -1):
+        raise UserError(f"LoKr factor {factor!r} (--factor): expected -1 (balanced, LyCORIS's default) or a positive "
+                        "integer")
+    if factor != -1 and network != "lokr":
+        raise UserError(f"--factor {factor} is LoKr's (how the Kronecker product splits each weight); it does not "
+                        f"apply to --network {network}")
 
 
 @dataclass
@@ -80,10 +99,15 @@ class LoraReport:
     unet: int = 0
     text: int = 0
     skipped: Counter = field(default_factory=Counter)
+    kinds: Counter = field(default_factory=Counter)  # applied modules by kind: LoRA, DoRA, LoHa, LoKr
 
     def summary(self) -> str:
-        """One line: "a.safetensors: applied 140 modules (128 UNet, 12 text encoder); not applied: 36 LoCon ..."."""
-        text = f"{self.source}: applied {self.unet + self.text} modules ({self.unet} UNet, {self.text} text encoder)"
+        """One line: "a.safetensors: applied 140 modules (128 UNet, 12 text encoder); not applied: 36 LoCon ..."
+        (with "140 LoHa" after the text encoder's count when the file holds other kinds than LoRA)."""
+        kinds = ", ".join(f"{n} {kind}" for kind, n in sorted(self.kinds.items()))
+        kinds = "" if set(self.kinds) <= {"LoRA"} else "; " + kinds
+        text = (f"{self.source}: applied {self.unet + self.text} modules ({self.unet} UNet, {self.text} text "
+                f"encoder{kinds})")
         if self.skipped:
             text += "; not applied: " + ", ".join(f"{n} {kind}" for kind, n in sorted(self.skipped.items()))
         return text
@@ -99,15 +123,16 @@ def group_modules(tensors: Mapping[str, torch.Tensor]) -> dict[str, dict[str, to
 
 
 def _kind(parts: Mapping[str, torch.Tensor], known: bool) -> str | None:
-    """Why a file's module is not applied (its kind), or None for a plain LoRA on a module we have."""
+    """Why a file's module is not applied (its kind), or None for a LoRA, DoRA, LoHa or LoKr on a module we have."""
     other = next((kind for start, kind in OTHER_KINDS.items() for suffix in parts if suffix.startswith(start)), None)
     if other:
         return other
-    if DOWN not in parts or UP not in parts:
+    kind = file_kind(parts)
+    if kind is None:
         return "other (" + ", ".join(sorted(parts)) + ")"
-    if parts[DOWN].ndim == 4 and parts[DOWN].shape[2:] != (1, 1):
+    if DOWN in parts and parts[DOWN].ndim == 4 and parts[DOWN].shape[2:] != (1, 1):
         return "LoCon convs (3x3)"
-    return None if known else "LoRA on modules outside the UNet's transformers and the text encoder"
+    return None if known else f"{kind} on modules outside the UNet's transformers and the text encoder"
 
 
 def _split(tensors: Mapping[str, torch.Tensor], lookup: Mapping[str, str],
@@ -123,6 +148,7 @@ def _split(tensors: Mapping[str, torch.Tensor], lookup: Mapping[str, str],
         if ours in applied:
             raise CheckpointError(f"{source}: names module {ours} twice (e.g. as {name}); which one to use is unclear")
         applied[ours] = parts
+        report.kinds[file_kind(parts)] += 1
         if ours.startswith("model."):
             report.unet += 1
         else:
@@ -138,29 +164,17 @@ def _log(report: LoraReport) -> None:
     (logger.warning if report.skipped else logger.info)("%s", report.summary())
 
 
-def _rank_alpha(parts: Mapping[str, torch.Tensor], name: str, source: str) -> tuple[int, float]:
-    """A module's rank (checked to agree between down and up) and alpha (the rank when the file has none)."""
-    rank = parts[DOWN].shape[0]
-    if parts[UP].shape[1] != rank:
-        raise CheckpointError(f"{source}: {name} has lora_down {tuple(parts[DOWN].shape)} and lora_up "
-                              f"{tuple(parts[UP].shape)}, whose ranks differ; the file is damaged")
-    return rank, float(parts[ALPHA]) if ALPHA in parts else float(rank)
-
-
 def lora_delta(parts: Mapping[str, torch.Tensor], shape: torch.Size, name: str, source: str) -> torch.Tensor:
-    """up @ down * alpha / r in float32, in the shape of the weight [out, in] or [out, in, 1, 1] it adds to."""
-    rank, alpha = _rank_alpha(parts, name, source)
-    delta = parts[UP].float().flatten(1) @ parts[DOWN].float().flatten(1) * (alpha / rank)
-    if delta.numel() != shape.numel():
-        raise CheckpointError(f"{source}: {name} changes a {tuple(delta.shape)} weight but the model's is "
-                              f"{tuple(shape)}; is it a LoRA for another model (SD 2, SDXL)?")
-    return delta.reshape(shape)
+    """A file module's update in float32 (LoRA: up @ down * alpha / r; LoHa, LoKr: networks.module_delta), in the
+    shape of the weight [out, in] or [out, in, 1, 1] it adds to; DoRA's dora_scale is not applied here."""
+    return module_delta(parts, shape, name, source)
 
 
 def merge_lora(state: MutableMapping[str, torch.Tensor], tensors: Mapping[str, torch.Tensor], names: LoraNames,
                scale: float = 1.0, source: str = "LoRA") -> LoraReport:
-    """Fold one kohya-format file into plain SD v1 weights in place (W += up @ down * alpha / r * scale): a
-    model's `state_dict()` (which shares the parameters' memory) or a checkpoint's tensors; never an injected model."""
+    """Fold one kohya or LyCORIS file into plain SD v1 weights in place (W += up @ down * alpha / r * scale; LoHa,
+    LoKr and DoRA as ldm/lora/networks.py computes them): a model's `state_dict()` (which shares the parameters'
+    memory) or a checkpoint's tensors; never an injected model."""
     if any(".base_layer." in k for k in state):
         raise ValueError("merge_lora needs plain weights, not a model with peft LoRA layers (use set_lora_scale)")
     weights = {k[:-len(".weight")]: k for k in state if k.endswith(".weight")}
@@ -168,8 +182,8 @@ def merge_lora(state: MutableMapping[str, torch.Tensor], tensors: Mapping[str, t
     with torch.no_grad():
         for name, parts in applied.items():
             weight = state[weights[name]]
-            delta = lora_delta(parts, weight.shape, name, source).to(weight.device)
-            weight.copy_(weight.float() + delta * scale)
+            weight.copy_(merged_weight(weight.float(), {k: v.to(weight.device) for k, v in parts.items()}, scale,
+                                       name, source))
     _log(report)
     return report
 
@@ -189,77 +203,89 @@ def check_rank(model: nn.Module, module_names: Sequence[str], rank: int) -> None
 
 
 def inject_lora(model: nn.Module, names: LoraNames, rank: int = 4, alpha: float | None = None,
-                targets: str = "transformer", text_encoder: bool = False) -> list[str]:
-    """Wrap the target modules of a LatentDiffusion in peft LoRA layers and return their names; only the LoRA
-    weights then train. Initialised as kohya's (down Kaiming-uniform, up zero), so the model is unchanged at first.
-    The text encoder's layers after its clip_skip one get none: they never reach the conditioning."""
+                targets: str = "transformer", text_encoder: bool = False, network: str = "lora",
+                factor: int = -1) -> list[str]:
+    """Wrap the target modules of a LatentDiffusion in peft layers of a network kind (lora, dora, loha, lokr) and
+    return their names; only the adapter weights then train. LoRA is initialised as kohya's (down Kaiming-uniform, up
+    zero), every kind so that the model is unchanged at first. The text encoder's layers after its clip_skip one get
+    none: they never reach the conditioning. A LoKr layer of full w1 and w2 gets scale 1, as in LyCORIS."""
     if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
         raise UserError(f"LoRA rank {rank!r}: expected a positive integer (4, 8 and 16 are usual)")
+    check_network(network, factor)
     text_layers = model.cond_stage_model.reached_layers if text_encoder else None
     module_names = names.targets((n for n, _ in model.named_modules()), targets, text_encoder, text_layers)
     if not module_names:
         raise UserError("no module to put LoRA on: the model is not a LatentDiffusion with SD v1 transformers")
     check_rank(model, module_names, rank)
     peft = _peft()
-    config = peft.LoraConfig(r=rank, lora_alpha=rank if alpha is None else alpha, target_modules=module_names,
-                             lora_dropout=0.0, init_lora_weights=True, bias="none")
+    config = peft_config(peft, network, rank, rank if alpha is None else alpha, module_names, factor)
     peft.inject_adapter_in_model(config, model, adapter_name=ADAPTER)
+    for layer in lora_layers(model).values():
+        if both_full(layer):
+            set_layer_alpha(layer, float(rank))
+            layer.set_scale(ADAPTER, 1.0)
     return module_names
 
 
 def lora_layers(model: nn.Module) -> dict[str, nn.Module]:
-    """The peft LoRA layers of an injected model, by our module name."""
-    layer = _peft().tuners.lora.LoraLayer
+    """The peft adapter layers (any network kind) of an injected model, by our module name."""
+    layer = _peft().tuners.tuners_utils.BaseTunerLayer
     return {name: module for name, module in model.named_modules() if isinstance(module, layer)}
 
 
 def lora_tensors(model: nn.Module, names: LoraNames) -> dict[str, torch.Tensor]:
-    """The injected LoRA as kohya tensors: `<name>.lora_down.weight` [r, in(, 1, 1)], `.lora_up.weight`
-    [out, r(, 1, 1)], and a scalar `.alpha` per module."""
-    state = _peft().get_peft_model_state_dict(model, adapter_name=ADAPTER)
+    """The injected network as kohya / LyCORIS tensors, a scalar `.alpha` per module: LoRA `<name>.lora_down.weight`
+    [r, in(, 1, 1)] and `.lora_up.weight` [out, r(, 1, 1)] (DoRA: + `.dora_scale` [out, 1(, 1, 1)]), LoHa
+    `.hada_w1_a` [out, r], `.hada_w1_b` [r, in], `.hada_w2_a`, `.hada_w2_b`, LoKr `.lokr_w1` (or `_a`/`_b`) and
+    `.lokr_w2` (or `_a`/`_b`)."""
     tensors = {}
     for name, layer in lora_layers(model).items():
         kohya = names.kohya(name)
-        tensors[f"{kohya}.{DOWN}"] = state[f"{name}.lora_A.weight"].detach().cpu().contiguous()
-        tensors[f"{kohya}.{UP}"] = state[f"{name}.lora_B.weight"].detach().cpu().contiguous()
-        tensors[f"{kohya}.{ALPHA}"] = torch.tensor(float(layer.lora_alpha[ADAPTER]))
+        tensors.update({f"{kohya}.{key}": value for key, value in layer_tensors(layer).items()})
+        tensors[f"{kohya}.{ALPHA}"] = torch.tensor(layer_alpha(layer))
     return tensors
 
 
 def load_lora_tensors(model: nn.Module, tensors: Mapping[str, torch.Tensor], names: LoraNames,
                       source: str = "LoRA") -> LoraReport:
-    """Load a kohya-format file into an injected model: every injected module must be in it with the same rank;
-    each module keeps the file's alpha. Modules of the file that we do not apply are counted in the report."""
+    """Load a kohya-format file into an injected model: every injected module must be in it, of the same kind and
+    shapes; each module keeps the file's alpha. Modules of the file that we do not apply are counted in the report."""
     layers = lora_layers(model)
     applied, report = _split(tensors, names.lookup(layers), source)
     missing = sorted(set(layers) - set(applied))
     if missing:
         raise CheckpointError(f"{source} has no LoRA for {len(missing)} of the {len(layers)} injected modules "
                               f"(e.g. {names.kohya(missing[0])}); were other --lora_targets used for it?")
-    state = {}
     for name, parts in applied.items():
-        rank, alpha = _rank_alpha(parts, name, source)
-        if rank != layers[name].r[ADAPTER]:
-            raise CheckpointError(f"{source}: {names.kohya(name)} has rank {rank}, the model's LoRA rank "
-                                  f"{layers[name].r[ADAPTER]}: use --rank {rank}")
-        layers[name].lora_alpha[ADAPTER] = alpha
-        state[f"{name}.lora_A.weight"] = parts[DOWN].reshape(layers[name].lora_A[ADAPTER].weight.shape)
-        state[f"{name}.lora_B.weight"] = parts[UP].reshape(layers[name].lora_B[ADAPTER].weight.shape)
-    _peft().set_peft_model_state_dict(model, state, adapter_name=ADAPTER)
+        layer, kohya = layers[name], names.kohya(name)
+        if file_kind(parts) != network_label(layer):
+            raise CheckpointError(f"{source}: {kohya} is {file_kind(parts)}, but the model trains "
+                                  f"{network_label(layer)}: use --network {_flag(file_kind(parts))}")
+        if DOWN in parts and parts[DOWN].shape[0] != layer.r[ADAPTER]:
+            raise CheckpointError(f"{source}: {kohya} has rank {parts[DOWN].shape[0]}, the model's LoRA rank "
+                                  f"{layer.r[ADAPTER]}: use --rank {parts[DOWN].shape[0]}")
+        load_layer(layer, parts, kohya, source)
     set_lora_scale(model, 1.0)
     _log(report)
     return report
 
 
+def _flag(kind: str) -> str:
+    """The --network value of a file module's kind label."""
+    return next((flag for flag, label in NETWORKS.items() if label == kind), kind)
+
+
 def set_lora_scale(model: nn.Module, scale: float) -> None:
-    """Scale every injected LoRA: delta = up @ down * alpha / r * scale (0: the base model exactly)."""
+    """Scale every injected network as peft does: delta * scale (LoRA: up @ down * alpha / r * scale; 0: the base
+    model exactly; DoRA renormalises W + delta * scale, which `merge_lora` at a scale does not)."""
     for layer in lora_layers(model).values():
         layer.set_scale(ADAPTER, scale)
 
 
 def is_lora_key(key: str) -> bool:
-    """Whether a state-dict key of an injected model names a LoRA weight (peft's `lora_A`/`lora_B`)."""
-    return ".lora_A." in key or ".lora_B." in key
+    """Whether a state-dict key of an injected model names an adapter weight of any network kind (peft's `lora_A`,
+    `lora_B`, DoRA's `lora_magnitude_vector`, LoHa's `hada_w*`, LoKr's `lokr_w*`)."""
+    return bool(ADAPTER_KEY.search(key))
 
 
 def cast_base(module: nn.Module, dtype: torch.dtype) -> None:

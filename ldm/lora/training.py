@@ -12,6 +12,7 @@ from torch import nn
 from ldm.checkpoint import CheckpointError, read_lora, save_lora
 from ldm.lora.layers import LoraOptions, inject_lora, is_lora_key, load_lora_tensors, lora_tensors
 from ldm.lora.names import LoraNames
+from ldm.lora.networks import NETWORKS, network_metadata
 from ldm.util import file_sha256
 
 logger = logging.getLogger(__name__)
@@ -37,9 +38,10 @@ class LoraTraining:
             reached = self.cond_stage_model.reached_layers
             text = " and the text encoder" + (f" (its layers 1-{reached}: clip_skip {skip} skips the rest)"
                                               if skip > 1 else "")
-        logger.info("LoRA rank %d (alpha %g, targets %s%s) on %d modules: %.2f M parameters train, the base stays "
-                    "frozen", self.lora.rank, self.lora.alpha or self.lora.rank, self.lora.targets, text,
-                    len(modules), trained / 1e6)
+        factor = f", factor {self.lora.factor}" if self.lora.network == "lokr" else ""
+        logger.info("%s rank %d (alpha %g%s, targets %s%s) on %d modules: %.2f M parameters train, the base stays "
+                    "frozen", NETWORKS[self.lora.network], self.lora.rank, self.lora.alpha or self.lora.rank, factor,
+                    self.lora.targets, text, len(modules), trained / 1e6)
 
     def frozen_base(self, device_type: str) -> list[nn.Module]:
         """The modules whose frozen base a LoRA run stores at the frozen dtype beside float32 LoRA weights: the UNet,
@@ -64,7 +66,9 @@ class LoraTraining:
         base = self.lora.base_checkpoint
         known = base is not None and Path(base).is_file()
         metadata = {"ss_base_model_version": "sd_v1", "ss_steps": str(self.global_step),
-                    "ss_sd_model_name": Path(base).name if base else ""}
+                    "ss_sd_model_name": Path(base).name if base else "",
+                    **network_metadata(self.lora.network, self.lora.rank, self.lora.alpha or self.lora.rank,
+                                       self.lora.factor)}
         save_lora(lora_tensors(self, self.lora_names), path, file_sha256(base) if known else "", metadata, dtype)
 
     @property
@@ -97,10 +101,15 @@ class LoraTraining:
         if CHECKPOINT_KEY not in checkpoint:
             raise CheckpointError("the config trains LoRA, but this checkpoint is a full fine-tune's; resume it "
                                   "without the LoRA options")
+        network = checkpoint[CHECKPOINT_KEY].get("network", "lora")  # checkpoints before --network are LoRA's
+        if network != self.lora.network:
+            raise CheckpointError(f"the checkpoint trains {NETWORKS.get(network, network)}, but the config "
+                                  f"{NETWORKS[self.lora.network]}; resume it with --network {network}")
         expected = {k for k in self.state_dict() if is_lora_key(k)}
         found = set(checkpoint["state_dict"])
         if expected != found:
             missing, extra = sorted(expected - found), sorted(found - expected)
             raise CheckpointError(f"the checkpoint's LoRA does not fit the model: {len(missing)} LoRA weights missing"
                                   f"{f' (e.g. {missing[0]})' if missing else ''}, {len(extra)} unexpected"
-                                  f"{f' (e.g. {extra[0]})' if extra else ''}; were other --lora_targets used?")
+                                  f"{f' (e.g. {extra[0]})' if extra else ''}; were other --lora_targets or --factor "
+                                  "used?")

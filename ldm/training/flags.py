@@ -98,10 +98,11 @@ def apply_lora_flags(config: DictConfig, opt: argparse.Namespace) -> None:
     run loads again before its LoRA weights)."""
     params = config.model.params
     options = {"rank": opt.rank, "alpha": opt.lora_alpha, "targets": opt.lora_targets,
-               "text_encoder": opt.lora_text_encoder or None}
+               "text_encoder": opt.lora_text_encoder or None, "network": opt.network, "factor": opt.factor}
     given = {key: value for key, value in options.items() if value is not None}
     if given and not params.get("lora") and opt.rank is None:
-        flags = {"alpha": "--lora_alpha", "targets": "--lora_targets", "text_encoder": "--lora_text_encoder"}
+        flags = {"alpha": "--lora_alpha", "targets": "--lora_targets", "text_encoder": "--lora_text_encoder",
+                 "network": "--network", "factor": "--factor"}
         raise UserError(f"{' and '.join(flags[key] for key in given)}: LoRA options; add --rank N, or use "
                         "configs/stable-diffusion/v1-finetune_lora.yaml")
     if given:
