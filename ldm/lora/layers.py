@@ -9,8 +9,9 @@ format through peft's `get_peft_model_state_dict`/`set_peft_model_state_dict`. L
 Sampling needs no peft: `merge_lora` folds one file into plain weights; call it once per file."""
 import logging
 from collections import Counter
+from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
-from typing import Any, Mapping, MutableMapping, Optional, Sequence
+from typing import Any, Iterator, Mapping, MutableMapping, Optional, Sequence
 
 import torch
 from torch import nn
@@ -257,8 +258,24 @@ def set_lora_scale(model: nn.Module, scale: float) -> None:
         layer.set_scale(ADAPTER, scale)
 
 
+@contextmanager
+def adapters_off(model: nn.Module) -> Iterator[None]:
+    """The base model exactly for the block (every injected LoRA's scale 0), each layer's own scaling put back
+    after it."""
+    layers = lora_layers(model)
+    saved = {name: dict(layer.scaling) for name, layer in layers.items()}
+    try:
+        for layer in layers.values():
+            layer.set_scale(ADAPTER, 0.0)
+        yield
+    finally:
+        for name, layer in layers.items():
+            layer.scaling.update(saved[name])
+
+
 def is_lora_key(key: str) -> bool:
-    """Whether a state-dict key of an injected model names a LoRA weight (peft's `lora_A`/`lora_B`)."""
+    """Whether a state-dict key of an injected model names a LoRA weight (peft's `lora_A`/`lora_B`): the one test
+    of "adapter parameters" (what trains, what last.ckpt and the adapter EMA keep)."""
     return ".lora_A." in key or ".lora_B." in key
 
 
