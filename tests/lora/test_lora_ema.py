@@ -37,7 +37,8 @@ def test_the_shadow_holds_the_adapter_weights_only():
     adapters = {name for name, _ in model.named_parameters() if is_lora_key(name)}
     assert set(model.model_ema.shadow_names) == adapters
     assert any(name.startswith("cond_stage_model.") for name in adapters)  # the text encoder's LoRA too
-    assert {id(p) for p in model.trainable_parameters()} == {id(p) for n, p in model.named_parameters() if n in adapters}
+    trained = {id(p) for n, p in model.named_parameters() if n in adapters}
+    assert {id(p) for p in model.trainable_parameters()} == trained
     assert not build_tiny_model(lora={"rank": 4}, use_ema=True, **KEYS).use_ema  # none before injection
 
 
