@@ -260,17 +260,20 @@ def set_lora_scale(model: nn.Module, scale: float) -> None:
 
 @contextmanager
 def adapters_off(model: nn.Module) -> Iterator[None]:
-    """The base model exactly for the block (every injected LoRA's scale 0), each layer's own scaling put back
-    after it."""
-    layers = lora_layers(model)
-    saved = {name: dict(layer.scaling) for name, layer in layers.items()}
+    """The base model exactly for the block: every injected layer computes its base layer only (peft's switch, which
+    skips the adapter's branch, and holds for kinds where a scale of 0 would not give the base, such as DoRA); which
+    adapter weights train is put back after it."""
+    layers = list(lora_layers(model).values())
+    trains = [(param, param.requires_grad) for layer in layers for param in layer.parameters()]
     try:
-        for layer in layers.values():
-            layer.set_scale(ADAPTER, 0.0)
+        for layer in layers:
+            layer.enable_adapters(False)
         yield
     finally:
-        for name, layer in layers.items():
-            layer.scaling.update(saved[name])
+        for layer in layers:
+            layer.enable_adapters(True)
+        for param, flag in trains:  # peft's switch sets them all trainable again; a stopped text encoder's are not
+            param.requires_grad_(flag)
 
 
 def is_lora_key(key: str) -> bool:

@@ -74,12 +74,16 @@ def test_lora_class_term_is_zero_at_init_and_its_target_is_the_base_prediction()
     with torch.no_grad():
         assert model.shared_step(batch, t=t, noise=noise)["loss_class"] == pytest.approx(0.0, abs=1e-12)
         perturb(*[layer.lora_B for layer in lora_layers(model).values()])
+        model.cond_stage_model.requires_grad_(False)  # as --stop_text_encoder_training leaves it
+        trains = {name: p.requires_grad for name, p in model.named_parameters()}
         scaling = [dict(layer.scaling) for layer in lora_layers(model).values()]
         x = model.q_sample(torch.randn(2, 4, 8, 8), t[2:], noise[2:])
         frozen = model.frozen_target([PROMPT] * 2, 0)
         expected = base.apply_model(x, t[2:], base.get_learned_conditioning([PROMPT] * 2))
         torch.testing.assert_close(frozen.denoise(x, t[2:], frozen.cond), expected, rtol=0, atol=1e-6)
-        assert [dict(layer.scaling) for layer in lora_layers(model).values()] == scaling  # put back
+        assert [dict(layer.scaling) for layer in lora_layers(model).values()] == scaling  # untouched
+        assert {name: p.requires_grad for name, p in model.named_parameters()} == trains  # put back
+        assert not any(layer.disable_adapters for layer in lora_layers(model).values())
         trained = model.apply_model(x, t[2:], model.get_learned_conditioning([PROMPT] * 2))
         assert (trained - expected).abs().max() > 1e-4
         assert model.shared_step(batch, t=t, noise=noise)["loss_class"] > 1e-8
