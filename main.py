@@ -90,6 +90,9 @@ def get_parser() -> argparse.ArgumentParser:
     add("--class_negative_prompt", default=None, help="what generated class images steer away from")
     add("--class_sampler", default=None, help="the sampler of generated class images (default ddim; any of "
         "stable_txt2img.py's)")
+    add("--prior", choices=("class_images", "frozen_model"), default=None,
+        help="prior preservation from class images (default) or from the frozen base model's own predictions on the "
+             "class prompt, which needs no class images (model.params.prior_preservation)")
     add("--max_steps", type=int, default=None, help="training steps (overrides lightning.trainer.max_steps)")
     add("--gpus", default=None,
         help="CUDA GPUs as in Lightning 1.x: '0,' is GPU 0, '0,1' GPUs 0 and 1 (DDP), '2' any two")
@@ -472,6 +475,7 @@ def load_model(config: DictConfig, run: Run, opt: argparse.Namespace) -> pl.Ligh
         load_model_weights(model, run.weights or opt.actual_resume, use_ema=opt.use_ema_weights and not run.weights)
     if embedding:
         model.add_embedding(run.weights)
+    model.start_frozen_prior(resumed=run.checkpoint is not None or run.weights is not None)
     return model
 
 

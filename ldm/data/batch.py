@@ -1,12 +1,14 @@
 """What a training batch holds, defined once. An example has the instance photo's `image` [H, W, C] in [-1, 1] (or,
 with the latent cache, `moments`: its VAE posterior's mean and logvar), its `caption`, and a loss `mask` [H, W] when
 its folder has masks; with prior preservation the class example that goes with it sits in the same dict under the
-same keys with the `class_` prefix; with several subjects, `concept` names the subject."""
+same keys with the `class_` prefix; with several subjects, `concept` names the subject. With prior preservation by
+the frozen model (no class images), `prior_caption` holds the class prompt of the example's subject instead."""
 from typing import Any, Mapping
 
 MOMENTS_KEY = "moments"  # cached VAE posterior parameters (mean and logvar), yielded instead of `image`
 MASK_KEY = "mask"  # a photo's loss mask [H, W], when its folder has masks
 CONCEPT_KEY = "concept"
+PRIOR_CAPTION_KEY = "prior_caption"  # the class prompt under which the frozen model's prediction is the class target
 CLASS_PREFIX = "class_"
 
 

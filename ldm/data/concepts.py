@@ -13,7 +13,7 @@ from typing import Any, Mapping, Optional, Sequence
 from omegaconf import OmegaConf
 from torch.utils.data import Dataset
 
-from ldm.data.batch import CONCEPT_KEY, with_class_example
+from ldm.data.batch import CONCEPT_KEY, PRIOR_CAPTION_KEY, with_class_example
 from ldm.data.image_files import DataError
 from ldm.data.personalized import DEFAULT_IDENTIFIER, class_image_folder
 
@@ -109,11 +109,14 @@ def class_set_key(config: Mapping) -> tuple:
 
 class ConceptPairs(Dataset):
     """The instance examples of every concept in turn, each with a class example of its own concept (as
-    `class_image`, `class_caption`, ...; none without prior preservation); with several concepts each item also
-    names its `concept`. With one concept this is the original DreamBooth trainer's pairing."""
+    `class_image`, `class_caption`, ...; none without prior preservation), or with `prior_prompts` (one per
+    concept: prior preservation by the frozen model) with its concept's class prompt as `prior_caption`; with
+    several concepts each item also names its `concept`. With one concept this is the original DreamBooth trainer's
+    pairing."""
 
-    def __init__(self, concepts: Sequence[Concept]):
+    def __init__(self, concepts: Sequence[Concept], prior_prompts: Optional[Sequence[str]] = None):
         self.concepts = list(concepts)
+        self.prior_prompts = None if prior_prompts is None else list(prior_prompts)
         self.starts = [0]
         for concept in self.concepts:
             self.starts.append(self.starts[-1] + len(concept.instance))
@@ -137,6 +140,8 @@ class ConceptPairs(Dataset):
         if concept.class_prior is not None:
             prior = concept.class_prior[local % len(concept.class_prior) if class_index is None else class_index]
             example = with_class_example(example, prior)
+        if self.prior_prompts is not None:
+            example[PRIOR_CAPTION_KEY] = self.prior_prompts[c]
         if len(self.concepts) > 1:
             example[CONCEPT_KEY] = concept.name
         return example

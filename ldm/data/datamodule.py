@@ -7,9 +7,10 @@ import pytorch_lightning as pl
 from torch.utils.data import DataLoader, Dataset
 
 from ldm.data.buckets import BucketBatches
+from ldm.data.captions import fill
 from ldm.data.concepts import Concept, ConceptPairs, class_set_key, concept_configs
 from ldm.data.image_files import DataError
-from ldm.data.personalized import DEFAULT_CLASS_WORD, count_images
+from ldm.data.personalized import CLASS_TEMPLATE, DEFAULT_CLASS_WORD, count_images
 from ldm.util import instantiate_from_config
 
 
@@ -24,12 +25,15 @@ class DataModuleFromConfig(pl.LightningDataModule):
     several subjects, `resolutions` several sizes; by default one concept from `train` and `reg`);
     `num_class_images` > 0 asks for that many class images in each class folder (generated with `class_prompt`,
     `class_negative_prompt` and `class_sampler`); `cache_latents` means that the datasets yield cached VAE moments
-    (ldm/training/latent_cache.py gives them before fit)."""
+    (ldm/training/latent_cache.py gives them before fit); `prior_captions` (prior preservation by the frozen model,
+    no class images) gives every instance example its subject's class prompt (`class_prompt`, by default the class
+    template "photo of a {class_word}")."""
 
     def __init__(self, batch_size: int, train: Mapping, reg: Mapping | None = None, num_workers: int = 0,
                  num_class_images: int = 0, cache_latents: bool = False, class_prompt: str | None = None,
                  class_negative_prompt: str = "", class_sampler: str = "ddim",
-                 concepts: Sequence[Mapping] | None = None, resolutions: Sequence[int] | None = None):
+                 concepts: Sequence[Mapping] | None = None, resolutions: Sequence[int] | None = None,
+                 prior_captions: bool = False):
         super().__init__()
         if batch_size < 1 or num_workers < 0 or num_class_images < 0:
             raise ValueError(f"need batch_size >= 1, num_workers >= 0, num_class_images >= 0, "
@@ -40,6 +44,7 @@ class DataModuleFromConfig(pl.LightningDataModule):
         self.class_generation = {"prompt": class_prompt, "negative_prompt": class_negative_prompt,
                                  "sampler": class_sampler}  # how missing class images are generated
         self.cache_latents = cache_latents
+        self.prior_captions = prior_captions
         for name, config in (("train", train), ("reg", reg or {})):
             if cache_latents and (config.get("params") or {}).get("crop") == "random":
                 raise DataError(f"data.params.{name}.params.crop is random, which cannot be cached (the crop changes "
@@ -57,6 +62,12 @@ class DataModuleFromConfig(pl.LightningDataModule):
     def class_prior(self) -> Dataset | None:
         """The first concept's class set, once built."""
         return self.concepts[0].class_prior if self.concepts else None
+
+    def prior_prompts(self) -> list[str]:
+        """Each concept's class prompt for prior preservation by the frozen model: the class captions' template
+        (`class_prompt`, else "photo of a {class_word}") filled with its identifier and class word."""
+        template = self.class_generation["prompt"] or CLASS_TEMPLATE
+        return [fill(template, concept.instance.identifier, concept.instance.class_word) for concept in self.concepts]
 
     def class_folders(self) -> dict[str, str]:
         """Each class folder of the run (`reg.params.data_root` of the concepts) with its class word."""
@@ -124,7 +135,7 @@ class DataModuleFromConfig(pl.LightningDataModule):
         if self.cache_latents and any(dataset.moments is None for dataset in self.datasets().values()):
             raise RuntimeError("cache_latents is set but the datasets have no cached moments: call "
                                "ldm.training.latent_cache.cache_latents before fit")
-        dataset = ConceptPairs(self.concepts)
+        dataset = ConceptPairs(self.concepts, self.prior_prompts() if self.prior_captions else None)
         if self.grouped():
             keys = [(c, concept.instance.target_size(k % len(concept.instance.paths)))
                     for c, concept in enumerate(self.concepts) for k in range(len(concept.instance))]

@@ -10,8 +10,9 @@ format. Load base weights before injecting (DoRA's magnitude starts as their nor
 `merge_lora` folds one file into plain weights; call it once per file."""
 import logging
 from collections import Counter
+from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
-from typing import Any, Mapping, MutableMapping, Optional, Sequence
+from typing import Any, Iterator, Mapping, MutableMapping, Optional, Sequence
 
 import torch
 from torch import nn
@@ -280,6 +281,24 @@ def set_lora_scale(model: nn.Module, scale: float) -> None:
     model exactly; DoRA renormalises W + delta * scale, which `merge_lora` at a scale does not)."""
     for layer in lora_layers(model).values():
         layer.set_scale(ADAPTER, scale)
+
+
+@contextmanager
+def adapters_off(model: nn.Module) -> Iterator[None]:
+    """The base model exactly for the block: every injected layer computes its base layer only (peft's switch, which
+    skips the adapter's branch, and holds for kinds where a scale of 0 would not give the base, such as DoRA); which
+    adapter weights train is put back after it."""
+    layers = list(lora_layers(model).values())
+    trains = [(param, param.requires_grad) for layer in layers for param in layer.parameters()]
+    try:
+        for layer in layers:
+            layer.enable_adapters(False)
+        yield
+    finally:
+        for layer in layers:
+            layer.enable_adapters(True)
+        for param, flag in trains:  # peft's switch sets them all trainable again; a stopped text encoder's are not
+            param.requires_grad_(flag)
 
 
 def is_lora_key(key: str) -> bool:

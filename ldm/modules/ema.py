@@ -8,12 +8,13 @@ CHUNK_ELEMENTS = 1 << 26  # at most this many elements of weights cast to float3
 
 
 class LitEma(nn.Module):
-    """Float32 shadow copy of `model`'s trainable parameters; buffer names are the parameter paths with the dots
-    removed. The buffers follow the module's moves between devices but never its casts (bf16-true keeps a float32
-    average and an exact decay); with `device` they stay there (the CPU: no GPU memory, a host copy per step)."""
+    """Float32 shadow copy of `model`'s trainable parameters (those whose names `include` accepts, when given: an
+    adapter run's adapter weights); buffer names are the parameter paths with the dots removed. The buffers follow
+    the module's moves between devices but never its casts (bf16-true keeps a float32 average and an exact decay);
+    with `device` they stay there (the CPU: no GPU memory, a host copy per step)."""
 
     def __init__(self, model: nn.Module, decay: float = 0.9999, use_num_updates: bool = True,
-                 device: Optional[str | torch.device] = None):
+                 device: Optional[str | torch.device] = None, include: Optional[Callable[[str], bool]] = None):
         super().__init__()
         if not 0.0 <= decay <= 1.0:
             raise ValueError(f"EMA decay must be between 0 and 1, got {decay}")
@@ -25,7 +26,7 @@ class LitEma(nn.Module):
         self.register_load_state_dict_post_hook(lambda module, keys: setattr(module, "_count", None))
         self.shadow_names: dict[str, str] = {}
         for name, param in model.named_parameters():
-            if param.requires_grad:
+            if param.requires_grad and (include is None or include(name)):
                 shadow = name.replace(".", "")
                 self.shadow_names[name] = shadow
                 device = param.device if param.is_meta else self.pinned or param.device  # meta: a file fills it
@@ -70,6 +71,14 @@ class LitEma(nn.Module):
                 shadows, targets, cast = [], [], 0
         if shadows:
             torch._foreach_lerp_(shadows, targets, weight)
+
+    @torch.no_grad()
+    def reset(self, model: nn.Module) -> None:
+        """Start the average over from `model`'s weights as they are now."""
+        buffers = dict(self.named_buffers())
+        for name, param in model.named_parameters():
+            if name in self.shadow_names:
+                buffers[self.shadow_names[name]].copy_(param.detach())
 
     @torch.no_grad()
     def copy_to(self, model: nn.Module) -> None:

@@ -52,6 +52,7 @@ def apply_flags(config: DictConfig, opt: argparse.Namespace) -> None:
     apply_saver_flags(config, opt)
     apply_lora_flags(config, opt)
     apply_embedding_flags(config, opt)
+    apply_prior_flags(config, opt)
     lightning = config.setdefault("lightning", {})
     if opt.max_steps is not None:
         lightning.setdefault("trainer", {})["max_steps"] = opt.max_steps
@@ -144,6 +145,31 @@ def apply_embedding_flags(config: DictConfig, opt: argparse.Namespace) -> None:
         params.embedding.update(given)
         if not params.get("lora") and not opt.resume:
             params.embedding.base_checkpoint, params.embedding.base_ema = opt.actual_resume, opt.use_ema_weights
+
+
+def apply_prior_flags(config: DictConfig, opt: argparse.Namespace) -> None:
+    """`--prior` into `model.params.prior_preservation`. With frozen_model no class image is used or generated: the
+    class dataset and num_class_images are dropped (each with an info line), every instance example carries its
+    class prompt, and a new full fine-tune records its base checkpoint, which a resume reads the frozen copy from."""
+    params, data = config.model.params, config.data.params
+    if opt.prior is not None:
+        params.prior_preservation = opt.prior
+    if params.get("prior_preservation", "class_images") != "frozen_model":
+        return
+    reg_params = (data.get("reg") or {}).get("params") or {}
+    roots = [reg_params.get("data_root")] + [concept.get("reg_data_root") for concept in data.get("concepts") or []]
+    roots = sorted({str(root) for root in roots if root})
+    if roots:
+        logger.info("--prior frozen_model: the class images in %s are not used (the frozen base model gives the "
+                    "class term's target)", ", ".join(roots))
+    data.reg = None
+    if data.get("num_class_images"):
+        logger.info("--prior frozen_model: no class images are generated (num_class_images %d is not used)",
+                    data.num_class_images)
+        data.num_class_images = 0
+    data.prior_captions = True
+    if not params.get("lora") and not opt.resume:
+        params.prior_base_checkpoint, params.prior_base_ema = opt.actual_resume, opt.use_ema_weights
 
 
 def fix_step_fractions(config: DictConfig, max_steps: int) -> None:

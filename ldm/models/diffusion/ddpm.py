@@ -15,12 +15,13 @@ from ldm.data.batch import CONCEPT_KEY, MASK_KEY, MOMENTS_KEY, class_key, prefix
 from ldm.embeddings.training import EmbeddingTraining
 from ldm.lora.layers import LoraOptions, cast_base
 from ldm.lora.training import LoraTraining
+from ldm.models.diffusion.ema_weights import EmaWeights
+from ldm.models.diffusion.frozen_prior import FrozenPrior
 from ldm.models.diffusion.text_encoder_stop import TextEncoderStop
 from ldm.modules.diffusionmodules.schedule import (SCHEDULE_BUFFERS, extract_into_tensor, make_beta_schedule,
                                                    schedule_buffers)
 from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
-from ldm.modules.ema import LitEma
-from ldm.modules.losses import DreamBoothObjective, NoiseObjective, PriorPreservationLoss, Rollout
+from ldm.modules.losses import DreamBoothObjective, FrozenModelTarget, NoiseObjective, PriorPreservationLoss, Rollout
 from ldm.optim.factory import is_schedule_free, make_optimizer, uses_fused_backward
 from ldm.optim.schedules import LRSchedule, lr_lambda
 from ldm.util import UserError, instantiate_from_config
@@ -45,7 +46,7 @@ class DiffusionWrapper(nn.Module):
         return self.diffusion_model(x, t, context=context, control=control)
 
 
-class DDPM(pl.LightningModule):
+class DDPM(EmaWeights, pl.LightningModule):
     """The noise schedule, the denoiser, the forward process q(x_t | x_0) and the eps-prediction loss."""
 
     def __init__(self, unet_config: Mapping, timesteps: int = 1000, beta_schedule: str = "linear",
@@ -58,7 +59,8 @@ class DDPM(pl.LightningModule):
                  loss_type: str = "l2", huber_c: float = 0.1, huber_schedule: str = "constant",
                  ema_decay: float = 0.9999, ema_warmup: bool = True, ema_device: str = "model",
                  scheduled_sampling_probability: float = 0.0, scheduled_sampling_max_step_offset: int = 0,
-                 scheduled_sampling_ramp_steps: int = 0, scheduled_sampling_sampler: str = "ddim"):
+                 scheduled_sampling_ramp_steps: int = 0, scheduled_sampling_sampler: str = "ddim",
+                 prior_preservation: str = "class_images"):
         super().__init__()
         if parameterization != "eps":
             raise ValueError(f"parameterization {parameterization!r} is not supported; SD v1 predicts 'eps'")
@@ -73,22 +75,20 @@ class DDPM(pl.LightningModule):
         self.learning_rate: float | None = None  # set by main.py from base_learning_rate
         self.unet_params = dict(unet_config.get("params") or {})
         self.model = DiffusionWrapper(unet_config, conditioning_key)
-        self.use_ema = use_ema
+        self.use_ema = False
         if ema_device not in ("cpu", "model"):
             raise UserError(f"model.params.ema_device {ema_device!r}: model (its device) or cpu (no GPU memory)")
+        self.ema_options = {"decay": ema_decay, "use_num_updates": ema_warmup,
+                            "device": "cpu" if ema_device == "cpu" else None}
         if use_ema:
-            self.model_ema = LitEma(self.model, decay=ema_decay, use_num_updates=ema_warmup,
-                                    device="cpu" if ema_device == "cpu" else None)
-            # each rank averages the same weights: DDP need not broadcast the average every step
-            self._ddp_params_and_buffers_to_ignore = [f"model_ema.{name}" for name, _ in
-                                                      self.model_ema.named_buffers()]
+            self.init_ema(self.model)
         self.num_timesteps = int(timesteps)
         self.objective = DreamBoothObjective(
             NoiseObjective(offset_noise, input_perturbation, timestep_range, loss_weighting, snr_gamma, p2_k, p2_gamma,
                            loss_type, huber_c, huber_schedule),
             Rollout(scheduled_sampling_probability, scheduled_sampling_max_step_offset, scheduled_sampling_ramp_steps,
                     scheduled_sampling_sampler),
-            PriorPreservationLoss(reg_weight))
+            PriorPreservationLoss(reg_weight, prior_preservation))
         self.objective.check(self.num_timesteps)
         betas = make_beta_schedule(beta_schedule, self.num_timesteps, linear_start, linear_end)
         for name, value in schedule_buffers(betas).items():
@@ -97,21 +97,6 @@ class DDPM(pl.LightningModule):
     @property
     def reg_weight(self) -> float:
         return self.objective.prior.reg_weight
-
-    @contextmanager
-    def ema_scope(self, context: str | None = None) -> Iterator[None]:
-        """Run the block with the EMA weights swapped in (a no-op without EMA)."""
-        if not self.use_ema:
-            yield
-            return
-        self.model_ema.store(self.model.parameters())
-        self.model_ema.copy_to(self.model)
-        if context:
-            logger.info("%s: switched to EMA weights", context)
-        try:
-            yield
-        finally:
-            self.model_ema.restore(self.model.parameters())
 
     def q_sample(self, x_start: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         """Sample x_t ~ q(x_t | x_0) = N(sqrt(a_t) x_0, (1 - a_t) I) (Ho et al. 2020, eq. 4)."""
@@ -152,11 +137,13 @@ class DDPM(pl.LightningModule):
             setattr(self, name, value.to(getattr(self, name).device))
 
     def p_losses(self, x_start: torch.Tensor, cond: torch.Tensor, t: torch.Tensor,
-                 noise: torch.Tensor | None = None, weight: torch.Tensor | None = None) -> torch.Tensor:
+                 noise: torch.Tensor | None = None, weight: torch.Tensor | None = None,
+                 frozen: FrozenModelTarget | None = None) -> torch.Tensor:
         """Per-sample loss of the DreamBooth objective (ldm/modules/losses/dreambooth.py), with a loss mask `weight`
-        [B, 1, h, w] when given; in training, with scheduled sampling at this step."""
+        [B, 1, h, w] when given and the frozen model's `frozen` class targets; in training, with scheduled sampling
+        at this step."""
         return self.objective.per_sample(self.apply_model, self.q_sample, self.alphas_cumprod, x_start, cond, t, noise,
-                                         weight, self.global_step if self.training else None)
+                                         weight, self.global_step if self.training else None, frozen)
 
     weights_suffix = ".ckpt"  # of a step file
 
@@ -175,12 +162,6 @@ class DDPM(pl.LightningModule):
         """The weights an SD v1 step file holds."""
         return self.state_dict()
 
-    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
-        """The optimizer's step, then the EMA's (before the callbacks of the step, so that a step file holds both)."""
-        super().optimizer_step(*args, **kwargs)
-        if self.use_ema:
-            self.model_ema(self.model)
-
     def optimizer_zero_grad(self, epoch: int, batch_idx: int, optimizer: torch.optim.Optimizer) -> None:
         """On a CPU the gradients are zeroed in place: freeing them lets the next backward fault in new pages for the
         whole model (about 5 s of a 20 s full-size step on the 2-core CPU). A GPU's caching allocator has no such
@@ -188,9 +169,10 @@ class DDPM(pl.LightningModule):
         optimizer.zero_grad(set_to_none=self.device.type != "cpu")
 
 
-class LatentDiffusion(EmbeddingTraining, TextEncoderStop, LoraTraining, DDPM):
+class LatentDiffusion(EmbeddingTraining, TextEncoderStop, LoraTraining, FrozenPrior, DDPM):
     """Diffusion in the VAE's latent space, conditioned on CLIP text embeddings through cross-attention; with
-    `lora`, a LoRA run (ldm/lora/training.py); with `embedding`, textual inversion (ldm/embeddings/training.py)."""
+    `lora`, a LoRA run (ldm/lora/training.py); with `embedding`, textual inversion (ldm/embeddings/training.py); with
+    prior_preservation frozen_model, the class term from the frozen base model (frozen_prior.py)."""
 
     def __init__(self, first_stage_config: Mapping, cond_stage_config: Mapping, cond_stage_key: str = "caption",
                  cond_stage_trainable: bool = False, scale_factor: float = 1.0, cond_stage_lr: Optional[float] = None,
@@ -198,12 +180,14 @@ class LatentDiffusion(EmbeddingTraining, TextEncoderStop, LoraTraining, DDPM):
                  scheduler_config: Optional[Mapping] = None, optimizer: Optional[Mapping] = None,
                  frozen_precision: str = "auto", compile_unet: Union[bool, Mapping] = False,
                  cache_text_embeddings: bool = False, lora: Optional[Mapping] = None,
-                 embedding: Optional[Mapping] = None, **kwargs: Any):
-        super().__init__(**kwargs)
+                 embedding: Optional[Mapping] = None, prior_base_checkpoint: Optional[str] = None,
+                 prior_base_ema: bool = False, **kwargs: Any):
+        use_ema = kwargs.pop("use_ema", False)
+        super().__init__(use_ema=use_ema and not lora, **kwargs)  # a LoRA's EMA starts once injected (inject_lora)
+        self.adapter_ema = bool(use_ema and lora)
+        self.prior_base_checkpoint, self.prior_base_ema = prior_base_checkpoint, prior_base_ema
         self.lora = LoraOptions.from_config(lora)
         if self.lora is not None:
-            if self.use_ema:
-                raise UserError("model.params.use_ema with LoRA is not supported: train LoRA without EMA")
             if cond_stage_trainable and not self.lora.text_encoder:
                 raise UserError("LoRA keeps the base model frozen, but cond_stage_trainable is true: set it false, "
                                 "or train the text encoder's LoRA with lora.text_encoder (--lora_text_encoder)")
@@ -266,10 +250,12 @@ class LatentDiffusion(EmbeddingTraining, TextEncoderStop, LoraTraining, DDPM):
         if self.compile_unet:
             self.compile_diffusion_model()
         trainer = self._trainer
-        dtype = self.frozen_dtype(str(trainer.precision) if trainer is not None else "32-true")
+        precision = str(trainer.precision) if trainer is not None else "32-true"
+        device = trainer.strategy.root_device if trainer is not None else self.device
+        self.place_frozen_copy(device, precision)
+        dtype = self.frozen_dtype(precision)
         if dtype is None:
             return
-        device = trainer.strategy.root_device if trainer is not None else self.device
         frozen = [self.first_stage_model] + ([] if self.cond_stage_trainable else [self.cond_stage_model])
         frozen += self.frozen_base(device.type)
         for part in frozen:
@@ -372,10 +358,11 @@ class LatentDiffusion(EmbeddingTraining, TextEncoderStop, LoraTraining, DDPM):
                           noise: torch.Tensor | None = None) -> tuple[torch.Tensor, int]:
         """The loss of every example of `batch` (instance, then class ones), and how many are instance examples."""
         z, captions, n_instance = self.get_input(batch)
+        z, captions, masks, frozen = self.frozen_prior_inputs(batch, z, captions, self.loss_masks(batch, z))
         cond = self.get_learned_conditioning(captions)
         if t is None:
             t = self.objective.noise.sample_timesteps(z.shape[0], self.num_timesteps, z.device)
-        return self.p_losses(z, cond, t, noise, self.loss_masks(batch, z)), n_instance
+        return self.p_losses(z, cond, t, noise, masks, frozen), n_instance
 
     def sizes_differ(self, batch: Mapping[str, Any]) -> bool:
         """Whether the batch's instance and class examples have different sizes (aspect buckets)."""
@@ -440,11 +427,13 @@ class LatentDiffusion(EmbeddingTraining, TextEncoderStop, LoraTraining, DDPM):
         text encoder is on the model's device, so that no step runs it once it waits on the CPU."""
         datamodule = getattr(self.trainer, "datamodule", None)
         datasets = datamodule.datasets().values() if datamodule is not None else ()
-        captions = list(dict.fromkeys(["", *(caption for dataset in datasets for caption in dataset.captions)]))
+        prior = datamodule.prior_prompts() if getattr(datamodule, "prior_captions", False) else []
+        captions = list(dict.fromkeys(["", *prior, *(caption for dataset in datasets for caption in dataset.captions)]))
         for first in range(0, len(captions), CAPTION_BATCH):
             self.get_learned_conditioning(captions[first:first + CAPTION_BATCH])
 
     def on_train_end(self) -> None:
+        super().on_train_end()
         for part in self.offloaded:
             part.to(self.device)
         self.offloaded = []
