@@ -67,14 +67,21 @@ def targets(rates: dict[str, dict[str, dict[str, Any]]], seconds: Optional[float
              "met": value >= goal if op == ">=" else value <= goal} for name, value, op, goal in rows]
 
 
-SPREAD = {  # the demo's rates that the seed spread reports: the name and how it is read from a model's rates
-    "identifier binding (subject in 'photo of a sks ball')": lambda r: r[INSTANCE_PROMPT]["subject"],
-    "prior preservation (subject in 'photo of a ball', lower is better)": lambda r: r[CLASS_PROMPT]["subject"],
-    "recontextualisation: subject (mean of the five contexts)":
-        lambda r: mean([r[p]["subject"] for p in CONTEXT_PROMPTS]),
-    "recontextualisation: asked context (mean of the five contexts)":
-        lambda r: mean([r[p]["context"] for p in CONTEXT_PROMPTS]),
+SUMMARY_RATES = {  # a model's four summary rates: the name in reports and how each is read from its per-prompt rates
+    "binding": ("identifier binding (subject in 'photo of a sks ball')", lambda r: r[INSTANCE_PROMPT]["subject"]),
+    "leakage": ("prior preservation (subject in 'photo of a ball', lower is better)",
+                lambda r: r[CLASS_PROMPT]["subject"]),
+    "recontext_subject": ("recontextualisation: subject (mean of the five contexts)",
+                          lambda r: mean([r[p]["subject"] for p in CONTEXT_PROMPTS])),
+    "recontext_context": ("recontextualisation: asked context (mean of the five contexts)",
+                          lambda r: mean([r[p]["context"] for p in CONTEXT_PROMPTS])),
 }
+SPREAD = dict(SUMMARY_RATES.values())  # the rates that the seed spread reports, by name
+
+
+def summary_rates(rates: dict[str, dict[str, Any]]) -> dict[str, float]:
+    """binding, leakage, recontext_subject and recontext_context of one model's per-prompt rates."""
+    return {key: read(rates) for key, (_, read) in SUMMARY_RATES.items()}
 
 
 def seed_spread(rates: dict[str, dict], models: dict[int, str]) -> list[dict[str, Any]]:

@@ -74,6 +74,7 @@ def bad_path_args(tmp_path: Path) -> dict[str, list[str]]:
         "pretrain_toy_model": ["--workdir", str(a_file / "work"), "--data_dir", str(tmp_path / "data")],
         "toy_demo": ["--base", str(missing), "--outdir", str(tmp_path / "demo")],
         "toy_sweep": ["--base", str(missing), "--outdir", str(tmp_path / "sweep")],
+        "toy_methods": ["--base", str(missing), "--outdir", str(tmp_path / "methods")],
         "benchmarks/train": ["--config", str(tmp_path / "missing.yaml"), "--workdir", str(tmp_path / "w")],
         "benchmarks/optimizers": ["--config", str(tmp_path / "missing.yaml")],
         "benchmarks/sampling": ["--config", str(tmp_path / "missing.yaml")],
@@ -91,7 +92,7 @@ def test_every_script_is_covered_below(tmp_path):
 BAD_PATH_SCRIPTS = ("stable_txt2img", "img2img", "merge_lora", "prune_ckpt", "convert_sd_to_diffusers",
                     "convert_diffusers_to_sd", "make_masks", "evaluate", "compare", "find_rare_token",
                     "make_toy_subject", "build_clip_tokenizer", "pretrain_toy_model", "toy_demo", "toy_sweep",
-                    "benchmarks/train", "benchmarks/optimizers", "benchmarks/sampling", "gpu_check")
+                    "toy_methods", "benchmarks/train", "benchmarks/optimizers", "benchmarks/sampling", "gpu_check")
 
 
 @pytest.mark.parametrize("name", BAD_PATH_SCRIPTS)
