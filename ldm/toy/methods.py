@@ -78,13 +78,13 @@ def write_methods_report(folder: Path, results: Sequence[dict[str, Any]], machin
     lines = ["# Every method on the toy world", "",
              f"Machine: {machine}. Rates in percent, each the mean over the training seeds with its min-max; the "
              "demo's prompts and sampling seeds; s/step and peak RSS from each run's summary.json.", "",
-             "| method | seeds | binding | recontext subject | recontext context | leakage (lower is better) | file MB "
+             "| method | seeds | binding | recontext subject | recontext context | leakage (lower is better) | file kB "
              "| trained parameters | s/step | peak RSS MB |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for row in rows:
         lines.append(f"| {row['label']} | {len(row['seeds']) or '-'} | {cell(row['binding'])} | "
                      f"{cell(row['recontext_subject'])} | {cell(row['recontext_context'])} | {cell(row['leakage'])} | "
-                     f"{cell(row['file_bytes'], 1e-6, 2)} | {cell(row['trainable_parameters'], 1)} | "
+                     f"{cell(row['file_bytes'], 1e-3)} | {cell(row['trainable_parameters'], 1)} | "
                      f"{cell(row['seconds_per_step'], 1, 3)} | {cell(row['peak_memory_bytes'], 1e-6)} |")
     lines += ["", "![samples of the first seed](methods.png)", "", "Commands run:", "", "```", *commands, "```", ""]
     atomic_write_text(folder / "methods.md", "\n".join(lines))

@@ -44,6 +44,6 @@ def test_the_report_table_has_a_row_per_method(tmp_path):
     results = [result("base", None, 0.0), result("full", 23, 0.75), result("ti", 23, 0.25)]
     write_methods_report(tmp_path, results, "2 CPU cores", ["python scripts/toy_methods.py"])
     table = (tmp_path / "methods.md").read_text()
-    assert "| full fine-tune | 1 | 75 | 75 | 50 | 0 | 2.00 | 1000 | 0.500 | 600 |" in table
+    assert "| full fine-tune | 1 | 75 | 75 | 50 | 0 | 2000 | 1000 | 0.500 | 600 |" in table
     assert "| textual inversion | 1 | 25 |" in table and "| base model (no training) | - | 0 |" in table
     assert len(json.loads((tmp_path / "methods.json").read_text())["rows"]) == 3
