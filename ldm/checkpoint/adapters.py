@@ -27,15 +27,16 @@ def _lora_dim(tensors: Mapping[str, torch.Tensor], suffix: str) -> str:
 def save_lora(tensors: Mapping[str, torch.Tensor], path: str | os.PathLike, base_hash: str,
               metadata: Mapping[str, str] | None = None, dtype: torch.dtype | None = None) -> None:
     """Write kohya-format LoRA tensors as .safetensors (atomically), with kohya's metadata (`ss_network_module`,
-    `ss_network_dim`, `ss_network_alpha`) and the SHA-256 of the base checkpoint (`ss_new_sd_model_hash`)."""
+    `ss_network_dim`, `ss_network_alpha`: the file's, unless `metadata` gives them) and the SHA-256 of the base
+    checkpoint (`ss_new_sd_model_hash`)."""
     path = Path(path)
     if path.suffix != ".safetensors":
         raise UserError(f"{path}: a LoRA file is written as .safetensors (what other SD tools read)")
     bad = next((k for k in tensors if not k.startswith(LORA_PREFIXES)), None)
     if bad or not tensors:
         raise ValueError(f"not kohya LoRA tensors (e.g. {bad!r}): names start with {', '.join(LORA_PREFIXES)}")
-    info = {**(metadata or {}), "ss_network_module": "networks.lora", "ss_new_sd_model_hash": base_hash,
-            "ss_network_dim": _lora_dim(tensors, "lora_down.weight"), "ss_network_alpha": _lora_dim(tensors, "alpha")}
+    info = {"ss_network_dim": _lora_dim(tensors, "lora_down.weight"), "ss_network_alpha": _lora_dim(tensors, "alpha"),
+            **(metadata or {}), "ss_network_module": "networks.lora", "ss_new_sd_model_hash": base_hash}
     save_weights(tensors, path, metadata=info, dtype=dtype)
 
 

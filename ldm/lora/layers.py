@@ -105,8 +105,8 @@ def _kind(parts: Mapping[str, torch.Tensor], known: bool) -> str | None:
         return other
     if DOWN not in parts or UP not in parts:
         return "other (" + ", ".join(sorted(parts)) + ")"
-    if parts[DOWN].ndim == 4 and parts[DOWN].shape[2:] != (1, 1):
-        return "LoCon convs (3x3)"
+    if parts[DOWN].ndim == 4 and parts[DOWN].shape[2:] != (1, 1) and not known:
+        return "LoCon convs (3x3)"  # a ResBlock's is known to merge_lora, which applies it
     return None if known else "LoRA on modules outside the UNet's transformers and the text encoder"
 
 
@@ -148,7 +148,8 @@ def _rank_alpha(parts: Mapping[str, torch.Tensor], name: str, source: str) -> tu
 
 
 def lora_delta(parts: Mapping[str, torch.Tensor], shape: torch.Size, name: str, source: str) -> torch.Tensor:
-    """up @ down * alpha / r in float32, in the shape of the weight [out, in] or [out, in, 1, 1] it adds to."""
+    """up @ down * alpha / r in float32, in the shape of the weight it adds to: [out, in], [out, in, 1, 1], or a
+    LoCon's [out, in, 3, 3] (down [r, in, 3, 3], up [out, r, 1, 1])."""
     rank, alpha = _rank_alpha(parts, name, source)
     delta = parts[UP].float().flatten(1) @ parts[DOWN].float().flatten(1) * (alpha / rank)
     if delta.numel() != shape.numel():
