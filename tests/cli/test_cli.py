@@ -88,9 +88,9 @@ def test_every_script_is_covered_below(tmp_path):
     assert scripts == set(BAD_PATH_SCRIPTS) == set(bad_path_args(tmp_path))
 
 
-BAD_PATH_SCRIPTS = ("stable_txt2img", "img2img", "merge_lora", "extract_lora", "prune_ckpt",
-                    "convert_sd_to_diffusers", "convert_diffusers_to_sd", "make_masks", "evaluate", "compare",
-                    "find_rare_token", "make_toy_subject", "build_clip_tokenizer", "pretrain_toy_model", "toy_demo", "benchmarks/train",
+BAD_PATH_SCRIPTS = ("stable_txt2img", "img2img", "merge_lora", "extract_lora", "prune_ckpt", "convert_sd_to_diffusers",
+                    "convert_diffusers_to_sd", "make_masks", "evaluate", "compare", "find_rare_token",
+                    "make_toy_subject", "build_clip_tokenizer", "pretrain_toy_model", "toy_demo", "benchmarks/train",
                     "benchmarks/optimizers", "benchmarks/sampling", "gpu_check")
 
 
