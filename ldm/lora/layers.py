@@ -131,8 +131,8 @@ def _kind(parts: Mapping[str, torch.Tensor], known: bool) -> str | None:
     kind = file_kind(parts)
     if kind is None:
         return "other (" + ", ".join(sorted(parts)) + ")"
-    if DOWN in parts and parts[DOWN].ndim == 4 and parts[DOWN].shape[2:] != (1, 1):
-        return "LoCon convs (3x3)"
+    if DOWN in parts and parts[DOWN].ndim == 4 and parts[DOWN].shape[2:] != (1, 1) and not known:
+        return "LoCon convs (3x3)"  # a ResBlock's is known to merge_lora, which applies it
     return None if known else f"{kind} on modules outside the UNet's transformers and the text encoder"
 
 
@@ -167,7 +167,8 @@ def _log(report: LoraReport) -> None:
 
 def lora_delta(parts: Mapping[str, torch.Tensor], shape: torch.Size, name: str, source: str) -> torch.Tensor:
     """A file module's update in float32 (LoRA: up @ down * alpha / r; LoHa, LoKr: networks.module_delta), in the
-    shape of the weight [out, in] or [out, in, 1, 1] it adds to; DoRA's dora_scale is not applied here."""
+    shape of the weight it adds to: [out, in], [out, in, 1, 1], or a LoCon's [out, in, 3, 3] (down [r, in, 3, 3], up
+    [out, r, 1, 1]); DoRA's dora_scale is not applied here."""
     return module_delta(parts, shape, name, source)
 
 

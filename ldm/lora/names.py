@@ -17,6 +17,9 @@ TARGETS = {
 }
 TEXT_TARGET = re.compile(r"(\d+)\.(self_attn\.(q|k|v|out)_proj|mlp\.fc[12])")  # group 1: the layer
 UNET_BLOCK = re.compile(r"((?:input_blocks|output_blocks)\.\d+\.1|middle_block\.1)\.(.+)")
+# A ResBlock's 3x3 convs (LoCon's, `--conv` of extract_lora.py): CompVis path -> diffusers name.
+RESNET_CONVS = {"in_layers.2": "conv1", "out_layers.3": "conv2"}
+RESNET_CONV = re.compile(r"((?:input_blocks|output_blocks)\.\d+\.0|middle_block\.[02])\.(in_layers\.2|out_layers\.3)")
 
 
 def unet_block_map(channel_mult: Sequence[int], num_res_blocks: int,
@@ -41,11 +44,27 @@ def unet_block_map(channel_mult: Sequence[int], num_res_blocks: int,
     return blocks
 
 
+def unet_resnet_map(channel_mult: Sequence[int], num_res_blocks: int) -> dict[str, str]:
+    """CompVis path of every ResBlock -> its diffusers path (`input_blocks.1.0` -> `down_blocks.0.resnets.0`)."""
+    blocks, index, levels = {}, 1, len(channel_mult)
+    for level in range(levels):
+        for j in range(num_res_blocks):
+            blocks[f"input_blocks.{index}.0"] = f"down_blocks.{level}.resnets.{j}"
+            index += 1
+        index += level != levels - 1  # the Downsample block
+    blocks["middle_block.0"], blocks["middle_block.2"] = "mid_block.resnets.0", "mid_block.resnets.1"
+    for up in range(levels):
+        for j in range(num_res_blocks + 1):
+            blocks[f"output_blocks.{up * (num_res_blocks + 1) + j}.0"] = f"up_blocks.{up}.resnets.{j}"
+    return blocks
+
+
 class LoraNames:
     """Our module names (inside a LatentDiffusion) <-> kohya names, for one SD v1 UNet config."""
 
     def __init__(self, channel_mult: Sequence[int], num_res_blocks: int, attention_resolutions: Sequence[int]):
         self.blocks = unet_block_map(channel_mult, num_res_blocks, attention_resolutions)
+        self.resnets = unet_resnet_map(channel_mult, num_res_blocks)
 
     @classmethod
     def from_unet_config(cls, params: Mapping) -> "LoraNames":
@@ -73,14 +92,27 @@ class LoraNames:
         match = UNET_BLOCK.fullmatch(name[len(UNET):]) if name.startswith(UNET) else None
         return bool(match) and match[1] in self.blocks and bool(leaf.fullmatch(match[2]))
 
+    def resnet_convs(self, module_names: Iterable[str]) -> list[str]:
+        """Which of `module_names` are the 3x3 convs of a UNet ResBlock (LoCon's extra modules)."""
+        return [name for name in module_names if self._resnet_conv(name)]
+
+    def _resnet_conv(self, name: str) -> Optional[re.Match]:
+        """The match (block, conv) of a UNet ResBlock's 3x3 conv, or None."""
+        match = RESNET_CONV.fullmatch(name[len(UNET):]) if name.startswith(UNET) else None
+        return match if match and match[1] in self.resnets else None
+
     def kohya(self, name: str) -> str:
         """kohya's name of one of our target modules: `lora_unet_down_blocks_0_...` or `lora_te_text_model_...`."""
         if self._inner(name, TARGETS["transformer"]):
             block, inner = UNET_BLOCK.fullmatch(name[len(UNET):]).groups()
             return "lora_unet_" + f"{self.blocks[block]}.{inner}".replace(".", "_")
+        conv = self._resnet_conv(name)
+        if conv:
+            return "lora_unet_" + f"{self.resnets[conv[1]]}.{RESNET_CONVS[conv[2]]}".replace(".", "_")
         if self._text_target(name, None):
             return "lora_te_" + name[len(TEXT):].replace(".", "_")
-        raise ValueError(f"{name} is not a module that LoRA files name (a UNet transformer's or the text encoder's)")
+        raise ValueError(f"{name} is not a module that LoRA files name (a UNet transformer's or ResBlock's 3x3 conv, "
+                         "or the text encoder's)")
 
     def lookup(self, module_names: Iterable[str]) -> dict[str, str]:
         """File name -> our module name, for each of `module_names` that has one, in every naming style we read:

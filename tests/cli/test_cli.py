@@ -62,6 +62,7 @@ def bad_path_args(tmp_path: Path) -> dict[str, list[str]]:
         "img2img": ["--ckpt", str(missing), "--config", str(TINY_CONFIG), "--init-img", str(tmp_path / "no.png"),
                     "--outdir", str(tmp_path / "o")],
         "merge_lora": [str(missing), str(tmp_path / "no.safetensors"), "-o", str(tmp_path / "x.safetensors")],
+        "extract_lora": [str(missing), "--base", str(missing), "-o", str(tmp_path / "x.safetensors"), "--rank", "4"],
         "prune_ckpt": [str(missing), "-o", str(tmp_path / "x.ckpt")],
         "convert_sd_to_diffusers": [str(missing), "-o", str(tmp_path / "out")],
         "convert_diffusers_to_sd": [str(missing), "-o", str(tmp_path / "x.safetensors")],
@@ -89,7 +90,7 @@ def test_every_script_is_covered_below(tmp_path):
     assert scripts == set(BAD_PATH_SCRIPTS) == set(bad_path_args(tmp_path))
 
 
-BAD_PATH_SCRIPTS = ("stable_txt2img", "img2img", "merge_lora", "prune_ckpt", "convert_sd_to_diffusers",
+BAD_PATH_SCRIPTS = ("stable_txt2img", "img2img", "merge_lora", "extract_lora", "prune_ckpt", "convert_sd_to_diffusers",
                     "convert_diffusers_to_sd", "make_masks", "evaluate", "compare", "find_rare_token",
                     "make_toy_subject", "build_clip_tokenizer", "pretrain_toy_model", "toy_demo", "toy_sweep",
                     "toy_methods", "benchmarks/train", "benchmarks/optimizers", "benchmarks/sampling", "gpu_check")
@@ -116,6 +117,8 @@ def test_an_unwritable_output_is_one_line_before_any_weights_are_read(tmp_path, 
                        ("convert_sd_to_diffusers", [str(tiny_ckpt), "-o", str(UNWRITABLE / "out"), "--config",
                                                     str(TINY_CONFIG)]),
                        ("merge_lora", [str(tiny_ckpt), str(lora), "-o", str(UNWRITABLE / "x.safetensors")]),
+                       ("extract_lora", [str(tiny_ckpt), "--base", str(tiny_ckpt), "-o",
+                                         str(UNWRITABLE / "x.safetensors"), "--rank", "4"]),
                        ("prune_ckpt", [str(tiny_ckpt), "-o", str(UNWRITABLE / "x.ckpt")])]:
         assert load_script(name).main(args) == 1, name
         line = error_lines(capsys)[0]

@@ -24,6 +24,7 @@ pytestmark = pytest.mark.e2e
 COMMANDS = {"sd-dreambooth-train": "main:main", "sd-txt2img": "dreambooth_scripts.stable_txt2img:main",
             "sd-img2img": "dreambooth_scripts.img2img:main", "sd-evaluate": "dreambooth_scripts.evaluate:main",
             "sd-compare": "dreambooth_scripts.compare:main", "sd-merge-lora": "dreambooth_scripts.merge_lora:main",
+            "sd-extract-lora": "dreambooth_scripts.extract_lora:main",
             "sd-prune-ckpt": "dreambooth_scripts.prune_ckpt:main", "sd-toy-demo": "dreambooth_scripts.toy_demo:main",
             "sd-gpu-check": "dreambooth_scripts.gpu_check:main"}
 SOURCES = ("ldm", "scripts", "configs", "data", "main.py", "setup.py", "pyproject.toml", "README.md",
@@ -119,6 +120,9 @@ def test_every_command_runs_a_real_job_from_another_folder(source, tmp_path):
             "-o", "merged.safetensors", *toy)
     command(venv, elsewhere, "sd-prune-ckpt", str((demo_run / "checkpoints/last.ckpt").relative_to(elsewhere)), "-o",
             "pruned.safetensors")
+    command(venv, elsewhere, "sd-extract-lora", "pruned.safetensors", "--base", "data/toy/toy-v1.safetensors", "-o",
+            "extracted.safetensors", "--rank", "4", *toy)
+    assert (elsewhere / "extracted.safetensors").is_file()
     command(venv, elsewhere, "sd-txt2img", "--ckpt", "merged.safetensors", *toy, "--prompt", "a ball", *cheap)
     (sample,) = (elsewhere / "outputs/txt2img-samples/samples").glob("*.png")
     command(venv, elsewhere, "sd-img2img", "--ckpt", "pruned.safetensors", *toy, "--init-img",

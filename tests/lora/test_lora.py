@@ -283,9 +283,9 @@ def test_modules_we_do_not_apply_are_counted(caplog) -> None:
     model = tiny()
     inject_lora(model, NAMES, rank=2)
     tensors = lora_tensors(model, NAMES)
-    locon = "lora_unet_down_blocks_0_resnets_0_conv1"
-    tensors[f"{locon}.lora_down.weight"] = torch.randn(2, 32, 3, 3, generator=g)
-    tensors[f"{locon}.lora_up.weight"] = torch.randn(32, 2, 1, 1, generator=g)
+    for locon in ("lora_unet_down_blocks_0_resnets_0_conv1", "lora_unet_down_blocks_0_downsamplers_0_conv"):
+        tensors[f"{locon}.lora_down.weight"] = torch.randn(2, 32, 3, 3, generator=g)  # merge applies a ResBlock's
+        tensors[f"{locon}.lora_up.weight"] = torch.randn(32, 2, 1, 1, generator=g)
     resnet = "lora_unet_down_blocks_0_resnets_0_time_emb_proj"
     tensors.update({f"{resnet}.lora_down.weight": torch.ones(2, 128), f"{resnet}.lora_up.weight": torch.ones(32, 2)})
     loha = "lora_te_text_model_encoder_layers_0_self_attn_q_proj"  # a module we have, in a kind we do not apply
@@ -296,12 +296,12 @@ def test_modules_we_do_not_apply_are_counted(caplog) -> None:
     tensors["lora_te2_text_model_encoder_layers_0_mlp_fc1.lokr_w2"] = torch.ones(2, 2)
     with caplog.at_level(logging.WARNING, logger="ldm.lora.layers"):
         report = merge_lora(tiny().state_dict(), tensors, NAMES, source="mixed.safetensors")
-    assert (report.unet, report.text) == (84, 0)
+    assert (report.unet, report.text) == (85, 0)
     assert report.skipped == {"LoCon convs (3x3)": 1, "LoHa Tucker (hada_t1)": 1, "OFT (oft_)": 1,
                               "LoRA on modules outside the UNet's transformers and the text encoder": 1,
                               "LoKr on modules outside the UNet's transformers and the text encoder": 1}
     assert "not applied: 1 LoCon convs (3x3), 1 LoHa Tucker (hada_t1)" in caplog.text
-    assert load_lora_tensors(model, tensors, NAMES).skipped == report.skipped
+    assert load_lora_tensors(model, tensors, NAMES).skipped == {**report.skipped, "LoCon convs (3x3)": 2}
     sdxl = {k: v for k, v in tensors.items() if k.startswith("lora_te2_")}
     with pytest.raises(CheckpointError, match="sdxl.safetensors changes no module of this model .*1 LoKr on"):
         merge_lora(tiny().state_dict(), sdxl, NAMES, source="sdxl.safetensors")
