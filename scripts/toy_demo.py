@@ -39,7 +39,8 @@ INFERENCE_CONFIG = shown(project_path("configs/toy/v1-inference.yaml"))
 FINETUNE_CONFIG = "configs/toy/v1-finetune_unfrozen.yaml"
 SAMPLING = ["--config", INFERENCE_CONFIG, "--device", "cpu", "--skip_grid"]
 TRAINING_SEED = 23  # main.py's default --seed
-COMMANDS = {"main.py": SCRIPTS.parent / "main.py", "stable_txt2img.py": SCRIPTS / "stable_txt2img.py"}
+COMMANDS = {"main.py": SCRIPTS.parent / "main.py", "stable_txt2img.py": SCRIPTS / "stable_txt2img.py",
+            "extract_lora.py": SCRIPTS / "extract_lora.py"}
 
 
 def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:

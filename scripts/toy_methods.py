@@ -23,8 +23,8 @@ SCRIPTS = Path(__file__).resolve().parent
 sys.path.insert(0, str(SCRIPTS.parent))
 sys.path.insert(0, str(SCRIPTS))
 
-from toy_demo import (BASE, CLASS_WORD, IDENTIFIER, SUBJECT, TRAINING_SEED, Runner, draw_class_images,  # noqa: E402
-                      sample)
+from toy_demo import (BASE, CLASS_WORD, IDENTIFIER, INFERENCE_CONFIG, SUBJECT, TRAINING_SEED, Runner,  # noqa: E402
+                      draw_class_images, sample)
 
 from ldm.cli import run_command  # noqa: E402
 from ldm.config import read_yaml  # noqa: E402
@@ -97,7 +97,7 @@ def extract(runner: Runner, method: Method, seed: int, done: dict[str, dict], op
     output = runner.outdir / "extracted" / f"{method.slug}-seed{seed}.safetensors"
     output.parent.mkdir(exist_ok=True)
     runner.run("extract", output.stem, "extract_lora.py", source["files"][0], "--base", opt.base, "-o", str(output),
-               "--rank", str(method.rank))
+               "--rank", str(method.rank), "--config", INFERENCE_CONFIG)
     return {"flags": ["--lora", str(output)], "files": [str(output)], "run": source["run"],
             "trainable_parameters": None, "seconds_per_step": None, "peak_memory_bytes": None}
 
