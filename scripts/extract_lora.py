@@ -33,10 +33,11 @@ RESIZED_AWAY = ("ss_network_dim", "ss_network_alpha", "ss_network_args", "sshs_m
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("finetune", nargs="?", help="the fine-tuned SD v1 checkpoint (.ckpt, .safetensors or a "
-                        "diffusers folder)")
-    parser.add_argument("--base", help="the checkpoint it was fine-tuned from")
-    parser.add_argument("--resize", metavar="LORA", help="a kohya-format LoRA file to write at a lower rank instead")
+    parser.add_argument("finetune", nargs="?", type=user_or_project_path,
+                        help="the fine-tuned SD v1 checkpoint (.ckpt, .safetensors or a diffusers folder)")
+    parser.add_argument("--base", type=user_or_project_path, help="the checkpoint it was fine-tuned from")
+    parser.add_argument("--resize", metavar="LORA", type=user_or_project_path,
+                        help="a kohya-format LoRA file to write at a lower rank instead")
     parser.add_argument("-o", "--output", required=True, help="the LoRA file to write (.safetensors)")
     parser.add_argument("--rank", type=int, help="the rank of every module")
     parser.add_argument("--energy", type=float, help="per module, the smallest rank whose squared singular values keep "

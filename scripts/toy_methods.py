@@ -109,13 +109,19 @@ def measure(runner: Runner, name: str, flags: list[str], prompts: Path, scorer, 
     return {"rates": rates, **summary_rates(rates), "samples": str(folder)}
 
 
+def run_commands(done: dict[str, dict]) -> list[str]:
+    """Every command the finished runs ran (over all invocations), the base's first, then by seed and method."""
+    order = {slug: index for index, slug in enumerate(BY_SLUG)}
+    results = sorted(done.values(), key=lambda r: (r["seed"] is not None, r["seed"] or 0, order.get(r["method"], -1)))
+    return [command for result in results for command in result.get("commands", [])]
+
+
 def compare(opt: argparse.Namespace) -> int:
     outdir, results = Path(opt.outdir), Path(opt.outdir) / "results"
     for path in (opt.base, SCORER, SUBJECT):
         if not Path(path).exists():
             raise UserError(f"{path} is missing; scripts/pretrain_toy_model.py and scripts/make_toy_subject.py make it")
     runner = Runner(outdir, opt.threads)
-    runner.commands.append(f"python scripts/toy_methods.py {' '.join(sys.argv[1:])}".strip())
     results.mkdir(exist_ok=True)
     done = {path.stem: json.loads(path.read_text()) for path in results.glob("*.json")}
     if not opt.report_only:
@@ -126,7 +132,7 @@ def compare(opt: argparse.Namespace) -> int:
             draw_class_images(runner, opt)
         if "base" not in done:
             done["base"] = {"method": "base", "seed": None, **measure(runner, "base", ["--ckpt", opt.base], prompts,
-                                                                      scorer, opt)}
+                                                                      scorer, opt), "commands": runner.commands[:]}
             (results / "base.json").write_text(json.dumps(done["base"], indent=1) + "\n")
         for seed in range(opt.seed, opt.seed + opt.seeds):
             for slug in opt.methods:
@@ -134,16 +140,19 @@ def compare(opt: argparse.Namespace) -> int:
                 if name in done:
                     continue
                 print(f"{name}: {method.label}", flush=True)
+                start = len(runner.commands)
                 trained = (extract(runner, method, seed, done, opt) if method.extracted_from
                            else train(runner, method, seed, outdir / "class_images", opt))
                 sizes = sum(Path(p).stat().st_size for p in trained["files"])
                 done[name] = {"method": slug, "seed": seed, **trained, "file_bytes": sizes,
-                              **measure(runner, name, trained["flags"], prompts, scorer, opt)}
+                              **measure(runner, name, trained["flags"], prompts, scorer, opt),
+                              "commands": runner.commands[start:]}
                 (results / f"{name}.json").write_text(json.dumps(done[name], indent=1) + "\n")
     if not done:
         raise UserError(f"no finished run in {results} yet")
     machine = f"{os.cpu_count()} CPU cores, {opt.threads} torch thread(s) per process"
-    rows = write_methods_report(outdir, list(done.values()), machine, runner.commands)
+    invocation = f"python scripts/toy_methods.py {' '.join(sys.argv[1:])}".strip()
+    rows = write_methods_report(outdir, list(done.values()), machine, [invocation, *run_commands(done)])
     first = {name: result for name, result in done.items() if result["seed"] in (None, opt.seed)}
     folders = {BY_SLUG[r["method"]].label if r["method"] in BY_SLUG else "base": Path(r["samples"])
                for r in first.values()}

@@ -138,6 +138,7 @@ class StepWeights(torch.nn.Linear):
     """A small module that writes its step files as the model does (DDPM's)."""
     weights_suffix = DDPM.weights_suffix
     save_step_weights = DDPM.save_step_weights
+    step_state_dict = DDPM.step_state_dict
 
 
 def test_checkpoints_hold_a_schedule_free_optimizers_evaluation_weights(tmp_path):
