@@ -1,6 +1,7 @@
-# `make demo` sets up .venv/ and runs DreamBooth on the toy world (scripts/toy_demo.py); `make test` runs the tests.
+# `make demo` sets up .venv/ and runs DreamBooth on the toy world (scripts/toy_demo.py); `make test` runs the tests
+# (`make test-all` those marked slow too).
 # Both create or reuse .venv/ at the repository root.
-.PHONY: demo demo-drift test venv venv-test
+.PHONY: demo demo-drift test test-all venv venv-test
 
 venv:
 	tools/setup_venv.sh requirements.txt
@@ -16,3 +17,6 @@ demo-drift: venv
 
 test: venv-test
 	.venv/bin/python -m pytest tests -q -n 2 --dist loadfile
+
+test-all: venv-test
+	.venv/bin/python -m pytest tests -q -n 2 --dist loadfile --slow

@@ -10,6 +10,7 @@ from tests.cli.test_benchmark_train import TINY, benchmark, check_row, table
 pytestmark = pytest.mark.e2e
 
 
+@pytest.mark.slow  # a benchmark script, 16 s
 def test_training_steps_against_diffusers(capsys, tmp_path):
     code = benchmark.main(["--config", TINY, "--size", "64", "--steps", "3", "--set", "fp32=", "--reference",
                            "diffusers", "--threads", "1", "--workdir", str(tmp_path)])
@@ -32,6 +33,7 @@ def test_training_steps_against_diffusers(capsys, tmp_path):
     assert len(list(tmp_path.glob("random-*.ckpt"))) == 1 and len(list(tmp_path.glob("diffusers-*"))) == 1
 
 
+@pytest.mark.slow  # a benchmark script, 12 s
 def test_unet_only(capsys):
     code = benchmark.main(["--config", TINY, "--size", "64", "--steps", "3", "--unet_only", "--threads", "1"])
     out, err = capsys.readouterr()

@@ -93,6 +93,7 @@ def test_ddp_trains_one_run_with_identical_ranks_and_resumes(tmp_path, tiny_ckpt
     assert len(list(tmp_path.joinpath("logs").iterdir())) == 1
 
 
+@pytest.mark.slow  # 19 s: DDP is tested above, LoRA, CLIP skip and resolutions alone elsewhere
 def test_ddp_trains_text_encoder_lora_with_clip_skip_at_several_resolutions(tmp_path, tiny_ckpt, photos):
     # several resolutions batch through our bucket sampler, which takes each rank's share itself; LoRA on the text
     # layer after the clip-skip one would never get a gradient

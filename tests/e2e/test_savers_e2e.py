@@ -47,7 +47,8 @@ def optimizer_bytes(checkpoint: dict) -> int:
     return sum(t.numel() * t.element_size() for t in state_tensors(state["state"]))
 
 
-@pytest.mark.parametrize("name", OPTIMIZERS)
+@pytest.mark.parametrize("name", [name if name in ("adamw", "adamw8bit") else pytest.param(name, marks=pytest.mark.slow)
+                                  for name in OPTIMIZERS])  # the other two: a second path through the same resume
 def test_every_optimizer_resumes_from_its_last_ckpt(tiny_ckpt, folders, name):
     before, after = train_and_resume(tiny_ckpt, folders, name, *OPTIMIZERS[name])
     assert (before["global_step"], after["global_step"]) == (2, 4)

@@ -12,7 +12,7 @@ import pytest
 from ldm.toy.methods import BY_SLUG
 from tests.helpers.repo import REPO
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]  # 80 s: what it runs, other tests cover command by command
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
 METHODS = ("full", "extracted16", "ti", "pivotal8")

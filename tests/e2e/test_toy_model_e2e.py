@@ -33,6 +33,7 @@ def test_fit_scorer_and_train_vae_run_and_lower_their_losses():
     assert after < 0.85 * before
 
 
+@pytest.mark.slow  # 40 s: each stage is tested alone above and in tests/toy/
 def test_pretraining_script_runs_every_stage_and_records_them(tmp_path):
     configs = [tmp_path / name for name in ("v1-inference.yaml", "v1-finetune_unfrozen.yaml")]
     for path in configs:
