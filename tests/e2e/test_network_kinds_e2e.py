@@ -26,7 +26,8 @@ def sample(outdir, ckpt, *extra):
     return outdir / "samples" / "00000.png"
 
 
-@pytest.mark.parametrize("network", ["dora", "loha", "lokr"])
+@pytest.mark.parametrize("network", ["dora", pytest.param("loha", marks=pytest.mark.slow),
+                                     pytest.param("lokr", marks=pytest.mark.slow)])  # their parity: unit tests
 def test_train_sample_and_merge_each_kind(base_ckpt, folders, tmp_path, capsys, network):  # noqa: F811
     proc = run_main(*lora_args(base_ckpt, folders, tmp_path / "logs", "--rank", "4", "--network", network,
                                "--max_steps", "2", "lightning.modelcheckpoint.params.every_n_train_steps=2"))

@@ -61,6 +61,7 @@ def test_the_text_encoder_trains_until_the_stop_step_and_never_after(stopped_run
     assert text_encoder_states(folder / "last.ckpt") == 0
 
 
+@pytest.mark.slow  # 24 s: the stop and the resume are each tested above and in tests/training/
 def test_a_fractional_stop_is_fixed_as_a_step_and_a_resume_never_trains_the_text_encoder_again(tmp_path, tiny_ckpt):
     """0.5 of 2 steps stops at step 1; resumed to 6 (0.5 of it would be 3), then to 7 with a later stop flag."""
     photos, reg = make_photos(tmp_path / "photos"), make_class_images(tmp_path / "class", 2)
