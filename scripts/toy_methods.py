@@ -1,5 +1,5 @@
 """Every way to personalise the model, side by side on the toy world, over training seeds: full fine-tune (with class
-images, and with the frozen-model prior), LoRA r4 and r16, DoRA, LoHa and LoKr at r8, LoRA r16 extracted from the
+images, and with the frozen-model prior), LoRA r4, r8 and r16, DoRA, LoHa and LoKr at r8, LoRA r16 extracted from the
 full fine-tune, textual inversion, and pivotal tuning (embedding + LoRA r8). Each trains through main.py with its
 config's recipe (the demo's subject, class images, steps and training seed), samples the demo's prompts at the demo's
 seeds through stable_txt2img.py and is scored by the toy scorer: methods.md (the table: mean and min-max over the

@@ -28,6 +28,7 @@ METHODS = (
     Method("full", "full fine-tune"),
     Method("full-frozen-prior", "full fine-tune, frozen-model prior", flags=("--prior", "frozen_model")),
     Method("lora4", "LoRA r4", LORA, ("--rank", "4")),
+    Method("lora8", "LoRA r8", LORA, ("--rank", "8")),  # what DoRA, LoHa, LoKr and pivotal tuning add to
     Method("lora16", "LoRA r16", LORA, ("--rank", "16")),
     Method("dora8", "DoRA r8", LORA, ("--network", "dora", "--rank", "8")),
     Method("loha8", "LoHa r8", LORA, ("--network", "loha", "--rank", "8")),
