@@ -13,8 +13,10 @@ from PIL import Image
 from ldm.images import line_chart
 from ldm.util import atomic_write_text, mean
 
-METRICS = ("fidelity", "binding", "recontext_subject", "recontext_context", "leakage")
-LABELS = {"fidelity": "fidelity (mean of binding, recontext subject, 1 - leakage)", "binding": "identifier binding",
+METRICS = ("fidelity", "with_context", "binding", "recontext_subject", "recontext_context", "leakage")
+LABELS = {"fidelity": "fidelity (mean of binding, recontext subject, 1 - leakage)",
+          "with_context": "with context (mean of binding, recontext subject and context, 1 - leakage)",
+          "binding": "identifier binding",
           "recontext_subject": "recontextualisation: subject", "recontext_context": "recontextualisation: context",
           "leakage": "leakage into the class prompt (lower is better)"}
 COLOURS = ((31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75))
@@ -23,6 +25,15 @@ PANEL = (720, 300)
 
 def setting_name(method: str, lr: float) -> str:
     return f"{method} lr {lr:g}"
+
+
+def with_context(scores: dict[str, float]) -> Optional[float]:
+    """The fidelity that also counts the asked context (which falls as a run overfits): the mean of binding,
+    recontextualisation subject and context, and 1 - leakage; None when one is missing."""
+    terms = ("binding", "recontext_subject", "recontext_context", "leakage")
+    if any(term not in scores for term in terms):
+        return None
+    return (scores["binding"] + scores["recontext_subject"] + scores["recontext_context"] + 1 - scores["leakage"]) / 4
 
 
 def read_rounds(run: Path) -> dict[int, dict[str, float]]:
@@ -51,8 +62,10 @@ def mean_curves(results: Sequence[dict[str, Any]]) -> dict[str, dict[int, dict[s
         curves[name] = {}
         for step in steps:
             cell = {}
+            scores = [{**run["rounds"][str(step)], "with_context": with_context(run["rounds"][str(step)])}
+                      for run in runs]
             for metric in METRICS:
-                values = [run["rounds"][str(step)][metric] for run in runs if metric in run["rounds"][str(step)]]
+                values = [score[metric] for score in scores if score.get(metric) is not None]
                 if values:
                     cell[metric] = {"mean": mean(values), "min": min(values), "max": max(values), "n": len(values)}
             curves[name][step] = cell
@@ -60,21 +73,22 @@ def mean_curves(results: Sequence[dict[str, Any]]) -> dict[str, dict[int, dict[s
 
 
 def peak_rows(curves: dict[str, dict[int, dict[str, dict[str, float]]]],
-              results: Sequence[dict[str, Any]] = ()) -> list[dict[str, Any]]:
-    """Per setting: the step of its best mean fidelity with every metric there, and the same at its last step; with
-    `results`, the steps each run's best-step callback chose (`best.json`) and how far below the best mean fidelity
-    the mean curve is at them (`auto_gap`: the largest such gap over the runs, in fidelity)."""
+              results: Sequence[dict[str, Any]] = (), key: str = "fidelity") -> list[dict[str, Any]]:
+    """Per setting: the step of its best mean `key` (fidelity, or with_context) with every metric there, and the same
+    at its last step; with `results`, the steps each run's best-step callback chose (`best.json`, by the fidelity it
+    monitored) and how far below the best mean `key` the mean curve is at them (`auto_gap`: the largest such gap over
+    the runs)."""
     rows = []
     for name, steps in curves.items():
-        scored = [step for step, cell in steps.items() if "fidelity" in cell]
+        scored = [step for step, cell in steps.items() if key in cell]
         if not scored:
             continue
-        best = max(scored, key=lambda step: (steps[step]["fidelity"]["mean"], -step))
+        best = max(scored, key=lambda step: (steps[step][key]["mean"], -step))
         last = max(scored)
         chosen = [run["best"]["best"]["step"] for run in results if setting_name(run["method"], run["lr"]) == name
                   and (run.get("best") or {}).get("best") and run["best"]["best"]["step"] in steps]
-        gaps = [steps[best]["fidelity"]["mean"] - steps[step]["fidelity"]["mean"] for step in chosen]
-        rows.append({"setting": name, "seeds": steps[best]["fidelity"]["n"], "best_step": best, "last_step": last,
+        gaps = [steps[best][key]["mean"] - steps[step][key]["mean"] for step in chosen]
+        rows.append({"setting": name, "seeds": steps[best][key]["n"], "best_step": best, "last_step": last,
                      "at_best": {m: steps[best][m]["mean"] for m in METRICS if m in steps[best]},
                      "at_last": {m: steps[last][m]["mean"] for m in METRICS if m in steps[last]},
                      "auto_steps": chosen, "auto_gap": max(gaps) if gaps else None})
@@ -83,7 +97,7 @@ def peak_rows(curves: dict[str, dict[int, dict[str, dict[str, float]]]],
 
 def draw_sweep(curves: dict[str, dict[int, dict[str, dict[str, float]]]], methods: Sequence[str]) -> Image.Image:
     """Rows: the metrics; columns: the methods; in each panel one line per learning rate (the mean over seeds)."""
-    panels = []
+    panels, last = [], max(max(steps, default=0) for steps in curves.values())
     for metric in METRICS:
         row = []
         for method in methods:
@@ -94,8 +108,8 @@ def draw_sweep(curves: dict[str, dict[int, dict[str, dict[str, float]]]], method
             if not series:
                 continue
             styles = {name: (name, COLOURS[k % len(COLOURS)]) for k, name in enumerate(series)}
-            row.append(line_chart(series, styles, f"{method}: {LABELS[metric]}", size=PANEL, value_range=(0, 1),
-                                  value_format="{:.0%}"))
+            row.append(line_chart(series, styles, f"{method}: {LABELS[metric]}", (0, last), size=PANEL,
+                                  value_range=(0, 1), value_format="{:.0%}"))
         if row:
             panels.append(row)
     columns = max(len(row) for row in panels)
@@ -114,9 +128,9 @@ def write_sweep_report(folder: Path, results: Sequence[dict[str, Any]], methods:
                        commands: Sequence[str]) -> list[dict[str, Any]]:
     """sweep.json (every run's rounds, the curves, the peaks), sweep.md (the table) and sweep.png (the curves)."""
     curves = mean_curves(results)
-    rows = peak_rows(curves, results)
-    atomic_write_text(folder / "sweep.json", json.dumps({"runs": list(results), "curves": curves, "peaks": rows},
-                                                        indent=1) + "\n")
+    rows, context_rows = peak_rows(curves, results), peak_rows(curves, results, "with_context")
+    atomic_write_text(folder / "sweep.json", json.dumps({"runs": list(results), "curves": curves, "peaks": rows,
+                                                         "peaks_with_context": context_rows}, indent=1) + "\n")
     lines = ["# The step sweep on the toy world", "",
              "Mean over training seeds; every rate in percent (fidelity: the mean of binding, recontextualisation "
              "subject and 1 - leakage). `best`: the step of the best mean fidelity; `last`: the last step; `chosen`: "
@@ -126,10 +140,18 @@ def write_sweep_report(folder: Path, results: Sequence[dict[str, Any]], methods:
              "| last step | fidelity | binding | recontext subject | recontext context | leakage | chosen | short by |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for row in rows:
-        cells = [percent(row[at].get(m)) for at in ("at_best",) for m in METRICS]
-        later = [percent(row["at_last"].get(m)) for m in METRICS]
+        cells = [percent(row["at_best"].get(m)) for m in METRICS if m != "with_context"]
+        later = [percent(row["at_last"].get(m)) for m in METRICS if m != "with_context"]
         lines.append(f"| {row['setting']} | {row['seeds']} | {row['best_step']} | " + " | ".join(cells)
                      + f" | {row['last_step']} | " + " | ".join(later)
+                     + f" | {', '.join(map(str, row['auto_steps'])) or '-'} | {percent(row['auto_gap'])} |")
+    lines += ["", "The same, the best step chosen by the fidelity with the asked context (`with context`: the mean of "
+              "binding, recontextualisation subject and context, and 1 - leakage), which falls as a run overfits:", "",
+              "| setting | seeds | best step | with context | binding | recontext subject | recontext context "
+              "| leakage | chosen | short by |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for row in context_rows:
+        cells = [percent(row["at_best"].get(m)) for m in METRICS if m != "fidelity"]
+        lines.append(f"| {row['setting']} | {row['seeds']} | {row['best_step']} | " + " | ".join(cells)
                      + f" | {', '.join(map(str, row['auto_steps'])) or '-'} | {percent(row['auto_gap'])} |")
     lines += ["", "![curves](sweep.png)", "", "Commands run:", "", "```", *commands, "```", ""]
     atomic_write_text(folder / "sweep.md", "\n".join(lines))

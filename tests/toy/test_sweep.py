@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from ldm.toy.sweep import mean_curves, peak_rows, read_rounds, write_sweep_report
+from ldm.toy.sweep import mean_curves, peak_rows, read_rounds, with_context, write_sweep_report
 
 
 def write_csv(path: Path, rows: list[dict]) -> None:
@@ -68,5 +68,17 @@ def test_the_report_holds_the_table_the_curves_and_every_run(tmp_path):
     assert len(saved["runs"]) == 4 and saved["peaks"] == rows
     row = "| full lr 0.0001 | 2 | 200 | 50 | 50 | 50 | 50 | 0 | 200 | 50 | 50 | 50 | 50 | 0 | - | - |"
     assert row in (tmp_path / "sweep.md").read_text()
+    assert "| full lr 0.0001 | 2 | 200 | 62 | 50 | 50 | 50 | 0 | - | - |" in (tmp_path / "sweep.md").read_text()
+    assert saved["peaks_with_context"][0]["at_best"]["with_context"] == pytest.approx(0.625)
     with Image.open(tmp_path / "sweep.png") as picture:
-        assert picture.size == (2 * 720, 5 * 300)  # the five metrics down, the two methods across
+        assert picture.size == (2 * 720, 6 * 300)  # the six metrics down, the two methods across
+
+
+def test_the_fidelity_with_context_sees_the_overfitting_that_the_default_fidelity_misses():
+    run = result("full", 4e-4, 23, {500: 0.8, 1000: 1.0})
+    run["rounds"]["500"]["recontext_context"], run["rounds"]["1000"]["recontext_context"] = 0.9, 0.1
+    curves = mean_curves([run])
+    assert peak_rows(curves)[0]["best_step"] == 1000
+    (row,) = peak_rows(curves, key="with_context")
+    assert row["best_step"] == 500 and row["at_best"]["with_context"] == pytest.approx((0.8 + 0.5 + 0.9 + 1) / 4)
+    assert with_context({"binding": 1.0}) is None
