@@ -31,7 +31,7 @@ from ldm.cli import run_command
 from ldm.config import check_config, load_run_config
 from ldm.inference.precision import check_training_precision
 from ldm.training.class_images import generate_class_images, generation_dtype
-from ldm.training.flags import apply_flags, fix_step_fractions
+from ldm.training.flags import apply_flags, fix_step_fractions, parse_devices, parse_gpus, str2bool
 from ldm.training.latent_cache import cache_latents
 from ldm.training.runs import (Run, launched_per_process, new_run, resumed_run, run_lock, takes_run_lock,
                                warn_fresh_optimizer)
@@ -41,16 +41,6 @@ from ldm.util import (FLOAT32_MATMUL_PRECISION, DiskFullError, UserError, ensure
 RUN_DIR_ENV = "DREAMBOOTH_RUN_DIR"  # tells the DDP worker processes, which re-run this script, the run folder
 say = rank_zero_only(print)
 
-
-
-def str2bool(value: str | bool) -> bool:
-    if isinstance(value, bool):
-        return value
-    if value.lower() in ("yes", "true", "t", "y", "1"):
-        return True
-    if value.lower() in ("no", "false", "f", "n", "0"):
-        return False
-    raise argparse.ArgumentTypeError(f"boolean value expected, got {value!r}")
 
 
 def get_parser() -> argparse.ArgumentParser:
@@ -158,22 +148,6 @@ def get_parser() -> argparse.ArgumentParser:
         help="precision of the weights-only step_N.ckpt files and the .safetensors copies (default: step files as "
              "trained, copies fp16); last.ckpt keeps full precision (lightning.modelcheckpoint.params.save_precision)")
     return parser
-
-
-def parse_gpus(text: str) -> int | list[int]:
-    """Lightning 1.x `--gpus`: '0,' and '0,1' are GPU indices, a bare number is a count (-1: all)."""
-    try:
-        if "," in text:
-            return [int(index) for index in text.split(",") if index.strip()]
-        return int(text)
-    except ValueError:
-        raise UserError(f"--gpus {text!r}: expected GPU indices such as '0,' or '0,1', or a count such as 2") from None
-
-
-def parse_devices(text: str) -> int | list[int] | str:
-    if text == "auto":
-        return text
-    return parse_gpus(text)
 
 
 def set_threads(threads: Optional[int]) -> None:

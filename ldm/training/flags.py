@@ -1,5 +1,5 @@
 """main.py's flags written into the run's config (data, model and Lightning keys), so that the saved config alone can
-resume the run."""
+resume the run; and the parsers of its typed flags (`--gpus`, `--devices`, booleans)."""
 import argparse
 import logging
 
@@ -194,3 +194,29 @@ def fix_step_fractions(config: DictConfig, max_steps: int) -> None:
         schedule.warmup_steps = round(warmup * max_steps)  # as LRSchedule.warmup rounds a fraction
         logger.info("the learning rate warms up over %d steps (%g of max_steps %d; model.params.lr_schedule)",
                     schedule.warmup_steps, warmup, max_steps)
+
+
+def str2bool(value: str | bool) -> bool:
+    if isinstance(value, bool):
+        return value
+    if value.lower() in ("yes", "true", "t", "y", "1"):
+        return True
+    if value.lower() in ("no", "false", "f", "n", "0"):
+        return False
+    raise argparse.ArgumentTypeError(f"boolean value expected, got {value!r}")
+
+
+def parse_gpus(text: str) -> int | list[int]:
+    """Lightning 1.x `--gpus`: '0,' and '0,1' are GPU indices, a bare number is a count (-1: all)."""
+    try:
+        if "," in text:
+            return [int(index) for index in text.split(",") if index.strip()]
+        return int(text)
+    except ValueError:
+        raise UserError(f"--gpus {text!r}: expected GPU indices such as '0,' or '0,1', or a count such as 2") from None
+
+
+def parse_devices(text: str) -> int | list[int] | str:
+    if text == "auto":
+        return text
+    return parse_gpus(text)
