@@ -1,7 +1,9 @@
 """Textual inversion (Gal et al. 2022, arXiv:2208.01618) and pivotal tuning of a LatentDiffusion: N new vectors
 for the identifier, initialised from a word's token embeddings, trained alone (the UNet and the text encoder frozen)
 or beside the UNet or its LoRA, at their own learning rate until their own stop step. Step files are A1111-format
-embedding files; a textual-inversion run's last.ckpt holds the vectors only."""
+embedding files; a textual-inversion run's last.ckpt holds the vectors only. With `use_ema` the EMA averages the
+vectors beside what else trains: the embedding files hold the average, last.ckpt the trained vectors and the average
+(`model_ema.embedding_vectors`)."""
 import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -12,12 +14,14 @@ from pytorch_lightning.strategies import DDPStrategy
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from ldm.checkpoint import CheckpointError, read_embedding, save_embedding
+from ldm.checkpoint import EMA_PREFIX, CheckpointError, read_embedding, save_embedding
+from ldm.modules.ema import Averaged, named_parameters
 from ldm.util import UserError, file_sha256
 
 logger = logging.getLogger(__name__)
 
 VECTORS = "embedding_vectors"  # the trained vectors' state-dict key (never in an SD v1 step file)
+AVERAGE = EMA_PREFIX + VECTORS  # their average's (LitEma's name for them)
 CHECKPOINT_KEY = "embedding"  # last.ckpt: the options and the step the vectors stopped training at
 EMBEDDING_SUFFIX = ".embedding.safetensors"  # a pivotal run's embedding file beside each step file
 DEFAULT_LR = 5e-3  # the original textual-inversion configs' base_learning_rate
@@ -73,6 +77,7 @@ class EmbeddingTraining:
     cond_stage_trainable: bool
     lora: Any
     use_ema: bool
+    embedding_ema: bool = False  # use_ema in an embedding run: the vectors join the average once made
 
     def init_embedding(self, options: Optional[Mapping], cond_stage_trainable: bool) -> None:
         """Read `model.params.embedding` and refuse what cannot go with it (call before the parts are built)."""
@@ -86,9 +91,6 @@ class EmbeddingTraining:
             raise UserError("model.params.embedding trains new token vectors of a frozen text encoder, but "
                             "cond_stage_trainable is true: set it false (--freeze_text_encoder), or train the text "
                             "encoder's LoRA (--rank N --lora_text_encoder)")
-        if not self.embedding.pivotal and self.use_ema:
-            raise UserError("model.params.use_ema averages the UNet, which textual inversion keeps frozen: drop it, or "
-                            "train the UNet too (--pivotal)")
         if not self.embedding.pivotal and self.embedding.stop_step is not None:
             raise UserError(f"--embedding_stop_step {self.embedding.stop_step}: the embedding is all that trains; stop "
                             "the run with --max_steps instead (a stop step is for pivotal tuning)")
@@ -106,8 +108,9 @@ class EmbeddingTraining:
 
     @property
     def text_conditioning_trains(self) -> bool:
-        """Whether a caption's conditioning changes from step to step: the text encoder or the embedding trains."""
-        return self.cond_stage_trainable or self.embedding_trains
+        """Whether a caption's conditioning changes from step to step: the text encoder or the embedding trains, or
+        the vectors' average (which samples use) moves."""
+        return self.cond_stage_trainable or self.embedding_trains or self.embedding_ema
 
     def add_embedding(self, step_file: Optional[Path] = None) -> None:
         """Make the trained vectors (after the base weights load): the init word's token embeddings, or those of the
@@ -123,6 +126,11 @@ class EmbeddingTraining:
         if not self.unet_trains:
             self.model.requires_grad_(False)
             self.strict_loading = False  # last.ckpt holds the vectors only; on_load_checkpoint checks them
+        if self.embedding_ema:  # the average starts from the vectors (a step file's: its average)
+            if self.use_ema:  # pivotal tuning: beside the UNet's or the LoRA's
+                self.extend_ema(VECTORS, getattr(self, VECTORS))
+            else:
+                self.init_ema({VECTORS: getattr(self, VECTORS)})
         logger.info("textual inversion: %d vector%s of width %d for %r (from %s), %s", options.num_vectors,
                     "s" if options.num_vectors > 1 else "", vectors.shape[1], options.token,
                     step_file or f"the init word {options.init_word!r}",
@@ -172,9 +180,22 @@ class EmbeddingTraining:
             frozen.append(self.model)
         return frozen
 
+    def ema_source(self) -> Averaged:
+        """The vectors, by their state-dict name, beside what else the EMA averages."""
+        source = super().ema_source()
+        vectors = getattr(self, VECTORS, None)
+        return source if vectors is None else {**dict(named_parameters(source)), VECTORS: vectors}
+
+    def saved_vectors(self) -> torch.Tensor:
+        """The vectors an embedding file holds: their average with use_ema, else the trained ones."""
+        if self.embedding_ema:
+            return self.model_ema.get_buffer(self.model_ema.shadow_names[VECTORS])
+        return getattr(self, VECTORS)
+
     def step_state_dict(self) -> dict[str, torch.Tensor]:
-        """The model's weights for an SD v1 step file: without the trained vectors (they go to their own file)."""
-        return {k: v for k, v in super().step_state_dict().items() if k != VECTORS}
+        """The model's weights for an SD v1 step file: without the vectors and their average (they go to their own
+        file)."""
+        return {k: v for k, v in super().step_state_dict().items() if k not in (VECTORS, AVERAGE)}
 
     @property
     def weights_suffix(self) -> str:
@@ -184,7 +205,8 @@ class EmbeddingTraining:
     def save_step_weights(self, path: Path, dtype: Optional[torch.dtype] = None,
                           shared_dtype: Optional[torch.dtype] = None, beside_resumable: bool = False) -> None:
         """A textual-inversion run writes its embedding file (`path` as .safetensors); a pivotal run writes its
-        weights (or LoRA file) as before and the embedding file beside them (`step_N.embedding.safetensors`)."""
+        weights (or LoRA file) as before and the embedding file beside them (`step_N.embedding.safetensors`); with
+        use_ema the embedding file holds the average."""
         if self.embedding is None:
             super().save_step_weights(path, dtype, shared_dtype, beside_resumable)
             return
@@ -192,30 +214,32 @@ class EmbeddingTraining:
             super().save_step_weights(path, dtype, shared_dtype, beside_resumable)
         base = self.embedding.base_checkpoint or (self.lora.base_checkpoint if self.lora is not None else None)
         known = base is not None and Path(base).is_file()
-        save_embedding(getattr(self, VECTORS), self.embedding_file(path), self.embedding.token, self.global_step,
+        save_embedding(self.saved_vectors(), self.embedding_file(path), self.embedding.token, self.global_step,
                        Path(base).name if base else "", file_sha256(base) if known else "", dtype)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """last.ckpt keeps the vectors beside what else trains (only them in a textual-inversion run), the options,
-        and the step the vectors stopped training at."""
+        """last.ckpt keeps the vectors beside what else trains (only them and their average in a textual-inversion
+        run), the options, and the step the vectors stopped training at."""
         vectors = {k: v for k, v in checkpoint["state_dict"].items() if k == VECTORS}
         super().on_save_checkpoint(checkpoint)
         if self.embedding is None:
             return
         if not self.unet_trains:
-            checkpoint["state_dict"] = {}
+            checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k.startswith(EMA_PREFIX)}
         checkpoint["state_dict"].update(vectors)
         checkpoint[CHECKPOINT_KEY] = {**asdict(self.embedding), "stopped_at": self.embedding_stopped_at}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Refuse a last.ckpt of the other kind, or whose vectors do not fit; a run resumes with its vectors frozen
-        from the step they stopped at."""
+        """Refuse a last.ckpt of the other kind, or whose vectors or average do not fit; a run resumes with its vectors
+        frozen from the step they stopped at."""
         state = checkpoint["state_dict"]
         vectors = {k: state.pop(k) for k in list(state) if k == VECTORS}
         if (self.embedding is None) != (CHECKPOINT_KEY not in checkpoint):
             raise CheckpointError("this checkpoint's run " + ("trained an embedding, but the config does not: resume "
                                   "it with its own run folder's configs" if self.embedding is None else "trained no "
                                   "embedding, but the config does: resume it without --train_embedding"))
+        if self.embedding is not None:
+            self.check_average(state, vectors)
         super().on_load_checkpoint(checkpoint)
         if self.embedding is None:
             return
@@ -226,6 +250,16 @@ class EmbeddingTraining:
                                   f"{tuple(own.shape)}; were other --num_vectors used?")
         state.update(vectors)
         self.embedding_stopped_at = checkpoint[CHECKPOINT_KEY].get("stopped_at")
+
+    def check_average(self, state: dict[str, torch.Tensor], vectors: dict[str, torch.Tensor]) -> None:
+        """Refuse a last.ckpt with an EMA when this run keeps none, or without one when it does; the vectors of a
+        pivotal run from before they were averaged start their average."""
+        found = any(key.startswith(EMA_PREFIX) for key in state)
+        if found != self.use_ema:
+            raise CheckpointError(f"the checkpoint {'has' if found else 'has no'} EMA weights (model_ema.*), but the "
+                                  f"config {'does not set' if found else 'sets'} model.params.use_ema: was it changed?")
+        if found and AVERAGE not in state and VECTORS in vectors:
+            state[AVERAGE] = vectors[VECTORS].clone()
 
     def embedding_stop_step(self) -> Optional[int]:
         """The step from which the vectors are frozen: the configured one (main.py made a fraction a step) or the

@@ -1,13 +1,14 @@
 """Textual inversion and pivotal tuning through the real command line on the tiny model: the step files are A1111
-embedding files (beside the LoRA files in a pivotal run), last.ckpt holds what trains and resumes, and the sampling
-script binds the trained vectors with --embedding (and the LoRA with --lora)."""
+embedding files (beside the LoRA files in a pivotal run), last.ckpt holds what trains and resumes (with use_ema, the
+average too, which the embedding files hold), and the sampling script binds the trained vectors with --embedding (and
+the LoRA with --lora)."""
 import shutil
 
 import pytest
 import torch
 
 from ldm.checkpoint import read_embedding, read_lora, save_weights
-from ldm.embeddings.training import VECTORS
+from ldm.embeddings.training import AVERAGE, VECTORS
 from ldm.images import read_metadata
 from tests.helpers.models import build_tiny_model, randomise_zero_init
 from tests.helpers.repo import TINY_CONFIG, load_script
@@ -85,6 +86,16 @@ def test_textual_inversion_resumes_from_last_ckpt(ti_run, tmp_path):
     after = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     assert after["global_step"] == 6 and set(after["state_dict"]) == {VECTORS}
     assert not torch.equal(before["state_dict"][VECTORS], after["state_dict"][VECTORS])
+
+
+def test_textual_inversion_with_ema_writes_the_average_in_the_embedding_files_and_last_ckpt(setup, tmp_path):
+    run, _ = train(setup, tmp_path, TINY, "model.params.use_ema=true", "model.params.ema_decay=0.5")
+    folder = run / "checkpoints"
+    state = torch.load(folder / "last.ckpt", map_location="cpu", weights_only=True)["state_dict"]
+    assert set(state) == {VECTORS, AVERAGE, "model_ema.decay", "model_ema.num_updates"}
+    assert int(state["model_ema.num_updates"]) == 4 and not torch.equal(state[AVERAGE], state[VECTORS])
+    for name in ("step_4.safetensors", "last.safetensors"):
+        assert torch.equal(read_embedding(folder / name).vectors, state[AVERAGE])
 
 
 def test_pivotal_tuning_writes_lora_and_embedding_side_by_side_and_samples_with_both(pivotal_run, setup, tmp_path,

@@ -79,7 +79,6 @@ def test_pivotal_tuning_trains_the_unet_beside_the_vectors_at_their_own_rate():
     ({"stop_step": 5}, {}, "the embedding is all that trains"),
     ({"colour": 1}, {}, "unexpected keyword argument 'colour'"),
     ({}, {"cond_stage_trainable": True}, "cond_stage_trainable is true"),
-    ({}, {"use_ema": True}, "use_ema averages the UNet"),
 ])
 def test_bad_options_are_user_errors(options, overrides, message):
     with pytest.raises(UserError, match=message):

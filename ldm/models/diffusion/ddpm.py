@@ -183,8 +183,11 @@ class LatentDiffusion(EmbeddingTraining, TextEncoderStop, LoraTraining, FrozenPr
                  embedding: Optional[Mapping] = None, prior_base_checkpoint: Optional[str] = None,
                  prior_base_ema: bool = False, **kwargs: Any):
         use_ema = kwargs.pop("use_ema", False)
-        super().__init__(use_ema=use_ema and not lora, **kwargs)  # a LoRA's EMA starts once injected (inject_lora)
+        inversion = bool(embedding) and not lora and not embedding.get("pivotal")  # textual inversion: UNet frozen
+        # a LoRA's EMA starts once injected (inject_lora), a textual inversion's once its vectors are made
+        super().__init__(use_ema=use_ema and not lora and not inversion, **kwargs)
         self.adapter_ema = bool(use_ema and lora)
+        self.embedding_ema = bool(use_ema and embedding)  # the vectors join the average (add_embedding)
         self.prior_base_checkpoint, self.prior_base_ema = prior_base_checkpoint, prior_base_ema
         self.lora = LoraOptions.from_config(lora)
         if self.lora is not None:
