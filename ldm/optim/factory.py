@@ -224,3 +224,21 @@ def _build(target: str, construct: Callable[[], torch.optim.Optimizer]) -> torch
         return construct()
     except (TypeError, ValueError) as err:
         raise UserError(f"model.params.optimizer {target}: {err}") from err
+
+
+def check_fused_backward(trainer: Any, compile_unet: bool) -> None:
+    """Refuse the trainer settings that need the full set of gradients, which a fused backward never holds."""
+    problems = [(trainer.accumulate_grad_batches > 1, f"accumulate_grad_batches {trainer.accumulate_grad_batches} "
+                 "(the gradients of several batches must be summed before the step)"),
+                (bool(trainer.gradient_clip_val), f"gradient_clip_val {trainer.gradient_clip_val} (clipping "
+                 "needs the norm of all gradients)"),
+                (str(trainer.precision) == "16-mixed", "precision 16-mixed (its loss scaler unscales all "
+                 "gradients before the step; use bf16-mixed or bf16-true)"),
+                (trainer.world_size > 1, f"{trainer.world_size} processes (each parameter would step before its "
+                 "gradient is averaged across them)"),
+                (compile_unet, "compile_unet (--compile: the compiled UNet's backward returns all its "
+                 "gradients at once, so the fused backward would save nothing)")]
+    for problem, why in problems:
+        if problem:
+            raise UserError(f"model.params.optimizer.fused_backward (--fused_backward) does not work with {why}; "
+                            "drop one of them")

@@ -22,7 +22,7 @@ from ldm.modules.diffusionmodules.schedule import (SCHEDULE_BUFFERS, extract_int
                                                    schedule_buffers)
 from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
 from ldm.modules.losses import DreamBoothObjective, FrozenModelTarget, NoiseObjective, PriorPreservationLoss, Rollout
-from ldm.optim.factory import is_schedule_free, make_optimizer, uses_fused_backward
+from ldm.optim.factory import check_fused_backward, is_schedule_free, make_optimizer, uses_fused_backward
 from ldm.optim.schedules import LRSchedule, lr_lambda
 from ldm.util import UserError, instantiate_from_config
 
@@ -460,24 +460,6 @@ class LatentDiffusion(EmbeddingTraining, TextEncoderStop, LoraTraining, FrozenPr
             for part in self.offloaded:
                 part.to("cpu")
 
-    def check_fused_backward(self) -> None:
-        """Refuse the trainer settings that need the full set of gradients, which a fused backward never holds."""
-        trainer = self.trainer
-        problems = [(trainer.accumulate_grad_batches > 1, f"accumulate_grad_batches {trainer.accumulate_grad_batches} "
-                     "(the gradients of several batches must be summed before the step)"),
-                    (bool(trainer.gradient_clip_val), f"gradient_clip_val {trainer.gradient_clip_val} (clipping "
-                     "needs the norm of all gradients)"),
-                    (str(trainer.precision) == "16-mixed", "precision 16-mixed (its loss scaler unscales all "
-                     "gradients before the step; use bf16-mixed or bf16-true)"),
-                    (trainer.world_size > 1, f"{trainer.world_size} processes (each parameter would step before its "
-                     "gradient is averaged across them)"),
-                    (bool(self.compile_unet), "compile_unet (--compile: the compiled UNet's backward returns all its "
-                     "gradients at once, so the fused backward would save nothing)")]
-        for problem, why in problems:
-            if problem:
-                raise UserError(f"model.params.optimizer.fused_backward (--fused_backward) does not work with {why}; "
-                                "drop one of them")
-
     def configure_optimizers(self) -> Any:
         if self.learning_rate is None:
             raise ValueError("learning_rate is not set; main.py sets it from model.base_learning_rate")
@@ -491,7 +473,7 @@ class LatentDiffusion(EmbeddingTraining, TextEncoderStop, LoraTraining, FrozenPr
         params = [group for group in groups + self.embedding_groups() if group["params"]]
         optimizer = make_optimizer(self.optimizer_config, params, self.learning_rate)
         if uses_fused_backward(optimizer):
-            self.check_fused_backward()
+            check_fused_backward(self.trainer, bool(self.compile_unet))
         if self.lr_schedule is None and self.compvis_schedule is None:
             return optimizer
         if is_schedule_free(optimizer):
