@@ -4,11 +4,14 @@
         --model r8=sd-v1-5.ckpt+logs/<run2>/checkpoints/last.safetensors --class_word dog
     python scripts/compare.py --scorer toy --config configs/toy/v1-inference.yaml \\
         --model base=data/toy/toy-v1.safetensors --model r8=data/toy/toy-v1.safetensors+<run>/last.safetensors
+    python scripts/compare.py --model ti=sd-v1-5.ckpt+logs/<ti>/checkpoints/last.safetensors:sks \\
+        --model pivotal=sd-v1-5.ckpt+<pivotal>/last.safetensors+<pivotal>/last.embedding.safetensors:sks
 
-A model is `[LABEL=]CKPT[+LORA[:SCALE]]...`. Writes to --outdir: grid.png (rows: models, columns: prompts, the first
-4 images of each cell), samples/<label>/ (every image with its metadata), table.md and table.csv (trainable
-parameters, file size, and the training run's s/step and peak memory from its summary.json; with --scorer, subject
-and prompt fidelity over all --n images).
+A model is `[LABEL=]CKPT[+LORA[:SCALE]][+EMBEDDING[:WORD]]...`: each +FILE a LoRA (at SCALE) or a textual-inversion
+embedding (bound to WORD, after any --embedding), told apart by its content. Writes to --outdir: grid.png (rows:
+models, columns: prompts, the first 4 images of each cell), samples/<label>/ (every image with its metadata), table.md
+and table.csv (trainable parameters, file size, and the training run's s/step and peak memory from its summary.json;
+with --scorer, subject and prompt fidelity over all --n images).
 """
 import argparse
 import logging
@@ -25,7 +28,6 @@ from ldm.eval.compare import (ModelSpec, Scorer, cost_row, default_prompts, draw
 from ldm.eval.generation import SampleSettings, model_config, sample_model  # noqa: E402
 from ldm.inference.flags import add_precision_argument, read_prompts  # noqa: E402
 from ldm.inference.loading import check_checkpoint, choose_device  # noqa: E402
-from ldm.lora.files import check_lora_specs  # noqa: E402
 from ldm.toy.demo import CLASS_PROMPT, CONTEXT_PROMPTS  # noqa: E402
 from ldm.toy.scorer import ToyPromptScorer, load_scorer  # noqa: E402
 from ldm.util import UserError, ensure_writable_dir, mean, user_or_project_path  # noqa: E402
@@ -38,7 +40,8 @@ PER_CELL = 4  # images of a cell in the picture (2 x 2); the scores count all --
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add = parser.add_argument
-    add("--model", action="append", required=True, metavar="[LABEL=]CKPT[+LORA[:SCALE]]", help="a model (repeat)")
+    add("--model", action="append", required=True, metavar="[LABEL=]CKPT[+LORA[:SCALE]][+EMBEDDING[:WORD]]",
+        help="a model (repeat)")
     add("--prompts", default=None, help="a prompt file, one per line (default: the subject in five surroundings and "
         "the bare class prompt; with --scorer toy, the toy world's)")
     add("--identifier", default="sks")
@@ -93,7 +96,6 @@ def compare(opt: argparse.Namespace) -> str:
     check_embedding_specs(opt.embedding)
     for spec in specs:
         check_checkpoint(spec.ckpt, "--model")
-        check_lora_specs(spec.loras, "--model CKPT+LORA")
         model_config(spec, settings_of(opt))  # a bad config or size stops the run before any model is sampled
     if opt.n < 1 or opt.steps < 1:
         raise UserError("--n and --steps must be at least 1")

@@ -7,10 +7,11 @@ model with the toy scorer, through the same outputs.
         --clip models/clip-vit-base-patch32 --dino models/dino-vits16
     python scripts/evaluate.py --scorer toy --config configs/toy/v1-inference.yaml --model <toy run>/last.ckpt
 
-A model is `[LABEL=]CKPT[+LORA[:SCALE]]...`; with --subjects_root, `{subject}` in it is each subject's folder name
-(a `*` picks the last match in name order). Writes to --outdir (default: <run>/eval/ for a checkpoint in a run's
-checkpoints/ folder, else outputs/eval/): samples/, images.csv, prompts.csv, summary.json, grid-<group>.png, and
-with several subjects one folder each and table.md (the layout of the paper's Table 1).
+A model is `[LABEL=]CKPT[+LORA[:SCALE]][+EMBEDDING[:WORD]]...` as in compare.py; with --subjects_root, `{subject}` in
+it is each subject's folder name (a `*` picks the last match in name order). Writes to --outdir (default: <run>/eval/
+for a checkpoint in a run's checkpoints/ folder, else outputs/eval/): samples/, images.csv, prompts.csv,
+summary.json, grid-<group>.png, and with several subjects one folder each and table.md (the layout of the paper's
+Table 1).
 """
 import argparse
 import glob
@@ -31,7 +32,6 @@ from ldm.eval.generation import SampleSettings, model_config  # noqa: E402
 from ldm.eval.paper_metrics import PaperScorer  # noqa: E402
 from ldm.inference.flags import add_precision_argument, read_prompts  # noqa: E402
 from ldm.inference.loading import check_checkpoint, choose_device  # noqa: E402
-from ldm.lora.files import check_lora_specs  # noqa: E402
 from ldm.modules.encoders.vision import ClipEmbedder, DinoEmbedder, check_model_folder  # noqa: E402
 from ldm.toy.demo import context_prompts  # noqa: E402
 from ldm.toy.scorer import ToyPromptScorer, load_scorer  # noqa: E402
@@ -44,7 +44,8 @@ TOY_SCORER = "data/toy/scorer.safetensors"
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add = parser.add_argument
-    add("--model", required=True, metavar="[LABEL=]CKPT[+LORA[:SCALE]]", help="the model ({subject}: see above)")
+    add("--model", required=True, metavar="[LABEL=]CKPT[+LORA[:SCALE]][+EMBEDDING[:WORD]]",
+        help="the model ({subject}: see above)")
     add("--photos", default=None, help="the subject's real photos (a folder)")
     add("--subjects_root", default=None, help="a folder of subject folders (DreamBench's dataset/ layout)")
     add("--subjects", nargs="*", default=None, help="with --subjects_root: only these subjects")
@@ -77,18 +78,14 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
 def resolve_model(text: str, subject: str) -> ModelSpec:
     """The model spec with `{subject}` filled in and a `*` resolved to the last match in name order."""
-    spec = ModelSpec.parse(text.replace("{subject}", subject))
-    files = []
-    for path in [spec.ckpt, *spec.loras]:
-        if "*" in path:
-            matches = sorted(glob.glob(path))
-            if not matches:
-                raise UserError(f"--model {text}: nothing matches {path}")
-            path = matches[-1]
-        files.append(path)
-    spec = ModelSpec(spec.label, files[0], files[1:])
+    def last_match(path: str) -> str:
+        matches = sorted(glob.glob(path)) if "*" in path else [path]
+        if not matches:
+            raise UserError(f"--model {text}: nothing matches {path}")
+        return matches[-1]
+
+    spec = ModelSpec.parse(text.replace("{subject}", subject), resolve=last_match)
     check_checkpoint(spec.ckpt, "--model")
-    check_lora_specs(spec.loras, "--model CKPT+LORA")
     return spec
 
 
@@ -123,7 +120,7 @@ def subjects_of(opt: argparse.Namespace) -> list[Subject]:
 
 def default_outdir(spec: ModelSpec) -> Path:
     """<run>/eval for a checkpoint in a run's checkpoints/ folder, else outputs/eval."""
-    ckpt = Path(spec.ckpt if not spec.loras else spec.loras[-1].rsplit(":", 1)[0])
+    ckpt = spec.files()[-1]
     return ckpt.parent.parent / "eval" if ckpt.parent.name == "checkpoints" else Path("outputs/eval")
 
 

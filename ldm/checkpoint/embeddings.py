@@ -64,6 +64,15 @@ def read_embedding(path: str | os.PathLike) -> EmbeddingFile:
     return EmbeddingFile(vectors, name, step)
 
 
+def adapter_kind(path: str | os.PathLike) -> str:
+    """What a file to fold into a model holds, told by its content: "lora" (kohya names) or "embedding"; anything else
+    is a CheckpointError that says what the file is."""
+    if any(str(key).startswith(LORA_PREFIXES) for key in read_weight_file(path)[0]):
+        return "lora"
+    read_embedding(path)
+    return "embedding"
+
+
 def _single_tensor(path: Path, tensors: Mapping[str, torch.Tensor]) -> torch.Tensor:
     """The vectors of a .safetensors embedding: `emb_params`, or its only tensor (as A1111 reads it)."""
     if EMB_PARAMS in tensors:

@@ -1,20 +1,21 @@
 """Models side by side (scripts/compare.py): the same prompts, seeds and sampler for each, one labelled picture,
 and a table of what each costs (trainable parameters, file size, s/step, peak memory) and, with a scorer, scores.
 
-A model is `[LABEL=]CKPT[+LORA[:SCALE]]...`: a checkpoint, with LoRA files folded in. A scorer takes a prompt's
-images and gives each image a subject and a prompt fidelity in [0, 1]; the toy world's is here, CLIP and DINO
-scorers plug into the same `Scorer` interface."""
+A model is `[LABEL=]CKPT[+LORA[:SCALE]][+EMBEDDING[:WORD]]...`: a checkpoint, with LoRA files folded in and
+textual-inversion embeddings bound to their words. A scorer takes a prompt's images and gives each image a subject and
+a prompt fidelity in [0, 1]; the toy world's is here, CLIP and DINO scorers plug into the same `Scorer` interface."""
 import csv
 import json
 import logging
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Protocol, Sequence
+from typing import Any, Callable, Optional, Protocol, Sequence
 
 from PIL import Image, ImageDraw
 
-from ldm.checkpoint import read_lora
+from ldm.checkpoint import CheckpointError, adapter_kind, read_embedding, read_lora
+from ldm.embeddings.files import parse_embedding_spec
 from ldm.images import default_font, make_grid
 from ldm.lora.files import parse_lora_spec
 from ldm.util import UserError, mean, user_or_project_path
@@ -26,32 +27,66 @@ SURROUNDINGS = ("in a forest", "in a kitchen", "on a street", "in the snow", "on
 
 @dataclass
 class ModelSpec:
-    """A model of the comparison: its label, checkpoint and LoRA specs (`file[:scale]`)."""
+    """A model of the comparison: its label, checkpoint, LoRA specs (`file[:scale]`) and textual-inversion embedding
+    specs (`file[:word]`, bound after any --embedding bound in every model)."""
 
     label: str
     ckpt: str
     loras: list[str] = field(default_factory=list)
+    embeddings: list[str] = field(default_factory=list)
 
     @classmethod
-    def parse(cls, text: str) -> "ModelSpec":
-        """`[LABEL=]CKPT[+LORA[:SCALE]]...`; the label defaults to the stem of the last file (a CKPT `data/...` that is
-        not in the working folder is the project's own)."""
+    def parse(cls, text: str, resolve: Callable[[str], str] = str) -> "ModelSpec":
+        """`[LABEL=]CKPT[+FILE[:SCALE|:WORD]]...`: each FILE a LoRA (at SCALE) or an embedding (bound to WORD), told
+        apart by its content; `resolve` turns each path as written into a file (evaluate.py's `*`). The label defaults
+        to the stem of the last file (a CKPT `data/...` that is not in the working folder is the project's own)."""
         label, sep, files = text.partition("=")
         if not sep or re.search(r"[/\\]", label):  # an "=" inside a path (logs/lr=1e-6/...) is no label
             label, files = "", text
-        ckpt, *loras = files.split("+")
-        if not ckpt or any(not lora for lora in loras):
-            raise UserError(f"--model {text}: expected [LABEL=]CKPT[+LORA[:SCALE]]..., e.g. r8=sd.ckpt+r8.safetensors")
+        ckpt, *parts = files.split("+")
+        if not ckpt or any(not part for part in parts):
+            raise UserError(f"--model {text}: expected [LABEL=]CKPT[+LORA[:SCALE]][+EMBEDDING[:WORD]]..., e.g. "
+                            "r8=sd.ckpt+r8.safetensors")
         if label in (".", ".."):
             raise UserError(f"--model {text}: the label names the folder samples/<label>/; choose another")
-        for lora in loras:
-            parse_lora_spec(lora)
-        return cls(label or Path(parse_lora_spec(loras[-1])[0] if loras else ckpt).stem, user_or_project_path(ckpt),
-                   loras)
+        spec = cls(label, resolve(user_or_project_path(ckpt)))
+        last = spec.ckpt
+        for part in parts:
+            last = spec._add(part, resolve, text)
+        spec.label = label or Path(last).stem
+        return spec
+
+    def _add(self, part: str, resolve: Callable[[str], str], text: str) -> str:
+        """Add one `FILE[:SCALE|:WORD]` part of `text` as a LoRA or an embedding, by what the file holds; its path."""
+        path, tail = parse_embedding_spec(part)  # a path that exists as written keeps its colons
+        path = resolve(path)
+        try:
+            kind = adapter_kind(path)
+        except CheckpointError as err:
+            raise UserError(f"--model {text}: a +FILE must be a LoRA or an embedding file: {err}") from None
+        number = tail is not None and _is_number(tail)
+        if kind == "lora" and tail is not None and not number:
+            raise UserError(f"--model {text}: {path} is a LoRA file, so its :{tail} must be a scale (a number, e.g. "
+                            f"{path}:0.8)")
+        if kind == "embedding" and number:
+            raise UserError(f"--model {text}: {path} is a textual-inversion embedding, so its :{tail} must be the word "
+                            f"it binds (e.g. {path}:sks), not a scale")
+        (self.loras if kind == "lora" else self.embeddings).append(path if tail is None else f"{path}:{tail}")
+        return path
 
     def files(self) -> list[Path]:
-        """What the model adds to its base: the LoRA files, or the checkpoint itself."""
-        return [Path(parse_lora_spec(lora)[0]) for lora in self.loras] or [Path(self.ckpt)]
+        """What the model adds to its base: the LoRA and embedding files, or the checkpoint itself."""
+        return ([Path(parse_lora_spec(lora)[0]) for lora in self.loras]
+                + [Path(parse_embedding_spec(spec)[0]) for spec in self.embeddings]) or [Path(self.ckpt)]
+
+
+def _is_number(text: str) -> bool:
+    """Whether `text` reads as a LoRA scale (as `parse_lora_spec` reads it)."""
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
 
 
 def unique_labels(specs: Sequence[ModelSpec]) -> None:
@@ -81,12 +116,14 @@ def run_summary(path: Path) -> Optional[dict[str, Any]]:
     return values if isinstance(values, dict) else None
 
 
-def lora_numel(spec: ModelSpec) -> Optional[int]:
-    """How many numbers the model's LoRA files hold (without the .alpha scalars); None for a full model."""
-    if not spec.loras:
+def adapter_numel(spec: ModelSpec) -> Optional[int]:
+    """How many numbers the model's LoRA files (without the .alpha scalars) and embedding vectors hold; None for a
+    full model."""
+    if not spec.loras and not spec.embeddings:
         return None
-    return sum(tensor.numel() for path in spec.files() for key, tensor in read_lora(path)[0].items()
-               if not key.endswith(".alpha"))
+    loras = sum(tensor.numel() for lora in spec.loras for key, tensor in read_lora(parse_lora_spec(lora)[0])[0].items()
+                if not key.endswith(".alpha"))
+    return loras + sum(read_embedding(parse_embedding_spec(emb)[0]).vectors.numel() for emb in spec.embeddings)
 
 
 def cost_row(spec: ModelSpec) -> dict[str, Any]:
@@ -95,7 +132,7 @@ def cost_row(spec: ModelSpec) -> dict[str, Any]:
     summary = next((s for s in map(run_summary, files) if s), None) or {}
     trainable = summary.get("trainable_parameters")
     return {"model": spec.label, "files": " + ".join(p.name for p in files),
-            "trainable_parameters": lora_numel(spec) if trainable is None else trainable,
+            "trainable_parameters": adapter_numel(spec) if trainable is None else trainable,
             "file_mb": sum(p.stat().st_size for p in files) / 1e6,
             "seconds_per_step": summary.get("seconds_per_step"), "peak_memory": summary.get("peak_memory")}
 

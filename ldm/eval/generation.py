@@ -1,5 +1,6 @@
 """A model's samples of a list of prompts at fixed seeds and DDIM settings, saved with their metadata: what
-scripts/compare.py and scripts/evaluate.py share (a model is a checkpoint with LoRA files at their scales)."""
+scripts/compare.py and scripts/evaluate.py share (a model is a checkpoint with LoRA files at their scales and
+embedding files bound to their words)."""
 import logging
 import time
 from dataclasses import dataclass, field
@@ -56,7 +57,7 @@ def sample_model(spec: ModelSpec, settings: SampleSettings, prompts: Sequence[st
     model = load_model(config, spec.ckpt, device, use_ema=settings.use_ema, precision=settings.precision,
                        flag="--model")
     loras = apply_lora_files(model, config.model, spec.loras)
-    embeddings = apply_embedding_files(model, settings.embeddings)
+    embeddings = apply_embedding_files(model, [*settings.embeddings, *spec.embeddings])  # the model's own win
     loaded = time.monotonic()
     folder.mkdir(parents=True, exist_ok=True)
     meta = generation_metadata(settings.sampler, settings.steps, settings.scale, spec.ckpt, settings.use_ema, loras,

@@ -1,13 +1,15 @@
 """scripts/compare.py: every model gets the same prompts and seeds, one picture (rows: models, columns: prompts),
-a table of costs read from the runs' summary.json, and scores through the scorer interface."""
+a table of costs read from the runs' summary.json, and scores through the scorer interface; a model may carry its own
+textual-inversion embedding (`+FILE:WORD`)."""
 import csv
 import json
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
-from ldm.checkpoint import save_lora, save_weights
+from ldm.checkpoint import save_embedding, save_lora, save_weights
 from ldm.eval.compare import ModelSpec, table_rows
 from ldm.lora.layers import inject_lora, lora_tensors
 from ldm.toy.scorer import ToyPromptScorer
@@ -39,13 +41,27 @@ def files(tmp_path_factory):
     return base, lora, prompts, sum(v.numel() for k, v in tensors.items() if not k.endswith(".alpha"))
 
 
-def run(tmp_path, files, *models):
+@pytest.fixture(scope="module")
+def embeddings(tmp_path_factory):
+    """Two runs' vectors for the same word (the tiny text encoder is 32 wide): a .safetensors and an A1111 .pt."""
+    root = tmp_path_factory.mktemp("embeddings")
+    save_embedding(torch.randn(1, 32, generator=torch.Generator().manual_seed(1)), root / "a.safetensors", "a", 5)
+    save_embedding(torch.randn(2, 32, generator=torch.Generator().manual_seed(2)), root / "b.pt", "b", 5)
+    return root / "a.safetensors", root / "b.pt"
+
+
+def run(tmp_path, files, *models, extra=()):
     base, lora, prompts, _ = files
     args = ["--config", str(TINY_CONFIG), "--device", "cpu", "--prompts", str(prompts), "--n", "2", "--steps", "2",
-            "--outdir", str(tmp_path)]
+            "--outdir", str(tmp_path), *extra]
     for model in models:
         args += ["--model", model.format(base=base, lora=lora)]
     return compare.main(args)
+
+
+def pixels(folder):
+    """The images of the first prompt (`a photo of sks dog`) in a samples/<label>/ folder."""
+    return [np.asarray(Image.open(path)) for path in sorted(folder.glob("00-*.png"))]
 
 
 def test_grid_table_and_fixed_seeds(tmp_path, files, capsys):
@@ -78,21 +94,42 @@ def test_lora_parameters_are_counted_from_the_file_without_a_summary(tmp_path, f
     assert row["model"] == "r" and int(row["trainable_parameters"]) == numel
 
 
-def test_bad_model_specs_are_one_line_errors(tmp_path, files, capsys):
-    assert run(tmp_path, files, "x={base}+") == 1
-    assert "expected [LABEL=]CKPT[+LORA[:SCALE]]" in capsys.readouterr().err
-    assert run(tmp_path, files, "x={base}+missing.safetensors") == 1
-    err = capsys.readouterr().err
-    assert err.startswith("error: ") and "missing.safetensors" in err
+def test_bad_model_specs_are_one_line_errors(tmp_path, files, embeddings, capsys):
+    emb, _ = embeddings
+    save_weights({"a": torch.zeros(2), "b": torch.zeros(2)}, tmp_path / "other.safetensors")
+    for model, message in [("x={base}+", "expected [LABEL=]CKPT[+LORA[:SCALE]][+EMBEDDING[:WORD]]"),
+                           ("x={base}+missing.safetensors", "missing.safetensors"),
+                           (f"x={{base}}+{tmp_path / 'other.safetensors'}", "must be a LoRA or an embedding file"),
+                           ("x={base}+{lora}:sks", "is a LoRA file, so its :sks must be a scale"),
+                           (f"x={{base}}+{emb}:0.5", "is a textual-inversion embedding, so its :0.5 must be the word")]:
+        assert run(tmp_path, files, model) == 1
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and err.count("\n") == 1 and message in err, (model, err)
 
 
-def test_model_spec_labels():
+def test_model_spec_labels_and_parts(files, embeddings):
+    base, lora, _, _ = files
+    emb, pt = embeddings
     assert ModelSpec.parse("a/b/base.ckpt") == ModelSpec("base", "a/b/base.ckpt", [])
-    assert ModelSpec.parse("r8=s.ckpt+x/r8.safetensors:0.5+y.safetensors").loras == ["x/r8.safetensors:0.5",
-                                                                                   "y.safetensors"]
-    assert ModelSpec.parse("s.ckpt+x/dog.safetensors:0.5").label == "dog"
+    spec = ModelSpec.parse(f"pivotal={base}+{lora}:0.5+{emb}:sks+{pt}")
+    assert (spec.label, spec.loras, spec.embeddings) == ("pivotal", [f"{lora}:0.5"], [f"{emb}:sks", str(pt)])
+    assert spec.files() == [lora, emb, pt]
+    assert ModelSpec.parse(f"{base}+{lora}:0.5").label == "last"
+    assert ModelSpec.parse(f"{base}+{emb}:sks").label == "a"
     with pytest.raises(UserError):
         ModelSpec.parse("=")
+
+
+def test_each_model_binds_its_own_embedding_after_the_global_one(tmp_path, files, embeddings):
+    emb, pt = embeddings
+    assert run(tmp_path, files, f"a={{base}}+{emb}:sks", f"b={{base}}+{pt}:sks", "g={base}",
+               extra=["--embedding", f"{pt}:sks"]) == 0
+    a, b, g = (pixels(tmp_path / "samples" / label) for label in "abg")
+    assert len(a) == 2 and all(np.array_equal(x, y) for x, y in zip(b, g))  # the model's own = the global, same seeds
+    assert not any(np.array_equal(x, y) for x, y in zip(a, b))  # a's own vectors win over the global ones
+    rows = {r["model"]: r for r in csv.DictReader(open(tmp_path / "table.csv"))}
+    assert (rows["a"]["trainable_parameters"], rows["b"]["trainable_parameters"]) == ("32", "64")
+    assert float(rows["a"]["file_mb"]) == pytest.approx(emb.stat().st_size / 1e6)
 
 
 class FakeToyScorer:
@@ -104,7 +141,8 @@ class FakeToyScorer:
 
 
 def test_toy_scores_and_the_table_means():
-    answers = [{"subject": True, "cls": "ball", "context": "snow"}, {"subject": False, "cls": "box", "context": "beach"}]
+    answers = [{"subject": True, "cls": "ball", "context": "snow"},
+               {"subject": False, "cls": "box", "context": "beach"}]
     scorer = ToyPromptScorer(FakeToyScorer(answers), "ball")
     images = [Image.new("RGB", (64, 64))] * 2
     snow = scorer(images, "a sks ball in the snow")

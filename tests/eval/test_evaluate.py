@@ -6,6 +6,7 @@ import pytest
 import torch
 from PIL import Image
 
+from ldm.checkpoint import save_embedding
 from ldm.eval.evaluate import dreambench_prompts, prompt_groups
 from ldm.eval.paper_metrics import PaperScorer, without_identifier
 from ldm.modules.encoders.preprocess import Preprocess
@@ -102,3 +103,13 @@ def test_a_missing_scoring_model_says_what_to_download(tmp_path, tiny_ckpt, caps
                                  "dog", "--clip", str(tmp_path / "nothing"), "--dino", str(tmp_path)])
     err = capsys.readouterr().err
     assert code == 1 and "openai/clip-vit-base-patch32" in err and "Traceback" not in err
+
+
+def test_the_model_spec_takes_an_embedding_and_resolves_globs(tmp_path, tiny_ckpt) -> None:
+    run = tmp_path / "logs" / "2024_dog" / "checkpoints"
+    run.mkdir(parents=True)
+    save_embedding(torch.randn(1, 32), run / "last.safetensors", "sks", 3)
+    pattern = f"{tmp_path}/logs/*_{{subject}}/checkpoints/last.safetensors:sks"
+    spec = evaluate_script.resolve_model(f"ti={tiny_ckpt}+{pattern}", "dog")
+    assert (spec.loras, spec.embeddings) == ([], [f"{run / 'last.safetensors'}:sks"])
+    assert evaluate_script.default_outdir(spec) == run.parent / "eval"
