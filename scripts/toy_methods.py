@@ -97,7 +97,7 @@ def extract(runner: Runner, method: Method, seed: int, done: dict[str, dict], op
     output = runner.outdir / "extracted" / f"{method.slug}-seed{seed}.safetensors"
     output.parent.mkdir(exist_ok=True)
     runner.run("extract", output.stem, "extract_lora.py", source["files"][0], "--base", opt.base, "-o", str(output),
-               "--rank", str(method.rank), "--config", INFERENCE_CONFIG)
+               "--rank", str(method.rank), "--config", INFERENCE_CONFIG, *method.extract_flags)
     return {"flags": ["--lora", str(output)], "files": [str(output)], "run": source["run"],
             "trainable_parameters": None, "seconds_per_step": None, "peak_memory_bytes": None}
 

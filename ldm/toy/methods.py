@@ -14,7 +14,8 @@ FULL, LORA = "configs/toy/v1-finetune_unfrozen.yaml", "configs/toy/v1-finetune_l
 @dataclass(frozen=True)
 class Method:
     """A row of the comparison: `slug` names its runs and files, `config` and `flags` its main.py command line;
-    an extracted method trains nothing: it factors the `extracted_from` method's run into a LoRA of `rank`."""
+    an extracted method trains nothing: it factors the `extracted_from` method's run into a LoRA of `rank`, with
+    `extract_flags` (scripts/extract_lora.py's, e.g. --conv)."""
 
     slug: str
     label: str
@@ -22,6 +23,7 @@ class Method:
     flags: tuple[str, ...] = ()
     extracted_from: Optional[str] = None
     rank: int = 16
+    extract_flags: tuple[str, ...] = ()
 
 
 METHODS = (
@@ -34,6 +36,8 @@ METHODS = (
     Method("loha8", "LoHa r8", LORA, ("--network", "loha", "--rank", "8")),
     Method("lokr8", "LoKr r8", LORA, ("--network", "lokr", "--rank", "8")),
     Method("extracted16", "LoRA r16 extracted from the full fine-tune", extracted_from="full", rank=16),
+    Method("extracted16conv", "LoRA r16 + LoCon convs extracted from the full fine-tune", extracted_from="full",
+           rank=16, extract_flags=("--conv",)),
     Method("ti", "textual inversion", FULL, ("--train_embedding",)),
     Method("pivotal8", "pivotal tuning (embedding + LoRA r8)", LORA, ("--rank", "8", "--train_embedding")),
 )
@@ -63,11 +67,19 @@ def method_rows(results: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def cell(value: Optional[dict[str, float]], scale: float = 100, digits: int = 0) -> str:
-    """`mean (min-max)` of a spread, scaled (percent by default); a single seed shows its value only."""
+    """`mean (min-max)` of a spread, scaled (percent by default); a single seed, or seeds that agree, show the value
+    only."""
     if value is None:
         return "-"
     text = f"{value['mean'] * scale:.{digits}f}"
-    return text if value["n"] == 1 else f"{text} ({value['min'] * scale:.{digits}f}-{value['max'] * scale:.{digits}f})"
+    if value["n"] == 1 or value["min"] == value["max"]:
+        return text
+    return f"{text} ({value['min'] * scale:.{digits}f}-{value['max'] * scale:.{digits}f})"
+
+
+def kilobytes(value: Optional[dict[str, float]]) -> str:
+    """A file size cell in kB, with a decimal below 10 kB (an embedding's file is under 1 kB)."""
+    return cell(value, 1e-3, 1 if value is not None and value["mean"] < 1e4 else 0)
 
 
 def write_methods_report(folder: Path, results: Sequence[dict[str, Any]], machine: str,
@@ -85,7 +97,7 @@ def write_methods_report(folder: Path, results: Sequence[dict[str, Any]], machin
     for row in rows:
         lines.append(f"| {row['label']} | {len(row['seeds']) or '-'} | {cell(row['binding'])} | "
                      f"{cell(row['recontext_subject'])} | {cell(row['recontext_context'])} | {cell(row['leakage'])} | "
-                     f"{cell(row['file_bytes'], 1e-3)} | {cell(row['trainable_parameters'], 1)} | "
+                     f"{kilobytes(row['file_bytes'])} | {cell(row['trainable_parameters'], 1)} | "
                      f"{cell(row['seconds_per_step'], 1, 3)} | {cell(row['peak_memory_bytes'], 1e-6)} |")
     lines += ["", "![samples of the first seed](methods.png)", "", "Commands run:", "", "```", *commands, "```", ""]
     atomic_write_text(folder / "methods.md", "\n".join(lines))

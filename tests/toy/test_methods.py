@@ -5,7 +5,7 @@ import json
 import pytest
 
 from ldm.toy.demo import CLASS_PROMPT, CONTEXT_PROMPTS, INSTANCE_PROMPT, summary_rates
-from ldm.toy.methods import BY_SLUG, METHODS, cell, method_rows, write_methods_report
+from ldm.toy.methods import BY_SLUG, METHODS, cell, kilobytes, method_rows, write_methods_report
 from tests.toy.test_demo_report import model_rates
 
 
@@ -32,6 +32,12 @@ def test_rows_follow_the_methods_order_with_the_base_first_and_spread_over_seeds
     assert lora["binding"] == {"mean": 0.75, "min": 0.5, "max": 1.0, "n": 2}
     assert lora["seconds_per_step"]["mean"] == pytest.approx(0.2)
     assert cell(lora["binding"]) == "75 (50-100)" and cell(full["binding"]) == "50" and cell(None) == "-"
+    assert cell(lora["trainable_parameters"], 1) == "1000"  # seeds that agree show the value once
+
+
+def test_file_sizes_in_kilobytes_keep_a_decimal_below_ten():
+    assert kilobytes({"mean": 24_369_000, "min": 24_369_000, "max": 24_369_000, "n": 2}) == "24369"
+    assert kilobytes({"mean": 480, "min": 480, "max": 480, "n": 1}) == "0.5" and kilobytes(None) == "-"
 
 
 def test_every_method_has_a_unique_slug_and_the_extracted_one_names_a_trained_source():
