@@ -42,7 +42,7 @@ class ToySampleScorer:
     prompts without the identifier: "photo of a ball"); each a fraction of the samples, as the demo measures them."""
 
     metrics = ("binding", "recontext_subject", "recontext_context", "leakage")
-    default_recipe = ("binding", "recontext_subject", "1 - leakage")
+    default_recipe = ("binding", "recontext_subject", "recontext_context", "1 - leakage")
 
     def __init__(self, weights: str = "data/toy/scorer.safetensors"):
         path = Path(user_or_project_path(weights))

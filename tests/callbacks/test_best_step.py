@@ -163,6 +163,8 @@ def test_fidelity_recipes():
     assert recipe == (Term("binding"), Term("recontext_subject"), Term("leakage", complement=True))
     assert fidelity(recipe, {"binding": 1.0, "recontext_subject": 0.5, "leakage": 0.25}) == pytest.approx(0.75)
     assert fidelity(recipe, {"binding": 1.0, "recontext_subject": 0.5}) is None
+    assert parse_recipe(ToySampleScorer.default_recipe, ToySampleScorer.metrics) == (
+        Term("binding"), Term("recontext_subject"), Term("recontext_context"), Term("leakage", complement=True))
     paper = parse_recipe(["dino / 0.668", "clip_t/0.305"], ("dino", "clip_t"))
     assert [str(term) for term in paper] == ["dino / 0.668", "clip_t / 0.305"]
     assert fidelity(paper, {"dino": 0.668, "clip_t": 0.61}) == pytest.approx(1.5)
@@ -187,7 +189,8 @@ def test_the_toy_scorer_measures_binding_recontextualisation_and_leakage():
                            "val/fidelity"}
     assert scores["val/binding"] >= 0.75 and scores["val/recontext_subject"] >= 0.75
     assert scores["val/recontext_context"] >= 0.75 and scores["val/leakage"] <= 0.25
-    expected = (scores["val/binding"] + scores["val/recontext_subject"] + 1 - scores["val/leakage"]) / 3
+    expected = (scores["val/binding"] + scores["val/recontext_subject"] + scores["val/recontext_context"]
+                + 1 - scores["val/leakage"]) / 4  # the toy scorer's default recipe counts the asked context
     assert scores["val/fidelity"] == pytest.approx(expected)
     with pytest.raises(ValueError, match="the toy scorer missing.safetensors is missing"):
         ToySampleScorer("missing.safetensors")
