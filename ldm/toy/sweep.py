@@ -14,7 +14,7 @@ from ldm.images import line_chart
 from ldm.util import atomic_write_text, mean
 
 METRICS = ("fidelity", "with_context", "binding", "recontext_subject", "recontext_context", "leakage")
-LABELS = {"fidelity": "fidelity (mean of binding, recontext subject, 1 - leakage)",
+LABELS = {"fidelity": "fidelity (val/fidelity as the runs logged it)",
           "with_context": "with context (mean of binding, recontext subject and context, 1 - leakage)",
           "binding": "identifier binding",
           "recontext_subject": "recontextualisation: subject", "recontext_context": "recontextualisation: context",
@@ -132,7 +132,8 @@ def write_sweep_report(folder: Path, results: Sequence[dict[str, Any]], methods:
     atomic_write_text(folder / "sweep.json", json.dumps({"runs": list(results), "curves": curves, "peaks": rows,
                                                          "peaks_with_context": context_rows}, indent=1) + "\n")
     lines = ["# The step sweep on the toy world", "",
-             "Mean over training seeds; every rate in percent (fidelity: the mean of binding, recontextualisation "
+             "Mean over training seeds; every rate in percent (fidelity: `val/fidelity` as the runs logged it, by the "
+             "recipe of their config; before 2026-12-07 the toy configs' was the mean of binding, recontextualisation "
              "subject and 1 - leakage). `best`: the step of the best mean fidelity; `last`: the last step; `chosen`: "
              "the steps each run's best-step callback chose, and the most that the mean fidelity there falls short of "
              "the best (in points).", "",
