@@ -109,11 +109,15 @@ def measure(runner: Runner, name: str, flags: list[str], prompts: Path, scorer, 
     return {"rates": rates, **summary_rates(rates), "samples": str(folder)}
 
 
-def run_commands(done: dict[str, dict]) -> list[str]:
-    """Every command the finished runs ran (over all invocations), the base's first, then by seed and method."""
+def in_order(done: dict[str, dict]) -> list[dict]:
+    """The finished runs, the base's first, then by seed and in METHODS' order."""
     order = {slug: index for index, slug in enumerate(BY_SLUG)}
-    results = sorted(done.values(), key=lambda r: (r["seed"] is not None, r["seed"] or 0, order.get(r["method"], -1)))
-    return [command for result in results for command in result.get("commands", [])]
+    return sorted(done.values(), key=lambda r: (r["seed"] is not None, r["seed"] or 0, order.get(r["method"], -1)))
+
+
+def run_commands(done: dict[str, dict]) -> list[str]:
+    """Every command the finished runs ran (over all invocations), in_order."""
+    return [command for result in in_order(done) for command in result.get("commands", [])]
 
 
 def compare(opt: argparse.Namespace) -> int:
@@ -153,10 +157,9 @@ def compare(opt: argparse.Namespace) -> int:
     machine = f"{os.cpu_count()} CPU cores, {opt.threads} torch thread(s) per process"
     invocation = f"python scripts/toy_methods.py {' '.join(sys.argv[1:])}".strip()
     rows = write_methods_report(outdir, list(done.values()), machine, [invocation, *run_commands(done)])
-    first = {name: result for name, result in done.items() if result["seed"] in (None, opt.seed)}
-    folders = {BY_SLUG[r["method"]].label if r["method"] in BY_SLUG else "base": Path(r["samples"])
-               for r in first.values()}
-    rates = {BY_SLUG[r["method"]].label if r["method"] in BY_SLUG else "base": r["rates"] for r in first.values()}
+    first = [result for result in in_order(done) if result["seed"] in (None, opt.seed)]
+    folders = {BY_SLUG[r["method"]].label if r["method"] in BY_SLUG else "base": Path(r["samples"]) for r in first}
+    rates = {BY_SLUG[r["method"]].label if r["method"] in BY_SLUG else "base": r["rates"] for r in first}
     draw_picture(outdir / "methods.png", folders, rates)
     for row in rows:
         binding = row["binding"]
