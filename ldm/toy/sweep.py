@@ -10,9 +10,12 @@ from typing import Any, Optional, Sequence
 
 from PIL import Image
 
+from ldm.eval.fidelity import fidelity, parse_recipe
 from ldm.images import line_chart
+from ldm.toy.metrics import ToySampleScorer
 from ldm.util import atomic_write_text, mean
 
+CONTEXT_RECIPE = parse_recipe(ToySampleScorer.default_recipe)
 METRICS = ("fidelity", "with_context", "binding", "recontext_subject", "recontext_context", "leakage")
 LABELS = {"fidelity": "fidelity (val/fidelity as the runs logged it)",
           "with_context": "with context (mean of binding, recontext subject and context, 1 - leakage)",
@@ -28,12 +31,9 @@ def setting_name(method: str, lr: float) -> str:
 
 
 def with_context(scores: dict[str, float]) -> Optional[float]:
-    """The fidelity that also counts the asked context (which falls as a run overfits): the mean of binding,
-    recontextualisation subject and context, and 1 - leakage; None when one is missing."""
-    terms = ("binding", "recontext_subject", "recontext_context", "leakage")
-    if any(term not in scores for term in terms):
-        return None
-    return (scores["binding"] + scores["recontext_subject"] + scores["recontext_context"] + 1 - scores["leakage"]) / 4
+    """The fidelity that also counts the asked context (which falls as a run overfits): the toy scorer's recipe,
+    the mean of binding, recontextualisation subject and context, and 1 - leakage; None when one is missing."""
+    return fidelity(CONTEXT_RECIPE, scores)
 
 
 def read_rounds(run: Path) -> dict[int, dict[str, float]]:
