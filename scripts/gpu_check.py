@@ -292,7 +292,8 @@ def stage_sampling(check: Check) -> dict:
     result = check.run("sampling", "sampling", spec)
     what = f"{check.sizes.ddim_steps} DDIM steps, {check.sizes.size} px, guidance 7.5"
     controlnet = f"{result['controlnet_s']:.3f} s{reserved(result['controlnet_peak_reserved_gib'])}"
-    rows = [(what, f"{result['plain_s']:.3f} s{reserved(result['peak_reserved_gib'])}"), (f"{what}, ControlNet", controlnet)]
+    plain = f"{result['plain_s']:.3f} s{reserved(result['peak_reserved_gib'])}"
+    rows = [(what, plain), (f"{what}, ControlNet", controlnet)]
     return {**result, "rows": rows}
 
 

@@ -38,7 +38,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("-o", "--output", required=True, help="the merged checkpoint: .ckpt or .safetensors")
     parser.add_argument("--config", type=user_or_project_path, default=None, help="the base's model config (its "
                         "UNet's shape; default: as sampling chooses, the run's own for a file in a run's checkpoints/, "
-                        f"else {shown(DEFAULT_CONFIG)}); a base it does not fit is refused, naming the config that fits")
+                        f"else {shown(DEFAULT_CONFIG)}); a base it does not fit is refused, naming the config that "
+                        "fits")
     parser.add_argument("--half", action="store_true", help="write fp16 weights (default: as the base stores them)")
     parser.add_argument("--ema", action="store_true", help="merge into the base's EMA UNet weights and keep those")
     return parser.parse_args(argv)

@@ -17,9 +17,11 @@ import shlex
 import shutil
 import subprocess
 import sys
+import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import IO, Optional, Sequence
 
 
 SCRIPTS = Path(__file__).resolve().parent  # scripts/ in a clone, dreambooth_scripts/ once installed
@@ -67,31 +69,85 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-class Runner:
-    """Runs the demo's command lines, each logged to its own file, and times them."""
+@dataclass
+class Job:
+    """A command line running in the background, its output going to `log`; `watcher` notes when it ends."""
+    stage: str
+    name: str
+    process: subprocess.Popen
+    log: Path
+    output: IO[str]
+    started: float
+    ended: Optional[float] = None
+    watcher: Optional[threading.Thread] = None
 
-    def __init__(self, outdir: Path, threads: int):
+    def watch(self) -> None:
+        self.process.wait()
+        self.ended = time.monotonic()
+
+
+class Runner:
+    """Runs the demo's command lines, each logged to its own file, and times them: `run` waits for its command,
+    `start` leaves it running beside the others, at most `parallel` at once (one per core the threads leave)."""
+
+    def __init__(self, outdir: Path, threads: int, parallel: int = 1):
         self.outdir, self.logs = outdir, outdir / "logs"
         self.logs.mkdir(parents=True, exist_ok=True)
         self.env = {**os.environ, "OMP_NUM_THREADS": str(threads), "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+        self.parallel, self.running = parallel, []
         self.commands: list[str] = []
         self.stages: dict[str, float] = {}
+        self.began = time.monotonic()
 
     def run(self, stage: str, name: str, script: str, *args: str) -> None:
+        self.wait(self.start(stage, name, script, *args))
+
+    def start(self, stage: str, name: str, script: str, *args: str) -> Job:
+        while len(self.running) >= self.parallel:
+            self.wait(self.running[0])
         command = ["python", shown(COMMANDS[script]), *args]
         self.commands.append(shlex.join(command))
         print(f"[{stage}] {shlex.join(command)}", flush=True)
-        started = time.monotonic()
         log = self.logs / f"{name}.log"
-        with open(log, "w") as handle:
-            proc = subprocess.run([sys.executable, *command[1:]], env=self.env, stdout=handle,
-                                  stderr=subprocess.STDOUT)
-        seconds = time.monotonic() - started
-        self.stages[stage] = round(self.stages.get(stage, 0.0) + seconds, 1)
-        if proc.returncode != 0:
-            tail = "\n".join(log.read_text().splitlines()[-15:])
-            raise SystemExit(f"{tail}\nerror: the {name} step failed (exit {proc.returncode}); log: {log}")
-        print(f"[{stage}] done in {seconds:.0f} s (log: {log})", flush=True)
+        output = open(log, "w")
+        process = subprocess.Popen([sys.executable, *command[1:]], env=self.env, stdout=output,
+                                   stderr=subprocess.STDOUT)
+        job = Job(stage, name, process, log, output, time.monotonic())
+        job.watcher = threading.Thread(target=job.watch, daemon=True)
+        job.watcher.start()
+        self.running.append(job)
+        return job
+
+    def wait(self, job: Job) -> None:
+        """Wait for `job`; if it failed, stop the others and exit with its log's last lines."""
+        job.watcher.join()
+        returncode = job.process.returncode
+        job.output.close()
+        self.running.remove(job)
+        seconds = job.ended - job.started
+        self.stages[job.stage] = round(self.stages.get(job.stage, 0.0) + seconds, 1)
+        if returncode != 0:
+            self.stop()
+            tail = "\n".join(job.log.read_text().splitlines()[-15:])
+            raise SystemExit(f"{tail}\nerror: the {job.name} step failed (exit {returncode}); log: {job.log}")
+        print(f"[{job.stage}] {job.name} done in {seconds:.0f} s (log: {job.log})", flush=True)
+
+    def finish(self) -> None:
+        """Wait for every command still running."""
+        while self.running:
+            self.wait(self.running[0])
+
+    def seconds(self) -> float:
+        """The wall-clock seconds since the runner began."""
+        return round(time.monotonic() - self.began, 1)
+
+    def stop(self) -> None:
+        """End the commands still running (after a failure or an interrupt)."""
+        for job in self.running:
+            job.process.terminate()
+            job.process.wait()
+            job.output.close()
+        self.running = []
 
 
 def draw_class_images(runner: Runner, opt: argparse.Namespace) -> Path:
@@ -121,13 +177,21 @@ def fine_tune(runner: Runner, name: str, class_folder: Path, opt: argparse.Names
     return ["--ckpt", str(run / "checkpoints" / "last.ckpt")]
 
 
-def sample(runner: Runner, name: str, model: list[str], prompts: Path, opt: argparse.Namespace) -> Path:
-    """The demo's prompts from one model (its sampling flags), the same seeds for every prompt and model."""
+def start_sampling(runner: Runner, name: str, model: list[str], prompts: Path, opt: argparse.Namespace) -> Path:
+    """Start sampling the demo's prompts from one model (its sampling flags), the same seeds for every prompt and
+    model, beside the runner's other commands; returns the folder its samples go to."""
     outdir = runner.outdir / "samples" / name
-    runner.run("samples", f"samples-{name}", "stable_txt2img.py", *model, "--from-file",
-               str(prompts), "--n_samples", str(opt.samples), "--n_iter", "1", "--fixed_code", "--seed", "1000",
-               "--ddim_steps", str(opt.ddim_steps), "--scale", str(opt.scale), "--outdir", str(outdir), *SAMPLING)
+    runner.start("samples", f"samples-{name}", "stable_txt2img.py", *model, "--from-file",
+                 str(prompts), "--n_samples", str(opt.samples), "--n_iter", "1", "--fixed_code", "--seed", "1000",
+                 "--ddim_steps", str(opt.ddim_steps), "--scale", str(opt.scale), "--outdir", str(outdir), *SAMPLING)
     return outdir / "samples"
+
+
+def sample(runner: Runner, name: str, model: list[str], prompts: Path, opt: argparse.Namespace) -> Path:
+    """The demo's prompts from one model, as start_sampling, once they are all drawn."""
+    folder = start_sampling(runner, name, model, prompts, opt)
+    runner.finish()
+    return folder
 
 
 def quick_settings(opt: argparse.Namespace) -> list[str]:
@@ -159,30 +223,41 @@ def demo(opt: argparse.Namespace) -> int:
         shutil.rmtree(outdir)
     machine = f"{os.cpu_count()} CPU cores, {opt.threads} torch thread(s) per process"
     print(f"DreamBooth on the toy world in {outdir} ({machine})", flush=True)
-    overrides = quick_settings(opt) if opt.quick else []
-    runner = Runner(outdir, opt.threads)
-    class_folder = draw_class_images(runner, opt)
-    seeds = {opt.seed + k: "fine-tuned" if k == 0 else f"fine-tuned seed {opt.seed + k}" for k in range(opt.seeds)}
-    models = {"base": ["--ckpt", opt.base]}
-    for seed, name in seeds.items():
-        chosen = [] if opt.seeds == 1 and seed == TRAINING_SEED else ["--seed", str(seed)]
-        run_name = "dreambooth" if name == "fine-tuned" else f"dreambooth-seed{seed}"
-        models[name] = fine_tune(runner, run_name, class_folder, opt, *chosen, *overrides)
-    if opt.drift:
-        models["reg_weight 0"] = fine_tune(runner, "no-prior", class_folder, opt, "model.params.reg_weight=0",
-                                                *overrides)
-    prompts = outdir / "prompts.txt"
-    prompts.write_text("\n".join(PROMPTS) + "\n")
-    folders = {name: sample(runner, name.replace(" ", "_"), model, prompts, opt) for name, model in models.items()}
+    runner = Runner(outdir, opt.threads, parallel=max(1, (os.cpu_count() or 1) // opt.threads))
+    try:
+        folders, seeds = train_and_sample(runner, opt, quick_settings(opt) if opt.quick else [])
+    finally:
+        runner.stop()
     started = time.monotonic()
     scorer = load_scorer(SCORER)
     rates = {name: score_folder(folder, scorer) for name, folder in folders.items()}
     draw_picture(outdir / "report.png", folders, rates)
     runner.stages["scoring"] = round(time.monotonic() - started, 1)
-    report = write_report(outdir, rates, runner.stages, runner.commands, machine, opt.quick,
+    report = write_report(outdir, rates, runner.stages, runner.seconds(), runner.commands, machine, opt.quick,
                           seeds if opt.seeds > 1 else None)
     print_summary(report, rates, outdir)
     return 0
+
+
+def train_and_sample(runner: Runner, opt: argparse.Namespace, overrides: list[str]) -> tuple[dict, dict]:
+    """Class images, the fine-tunes and every model's samples, the base model's beside the class images and the
+    first fine-tune, each fine-tuned model's beside the next fine-tune; returns the sample folders by model and the
+    training seeds' models by seed."""
+    prompts = runner.outdir / "prompts.txt"
+    prompts.write_text("\n".join(PROMPTS) + "\n")
+    folders = {"base": start_sampling(runner, "base", ["--ckpt", opt.base], prompts, opt)}
+    class_folder = draw_class_images(runner, opt)
+    seeds = {opt.seed + k: "fine-tuned" if k == 0 else f"fine-tuned seed {opt.seed + k}" for k in range(opt.seeds)}
+    runs = {name: ("dreambooth" if name == "fine-tuned" else f"dreambooth-seed{seed}",
+                   [] if opt.seeds == 1 and seed == TRAINING_SEED else ["--seed", str(seed)])
+            for seed, name in seeds.items()}
+    if opt.drift:
+        runs["reg_weight 0"] = ("no-prior", ["model.params.reg_weight=0"])
+    for name, (run_name, flags) in runs.items():
+        model = fine_tune(runner, run_name, class_folder, opt, *flags, *overrides)
+        folders[name] = start_sampling(runner, name.replace(" ", "_"), model, prompts, opt)
+    runner.finish()
+    return folders, seeds
 
 
 def print_summary(report: dict, rates: dict, outdir: Path) -> None:

@@ -99,11 +99,11 @@ def percent(value: Optional[float]) -> str:
     return "-" if value is None else f"{100 * value:.0f} %"
 
 
-def write_report(folder: Path, rates: dict, stages: dict[str, float], commands: list[str], machine: str,
-                 quick: bool, seeds: Optional[dict[int, str]] = None) -> dict[str, Any]:
-    """report.json and report.md in `folder`; with `seeds` (training seed -> fine-tuned model), the spread of the
-    rates over them; returns the report."""
-    seconds = round(sum(stages.values()), 1)
+def write_report(folder: Path, rates: dict, stages: dict[str, float], seconds: float, commands: list[str],
+                 machine: str, quick: bool, seeds: Optional[dict[int, str]] = None) -> dict[str, Any]:
+    """report.json and report.md in `folder`; `stages`: the seconds each kind of command took, summed (they overlap,
+    so they add up to more than the whole demo's `seconds`); with `seeds` (training seed -> fine-tuned model), the
+    spread of the rates over them; returns the report."""
     report = {"machine": machine, "quick": quick, "seconds": seconds, "stages": stages,
               "targets": targets(rates, None if quick or seeds else seconds), "rates": rates, "commands": commands}
     if seeds:
@@ -111,7 +111,8 @@ def write_report(folder: Path, rates: dict, stages: dict[str, float], commands: 
     (folder / "report.json").write_text(json.dumps(report, indent=1) + "\n")
     models = list(rates)
     lines = ["# DreamBooth on the toy world", "",
-             f"Machine: {machine}. Whole demo: {seconds:.0f} s ("
+             f"Machine: {machine}. Whole demo: {seconds:.0f} s (summed over the commands of each kind, which run "
+             "side by side where there are cores for them: "
              + ", ".join(f"{name} {value:.0f} s" for name, value in stages.items()) + ")."]
     if quick:
         lines += ["", "**Quick mode** (a pipeline check with few steps and samples): the rates mean nothing."]

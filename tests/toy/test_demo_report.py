@@ -29,7 +29,7 @@ def test_the_spread_is_each_rates_mean_min_and_max_over_the_seeds():
 
 
 def test_the_report_holds_the_spread(tmp_path):
-    report = write_report(tmp_path, RATES, {"fine-tune": 10.0}, ["python main.py"], "2 CPU cores", False, SEEDS)
+    report = write_report(tmp_path, RATES, {"fine-tune": 10.0}, 12.0, ["python main.py"], "2 CPU cores", False, SEEDS)
     assert [row["rate"] for row in json.loads((tmp_path / "report.json").read_text())["spread"]] == [
         row["rate"] for row in report["spread"]]
     text = (tmp_path / "report.md").read_text()
