@@ -47,6 +47,7 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     add("--seeds", type=int, default=3, help="training seeds --seed, --seed + 1, ...")
     add("--seed", type=int, default=TRAINING_SEED)
     add("--samples", type=int, default=16, help="samples per prompt and model (the demo's)")
+    add("--max_steps", type=int, default=500, help="training steps of every method (docs/methods.md: 500)")
     add("--threads", type=int, default=1)
     add("--class_images", type=int, default=40)
     add("--ddim_steps", type=int, default=25)
@@ -80,7 +81,7 @@ def train(runner: Runner, method: Method, seed: int, class_folder: Path, opt: ar
     runner.run("fine-tune", logdir.name, "main.py", "--base", method.config, "-t", "--actual_resume", opt.base,
                "-n", method.slug, "--accelerator", "cpu", "--data_root", SUBJECT, "--reg_data_root", str(class_folder),
                "--class_word", CLASS_WORD, "--token", IDENTIFIER, "-l", str(logdir), "--seed", str(seed),
-               *method.flags, *QUIET, *opt.set)
+               "--max_steps", str(opt.max_steps), *method.flags, *QUIET, *opt.set)
     (run,) = logdir.iterdir()
     flags, files = trained_files(run)
     summary = json.loads((run / "summary.json").read_text())

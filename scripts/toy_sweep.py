@@ -29,7 +29,7 @@ from ldm.toy.world import COMPARED_CONTEXTS, CONTEXT_PHRASES  # noqa: E402
 from ldm.util import UserError, project_path, user_or_project_path  # noqa: E402
 
 CONFIGS = {"full": "configs/toy/v1-finetune_unfrozen.yaml", "lora16": "configs/toy/v1-finetune_lora.yaml"}
-METHOD_FLAGS = {  # the text encoder stops where the demo's 500-step run stops it, whatever --max_steps is
+METHOD_FLAGS = {  # the text encoder stops at step 250 (the toy config's stop step), whatever --max_steps is
     "full": ["model.params.cond_stage_stop_step=250"],
     "lora16": ["--rank", "16"],
 }

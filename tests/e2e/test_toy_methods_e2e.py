@@ -21,7 +21,7 @@ METHODS = ("full", "extracted16", "ti", "pivotal8")
 def run_driver(outdir, *extra: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "scripts/toy_methods.py", "--outdir", str(outdir), "--methods", *METHODS,
                            "--seeds", "1", "--samples", "1", "--class_images", "2", "--ddim_steps", "2",
-                           "--set", "lightning.trainer.max_steps=2", *extra],
+                           "--max_steps", "2", *extra],
                           cwd=REPO, env=ENV, capture_output=True, text=True, timeout=600)
 
 
