@@ -24,6 +24,7 @@ LABELS = {"fidelity": "fidelity (val/fidelity as the runs logged it)",
           "leakage": "leakage into the class prompt (lower is better)"}
 COLOURS = ((31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75))
 PANEL = (720, 300)
+REPLAY_WINDOWS = (1, 2, 3, 4)  # rounds in the trailing mean of a replayed best-step choice
 
 
 def setting_name(method: str, lr: float) -> str:
@@ -95,6 +96,35 @@ def peak_rows(curves: dict[str, dict[int, dict[str, dict[str, float]]]],
     return rows
 
 
+def replayed_choices(curves: dict[str, dict[int, dict[str, dict[str, float]]]], results: Sequence[dict[str, Any]],
+                     windows: Sequence[int] = REPLAY_WINDOWS) -> list[dict[str, Any]]:
+    """Per setting: the step a best-step callback monitoring the fidelity with context would choose from each run's
+    own rounds, by one round's value (window 1) or by the trailing mean of the last `window` rounds (keeping the
+    weights of the window's last round), and the most that the mean curve there falls short of its best (`gap`)."""
+    rows = []
+    for name, steps in curves.items():
+        scored = [step for step, cell in steps.items() if "with_context" in cell]
+        if not scored:
+            continue
+        best = max(steps[step]["with_context"]["mean"] for step in scored)
+        runs = [run for run in results if setting_name(run["method"], run["lr"]) == name]
+        choices = {}
+        for window in windows:
+            chosen = [replay(run, scored, window) for run in runs]
+            gaps = [best - steps[step]["with_context"]["mean"] for step in chosen]
+            choices[window] = {"steps": chosen, "gap": max(gaps) if gaps else None}
+        rows.append({"setting": name, "windows": choices})
+    return rows
+
+
+def replay(run: dict[str, Any], steps: Sequence[int], window: int) -> int:
+    """The step of `steps` (ascending) whose trailing mean of `window` rounds of the fidelity with context is the
+    highest in `run`, the earliest of equals (a callback keeps a round only when it beats the best strictly)."""
+    values = [with_context(run["rounds"][str(step)]) for step in steps]
+    trailing = [mean(values[max(0, k - window + 1):k + 1]) for k in range(len(values))]
+    return steps[max(range(len(steps)), key=lambda k: (trailing[k], -k))]
+
+
 def draw_sweep(curves: dict[str, dict[int, dict[str, dict[str, float]]]], methods: Sequence[str]) -> Image.Image:
     """Rows: the metrics; columns: the methods; in each panel one line per learning rate (the mean over seeds)."""
     panels, last = [], max(max(steps, default=0) for steps in curves.values())
@@ -129,8 +159,11 @@ def write_sweep_report(folder: Path, results: Sequence[dict[str, Any]], methods:
     """sweep.json (every run's rounds, the curves, the peaks), sweep.md (the table) and sweep.png (the curves)."""
     curves = mean_curves(results)
     rows, context_rows = peak_rows(curves, results), peak_rows(curves, results, "with_context")
+    replayed = replayed_choices(curves, results)
     atomic_write_text(folder / "sweep.json", json.dumps({"runs": list(results), "curves": curves, "peaks": rows,
-                                                         "peaks_with_context": context_rows}, indent=1) + "\n")
+                                                         "peaks_with_context": context_rows,
+                                                         "replayed": replayed},
+                                                        indent=1) + "\n")
     lines = ["# The step sweep on the toy world", "",
              "Mean over training seeds; every rate in percent (fidelity: `val/fidelity` as the runs logged it, by the "
              "recipe of their config; before 2026-12-07 the toy configs' was the mean of binding, recontextualisation "
@@ -154,6 +187,15 @@ def write_sweep_report(folder: Path, results: Sequence[dict[str, Any]], methods:
         cells = [percent(row["at_best"].get(m)) for m in METRICS if m != "fidelity"]
         lines.append(f"| {row['setting']} | {row['seeds']} | {row['best_step']} | " + " | ".join(cells)
                      + f" | {', '.join(map(str, row['auto_steps'])) or '-'} | {percent(row['auto_gap'])} |")
+    lines += ["", "A best-step callback replayed on each run's own rounds, choosing by the fidelity with context, by "
+              "one round or by the trailing mean of the last 2 to 4 rounds: the steps it chooses and the most that the "
+              "mean curve there falls short of the best (in points):", "",
+              "| setting | " + " | ".join(f"{w} round{'s' if w > 1 else ''} | short by" for w in REPLAY_WINDOWS) + " |",
+              "|---|" + "---|---|" * len(REPLAY_WINDOWS)]
+    for row in replayed:
+        lines.append(f"| {row['setting']} | " + " | ".join(
+            f"{', '.join(map(str, row['windows'][w]['steps']))} | {percent(row['windows'][w]['gap'])}"
+            for w in REPLAY_WINDOWS) + " |")
     lines += ["", "![curves](sweep.png)", "", "Commands run:", "", "```", *commands, "```", ""]
     atomic_write_text(folder / "sweep.md", "\n".join(lines))
     if rows:

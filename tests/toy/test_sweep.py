@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from ldm.toy.sweep import mean_curves, peak_rows, read_rounds, with_context, write_sweep_report
+from ldm.toy.sweep import mean_curves, peak_rows, read_rounds, replayed_choices, with_context, write_sweep_report
 
 
 def write_csv(path: Path, rows: list[dict]) -> None:
@@ -82,3 +82,15 @@ def test_the_fidelity_with_context_sees_the_overfitting_that_the_default_fidelit
     (row,) = peak_rows(curves, key="with_context")
     assert row["best_step"] == 500 and row["at_best"]["with_context"] == pytest.approx((0.8 + 0.5 + 0.9 + 1) / 4)
     assert with_context({"binding": 1.0}) is None
+
+
+def test_a_replayed_choice_by_one_round_or_a_trailing_mean():
+    def run(seed: int, binding: dict[int, float]) -> dict:  # with context: (binding + 0.5 + 0.5 + 1) / 4
+        return result("full", 1e-4, seed, binding)
+    runs = [run(23, {100: 0.2, 200: 1.0, 300: 0.2, 400: 0.8, 500: 0.8}),
+            run(24, {100: 0.2, 200: 0.6, 300: 0.6, 400: 0.6, 500: 0.6})]
+    (row,) = replayed_choices(mean_curves(runs), runs)
+    one, two = row["windows"][1], row["windows"][2]
+    assert one["steps"] == [200, 200] and one["gap"] == 0  # the mean curve peaks at 200 (binding 0.8)
+    assert two["steps"] == [500, 300]  # seed 23: (0.8 + 0.8) / 2 beats (1.0 + 0.2) / 2; seed 24: its first pair
+    assert two["gap"] == pytest.approx((0.8 - 0.4) / 4)  # the mean binding: 0.8 at step 200, 0.4 at 300
