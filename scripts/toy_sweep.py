@@ -46,6 +46,11 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     add("--methods", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
     add("--seeds", type=int, default=3, help="training seeds --seed, --seed + 1, ...")
     add("--seed", type=int, default=TRAINING_SEED)
+    add("--learning_rates", type=float, nargs="+", default=None,
+        help="instead of each method's three (" + "; ".join(f"{m}: {', '.join(map(str, lrs))}"
+                                                    for m, lrs in LEARNING_RATES.items()) + ")")
+    add("--subject", type=user_or_project_path, default=SUBJECT,
+        help="the subject's photos (with masks beside them, a masked loss), default the demo's")
     add("--max_steps", type=int, default=2000)
     add("--every", type=int, default=100, help="a validation round every this many steps")
     add("--val_seeds", type=int, nargs="+", default=[100, 101, 102, 103])
@@ -72,7 +77,7 @@ def train(runner: Runner, method: str, lr: float, seed: int, class_folder: Path,
     prompts = "[" + ", ".join(f"'{p}'" for p in HELD_OUT_PROMPTS) + "]"
     started = time.monotonic()
     runner.run("fine-tune", name, "main.py", "--base", CONFIGS[method], "-t", "--actual_resume", opt.base,
-               "-n", name, "--accelerator", "cpu", "--data_root", SUBJECT, "--reg_data_root", str(class_folder),
+               "-n", name, "--accelerator", "cpu", "--data_root", opt.subject, "--reg_data_root", str(class_folder),
                "--class_word", CLASS_WORD, "--token", IDENTIFIER, "-l", str(logdir), "--seed", str(seed),
                "--max_steps", str(opt.max_steps), *METHOD_FLAGS[method], f"model.base_learning_rate={lr}",
                f"{validation}.every_n_steps={opt.every}", f"{validation}.prompts={prompts}",
@@ -87,13 +92,13 @@ def train(runner: Runner, method: str, lr: float, seed: int, class_folder: Path,
 
 def sweep(opt: argparse.Namespace) -> int:
     outdir, results_dir = Path(opt.outdir), Path(opt.outdir) / "results"
-    for path in (opt.base, project_path("data/toy/scorer.safetensors"), SUBJECT):
+    for path in (opt.base, project_path("data/toy/scorer.safetensors"), opt.subject):
         if not Path(path).exists():
             raise UserError(f"{path} is missing; scripts/pretrain_toy_model.py and scripts/make_toy_subject.py make it")
     runner = Runner(outdir, opt.threads)
     results_dir.mkdir(exist_ok=True)
     plan = [(method, lr, opt.seed + k) for k in range(opt.seeds) for method in opt.methods
-            for lr in LEARNING_RATES[method]]  # seed by seed, so that a stopped sweep has every setting once
+            for lr in opt.learning_rates or LEARNING_RATES[method]]  # seed by seed: a stopped sweep has each setting
     if not opt.report_only:
         class_folder = outdir / "class_images"
         if len(list(class_folder.rglob("*.png"))) < opt.class_images:

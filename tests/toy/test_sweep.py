@@ -8,6 +8,7 @@ import pytest
 from PIL import Image
 
 from ldm.toy.sweep import mean_curves, peak_rows, read_rounds, replayed_choices, with_context, write_sweep_report
+from tests.helpers.repo import load_script
 
 
 def write_csv(path: Path, rows: list[dict]) -> None:
@@ -94,3 +95,9 @@ def test_a_replayed_choice_by_one_round_or_a_trailing_mean():
     assert one["steps"] == [200, 200] and one["gap"] == 0  # the mean curve peaks at 200 (binding 0.8)
     assert two["steps"] == [500, 300]  # seed 23: (0.8 + 0.8) / 2 beats (1.0 + 0.2) / 2; seed 24: its first pair
     assert two["gap"] == pytest.approx((0.8 - 0.4) / 4)  # the mean binding: 0.8 at step 200, 0.4 at 300
+
+
+def test_a_missing_subject_folder_is_one_line(tmp_path, capsys):
+    missing = tmp_path / "no-photos"
+    assert load_script("toy_sweep").main(["--subject", str(missing), "--outdir", str(tmp_path / "sweep")]) == 1
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith(f"error: {missing} is missing")
