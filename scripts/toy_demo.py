@@ -94,7 +94,8 @@ class Runner:
         self.outdir, self.logs = outdir, outdir / "logs"
         self.logs.mkdir(parents=True, exist_ok=True)
         self.env = {**os.environ, "OMP_NUM_THREADS": str(threads), "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
-        self.parallel, self.running = parallel, []
+        self.parallel = parallel
+        self.running: list[Job] = []
         self.commands: list[str] = []
         self.stages: dict[str, float] = {}
         self.began = time.monotonic()
