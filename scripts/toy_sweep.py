@@ -15,7 +15,7 @@ import shutil
 import sys
 import time
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 SCRIPTS = Path(__file__).resolve().parent
 sys.path.insert(0, str(SCRIPTS.parent))
@@ -63,6 +63,24 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def run_settings(opt: argparse.Namespace) -> dict[str, Any]:
+    """What a run's result depends on besides its method, learning rate and seed (kept with each result)."""
+    return {"base": str(Path(opt.base).resolve()), "subject": str(Path(opt.subject).resolve()),
+            "max_steps": opt.max_steps, "every": opt.every, "val_seeds": list(opt.val_seeds), "set": list(opt.set)}
+
+
+def check_settings(results_dir: Path, settings: dict[str, Any]) -> None:
+    """Refuse to add runs to a folder whose finished runs were made with other settings (their results would be
+    mixed in one report); results written before the settings were kept pass."""
+    for path in sorted(results_dir.glob("*.json")):
+        kept = json.loads(path.read_text()).get("settings")
+        differ = [key for key in settings if kept is not None and kept.get(key) != settings[key]]
+        if differ:
+            raise UserError(f"{path} was made with other {', '.join(differ)} ("
+                            + ", ".join(f"{key} {kept.get(key)}" for key in differ)
+                            + "); give another --outdir, or the same settings")
+
+
 def run_name(method: str, lr: float, seed: int) -> str:
     return f"{method}-lr{lr:g}-seed{seed}"
 
@@ -87,7 +105,7 @@ def train(runner: Runner, method: str, lr: float, seed: int, class_folder: Path,
     best = run / "checkpoints" / "best.json"
     return {"method": method, "lr": lr, "seed": seed, "run": str(run), "seconds": round(time.monotonic() - started),
             "rounds": {str(step): values for step, values in read_rounds(run).items()},
-            "best": json.loads(best.read_text()) if best.is_file() else None}
+            "best": json.loads(best.read_text()) if best.is_file() else None, "settings": run_settings(opt)}
 
 
 def sweep(opt: argparse.Namespace) -> int:
@@ -100,6 +118,7 @@ def sweep(opt: argparse.Namespace) -> int:
     plan = [(method, lr, opt.seed + k) for k in range(opt.seeds) for method in opt.methods
             for lr in opt.learning_rates or LEARNING_RATES[method]]  # seed by seed: a stopped sweep has each setting
     if not opt.report_only:
+        check_settings(results_dir, run_settings(opt))
         class_folder = outdir / "class_images"
         if len(list(class_folder.rglob("*.png"))) < opt.class_images:
             draw_class_images(runner, opt)

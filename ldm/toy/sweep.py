@@ -160,10 +160,9 @@ def write_sweep_report(folder: Path, results: Sequence[dict[str, Any]], methods:
     curves = mean_curves(results)
     rows, context_rows = peak_rows(curves, results), peak_rows(curves, results, "with_context")
     replayed = replayed_choices(curves, results)
-    atomic_write_text(folder / "sweep.json", json.dumps({"runs": list(results), "curves": curves, "peaks": rows,
-                                                         "peaks_with_context": context_rows,
-                                                         "replayed": replayed},
-                                                        indent=1) + "\n")
+    report = {"runs": list(results), "curves": curves, "peaks": rows, "peaks_with_context": context_rows,
+              "replayed": replayed}
+    atomic_write_text(folder / "sweep.json", json.dumps(report, indent=1) + "\n")
     lines = ["# The step sweep on the toy world", "",
              "Mean over training seeds; every rate in percent (fidelity: `val/fidelity` as the runs logged it, by the "
              "recipe of their config; before 2026-12-07 the toy configs' was the mean of binding, recontextualisation "

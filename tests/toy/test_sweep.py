@@ -101,3 +101,18 @@ def test_a_missing_subject_folder_is_one_line(tmp_path, capsys):
     missing = tmp_path / "no-photos"
     assert load_script("toy_sweep").main(["--subject", str(missing), "--outdir", str(tmp_path / "sweep")]) == 1
     assert capsys.readouterr().err.strip().splitlines()[-1].startswith(f"error: {missing} is missing")
+
+
+def test_runs_of_other_settings_in_the_folder_are_refused_before_anything_runs(tmp_path, capsys):
+    sweep = load_script("toy_sweep")
+    outdir, subject = tmp_path / "sweep", tmp_path / "masked"
+    subject.mkdir()
+    kept = sweep.run_settings(sweep.parse_args(["--outdir", str(outdir)]))
+    (outdir / "results").mkdir(parents=True)
+    (outdir / "results" / "full-lr0.0002-seed23.json").write_text(json.dumps({"settings": kept}))
+    assert sweep.main(["--outdir", str(outdir), "--subject", str(subject), "--max_steps", "700"]) == 1
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert line.startswith(f"error: {outdir / 'results' / 'full-lr0.0002-seed23.json'} was made with other subject, "
+                           "max_steps (subject ") and line.endswith("give another --outdir, or the same settings")
+    assert not (outdir / "class_images").exists()
+    sweep.check_settings(outdir / "results", kept)  # the same settings pass
