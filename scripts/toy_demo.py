@@ -11,6 +11,7 @@
    report.json and report.png in the output folder.
 """
 import argparse
+import json
 import math
 import os
 import shlex
@@ -21,7 +22,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Optional, Sequence
+from typing import IO, Any, Optional, Sequence
 
 
 SCRIPTS = Path(__file__).resolve().parent  # scripts/ in a clone, dreambooth_scripts/ once installed
@@ -149,6 +150,19 @@ class Runner:
             job.process.wait()
             job.output.close()
         self.running = []
+
+
+def check_settings(results_dir: Path, settings: dict[str, Any]) -> None:
+    """Refuse to add runs to a resumable driver's results folder (toy_sweep.py, toy_methods.py) whose finished runs
+    were made with other settings: their results would be mixed in one report. Results written before the settings
+    were kept pass."""
+    for path in sorted(results_dir.glob("*.json")):
+        kept = json.loads(path.read_text()).get("settings")
+        differ = [key for key in settings if kept is not None and kept.get(key) != settings[key]]
+        if differ:
+            raise UserError(f"{path} was made with other {', '.join(differ)} ("
+                            + ", ".join(f"{key} {kept.get(key)}" for key in differ)
+                            + "); give another --outdir, or the same settings")
 
 
 def draw_class_images(runner: Runner, opt: argparse.Namespace) -> Path:

@@ -17,14 +17,14 @@ import os
 import shutil
 import sys
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 SCRIPTS = Path(__file__).resolve().parent
 sys.path.insert(0, str(SCRIPTS.parent))
 sys.path.insert(0, str(SCRIPTS))
 
 from toy_demo import (BASE, CLASS_WORD, IDENTIFIER, INFERENCE_CONFIG, SUBJECT, TRAINING_SEED, Runner,  # noqa: E402
-                      draw_class_images, sample)
+                      check_settings, draw_class_images, sample)
 
 from ldm.cli import run_command  # noqa: E402
 from ldm.config import read_yaml  # noqa: E402
@@ -55,6 +55,12 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     add("--set", nargs="+", default=[], metavar="KEY=VALUE", help="config overrides for every run (a quick check)")
     add("--report_only", action="store_true", help="write the report from the finished runs and stop")
     return parser.parse_args(argv)
+
+
+def run_settings(opt: argparse.Namespace) -> dict[str, Any]:
+    """What a result depends on besides its method and seed (kept with each result)."""
+    return {"base": str(Path(opt.base).resolve()), "max_steps": opt.max_steps, "samples": opt.samples,
+            "class_images": opt.class_images, "ddim_steps": opt.ddim_steps, "scale": opt.scale, "set": list(opt.set)}
 
 
 def trained_files(run: Path) -> tuple[list[str], list[Path]]:
@@ -130,6 +136,7 @@ def compare(opt: argparse.Namespace) -> int:
     results.mkdir(exist_ok=True)
     done = {path.stem: json.loads(path.read_text()) for path in results.glob("*.json")}
     if not opt.report_only:
+        check_settings(results, run_settings(opt))
         prompts = outdir / "prompts.txt"
         prompts.write_text("\n".join(PROMPTS) + "\n")
         scorer = load_scorer(SCORER)
@@ -137,7 +144,8 @@ def compare(opt: argparse.Namespace) -> int:
             draw_class_images(runner, opt)
         if "base" not in done:
             done["base"] = {"method": "base", "seed": None, **measure(runner, "base", ["--ckpt", opt.base], prompts,
-                                                                      scorer, opt), "commands": runner.commands[:]}
+                                                                      scorer, opt), "commands": runner.commands[:],
+                             "settings": run_settings(opt)}
             (results / "base.json").write_text(json.dumps(done["base"], indent=1) + "\n")
         for seed in range(opt.seed, opt.seed + opt.seeds):
             for slug in opt.methods:
@@ -151,7 +159,7 @@ def compare(opt: argparse.Namespace) -> int:
                 sizes = sum(Path(p).stat().st_size for p in trained["files"])
                 done[name] = {"method": slug, "seed": seed, **trained, "file_bytes": sizes,
                               **measure(runner, name, trained["flags"], prompts, scorer, opt),
-                              "commands": runner.commands[start:]}
+                              "commands": runner.commands[start:], "settings": run_settings(opt)}
                 (results / f"{name}.json").write_text(json.dumps(done[name], indent=1) + "\n")
     if not done:
         raise UserError(f"no finished run in {results} yet")

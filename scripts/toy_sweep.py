@@ -21,7 +21,8 @@ SCRIPTS = Path(__file__).resolve().parent
 sys.path.insert(0, str(SCRIPTS.parent))
 sys.path.insert(0, str(SCRIPTS))
 
-from toy_demo import BASE, CLASS_WORD, IDENTIFIER, SUBJECT, TRAINING_SEED, Runner, draw_class_images  # noqa: E402
+from toy_demo import (BASE, CLASS_WORD, IDENTIFIER, SUBJECT, TRAINING_SEED, Runner, check_settings,  # noqa: E402
+                      draw_class_images)
 
 from ldm.cli import run_command  # noqa: E402
 from ldm.toy.sweep import read_rounds, write_sweep_report  # noqa: E402
@@ -67,18 +68,6 @@ def run_settings(opt: argparse.Namespace) -> dict[str, Any]:
     """What a run's result depends on besides its method, learning rate and seed (kept with each result)."""
     return {"base": str(Path(opt.base).resolve()), "subject": str(Path(opt.subject).resolve()),
             "max_steps": opt.max_steps, "every": opt.every, "val_seeds": list(opt.val_seeds), "set": list(opt.set)}
-
-
-def check_settings(results_dir: Path, settings: dict[str, Any]) -> None:
-    """Refuse to add runs to a folder whose finished runs were made with other settings (their results would be
-    mixed in one report); results written before the settings were kept pass."""
-    for path in sorted(results_dir.glob("*.json")):
-        kept = json.loads(path.read_text()).get("settings")
-        differ = [key for key in settings if kept is not None and kept.get(key) != settings[key]]
-        if differ:
-            raise UserError(f"{path} was made with other {', '.join(differ)} ("
-                            + ", ".join(f"{key} {kept.get(key)}" for key in differ)
-                            + "); give another --outdir, or the same settings")
 
 
 def run_name(method: str, lr: float, seed: int) -> str:

@@ -6,6 +6,7 @@ import pytest
 
 from ldm.toy.demo import CLASS_PROMPT, CONTEXT_PROMPTS, INSTANCE_PROMPT, summary_rates
 from ldm.toy.methods import BY_SLUG, METHODS, cell, kilobytes, method_rows, write_methods_report
+from tests.helpers.repo import load_script
 from tests.toy.test_demo_report import model_rates
 
 
@@ -53,3 +54,16 @@ def test_the_report_table_has_a_row_per_method(tmp_path):
     assert "| full fine-tune | 1 | 75 | 75 | 50 | 0 | 2000 | 1000 | 0.500 | 600 |" in table
     assert "| textual inversion | 1 | 25 |" in table and "| base model (no training) | - | 0 |" in table
     assert len(json.loads((tmp_path / "methods.json").read_text())["rows"]) == 3
+
+
+def test_results_of_other_settings_in_the_folder_are_refused_before_anything_runs(tmp_path, capsys):
+    methods = load_script("toy_methods")
+    outdir = tmp_path / "methods"
+    kept = methods.run_settings(methods.parse_args(["--outdir", str(outdir)]))
+    (outdir / "results").mkdir(parents=True)
+    (outdir / "results" / "base.json").write_text(json.dumps({"settings": kept}))
+    assert methods.main(["--outdir", str(outdir), "--max_steps", "700", "--samples", "4"]) == 1
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert line == (f"error: {outdir / 'results' / 'base.json'} was made with other max_steps, samples (max_steps "
+                    "500, samples 16); give another --outdir, or the same settings")
+    assert not (outdir / "class_images").exists() and not (outdir / "prompts.txt").exists()
