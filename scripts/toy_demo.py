@@ -42,6 +42,7 @@ INFERENCE_CONFIG = shown(project_path("configs/toy/v1-inference.yaml"))
 FINETUNE_CONFIG = "configs/toy/v1-finetune_unfrozen.yaml"
 SAMPLING = ["--config", INFERENCE_CONFIG, "--device", "cpu", "--skip_grid"]
 TRAINING_SEED = 23  # main.py's default --seed
+PATH_OPTIONS = ("base", "subject")  # options that name files, kept resolved by settings_of
 COMMANDS = {"main.py": SCRIPTS.parent / "main.py", "stable_txt2img.py": SCRIPTS / "stable_txt2img.py",
             "extract_lora.py": SCRIPTS / "extract_lora.py"}
 
@@ -150,6 +151,14 @@ class Runner:
             job.process.wait()
             job.output.close()
         self.running = []
+
+
+def settings_of(opt: argparse.Namespace, keys: Sequence[str]) -> dict[str, Any]:
+    """What a resumable driver's result keeps of its options: `keys`' values, the paths among them (--base,
+    --subject) resolved and sequences as lists."""
+    values = {key: getattr(opt, key) for key in keys}
+    return {key: str(Path(value).resolve()) if key in PATH_OPTIONS else list(value) if isinstance(value, (list, tuple))
+            else value for key, value in values.items()}
 
 
 def check_settings(results_dir: Path, settings: dict[str, Any]) -> None:

@@ -24,7 +24,7 @@ sys.path.insert(0, str(SCRIPTS.parent))
 sys.path.insert(0, str(SCRIPTS))
 
 from toy_demo import (BASE, CLASS_WORD, IDENTIFIER, INFERENCE_CONFIG, SUBJECT, TRAINING_SEED, Runner,  # noqa: E402
-                      check_settings, draw_class_images, sample)
+                      check_settings, draw_class_images, sample, settings_of)
 
 from ldm.cli import run_command  # noqa: E402
 from ldm.config import read_yaml  # noqa: E402
@@ -59,8 +59,7 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
 
 def run_settings(opt: argparse.Namespace) -> dict[str, Any]:
     """What a result depends on besides its method and seed (kept with each result)."""
-    return {"base": str(Path(opt.base).resolve()), "max_steps": opt.max_steps, "samples": opt.samples,
-            "class_images": opt.class_images, "ddim_steps": opt.ddim_steps, "scale": opt.scale, "set": list(opt.set)}
+    return settings_of(opt, ("base", "max_steps", "samples", "class_images", "ddim_steps", "scale", "set"))
 
 
 def trained_files(run: Path) -> tuple[list[str], list[Path]]:

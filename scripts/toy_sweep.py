@@ -22,7 +22,7 @@ sys.path.insert(0, str(SCRIPTS.parent))
 sys.path.insert(0, str(SCRIPTS))
 
 from toy_demo import (BASE, CLASS_WORD, IDENTIFIER, SUBJECT, TRAINING_SEED, Runner, check_settings,  # noqa: E402
-                      draw_class_images)
+                      draw_class_images, settings_of)
 
 from ldm.cli import run_command  # noqa: E402
 from ldm.toy.sweep import read_rounds, write_sweep_report  # noqa: E402
@@ -66,8 +66,7 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
 
 def run_settings(opt: argparse.Namespace) -> dict[str, Any]:
     """What a run's result depends on besides its method, learning rate and seed (kept with each result)."""
-    return {"base": str(Path(opt.base).resolve()), "subject": str(Path(opt.subject).resolve()),
-            "max_steps": opt.max_steps, "every": opt.every, "val_seeds": list(opt.val_seeds), "set": list(opt.set)}
+    return settings_of(opt, ("base", "subject", "max_steps", "every", "val_seeds", "set"))
 
 
 def run_name(method: str, lr: float, seed: int) -> str:
